@@ -1,0 +1,50 @@
+"""The Celery wire API, shared by the API (which sends) and the worker (which runs).
+
+Task names are a wire API: they never change with module paths. Messages carry only a job id; the job row
+holds the state. The API builds a sending-only Celery app from settings and never imports the worker.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from modelpress.settings import Settings, get_settings
+
+RUN_JOB_TASK = "modelpress.jobs.run"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Settings for hours-long GPU jobs: late acks, one message at a time, a long visibility timeout."""
+    visibility_timeout = 2 * settings.job_time_limit_s
+    return {
+        "broker_url": settings.broker_url,
+        "task_default_queue": settings.queue,
+        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue}},
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.job_time_limit_s + 300,
+        "task_soft_time_limit": settings.job_time_limit_s,
+        "broker_transport_options": {"visibility_timeout": visibility_timeout},
+        "broker_connection_retry_on_startup": True,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_hijack_root_logger": False,
+    }
+
+
+@lru_cache
+def sender() -> Celery:
+    app = Celery("modelpress-api")
+    app.conf.update(celery_config(get_settings()))
+    return app
+
+
+def enqueue_job(job_id: str) -> None:
+    """Put a job on the GPU queue. Safe to repeat: the worker skips a job that is no longer queued."""
+    settings = get_settings()
+    sender().send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue)
