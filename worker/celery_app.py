@@ -1,0 +1,29 @@
+"""The worker's Celery app, built from settings alone (never by importing the web app).
+
+Pool: prefork with one child per GPU (concurrency 1 by default) and a fresh child for every job
+(`worker_max_tasks_per_child=1`). The parent never imports torch, so no CUDA context exists before the fork;
+each job runs in a new process that gives all its GPU and host memory back when it exits, and a child that
+dies (SIGKILL, OOM killer) is noticed by the parent, which re-queues the message (acks_late +
+reject_on_worker_lost). The cost is a second or two of torch import per job, nothing next to a GPU job.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from modelpress.queue import celery_config
+from modelpress.settings import Settings, get_settings
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("modelpress-worker")
+    app.conf.update(celery_config(settings))
+    app.conf.update(
+        worker_pool="prefork",
+        worker_concurrency=settings.worker_concurrency,
+        worker_max_tasks_per_child=1,
+        worker_send_task_events=False,
+    )
+    app.conf.update(include=["worker.tasks"])
+    return app

@@ -1,0 +1,226 @@
+"""The life of one job on a worker: claim the row, run the engine, store the artifacts, record the outcome.
+
+The job row is the truth. A message is only a hint to look at that row: a job that is no longer queued
+(cancelled, finished, or running under a live lease elsewhere) is skipped, so a message delivered twice
+does no harm. While a job runs, a heartbeat thread renews its lease; a job whose heartbeat has stopped
+for longer than the lease can be claimed again by the next delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from modelpress.db import session_scope
+from modelpress.models import FINAL_STATUSES, Artifact, Dataset, Job, JobStatus, Model, utcnow
+from modelpress.settings import Settings, get_settings
+from modelpress.storage import LocalStorage, get_storage
+from worker.artifacts import store_outputs
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback when the user asked to cancel; unwinds the engine."""
+
+
+def claim(job_id: str, worker_name: str, settings: Settings) -> Job | None:
+    """Mark a job running on this worker, or return None when it is not ours to run."""
+    with session_scope() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        if job is None:
+            log.warning("job %s: no such row; message dropped", job_id)
+            return None
+        now = utcnow()
+        if job.status in FINAL_STATUSES:
+            return None
+        if job.status == JobStatus.running:
+            heartbeat = job.heartbeat_at or job.started_at or job.created_at
+            if heartbeat.tzinfo is None:
+                heartbeat = heartbeat.replace(tzinfo=now.tzinfo)
+            if now - heartbeat < timedelta(seconds=settings.lease_s):
+                log.info("job %s is running elsewhere under a live lease; skipped", job_id)
+                return None
+            log.warning("job %s: previous attempt stopped heart-beating; retrying", job_id)
+        if job.cancel_requested:
+            _finish(job, JobStatus.cancelled, error=None)
+            return None
+        if job.attempts >= settings.max_attempts:
+            _finish(
+                job,
+                JobStatus.failed,
+                error={
+                    "code": "too_many_attempts",
+                    "message": f"the job's worker died {job.attempts} times (limit {settings.max_attempts}); "
+                    "the last attempt may have run out of memory: try a smaller recipe or a larger worker",
+                },
+            )
+            return None
+        job.status = JobStatus.running
+        job.attempts += 1
+        job.worker = worker_name
+        job.started_at = job.started_at or now
+        job.heartbeat_at = now
+        job.error = None
+        session.flush()
+        session.expunge(job)
+        return job
+
+
+def _finish(job: Job, status: JobStatus, *, error: dict[str, str] | None) -> None:
+    job.status = status
+    job.error = error
+    job.finished_at = utcnow()
+
+
+class ProgressReporter:
+    """The engine's progress callback: writes progress to the row (throttled) and checks for cancellation."""
+
+    def __init__(self, job_id: str, interval_s: float) -> None:
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self._last_write = 0.0
+
+    def __call__(self, event: Any) -> None:
+        now = time.monotonic()
+        final = event.fraction >= 1.0
+        if not final and now - self._last_write < self.interval_s:
+            return
+        self._last_write = now
+        progress = {
+            "step_index": event.step_index,
+            "total_steps": event.total_steps,
+            "step": event.step,
+            "fraction": round(float(event.fraction), 4),
+            "message": event.message,
+        }
+        with session_scope() as session:
+            session.execute(update(Job).where(Job.id == self.job_id).values(progress=progress, heartbeat_at=utcnow()))
+            cancel = session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+        if cancel:
+            raise JobCancelled(self.job_id)
+
+
+class Heartbeat(threading.Thread):
+    """Renews the job's lease while a long step runs without reporting progress."""
+
+    def __init__(self, job_id: str, interval_s: float) -> None:
+        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                with session_scope() as session:
+                    session.execute(update(Job).where(Job.id == self.job_id).values(heartbeat_at=utcnow()))
+            except Exception:  # a database blip must not kill the job; the next beat tries again
+                log.exception("job %s: heartbeat failed", self.job_id)
+
+
+def _engine_request(job: Job, storage: LocalStorage, output_dir: Path, settings: Settings) -> Any:
+    from worker.engine import EngineRequest
+
+    with session_scope() as session:
+        model = session.get(Model, job.model_id) if job.model_id else None
+        if model is None:
+            raise LookupError("the job's model was deleted before the job ran; upload it again and resubmit")
+        datasets: dict[str, Dataset] = {}
+        for key in ("calibration", "evaluation"):
+            part = job.spec.get(key)
+            if part:
+                dataset = session.get(Dataset, part["dataset_id"])
+                if dataset is None:
+                    raise LookupError(f"the {key} dataset {part['dataset_id']} was deleted before the job ran")
+                datasets[key] = dataset
+    calibration, evaluation = datasets.get("calibration"), datasets.get("evaluation")
+    return EngineRequest(
+        model_path=storage.path(model.storage_key),
+        model_format=model.format,
+        spec=job.spec,
+        calibration_path=storage.path(calibration.storage_key) if calibration else None,
+        calibration_format=calibration.format if calibration else None,
+        evaluation_path=storage.path(evaluation.storage_key) if evaluation else None,
+        evaluation_format=evaluation.format if evaluation else None,
+        output_dir=output_dir,
+        device=settings.device,
+    )
+
+
+def _error_for(exc: BaseException) -> dict[str, str]:
+    """Turn an exception into an error a person can act on."""
+    from worker.engine import EngineError
+
+    if isinstance(exc, EngineError):
+        return {"code": exc.code, "message": str(exc)}
+    if isinstance(exc, LookupError):
+        return {"code": "missing_input", "message": str(exc)}
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return {
+            "code": "out_of_memory",
+            "message": f"the worker ran out of memory ({exc}); use fewer calibration samples, a shorter seq_len, "
+            "or a worker with more memory",
+        }
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return {"code": "disk_full", "message": "the worker's disk filled while writing the artifact; nothing was kept"}
+    return {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+
+
+def execute(job_id: str, worker_name: str) -> None:
+    """Run a job end to end. Never raises for a job failure: the outcome is written to the row."""
+    from worker.engine import run_pipeline
+
+    settings = get_settings()
+    job = claim(job_id, worker_name, settings)
+    if job is None:
+        return
+    storage = get_storage()
+    output_dir = storage.scratch_dir()
+    heartbeat = Heartbeat(job_id, settings.heartbeat_interval_s)
+    heartbeat.start()
+    log.info("job %s: attempt %d on %s", job_id, job.attempts, worker_name)
+    try:
+        request = _engine_request(job, storage, output_dir, settings)
+        report = run_pipeline(request, ProgressReporter(job_id, settings.progress_interval_s))
+        artifacts = store_outputs(storage, job, output_dir)
+        _record_success(job_id, report, artifacts, storage)
+    except JobCancelled:
+        log.info("job %s: cancelled", job_id)
+        _record_end(job_id, JobStatus.cancelled, None)
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        _record_end(job_id, JobStatus.failed, _error_for(exc))
+    finally:
+        heartbeat.stopped.set()
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _record_success(job_id: str, report: dict[str, Any], artifacts: list[Artifact], storage: LocalStorage) -> None:
+    try:
+        with session_scope() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job.cancel_requested:
+                raise JobCancelled(job_id)
+            session.add_all(artifacts)
+            job.report = report
+            job.progress = {**(job.progress or {}), "fraction": 1.0, "message": "done"}
+            _finish(job, JobStatus.succeeded, error=None)
+    except BaseException:
+        for artifact in artifacts:
+            storage.delete(artifact.storage_key)
+        raise
+
+
+def _record_end(job_id: str, status: JobStatus, error: dict[str, str] | None) -> None:
+    with session_scope() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is not None and job.status not in FINAL_STATUSES:
+            _finish(job, status, error=error)
