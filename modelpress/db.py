@@ -50,3 +50,9 @@ def session_scope() -> Iterator[Session]:
 
 def new_session() -> Session:
     return _session_factory()()
+
+
+def reset() -> None:
+    """Forget the engine and sessions (after a fork, or when settings change), without touching the old pool."""
+    get_engine.cache_clear()
+    _session_factory.cache_clear()

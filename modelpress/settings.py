@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     progress_interval_s: float = 1.0
     heartbeat_interval_s: float = 10.0
     lease_s: float = 120.0
+    reconcile_interval_s: float = 5.0
     device: str | None = None  # None: the worker uses CUDA when it has one, else the CPU
     worker_concurrency: int = 1
 

@@ -59,8 +59,7 @@ def clear_caches() -> None:
     from modelpress import db, queue, settings
 
     settings.get_settings.cache_clear()
-    db.get_engine.cache_clear()
-    db._session_factory.cache_clear()
+    db.reset()
     queue.sender.cache_clear()
 
 

@@ -5,14 +5,20 @@ Pool: prefork with one child per GPU (concurrency 1 by default) and a fresh chil
 each job runs in a new process that gives all its GPU and host memory back when it exits, and a child that
 dies (SIGKILL, OOM killer) is noticed by the parent, which re-queues the message (acks_late +
 reject_on_worker_lost). The cost is a second or two of torch import per job, nothing next to a GPU job.
+The parent also runs the reconciler thread (worker/reconcile.py).
 """
 
 from __future__ import annotations
 
-from celery import Celery
+import logging
+import os
+
+from celery import Celery, signals
 
 from modelpress.queue import celery_config
 from modelpress.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
@@ -27,3 +33,20 @@ def create_celery(settings: Settings | None = None) -> Celery:
     )
     app.conf.update(include=["worker.tasks"])
     return app
+
+
+@signals.worker_ready.connect
+def _start_reconciler(sender=None, **_kwargs) -> None:
+    from worker.reconcile import Reconciler
+
+    hostname = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
+    Reconciler(get_settings(), owner=hostname).start()
+    log.info("reconciler started in the worker's parent process")
+
+
+@signals.worker_process_init.connect
+def _fresh_database_pool(**_kwargs) -> None:
+    """A forked child must not reuse the parent's database connections: start its own pool."""
+    from modelpress import db
+
+    db.reset()

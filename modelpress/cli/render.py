@@ -1,0 +1,288 @@
+"""Rich tables for what the server returns. Missing numbers are shown as missing, never as zero."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+NOT_MEASURED = Text("not measured", style="dim")
+
+
+def human_bytes(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"  # pragma: no cover - loop always returns
+
+
+def format_value(key: str, value: Any) -> str | Text:
+    """A metric as a person reads it, chosen from its name (`*_bytes`, `*_ms`, counts, ratios)."""
+    if value is None:
+        return NOT_MEASURED
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        name = key.lower()
+        if "bytes" in name or name.endswith("memory"):
+            return human_bytes(value)
+        if name.endswith("_ms") or "_ms_" in name or name.startswith("ms_"):
+            return f"{value:,.2f} ms"
+        if name.endswith("_s") or name.endswith("seconds"):
+            return f"{value:,.2f} s"
+        if isinstance(value, int):
+            return f"{value:,}"
+        if "sparsity" in name or "fraction" in name:
+            return f"{value:.4f}"
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def flatten(data: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """One level of dotted keys, so nested metrics (`latency.prefill_ms`) still line up in a table."""
+    flat: dict[str, Any] = {}
+    for key, value in (data or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            continue  # lists (per-layer details, samples) get their own tables
+        else:
+            flat[name] = value
+    return flat
+
+
+def _ratio(base: Any, optimized: Any) -> str | Text:
+    numbers = (int, float)
+    if isinstance(base, bool) or isinstance(optimized, bool):
+        return ""
+    if isinstance(base, numbers) and isinstance(optimized, numbers) and base:
+        return f"{optimized / base:.3f}×"
+    return ""
+
+
+def _when(value: Any) -> str:
+    return str(value).replace("T", " ")[:19] if value else ""
+
+
+def models_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="models")
+    for column in ("id", "name", "format", "architecture", "parameters", "size", "created"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            str(row.get("id", "")),
+            str(row.get("name", "")),
+            str(row.get("format", "")),
+            str(row.get("architecture", "")),
+            format_value("parameters", row.get("parameters")),
+            format_value("size_bytes", row.get("size_bytes")),
+            _when(row.get("created_at")),
+        )
+    return table
+
+
+def datasets_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="datasets")
+    for column in ("id", "name", "records", "size", "created"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            str(row.get("id", "")),
+            str(row.get("name", "")),
+            format_value("records", row.get("records")),
+            format_value("size_bytes", row.get("size_bytes")),
+            _when(row.get("created_at")),
+        )
+    return table
+
+
+STATUS_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
+
+
+def progress_text(job: dict[str, Any]) -> str:
+    progress = job.get("progress") or {}
+    if not progress:
+        return ""
+    parts = []
+    if progress.get("total_steps"):
+        parts.append(f"step {int(progress.get('step_index') or 0) + 1}/{progress['total_steps']}")
+    if progress.get("step"):
+        parts.append(str(progress["step"]))
+    if progress.get("fraction") is not None:
+        parts.append(f"{100 * float(progress['fraction']):.0f}%")
+    return " · ".join(parts)
+
+
+def jobs_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="jobs")
+    for column in ("id", "status", "model", "progress", "created", "finished"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        status = str(row.get("status", ""))
+        table.add_row(
+            str(row.get("id", "")),
+            Text(status, style=STATUS_STYLE.get(status, "")),
+            str(row.get("model_id") or (row.get("spec") or {}).get("model_id") or ""),
+            progress_text(row),
+            _when(row.get("created_at")),
+            _when(row.get("finished_at")),
+        )
+    return table
+
+
+def artifacts_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="artifacts")
+    for column in ("name", "kind", "size", "sha256"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            str(row.get("name", "")),
+            str(row.get("kind", "")),
+            format_value("size_bytes", row.get("size_bytes")),
+            str(row.get("sha256", ""))[:16] + "…",
+        )
+    return table
+
+
+def metrics_table(report: dict[str, Any]) -> Table:
+    """Baseline against optimized, with optimized/baseline for every number both sides measured."""
+    baseline, optimized = report.get("baseline"), report.get("optimized")
+    flat_base, flat_opt = flatten(baseline), flatten(optimized)
+    table = Table(title="baseline vs optimized")
+    table.add_column("metric")
+    table.add_column("baseline", justify="right")
+    table.add_column("optimized", justify="right")
+    table.add_column("optimized / baseline", justify="right")
+    keys = list(dict.fromkeys([*flat_base, *flat_opt]))
+    for key in keys:
+        base, opt = flat_base.get(key), flat_opt.get(key)
+        table.add_row(key, format_value(key, base), format_value(key, opt), _ratio(base, opt))
+    if not keys:
+        table.add_row("(nothing measured)", NOT_MEASURED, NOT_MEASURED, "")
+    return table
+
+
+def ratios_table(ratios: dict[str, Any] | None) -> Table | None:
+    if not ratios:
+        return None
+    table = Table(title="ratios (as the worker computed them)")
+    table.add_column("ratio")
+    table.add_column("value", justify="right")
+    for key, value in flatten(ratios).items():
+        table.add_row(key, NOT_MEASURED if value is None else format_value("ratio", value))
+    return table
+
+
+def _layers(step: dict[str, Any]) -> list[dict[str, Any]]:
+    layers = step.get("layers")
+    if isinstance(layers, dict):
+        return [{"name": name, **(v if isinstance(v, dict) else {"value": v})} for name, v in layers.items()]
+    if isinstance(layers, list):
+        return [layer for layer in layers if isinstance(layer, dict)]
+    return []
+
+
+def _layer_summary(layers: list[dict[str, Any]]) -> str:
+    """Mean, min and max of each numeric per-layer field: enough to see a step did what it claimed."""
+    if not layers:
+        return ""
+    numeric: dict[str, list[float]] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                numeric.setdefault(key, []).append(float(value))
+    parts = [f"{len(layers)} layers"]
+    for key, values in numeric.items():
+        if key in {"index", "parameters", "numel"}:
+            continue
+        mean = sum(values) / len(values)
+        parts.append(f"{key} mean {mean:.4g} (min {min(values):.4g}, max {max(values):.4g})")
+    return "; ".join(parts)
+
+
+def steps_table(steps: list[dict[str, Any]] | None) -> Table:
+    table = Table(title="steps")
+    for column in ("#", "step", "duration", "details"):
+        table.add_column(column, overflow="fold")
+    for index, step in enumerate(steps or []):
+        spec = step.get("spec") if isinstance(step.get("spec"), dict) else step
+        name = step.get("name") or ":".join(str(spec[k]) for k in ("type", "method") if spec.get(k))
+        duration = step.get("duration_s", step.get("seconds"))
+        extra = {
+            k: v
+            for k, v in flatten(step).items()
+            if k not in {"name", "type", "method", "duration_s", "seconds", "index"} and not k.startswith("spec.")
+        }
+        details = "; ".join(f"{k}={format_value(k, v)}" for k, v in extra.items())
+        summary = _layer_summary(_layers(step))
+        table.add_row(
+            str(step.get("index", index)),
+            name or "?",
+            format_value("duration_s", duration),
+            "\n".join(part for part in (details, summary) if part),
+        )
+    if not steps:
+        table.add_row("", "(no steps reported)", "", "")
+    return table
+
+
+def samples_table(samples: Any) -> Table | None:
+    if not samples:
+        return None
+    rows = samples if isinstance(samples, list) else [samples]
+    rows = [row for row in rows if isinstance(row, dict)]
+    if not rows:
+        return None
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    table = Table(title="greedy generations", show_lines=True)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(NOT_MEASURED if row.get(c) is None else str(row.get(c)) for c in columns))
+    return table
+
+
+def environment_table(environment: dict[str, Any] | None) -> Table | None:
+    if not environment:
+        return None
+    table = Table(title="environment", show_header=False)
+    table.add_column("key")
+    table.add_column("value", overflow="fold")
+    for key, value in flatten(environment).items():
+        table.add_row(key, NOT_MEASURED if value is None else str(value))
+    return table
+
+
+def report_group(report: dict[str, Any]) -> Group:
+    """The whole report: metrics, ratios, steps, generations, environment and the worker's notes."""
+    parts: list[Any] = []
+    if report.get("baseline") is None and report.get("optimized") is None:
+        parts.append(Text("No metrics were measured for this job.", style="yellow"))
+    parts.append(metrics_table(report))
+    for table in (
+        ratios_table(report.get("ratios")),
+        steps_table(report.get("steps")),
+        samples_table(report.get("samples")),
+        environment_table(report.get("environment")),
+    ):
+        if table is not None:
+            parts.append(table)
+    notes = report.get("notes")
+    if notes:
+        lines = notes if isinstance(notes, list) else [notes]
+        parts.append(Text("notes:\n" + "\n".join(f"  • {line}" for line in lines), style="italic"))
+    return Group(*parts)
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console that does not wrap long ids or keys, so they stay copy-pasteable."""
+    return Console(stderr=stderr, soft_wrap=True)

@@ -1,0 +1,88 @@
+"""The reconciler: makes the queue agree with the job rows, the source of truth.
+
+It runs as a thread in every worker's parent process; a short Redis lock lets one of them act per tick.
+Each tick it
+- re-sends every queued job when the broker has lost its data (a sentinel key has vanished: Redis restarted
+  without persistence, or was flushed),
+- sends queued jobs whose first send failed (the API answered 202 while the broker was down),
+- reaps running jobs whose heartbeat stopped for longer than the lease (their worker was killed): back to
+  queued while attempts remain, else failed with a reason.
+Sending a job twice is harmless: the worker skips a job that is no longer queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+import redis
+from sqlalchemy import select
+
+from modelpress.db import session_scope
+from modelpress.models import Job, JobStatus, utcnow
+from modelpress.queue import enqueue_job
+from modelpress.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SEND_GRACE_S = 5.0
+
+
+def reconcile_once(settings: Settings, client: redis.Redis, owner: str) -> dict[str, int]:
+    """One pass; returns how many jobs it re-sent and reaped (empty when another worker holds the lock)."""
+    if not client.set(
+        f"modelpress:reconciler:{settings.queue}", owner, nx=True, px=int(settings.reconcile_interval_s * 900)
+    ):
+        return {}
+    broker_lost = bool(client.set(f"modelpress:broker-epoch:{settings.queue}", utcnow().isoformat(), nx=True))
+    now = utcnow()
+    to_send: list[str] = []
+    reaped = failed = 0
+    with session_scope() as session:
+        queued = select(Job).where(Job.status == JobStatus.queued)
+        if not broker_lost:
+            queued = queued.where(Job.enqueued_at.is_(None), Job.created_at < now - timedelta(seconds=SEND_GRACE_S))
+        to_send += [job.id for job in session.scalars(queued)]
+        stale = (
+            select(Job)
+            .where(Job.status == JobStatus.running, Job.heartbeat_at < now - timedelta(seconds=settings.lease_s))
+            .with_for_update(skip_locked=True)
+        )
+        for job in session.scalars(stale):
+            if job.attempts >= settings.max_attempts:
+                job.status, job.finished_at = JobStatus.failed, now
+                job.error = {
+                    "code": "worker_lost",
+                    "message": f"the worker running this job stopped responding {job.attempts} times "
+                    f"(limit {settings.max_attempts}); it may have run out of memory: try a smaller recipe",
+                }
+                failed += 1
+            else:
+                log.warning("job %s: worker %s stopped heart-beating; re-queued", job.id, job.worker)
+                job.status, job.worker = JobStatus.queued, None
+                to_send.append(job.id)
+                reaped += 1
+    for job_id in to_send:
+        enqueue_job(job_id)
+    if broker_lost and to_send:
+        log.warning("broker lost its data: re-sent %d queued jobs", len(to_send))
+    return {"sent": len(to_send), "reaped": reaped, "failed": failed}
+
+
+class Reconciler(threading.Thread):
+    """Calls `reconcile_once` every `reconcile_interval_s` until stopped; errors are logged, never fatal."""
+
+    def __init__(self, settings: Settings, owner: str) -> None:
+        super().__init__(name="modelpress-reconciler", daemon=True)
+        self.settings = settings
+        self.owner = owner
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+        while not self.stopped.wait(self.settings.reconcile_interval_s):
+            try:
+                reconcile_once(self.settings, client, self.owner)
+            except Exception:  # the broker or the database is down: try again next tick
+                log.exception("reconcile pass failed")
