@@ -1,0 +1,135 @@
+"""Job claiming and reconciling against the real PostgreSQL and Redis (no worker process needed)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import timedelta
+
+import pytest
+import redis
+
+from modelpress.db import session_scope
+from modelpress.models import Job, JobStatus, Model, utcnow
+from modelpress.settings import get_settings
+from worker.jobs import claim
+from worker.reconcile import reconcile_once
+
+
+@pytest.fixture
+def settings(migrated):
+    return get_settings()
+
+
+@pytest.fixture
+def broker(settings) -> redis.Redis:
+    client = redis.Redis.from_url(settings.broker_url)
+    client.delete(settings.queue, f"modelpress:broker-epoch:{settings.queue}")
+    yield client
+    client.delete(
+        settings.queue, f"modelpress:broker-epoch:{settings.queue}", f"modelpress:reconciler:{settings.queue}"
+    )
+
+
+def make_job(**fields) -> str:
+    with session_scope() as session:
+        model = Model(
+            tenant="acme",
+            name="m",
+            format="hf",
+            architecture="LlamaForCausalLM",
+            parameters=1,
+            size_bytes=1,
+            sha256="0" * 64,
+            storage_key="models/x",
+        )
+        session.add(model)
+        session.flush()
+        job = Job(tenant="acme", model_id=model.id, spec={"recipe": []}, spec_sha256="0" * 64, **fields)
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def job_row(job_id: str) -> Job:
+    with session_scope() as session:
+        return session.get(Job, job_id)
+
+
+def queued_ids(client: redis.Redis, queue: str) -> list[str]:
+    """The job ids of the Celery messages waiting in a Redis queue."""
+    ids = []
+    for raw in client.lrange(queue, 0, -1):
+        args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        ids.append(args[0])
+    return ids
+
+
+def test_claim_marks_running_once(settings) -> None:
+    job_id = make_job()
+    first = claim(job_id, "w1", settings)
+    assert first is not None and first.status == JobStatus.running and first.attempts == 1
+    assert claim(job_id, "w2", settings) is None, "a live lease must not be claimed twice"
+    assert job_row(job_id).worker == "w1"
+
+
+def test_claim_retries_a_job_whose_heartbeat_stopped(settings) -> None:
+    stale = utcnow() - timedelta(seconds=settings.lease_s + 5)
+    job_id = make_job(status=JobStatus.running, attempts=1, heartbeat_at=stale, started_at=stale)
+    job = claim(job_id, "w2", settings)
+    assert job is not None and job.attempts == 2 and job.worker == "w2"
+
+
+def test_claim_gives_up_after_max_attempts(settings) -> None:
+    stale = utcnow() - timedelta(seconds=settings.lease_s + 5)
+    job_id = make_job(status=JobStatus.running, attempts=settings.max_attempts, heartbeat_at=stale)
+    assert claim(job_id, "w", settings) is None
+    row = job_row(job_id)
+    assert row.status == JobStatus.failed and row.error["code"] == "too_many_attempts"
+    assert "limit" in row.error["message"]
+
+
+def test_claim_honours_cancel_and_final_states(settings) -> None:
+    cancelled = make_job(cancel_requested=True)
+    assert claim(cancelled, "w", settings) is None
+    assert job_row(cancelled).status == JobStatus.cancelled
+    done = make_job(status=JobStatus.succeeded)
+    assert claim(done, "w", settings) is None
+    assert job_row(done).status == JobStatus.succeeded
+
+
+def test_reconciler_resends_everything_when_the_broker_lost_its_data(settings, broker) -> None:
+    job_id = make_job(enqueued_at=utcnow())
+    result = reconcile_once(settings, broker, "test")
+    assert result["sent"] >= 1 and job_id in queued_ids(broker, settings.queue)
+    # the epoch key now exists: a second pass sends nothing already sent
+    broker.delete(settings.queue, f"modelpress:reconciler:{settings.queue}")
+    assert reconcile_once(settings, broker, "test")["sent"] == 0
+    assert broker.llen(settings.queue) == 0
+
+
+def test_reconciler_sends_jobs_whose_first_send_failed(settings, broker) -> None:
+    broker.set(f"modelpress:broker-epoch:{settings.queue}", "x")
+    old = utcnow() - timedelta(seconds=60)
+    job_id = make_job(created_at=old, enqueued_at=None)
+    reconcile_once(settings, broker, "test")
+    assert job_id in queued_ids(broker, settings.queue)
+    assert job_row(job_id).enqueued_at is not None
+
+
+def test_reconciler_reaps_dead_workers_jobs(settings, broker) -> None:
+    broker.set(f"modelpress:broker-epoch:{settings.queue}", "x")
+    stale = utcnow() - timedelta(seconds=settings.lease_s + 5)
+    retry = make_job(status=JobStatus.running, attempts=1, heartbeat_at=stale, enqueued_at=stale)
+    give_up = make_job(status=JobStatus.running, attempts=settings.max_attempts, heartbeat_at=stale)
+    live = make_job(status=JobStatus.running, attempts=1, heartbeat_at=utcnow(), enqueued_at=stale)
+    reconcile_once(settings, broker, "test")
+    assert job_row(retry).status == JobStatus.queued and retry in queued_ids(broker, settings.queue)
+    assert job_row(give_up).status == JobStatus.failed and job_row(give_up).error["code"] == "worker_lost"
+    assert job_row(live).status == JobStatus.running
+
+
+def test_only_one_reconciler_acts_per_tick(settings, broker) -> None:
+    broker.delete(f"modelpress:reconciler:{settings.queue}")
+    assert reconcile_once(settings, broker, "a") != {}
+    assert reconcile_once(settings, broker, "b") == {}
