@@ -1,0 +1,447 @@
+"""`modelpress`: the command line. Database commands (keys, migrate), the HTTP client commands, `dev`.
+
+Heavy imports (SQLAlchemy, Alembic, the dev runner) happen inside the commands that need them, so the client
+starts fast; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
+
+from modelpress.cli import render
+from modelpress.cli.client import DEFAULT_URL, ApiError, Client
+from modelpress.cli.recipe import RecipeError, build_job_body
+
+FINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+app = typer.Typer(
+    name="modelpress",
+    help="Prune and quantize language models on a modelpress server, and run one locally (`modelpress dev`).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="API keys (talks to the database directly: run it where the server runs).")
+upload_app = typer.Typer(help="Upload a model or a dataset.", no_args_is_help=True)
+models_app = typer.Typer(help="Uploaded models.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Uploaded datasets.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Optimization jobs.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys", no_args_is_help=True)
+app.add_typer(upload_app, name="upload")
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
+
+console = render.make_console()
+err = render.make_console(stderr=True)
+
+Url = Annotated[str, typer.Option("--url", envvar="MODELPRESS_URL", help="Server address.")]
+ApiKey = Annotated[
+    str | None, typer.Option("--api-key", envvar="MODELPRESS_API_KEY", help="API key.", show_default=False)
+]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print an error a person can act on (no traceback) and return the exit to raise."""
+    err.print(Text("error: ", style="bold red") + Text(message))
+    return typer.Exit(code)
+
+
+@contextmanager
+def api(url: str, api_key: str | None) -> Iterator[Client]:
+    """A client whose failures end the command with the server's detail and exit status 1."""
+    try:
+        with Client(url, api_key) as client:
+            yield client
+    except ApiError as exc:
+        message = str(exc)
+        if exc.status_code == 401 and not api_key:
+            message += "\nset MODELPRESS_API_KEY or pass --api-key (create one: modelpress keys create --tenant NAME)"
+        raise fail(message) from None
+
+
+# database commands ---------------------------------------------------------------------------------------------
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (SQLAlchemyError, OSError)
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database schema (DATABASE_URL, or the SQLite file in DATA_DIR) up to date."""
+    from modelpress.migrate import upgrade
+    from modelpress.settings import get_settings
+
+    try:
+        upgrade()
+    except _database_errors() as exc:
+        raise fail(f"migration failed: {exc}") from None
+    url = get_settings().database_url or ""
+    console.print(f"database schema is up to date ({url.split('@')[-1]})")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key acts for; tenants never see each other's data.")],
+) -> None:
+    """Create an API key: printed once, alone on the last line; only its sha256 is stored."""
+    tenant = tenant.strip()
+    if not tenant or len(tenant) > 64:
+        raise fail("--tenant must be 1 to 64 characters")
+    from modelpress.db import session_scope
+    from modelpress.keys import create_key
+    from modelpress.migrate import upgrade
+
+    try:
+        upgrade()
+        with session_scope() as session:
+            row, secret = create_key(session, tenant)
+    except _database_errors() as exc:
+        raise fail(f"could not store the key: {exc}") from None
+    console.print(
+        f"Created API key {row.prefix}… for tenant '{tenant}'. Only its hash is stored: copy it now, "
+        "it cannot be shown again.\nSend it as 'Authorization: Bearer <key>', or export MODELPRESS_API_KEY=<key>.",
+        markup=False,
+        highlight=False,
+    )
+    typer.echo(secret)
+
+
+# uploads -------------------------------------------------------------------------------------------------------
+
+
+def _transfer_progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def _pack_folder(folder: Path, archive: Path) -> Path:
+    """A model folder as an uncompressed .tar with its files at the root (safetensors barely compress)."""
+    if not (folder / "config.json").is_file():
+        raise fail(f"{folder} is not a Hugging Face model folder: it has no config.json")
+    with err.status(f"packing {folder} …"), tarfile.open(archive, "w") as tar:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                tar.add(path, arcname=str(path.relative_to(folder)))
+    return archive
+
+
+def _upload(kind: str, path: Path, name: str | None, url: str, api_key: str | None) -> dict[str, Any]:
+    if not path.exists():
+        raise fail(f"{path} does not exist")
+    with tempfile.TemporaryDirectory(prefix="modelpress-upload-") as tmp:
+        filename = None
+        if path.is_dir():
+            if kind != "models":
+                raise fail(f"{path} is a folder; a dataset is one .txt or .jsonl file")
+            name = name or path.resolve().name
+            filename = f"{path.resolve().name}.tar"
+            path = _pack_folder(path, Path(tmp) / filename)
+        with api(url, api_key) as client, _transfer_progress() as progress:
+            task = progress.add_task(f"uploading {filename or path.name}", total=path.stat().st_size)
+            return client.upload(kind, path, name=name, filename=filename, on_read=lambda n: progress.advance(task, n))
+
+
+@upload_app.command("model")
+def upload_model(
+    path: Annotated[Path, typer.Argument(help="A model folder, a .zip/.tar/.tar.gz of one, or a .gguf file.")],
+    name: Annotated[str | None, typer.Option(help="Display name (default: the file or folder name).")] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Upload a model checkpoint; a folder is packed into a .tar first (in a temporary folder)."""
+    model = _upload("models", path, name, url, api_key)
+    console.print(render.models_table([model]))
+    console.print(f"model id: {model.get('id')}", highlight=False)
+
+
+@upload_app.command("dataset")
+def upload_dataset(
+    path: Annotated[Path, typer.Argument(help='A .txt file, or .jsonl with a "text" field.')],
+    name: Annotated[str | None, typer.Option(help="Display name (default: the file name).")] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Upload text for calibration and evaluation."""
+    dataset = _upload("datasets", path, name, url, api_key)
+    console.print(render.datasets_table([dataset]))
+    console.print(f"dataset id: {dataset.get('id')}", highlight=False)
+
+
+# listings ------------------------------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Your uploaded models."""
+    with api(url, api_key) as client:
+        console.print(render.models_table(client.list("models")))
+
+
+@models_app.command("delete")
+def models_delete(model_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Delete a model and its stored checkpoint."""
+    with api(url, api_key) as client:
+        client.request("DELETE", f"/v1/models/{model_id}")
+    console.print(f"deleted model {model_id}", highlight=False)
+
+
+@datasets_app.command("list")
+def datasets_list(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Your uploaded datasets."""
+    with api(url, api_key) as client:
+        console.print(render.datasets_table(client.list("datasets")))
+
+
+@datasets_app.command("delete")
+def datasets_delete(dataset_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Delete a dataset."""
+    with api(url, api_key) as client:
+        client.request("DELETE", f"/v1/datasets/{dataset_id}")
+    console.print(f"deleted dataset {dataset_id}", highlight=False)
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed or cancelled.")] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Your jobs, newest first."""
+    with api(url, api_key) as client:
+        console.print(render.jobs_table(client.list("jobs", status=status)))
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """One job as the server returns it (JSON)."""
+    with api(url, api_key) as client:
+        console.print_json(data=client.job(job_id))
+
+
+# jobs ----------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def submit(
+    model: Annotated[str | None, typer.Option(help="Model id (overrides model_id in the recipe file).")] = None,
+    recipe: Annotated[
+        Path, typer.Option(help="YAML or JSON: a list of steps, or a whole job body.", show_default=False)
+    ] = ...,
+    calibration: Annotated[str | None, typer.Option(help="Dataset id for calibration.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Calibration windows.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Calibration window length in tokens.")] = None,
+    evaluation: Annotated[str | None, typer.Option(help="Dataset id to measure perplexity on.")] = None,
+    eval_seq_len: Annotated[int | None, typer.Option(help="Evaluation window length in tokens.")] = None,
+    max_windows: Annotated[int | None, typer.Option(help="At most this many evaluation windows.")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Retrying with the same key and body returns the same job.")
+    ] = None,
+    watch_job: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Submit a job: a recipe of prune/quantize steps run on a GPU worker."""
+    try:
+        body = build_job_body(
+            recipe,
+            model=model,
+            calibration=calibration,
+            samples=samples,
+            seq_len=seq_len,
+            evaluation=evaluation,
+            eval_seq_len=eval_seq_len,
+            max_windows=max_windows,
+        )
+    except RecipeError as exc:
+        raise fail(str(exc)) from None
+    with api(url, api_key) as client:
+        job = client.submit(body, idempotency_key)
+        console.print(f"job {job.get('id')} {job.get('status', 'queued')}", highlight=False)
+        if watch_job:
+            raise typer.Exit(follow(client, str(job["id"])))
+
+
+def follow(client: Client, job_id: str, interval: float = 1.0) -> int:
+    """Poll a job with a progress bar until it ends; the exit status is 0 only if it succeeded."""
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
+    transport_failures = 0
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("queued", total=1.0)
+        while True:
+            try:
+                job = client.job(job_id)
+                transport_failures = 0
+            except ApiError as exc:
+                if exc.status_code is not None or transport_failures >= 5:
+                    raise
+                transport_failures += 1  # a restarting server: keep polling a few times
+                time.sleep(interval * 2**transport_failures)
+                continue
+            status = str(job.get("status"))
+            progress_info = job.get("progress") or {}
+            fraction = progress_info.get("fraction")
+            detail = " · ".join(str(part) for part in (render.progress_text(job), progress_info.get("message")) if part)
+            progress.update(
+                task,
+                description=f"{status} {detail}".strip(),
+                completed=1.0 if status == "succeeded" else float(fraction or 0.0),
+            )
+            if status in FINAL:
+                break
+            time.sleep(interval)
+    if status == "succeeded":
+        console.print(
+            f"job {job_id} succeeded: `modelpress report {job_id}`, `modelpress download {job_id}`",
+            style="green",
+            highlight=False,
+            markup=False,
+        )
+        return 0
+    if status == "failed":
+        error = job.get("error") or {}
+        code = error.get("code", "error")
+        err.print(Text(f"job {job_id} failed [{code}]: {error.get('message', 'no message')}", style="bold red"))
+        return 1
+    err.print(Text(f"job {job_id} was cancelled", style="magenta"))
+    return 1
+
+
+@app.command()
+def watch(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    interval: Annotated[float, typer.Option(help="Seconds between polls.", min=0.1)] = 1.0,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Follow a job with a progress bar; exits non-zero unless it succeeds."""
+    with api(url, api_key) as client:
+        try:
+            code = follow(client, job_id, interval)
+        except KeyboardInterrupt:
+            err.print(f"stopped watching; job {job_id} goes on on the server", highlight=False)
+            code = 130
+    raise typer.Exit(code)
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")], url: Url = DEFAULT_URL, api_key: ApiKey = None
+) -> None:
+    """Cancel a queued or running job."""
+    with api(url, api_key) as client:
+        job = client.cancel(job_id)
+    console.print(f"job {job_id}: {job.get('status', 'cancel requested')}", highlight=False)
+
+
+def _extract(archive: Path, out: Path) -> Path:
+    """Unpack a .tar artifact beside it, refusing members that would escape the folder."""
+    name = archive.name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    target = out / name
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(target, filter="data")
+    return target
+
+
+@app.command()
+def download(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    out: Annotated[Path | None, typer.Option(help="Folder to write to (default: ./<job id>).")] = None,
+    extract: Annotated[bool, typer.Option(help="Unpack .tar artifacts (the optimized model) after download.")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Download a job's artifacts, streamed to disk and checked against their sha256."""
+    out = out or Path(job_id)
+    out.mkdir(parents=True, exist_ok=True)
+    with api(url, api_key) as client:
+        artifacts = client.artifacts(job_id)
+        if not artifacts:
+            raise fail(f"job {job_id} has no artifacts (yet): see `modelpress watch {job_id}`")
+        for artifact in artifacts:
+            target = out / Path(str(artifact.get("name") or artifact["id"])).name
+            with _transfer_progress() as progress:
+                task = progress.add_task(f"downloading {target.name}", total=artifact.get("size_bytes"))
+                client.download(artifact, target, on_bytes=lambda n, t=task: progress.advance(t, n))
+            console.print(f"{target}  sha256 ok", highlight=False)
+            if extract and tarfile.is_tarfile(target):
+                try:
+                    folder = _extract(target, out)
+                except (tarfile.TarError, OSError) as exc:
+                    raise fail(f"could not unpack {target}: {exc}") from None
+                console.print(f"unpacked into {folder}/", highlight=False)
+
+
+@app.command()
+def report(
+    job_id: Annotated[str, typer.Argument(metavar="JOB")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON report.")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Show a job's metric report: baseline vs optimized, per step, generations, environment."""
+    with api(url, api_key) as client:
+        data = client.report(job_id)
+    if as_json:
+        console.print_json(data=data)
+    else:
+        console.print(render.report_group(data))
+
+
+# the embedded default ------------------------------------------------------------------------------------------
+
+
+@app.command()
+def dev(
+    host: Annotated[str, typer.Option(help="Address the API listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port the API listens on.")] = 8000,
+    worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Start one worker.")] = True,
+    stop_timeout: Annotated[float, typer.Option(help="Seconds to wait for each process to stop.")] = 15.0,
+) -> None:
+    """Run everything on this machine: embedded Redis (if REDIS_URL is unset), SQLite, the API and a worker."""
+    from modelpress.cli.dev import DevError, run
+
+    try:
+        code = run(host=host, port=port, with_worker=worker, stop_timeout=stop_timeout, console=console)
+    except DevError as exc:
+        raise fail(str(exc)) from None
+    raise typer.Exit(code)
