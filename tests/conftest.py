@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,20 +25,28 @@ PG_ADMIN_URL = os.environ.get("MODELPRESS_TEST_PG", "postgresql://postgres@127.0
 REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
-def _sqlalchemy_url(libpq_url: str) -> str:
+def sqlalchemy_url(libpq_url: str) -> str:
     return libpq_url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database, dropped afterwards; yields its libpq URL."""
+    name = f"modelpress_test_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
-    """A new, empty PostgreSQL database for this test session (dropped afterwards); yields its URL."""
-    name = f"modelpress_test_{secrets.token_hex(4)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    yield url
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """This test session's database."""
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +56,7 @@ def service_env(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> d
     return {
         "MODELPRESS_ENV": "test",
         "DATA_DIR": str(data_dir),
-        "DATABASE_URL": _sqlalchemy_url(pg_database),
+        "DATABASE_URL": sqlalchemy_url(pg_database),
         "REDIS_URL": REDIS_URL,
         "MODELPRESS_QUEUE": f"gpu-test-{secrets.token_hex(4)}",
         "MODELPRESS_PROGRESS_INTERVAL_S": "0.2",
@@ -176,10 +185,20 @@ def other_key(migrated: dict[str, str]) -> str:
     return make_key("globex")
 
 
-def make_key(tenant: str) -> str:
+def make_key(tenant: str, database_url: str | None = None) -> str:
+    """Create an API key in this session's database (or the one at `database_url`); returns the secret."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
     from modelpress.db import session_scope
     from modelpress.keys import create_key
 
-    with session_scope() as session:
-        _, secret = create_key(session, tenant)
-    return secret
+    if database_url is None:
+        with session_scope() as session:
+            return create_key(session, tenant)[1]
+    engine = create_engine(database_url)
+    try:
+        with Session(engine) as session, session.begin():
+            return create_key(session, tenant)[1]
+    finally:
+        engine.dispose()

@@ -1,0 +1,108 @@
+"""Faults injected into the real stack: a worker killed mid-job, Redis losing its data, a cancel mid-run.
+
+Each test runs a private Redis, API and worker (see conftest.py) and asserts that no job is lost and none
+stays "running" forever.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import Stack, job_status, kill_group, wait_for
+from tests.utils.factories import build_tiny_model, tar_folder, write_text_dataset
+
+PRUNE = [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A model and text big enough that evaluating it takes seconds on the CPU: time to inject a fault."""
+    root = tmp_path_factory.mktemp("slow-model")
+    archive = tar_folder(build_tiny_model(root / "model", hidden=256, layers=4), root / "model.tar")
+    return {"archive": archive, "text": write_text_dataset(root / "text.txt", lines=6000)}
+
+
+def submit(stack: Stack, slow_model: dict[str, Path], windows: int = 60) -> str:
+    client = stack.client()
+    model = client.upload("/v1/models", slow_model["archive"]).json()
+    dataset = client.upload("/v1/datasets", slow_model["text"]).json()
+    body = {
+        "model_id": model["id"],
+        "recipe": PRUNE,
+        "evaluation": {"dataset_id": dataset["id"], "seq_len": 128, "max_windows": windows},
+    }
+    response = client.http.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def test_worker_killed_mid_job_is_retried_on_another_worker(stack: Stack, slow_model) -> None:
+    stack.start_api()
+    first = stack.start_worker()
+    job_id = submit(stack, slow_model)
+    client = stack.client()
+    wait_for(
+        lambda: (
+            job_status(client, job_id)["status"] == "running"
+            and job_status(client, job_id)["progress"].get("step", "").startswith("evaluate")
+        ),
+        120,
+        "the job to run",
+    )
+
+    kill_group(first, signal.SIGKILL)
+    assert job_status(client, job_id)["status"] == "running"  # nobody has noticed yet
+    stack.start_worker()
+    job = client.wait(job_id, 300)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2
+
+
+def test_job_fails_with_a_reason_when_its_workers_keep_dying(stack: Stack, slow_model) -> None:
+    stack.env["MODELPRESS_MAX_ATTEMPTS"] = "1"
+    stack.start_api()
+    first = stack.start_worker()
+    job_id = submit(stack, slow_model)
+    client = stack.client()
+    wait_for(lambda: job_status(client, job_id)["status"] == "running", 120, "the job to run")
+    kill_group(first, signal.SIGKILL)
+    stack.start_worker()
+    job = client.wait(job_id, 60)
+    assert job["status"] == "failed"
+    assert job["error"]["code"] in {"worker_lost", "too_many_attempts"}
+    assert "limit 1" in job["error"]["message"]
+
+
+def test_queued_jobs_survive_redis_losing_its_data(stack: Stack, slow_model) -> None:
+    stack.start_api()
+    job_ids = [submit(stack, slow_model, windows=2) for _ in range(2)]
+    client = stack.client()
+    assert all(job_status(client, j)["status"] == "queued" for j in job_ids)
+
+    stack.redis.stop()  # no persistence: the queued messages are gone
+    stack.redis.start()
+    stack.start_worker()
+    for job_id in job_ids:
+        assert client.wait(job_id, 300)["status"] == "succeeded"
+
+
+def test_cancel_stops_a_running_job_within_seconds(stack: Stack, slow_model) -> None:
+    stack.start_api()
+    worker = stack.start_worker()
+    job_id = submit(stack, slow_model, windows=400)
+    client = stack.client()
+    wait_for(lambda: job_status(client, job_id)["progress"].get("step", "").startswith("evaluate"), 120, "a step")
+
+    assert client.http.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
+    job = client.wait(job_id, 15)
+    assert job["status"] == "cancelled"
+    assert client.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"] == []
+    scratch = Path(stack.env["DATA_DIR"]) / "storage" / "tmp"
+    wait_for(lambda: not any(scratch.rglob("*.safetensors")), 10, "partial outputs to be removed")
+
+    # the worker goes on serving: a new child runs the next job
+    next_job = submit(stack, slow_model, windows=2)
+    assert client.wait(next_job, 120, worker)["status"] == "succeeded"
