@@ -155,6 +155,28 @@ def _engine_request(job: Job, storage: LocalStorage, output_dir: Path, settings:
     )
 
 
+def limit_memory(extra_bytes: int | None) -> None:
+    """Cap this process's address space at what it uses now plus `extra_bytes` (the job's own memory).
+
+    The job runs in a child process of its own, so the cap dies with it. Allocations past it fail with
+    an exception the job reports as out of memory, instead of the kernel's OOM killer taking the worker.
+    """
+    if extra_bytes is None:
+        return
+    import resource
+
+    with open("/proc/self/statm") as handle:
+        used = int(handle.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (used + extra_bytes, resource.RLIM_INFINITY))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
 def _error_for(exc: BaseException) -> dict[str, str]:
     """Turn an exception into an error a person can act on."""
     from worker.engine import EngineError
@@ -163,7 +185,7 @@ def _error_for(exc: BaseException) -> dict[str, str]:
         return {"code": exc.code, "message": str(exc)}
     if isinstance(exc, LookupError):
         return {"code": "missing_input", "message": str(exc)}
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+    if _is_out_of_memory(exc):
         return {
             "code": "out_of_memory",
             "message": f"the worker ran out of memory ({exc}); use fewer calibration samples, a shorter seq_len, "
@@ -188,6 +210,7 @@ def execute(job_id: str, worker_name: str) -> None:
     heartbeat.start()
     log.info("job %s: attempt %d on %s", job_id, job.attempts, worker_name)
     try:
+        limit_memory(settings.job_memory_limit_bytes)
         request = _engine_request(job, storage, output_dir, settings)
         report = run_pipeline(request, ProgressReporter(job_id, settings.progress_interval_s))
         artifacts = store_outputs(storage, job, output_dir)
