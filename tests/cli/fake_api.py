@@ -65,7 +65,8 @@ class FakeApi:
         if method == "POST" and path in ("/v1/models", "/v1/datasets"):
             return self._upload(request, path.rsplit("/", 1)[1])
         if method == "GET" and path == "/v1/models":
-            return httpx.Response(200, json={"data": [u for u in self.uploads if u["kind"] == "models"], "count": 1})
+            rows = [{k: v for k, v in u.items() if k != "data"} for u in self.uploads if u["kind"] == "models"]
+            return httpx.Response(200, json={"data": rows, "count": len(rows)})
         if method == "POST" and path == "/v1/jobs":
             body = json.loads(request.content)
             self.job_bodies.append((body, request.headers.get("idempotency-key")))

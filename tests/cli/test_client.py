@@ -1,0 +1,209 @@
+"""The client commands against an in-memory fake of the API (httpx.MockTransport): fast, no server needed."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from modelpress.cli import main as cli
+from modelpress.cli.client import Client
+from tests.cli.fake_api import KEY, FakeApi, tar_bytes
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
+    api = FakeApi()
+    monkeypatch.setattr(cli, "Client", functools.partial(Client, transport=api.transport()))
+    monkeypatch.setattr(cli.time, "sleep", lambda _s: None)
+    monkeypatch.setenv("MODELPRESS_API_KEY", KEY)
+    monkeypatch.setenv("MODELPRESS_URL", "http://fake")
+    return api
+
+
+def invoke(*args: str):
+    return runner.invoke(cli.app, list(args))
+
+
+def test_upload_folder_is_packed_as_a_tar_with_files_at_the_root(fake: FakeApi, tmp_path: Path) -> None:
+    folder = tmp_path / "tiny-llama"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+    (folder / "sub" / "extra.txt").write_text("x")
+
+    result = invoke("upload", "model", str(folder))
+
+    assert result.exit_code == 0, result.output
+    row = fake.uploads[0]
+    assert row["name"] == "tiny-llama" and row["filename"] == "tiny-llama.tar"
+    with tarfile.open(fileobj=io.BytesIO(row["data"])) as tar:
+        assert sorted(tar.getnames()) == ["config.json", "model.safetensors", "sub/extra.txt"]
+    assert "m1" in result.output
+
+
+def test_upload_folder_without_config_is_refused_before_sending(fake: FakeApi, tmp_path: Path) -> None:
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    result = invoke("upload", "model", str(tmp_path))
+    assert result.exit_code == 1
+    assert "no config.json" in result.output
+    assert not fake.requests
+
+
+def test_upload_file_streams_its_bytes_and_name(fake: FakeApi, tmp_path: Path) -> None:
+    text = tmp_path / "wiki.txt"
+    text.write_text("hello world\n" * 100)
+    result = invoke("upload", "dataset", str(text), "--name", "wiki")
+    assert result.exit_code == 0, result.output
+    assert fake.uploads[0]["name"] == "wiki"
+    assert fake.uploads[0]["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+
+
+def test_wrong_key_prints_the_servers_detail_without_a_traceback(fake: FakeApi) -> None:
+    result = invoke("models", "list", "--api-key", "wrong")
+    assert result.exit_code == 1
+    assert "missing or unknown API key" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_models_list_reads_the_data_envelope(fake: FakeApi, tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert invoke("upload", "model", str(tmp_path / "m.gguf")).exit_code == 0
+    result = invoke("models", "list")
+    assert result.exit_code == 0, result.output
+    assert "m.gguf" in result.output
+
+
+def test_submit_sends_recipe_options_and_idempotency_key(fake: FakeApi, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("- type: prune\n  method: magnitude\n  sparsity: 0.5\n")
+    result = invoke(
+        "submit",
+        "--model",
+        "m1",
+        "--recipe",
+        str(recipe),
+        "--evaluation",
+        "d1",
+        "--eval-seq-len",
+        "64",
+        "--idempotency-key",
+        "k1",
+    )
+    assert result.exit_code == 0, result.output
+    body, key = fake.job_bodies[0]
+    assert body == {
+        "model_id": "m1",
+        "recipe": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}],
+        "evaluation": {"dataset_id": "d1", "seq_len": 64},
+    }
+    assert key == "k1"
+    assert "job1" in result.output
+
+
+def test_submit_422_lists_what_to_fix(fake: FakeApi, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"model_id": "m1", "recipe": [{"type": "prune", "method": "nope"}]}))
+    result = invoke("submit", "--recipe", str(recipe))
+    assert result.exit_code == 1
+    assert "recipe.0: unknown recipe step" in result.output
+
+
+def test_watch_follows_progress_until_success(fake: FakeApi, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("[{type: prune, method: magnitude, sparsity: 0.5}]")
+    fake.script = [
+        {"status": "running", "progress": {"step_index": 0, "total_steps": 1, "step": "prune", "fraction": 0.5}},
+        {"status": "succeeded", "progress": {"fraction": 1.0, "message": "done"}},
+    ]
+    result = invoke("submit", "--model", "m1", "--recipe", str(recipe), "--watch")
+    assert result.exit_code == 0, result.output
+    assert "succeeded" in result.output
+    assert not fake.script  # polled through every state
+
+
+def test_watch_failed_job_prints_error_and_exits_nonzero(fake: FakeApi, tmp_path: Path) -> None:
+    fake.jobs["job1"] = {"id": "job1", "status": "running", "progress": {}}
+    fake.script = [{"status": "failed", "error": {"code": "out_of_memory", "message": "use a smaller seq_len"}}]
+    result = invoke("watch", "job1")
+    assert result.exit_code == 1
+    assert "out_of_memory" in result.output and "use a smaller seq_len" in result.output
+
+
+def test_watch_unknown_job_is_a_clean_404(fake: FakeApi) -> None:
+    result = invoke("watch", "nope")
+    assert result.exit_code == 1
+    assert "job nope not found" in result.output
+
+
+def test_download_verifies_checksums_and_extracts(fake: FakeApi, tmp_path: Path) -> None:
+    fake.add_artifact("model.tar", tar_bytes({"config.json": b"{}", "model.safetensors": b"weights"}))
+    fake.add_artifact("report.json", b'{"ok": true}', kind="report")
+    out = tmp_path / "out"
+    result = invoke("download", "job1", "--out", str(out), "--extract")
+    assert result.exit_code == 0, result.output
+    assert (out / "report.json").read_bytes() == b'{"ok": true}'
+    assert (out / "model" / "model.safetensors").read_bytes() == b"weights"
+    assert not list(out.glob("*.part"))
+
+
+def test_download_resumes_a_partial_file_with_a_range_request(fake: FakeApi, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 100
+    fake.add_artifact("blob.bin", data, kind="other")
+    (tmp_path / "blob.bin.part").write_bytes(data[:1000])
+    result = invoke("download", "job1", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "blob.bin").read_bytes() == data
+    assert fake.requests[-1].headers["range"] == "bytes=1000-"
+
+
+def test_download_with_a_bad_checksum_fails_and_keeps_nothing(fake: FakeApi, tmp_path: Path) -> None:
+    fake.add_artifact("model.tar", b"corrupted", sha256="0" * 64)
+    result = invoke("download", "job1", "--out", str(tmp_path))
+    assert result.exit_code == 1
+    assert "checksum mismatch" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_report_shows_nulls_as_not_measured(fake: FakeApi) -> None:
+    fake.report = {
+        "baseline": {"parameters": 1000, "size_bytes": 4000, "perplexity": None, "decode_ms_per_token": 2.0},
+        "optimized": {"parameters": 1000, "size_bytes": 1000, "perplexity": None, "decode_ms_per_token": 1.0},
+        "ratios": {"size": 0.25, "perplexity": None},
+        "steps": [
+            {
+                "type": "prune",
+                "method": "magnitude",
+                "duration_s": 1.5,
+                "layers": [{"name": "a", "sparsity": 0.5}, {"name": "b", "sparsity": 0.52}],
+            }
+        ],
+        "samples": [{"prompt": "Hi", "baseline": "Hi there", "optimized": "Hi thee"}],
+        "environment": {"torch": "2.13.0", "device": "cpu"},
+        "notes": ["no evaluation dataset: perplexity not measured"],
+    }
+    result = runner.invoke(cli.app, ["report", "job1"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "not measured" in out
+    assert "0.250×" in out  # size ratio computed from both sides
+    assert "sparsity mean 0.51" in out
+    assert "prune:magnitude" in out
+    assert "no evaluation dataset" in out
+
+
+def test_unreachable_server_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("MODELPRESS_API_KEY", KEY)
+    result = invoke("jobs", "list", "--url", f"http://127.0.0.1:{free_port()}")
+    assert result.exit_code == 1
+    assert "cannot reach the modelpress server" in result.output
