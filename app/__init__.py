@@ -1,0 +1,1 @@
+"""The modelpress HTTP API (FastAPI). Never imports torch, transformers or the worker."""

@@ -1,0 +1,102 @@
+"""Request dependencies as `Annotated` aliases: a session, the caller's tenant, storage, and owned rows.
+
+`ModelDep`, `DatasetDep`, `JobDep` and `ArtifactDep` load a row by its path id and check that it belongs to
+the caller's tenant, once, here. Another tenant's id answers exactly like a missing one (404), so ids cannot
+be probed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, HTTPException, Path, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from modelpress.db import new_session
+from modelpress.keys import tenant_for_key
+from modelpress.models import FINAL_STATUSES, Artifact, Dataset, Job, JobStatus, Model
+from modelpress.settings import Settings, get_settings
+from modelpress.storage import LocalStorage, get_storage
+
+ACTIVE_STATUSES = tuple(s.value for s in JobStatus if s not in FINAL_STATUSES)
+"""Statuses of a job that still needs its model and datasets."""
+
+
+def get_session() -> Iterator[Session]:
+    session = new_session()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_storage_dep() -> LocalStorage:
+    return get_storage()
+
+
+StorageDep = Annotated[LocalStorage, Depends(get_storage_dep)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key from `modelpress keys create --tenant <name>`")
+
+
+def get_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """The tenant of the presented API key; 401 with `WWW-Authenticate: Bearer` when it is missing or unknown.
+
+    It uses its own short session, so a long upload that follows holds no database connection.
+    """
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing API key: send 'Authorization: Bearer <key>' (create one with `modelpress keys create`)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    with new_session() as session:
+        tenant = tenant_for_key(session, credentials.credentials)
+    if tenant is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "invalid or revoked API key: check the key in 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    return tenant
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]
+
+Row = TypeVar("Row", Model, Dataset, Job, Artifact)
+
+
+def owned(session: Session, table: type[Row], row_id: str, tenant: str) -> Row:
+    """The row with this id if the tenant owns it; otherwise 404, whether it is missing or someone else's."""
+    row = session.get(table, row_id) if len(row_id) <= 36 else None
+    if row is None or row.tenant != tenant:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"{table.__name__.lower()} {row_id} not found")
+    return row
+
+
+def get_model(session: SessionDep, tenant: TenantDep, model_id: Annotated[str, Path()]) -> Model:
+    return owned(session, Model, model_id, tenant)
+
+
+def get_dataset(session: SessionDep, tenant: TenantDep, dataset_id: Annotated[str, Path()]) -> Dataset:
+    return owned(session, Dataset, dataset_id, tenant)
+
+
+def get_job(session: SessionDep, tenant: TenantDep, job_id: Annotated[str, Path()]) -> Job:
+    return owned(session, Job, job_id, tenant)
+
+
+def get_artifact(session: SessionDep, tenant: TenantDep, artifact_id: Annotated[str, Path()]) -> Artifact:
+    return owned(session, Artifact, artifact_id, tenant)
+
+
+ModelDep = Annotated[Model, Depends(get_model)]
+DatasetDep = Annotated[Dataset, Depends(get_dataset)]
+JobDep = Annotated[Job, Depends(get_job)]
+ArtifactDep = Annotated[Artifact, Depends(get_artifact)]

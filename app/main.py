@@ -1,0 +1,55 @@
+"""The FastAPI application factory: `uvicorn app.main:create_app --factory`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from app import errors
+from app.routes import artifacts, datasets, health, jobs, models
+from app.schemas import JobCreate
+from app.uploads import sweep_abandoned
+from modelpress.storage import get_storage
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """Upload a causal LM checkpoint, submit a recipe of prune/quantize steps that GPU workers run,
+poll the job, and download the optimized model and its metric report.
+
+Every `/v1` call needs `Authorization: Bearer <key>` (create one with `modelpress keys create --tenant <name>`).
+Errors answer `{"detail": "<what to fix>"}`."""
+
+
+@asynccontextmanager
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    storage = get_storage()
+    sweep_abandoned(storage.root / "tmp")
+    yield
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated schema, plus `JobCreate` (the jobs route parses its body itself, with bounds)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    job_create = JobCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, definition in job_create.pop("$defs", {}).items():
+        components.setdefault(name, definition)
+    components["JobCreate"] = job_create
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="modelpress", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    errors.install(app)
+    for module in (health, models, datasets, jobs, artifacts):
+        app.include_router(module.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app

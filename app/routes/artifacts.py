@@ -1,0 +1,98 @@
+"""Artifact downloads: streamed from storage, with single byte ranges (206/416) and the sha256 as ETag."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import APIRouter, Header, HTTPException, status
+from fastapi.responses import Response, StreamingResponse
+
+from app.deps import ArtifactDep, StorageDep
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class Unsatisfiable(Exception):
+    pass
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end) inclusive for one `bytes=a-b`, `a-` or `-n` range; None to send the whole file.
+
+    Multiple ranges and malformed headers are ignored (the whole file is sent, as RFC 9110 allows);
+    a range that starts past the end raises `Unsatisfiable`.
+    """
+    if not header:
+        return None
+    match = _RANGE.match(header.strip().replace(" ", ""))
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:
+        length = int(last)
+        if length == 0 or size == 0:
+            raise Unsatisfiable
+        return max(size - length, 0), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if end < start:
+        return None
+    if start >= size:
+        raise Unsatisfiable
+    return start, min(end, size - 1)
+
+
+def content_disposition(name: str) -> str:
+    fallback = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "download"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+@router.get(
+    "/{artifact_id}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "the whole file"},
+        206: {"content": {"application/octet-stream": {}}, "description": "the requested byte range"},
+        404: {"description": "no such artifact"},
+        416: {"description": "the range starts past the end of the file"},
+    },
+)
+def download_artifact(
+    artifact: ArtifactDep,
+    storage: StorageDep,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+) -> Response:
+    try:
+        size = storage.size(artifact.storage_key)
+    except (OSError, ValueError) as exc:
+        logger.error("artifact %s has no readable file at %r: %s", artifact.id, artifact.storage_key, exc)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"the file of artifact {artifact.id} is missing") from exc
+    headers = {
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{artifact.sha256}"',
+        "Content-Disposition": content_disposition(artifact.name),
+    }
+    try:
+        span = parse_range(range_header, size)
+    except Unsatisfiable:
+        return Response(
+            status_code=status.HTTP_416_REQUESTED_RANGE_NOT_SATISFIABLE,
+            headers={**headers, "Content-Range": f"bytes */{size}"},
+        )
+    if span is None:
+        body = storage.open_range(artifact.storage_key, 0, None)
+        return StreamingResponse(body, media_type=artifact.media_type, headers={**headers, "Content-Length": str(size)})
+    start, end = span
+    headers.update({"Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(end - start + 1)})
+    body = storage.open_range(artifact.storage_key, start, end)
+    return StreamingResponse(
+        body, status_code=status.HTTP_206_PARTIAL_CONTENT, media_type=artifact.media_type, headers=headers
+    )

@@ -1,0 +1,115 @@
+"""Text datasets for calibration and evaluation: upload (streamed, checksummed, validated), list, read, delete."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import ACTIVE_STATUSES, DatasetDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from app.schemas import DatasetPublic, DatasetsPublic
+from app.text_datasets import DatasetError, count_records, dataset_format
+from app.uploads import MULTIPART_OPENAPI, Upload, receive_upload, upload_name
+from modelpress.db import new_session
+from modelpress.models import Dataset, Job, new_id
+from modelpress.storage import LocalStorage
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def _store_dataset(upload: Upload, tenant: str, storage: LocalStorage) -> Dataset:
+    try:
+        fmt = dataset_format(upload.filename)
+        records = count_records(upload.path, fmt)
+    except DatasetError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
+    dataset_id = new_id()
+    key = f"datasets/{dataset_id}/data.{fmt}"
+    row = Dataset(
+        id=dataset_id,
+        tenant=tenant,
+        name=upload_name(upload, (".txt", ".jsonl")),
+        format=fmt,
+        size_bytes=upload.size,
+        records=records,
+        sha256=upload.sha256,
+        storage_key=key,
+    )
+    storage.put_file(key, upload.path)
+    try:
+        with new_session() as session:
+            session.add(row)
+            session.commit()
+    except BaseException:
+        storage.delete(f"datasets/{dataset_id}")
+        raise
+    logger.info("stored dataset %s (%s, %d records) for %s", dataset_id, fmt, records, tenant)
+    return row
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetPublic,
+    openapi_extra=MULTIPART_OPENAPI,
+    responses={413: {"description": "the upload passes the size limit"}, 422: {"description": "not usable text"}},
+    summary='Upload text: a UTF-8 .txt file, or .jsonl with a string "text" field per line',
+)
+async def upload_dataset(
+    request: Request, tenant: TenantDep, storage: StorageDep, settings: SettingsDep
+) -> DatasetPublic:
+    upload = await receive_upload(request, storage.scratch_dir(), settings.max_upload_bytes)
+    try:
+        row = await run_in_threadpool(_store_dataset, upload, tenant, storage)
+    finally:
+        upload.discard()
+    return DatasetPublic.of(row)
+
+
+@router.get("", response_model=DatasetsPublic)
+def list_datasets(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DatasetsPublic:
+    query = select(Dataset).where(Dataset.tenant == tenant)
+    rows = session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id).limit(limit).offset(offset)).all()
+    count = session.scalar(select(func.count()).select_from(Dataset).where(Dataset.tenant == tenant)) or 0
+    return DatasetsPublic(data=[DatasetPublic.of(r) for r in rows], count=count)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses={404: {"description": "no such dataset"}})
+def get_dataset(dataset: DatasetDep) -> DatasetPublic:
+    return DatasetPublic.of(dataset)
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={404: {"description": "no such dataset"}, 409: {"description": "a queued or running job uses it"}},
+)
+def delete_dataset(dataset: DatasetDep, session: SessionDep, storage: StorageDep) -> Response:
+    locked = session.scalar(select(Dataset).where(Dataset.id == dataset.id).with_for_update())
+    if locked is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset.id} not found")
+    active = session.scalars(select(Job).where(Job.tenant == dataset.tenant, Job.status.in_(ACTIVE_STATUSES))).all()
+    users = [job.id for job in active if dataset.id in _dataset_ids(job.spec)]
+    if users:
+        session.rollback()
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"dataset {dataset.id} is used by queued or running job(s) {', '.join(users[:5])}; cancel them or wait",
+        )
+    session.delete(locked)
+    session.commit()
+    storage.delete(f"datasets/{dataset.id}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _dataset_ids(spec: dict) -> set[str]:
+    return {part["dataset_id"] for part in (spec.get("calibration"), spec.get("evaluation")) if part}

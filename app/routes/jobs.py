@@ -1,0 +1,226 @@
+"""Jobs: submit a validated recipe (idempotently), poll, list, cancel, and read the report and artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.deps import JobDep, SessionDep, TenantDep
+from app.json_body import read_json
+from app.schemas import ArtifactPublic, JobCreate, JobPublic, JobsPublic
+from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, utcnow
+from modelpress.queue import enqueue_job
+from modelpress.specs import JobSpec, group_sizes
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JOB_BODY_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}}},
+    }
+}
+
+
+async def job_body(request: Request) -> JobSpec:
+    """The request body as a validated `JobCreate` (bounded, finite JSON; 422 naming each problem)."""
+    data = await read_json(request)
+    try:
+        return JobCreate.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from exc
+
+
+def spec_digest(spec: JobSpec) -> tuple[dict[str, Any], str]:
+    """The spec as plain JSON and the sha256 of its canonical form (sorted keys, no spaces)."""
+    data = spec.model_dump(mode="json")
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return data, hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(session: Session, tenant: str, key: str, digest: str) -> Job | None:
+    """The job created earlier with this Idempotency-Key, if any; 422 when its body differed."""
+    job = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
+    if job is not None and job.spec_sha256 != digest:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            f"Idempotency-Key {key!r} was already used for job {job.id} with a different body; "
+            "use a new key for a different job",
+        )
+    return job
+
+
+def _check_references(session: Session, tenant: str, spec: JobSpec) -> None:
+    """The model and datasets exist and are the tenant's (404), and the recipe fits the model (422).
+
+    The rows are read FOR SHARE, so a concurrent delete waits for this job and then sees it.
+    """
+    model = session.scalar(
+        select(Model).where(Model.id == spec.model_id, Model.tenant == tenant).with_for_update(read=True)
+    )
+    if model is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"model {spec.model_id} not found; upload one with POST /v1/models"
+        )
+    for field, part in (("calibration", spec.calibration), ("evaluation", spec.evaluation)):
+        if part is None:
+            continue
+        dataset = session.scalar(
+            select(Dataset).where(Dataset.id == part.dataset_id, Dataset.tenant == tenant).with_for_update(read=True)
+        )
+        if dataset is None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                f"dataset {part.dataset_id} ({field}.dataset_id) not found; upload one with POST /v1/datasets",
+            )
+        if not model.details.get("has_tokenizer"):
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_ENTITY,
+                f"{field} needs a tokenizer, but model {model.id} was uploaded without one "
+                "(tokenizer.json or tokenizer.model); upload the model with its tokenizer",
+            )
+    widths = model.details.get("linear_in_features") or []
+    for size in sorted(group_sizes(spec)):
+        for width in widths:
+            if width % size:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_ENTITY,
+                    f"group_size {size} does not divide {width}, an input width of this model's Linear layers "
+                    f"({widths}); choose a group_size that divides all of them, or null for per-channel scales",
+                )
+
+
+def _answer(job: Job, response: Response, replayed: bool = False) -> JobPublic:
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobPublic.of(job)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    openapi_extra=JOB_BODY_OPENAPI,
+    responses={404: {"description": "the model or a dataset does not exist"}, 422: {"description": "invalid spec"}},
+)
+def create_job(
+    tenant: TenantDep,
+    spec: Annotated[JobSpec, Depends(job_body)],
+    session: SessionDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+) -> JobPublic:
+    data, digest = spec_digest(spec)
+    if idempotency_key is not None and (earlier := _replay(session, tenant, idempotency_key, digest)):
+        return _answer(earlier, response, replayed=True)
+    _check_references(session, tenant, spec)
+    job = Job(
+        tenant=tenant,
+        model_id=spec.model_id,
+        spec=data,
+        spec_sha256=digest,
+        idempotency_key=idempotency_key,
+        status=JobStatus.queued,
+        progress={"step_index": 0, "total_steps": len(spec.recipe), "fraction": 0.0, "message": "queued"},
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        earlier = _replay(session, tenant, idempotency_key, digest) if idempotency_key else None
+        if earlier is None:
+            raise
+        return _answer(earlier, response, replayed=True)
+    try:
+        enqueue_job(job.id)
+    except Exception:  # the broker is down: the row stays queued and the reconciler re-enqueues it
+        logger.warning("could not enqueue job %s; it stays queued for the reconciler", job.id, exc_info=True)
+    return _answer(job, response)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobsPublic:
+    where = [Job.tenant == tenant] + ([Job.status == status_filter.value] if status_filter else [])
+    rows = session.scalars(
+        select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+    ).all()
+    count = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    return JobsPublic(data=[JobPublic.of(r) for r in rows], count=count)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses={404: {"description": "no such job"}})
+def get_job(job: JobDep) -> JobPublic:
+    return JobPublic.of(job)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    responses={
+        200: {"description": "the queued job is cancelled"},
+        202: {"description": "the running job is asked to stop; it stops at its next progress check"},
+        404: {"description": "no such job"},
+        409: {"description": "the job has already finished"},
+    },
+)
+def cancel_job(job: JobDep, session: SessionDep, response: Response) -> JobPublic:
+    queued = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.queued)
+        .values(status=JobStatus.cancelled, cancel_requested=True, finished_at=utcnow())
+    )
+    if queued.rowcount == 0:
+        running = session.execute(
+            update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(cancel_requested=True)
+        )
+        if running.rowcount == 0:
+            session.rollback()
+            session.refresh(job)
+            raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} is already {job.status}; nothing to cancel")
+        response.status_code = status.HTTP_202_ACCEPTED
+    session.commit()
+    session.refresh(job)
+    return JobPublic.of(job)
+
+
+@router.get(
+    "/{job_id}/report",
+    responses={404: {"description": "no such job"}, 409: {"description": "the job has not succeeded"}},
+)
+def get_report(job: JobDep) -> JSONResponse:
+    if job.status != JobStatus.succeeded:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job {job.id} is {job.status}; its report is available once it has succeeded"
+        )
+    if job.report is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} succeeded but stored no report")
+    return JSONResponse(job.report)
+
+
+@router.get("/{job_id}/artifacts", response_model=list[ArtifactPublic], responses={404: {"description": "no such job"}})
+def list_artifacts(job: JobDep, session: SessionDep) -> list[ArtifactPublic]:
+    rows = session.scalars(
+        select(Artifact)
+        .where(Artifact.job_id == job.id, Artifact.tenant == job.tenant)
+        .order_by(Artifact.created_at, Artifact.name)
+    ).all()
+    return [ArtifactPublic.of(r) for r in rows]

@@ -1,0 +1,148 @@
+"""Model checkpoints: upload (streamed, checksummed, inspected), list, read, delete."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from app.archives import ArchiveError, Kind, Limits, TooLarge, detect_kind, extract, model_root
+from app.deps import ACTIVE_STATUSES, ModelDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from app.gguf_inspection import inspect_gguf
+from app.inspection import Inspected, inspect_hf_folder
+from app.schemas import ModelPublic, ModelsPublic
+from app.uploads import MULTIPART_OPENAPI, Upload, receive_upload, upload_name
+from modelpress.db import new_session
+from modelpress.models import Job, Model, new_id
+from modelpress.settings import Settings
+from modelpress.storage import LocalStorage
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/models", tags=["models"])
+NAME_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".gguf")
+ERRORS = {
+    401: {"description": "missing or invalid API key"},
+    413: {"description": "the upload or its expanded contents pass a size limit"},
+    422: {"description": "the upload is not an accepted model; the detail says what to fix"},
+}
+
+
+def _tree_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _store_model(upload: Upload, tenant: str, storage: LocalStorage, settings: Settings) -> Model:
+    """Inspect the received file, move it into storage and insert its row; nothing stays behind on failure."""
+    try:
+        kind = detect_kind(upload.path)
+        model_id = new_id()
+        if kind is Kind.gguf:
+            inspected: Inspected = inspect_gguf(upload.path)
+            fmt, key, size = "gguf", f"models/{model_id}/model.gguf", upload.size
+        else:
+            dest = upload.folder / "extracted"
+            limits = Limits(settings.max_archive_members, settings.max_extracted_bytes, settings.max_compression_ratio)
+            extract(upload.path, kind, dest, limits)
+            upload.path.unlink()
+            root = model_root(dest)
+            inspected = inspect_hf_folder(root)
+            fmt, key, size = "hf", f"models/{model_id}", _tree_size(root)
+    except TooLarge as exc:
+        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, str(exc)) from exc
+    except ArchiveError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
+    row = Model(
+        id=model_id,
+        tenant=tenant,
+        name=upload_name(upload, NAME_SUFFIXES),
+        format=fmt,
+        architecture=inspected.architecture,
+        parameters=inspected.parameters,
+        size_bytes=size,
+        sha256=upload.sha256,
+        storage_key=key,
+        details=inspected.details,
+    )
+    if fmt == "gguf":
+        storage.put_file(key, upload.path)
+    else:
+        storage.put_tree(key, root)
+    try:
+        with new_session() as session:
+            session.add(row)
+            session.commit()
+    except BaseException:
+        storage.delete(f"models/{model_id}")
+        raise
+    logger.info(
+        "stored model %s (%s, %s, %d parameters) for %s", model_id, fmt, row.architecture, row.parameters, tenant
+    )
+    return row
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ModelPublic,
+    openapi_extra=MULTIPART_OPENAPI,
+    responses=ERRORS,
+    summary="Upload a model: a .zip/.tar/.tar.gz of a Hugging Face folder, or a .gguf file",
+)
+async def upload_model(request: Request, tenant: TenantDep, storage: StorageDep, settings: SettingsDep) -> ModelPublic:
+    upload = await receive_upload(request, storage.scratch_dir(), settings.max_upload_bytes)
+    try:
+        row = await run_in_threadpool(_store_model, upload, tenant, storage, settings)
+    finally:
+        upload.discard()
+    return ModelPublic.of(row)
+
+
+@router.get("", response_model=ModelsPublic)
+def list_models(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ModelsPublic:
+    rows = session.scalars(
+        select(Model)
+        .where(Model.tenant == tenant)
+        .order_by(Model.created_at.desc(), Model.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    count = session.scalar(select(func.count()).select_from(Model).where(Model.tenant == tenant)) or 0
+    return ModelsPublic(data=[ModelPublic.of(r) for r in rows], count=count)
+
+
+@router.get("/{model_id}", response_model=ModelPublic, responses={404: {"description": "no such model"}})
+def get_model(model: ModelDep) -> ModelPublic:
+    return ModelPublic.of(model)
+
+
+@router.delete(
+    "/{model_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={404: {"description": "no such model"}, 409: {"description": "a queued or running job uses it"}},
+)
+def delete_model(model: ModelDep, session: SessionDep, storage: StorageDep) -> Response:
+    locked = session.scalar(select(Model).where(Model.id == model.id).with_for_update())
+    if locked is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model.id} not found")
+    active = session.scalars(
+        select(Job.id).where(Job.model_id == model.id, Job.status.in_(ACTIVE_STATUSES)).limit(5)
+    ).all()
+    if active:
+        session.rollback()
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"model {model.id} is used by queued or running job(s) {', '.join(active)}; cancel them or wait",
+        )
+    session.delete(locked)
+    session.commit()
+    storage.delete(f"models/{model.id}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,157 @@
+"""Request and response bodies. `JobCreate` is the shared `JobSpec`: the same JSON the worker receives."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from modelpress.models import Artifact, Dataset, Job, Model
+from modelpress.specs import JobSpec
+
+JobCreate = JobSpec
+
+
+class ModelPublic(BaseModel):
+    id: str
+    name: str
+    format: Literal["hf", "gguf"]
+    architecture: str
+    parameters: int
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="what inspection found: sizes, dtype, tokenizer, Linear input widths"
+    )
+
+    @classmethod
+    def of(cls, row: Model) -> ModelPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            format=row.format,
+            architecture=row.architecture,
+            parameters=row.parameters,
+            size_bytes=row.size_bytes,
+            sha256=row.sha256,
+            created_at=row.created_at,
+            details=row.details or {},
+        )
+
+
+class ModelsPublic(BaseModel):
+    data: list[ModelPublic]
+    count: int
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    name: str
+    format: Literal["txt", "jsonl"]
+    size_bytes: int
+    records: int
+    sha256: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, row: Dataset) -> DatasetPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            format=row.format,
+            size_bytes=row.size_bytes,
+            records=row.records,
+            sha256=row.sha256,
+            created_at=row.created_at,
+        )
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    count: int
+
+
+class Progress(BaseModel):
+    step_index: int = 0
+    total_steps: int = 0
+    step: str | None = None
+    fraction: float = 0.0
+    message: str = ""
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    model_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    recipe: list[dict[str, Any]]
+    calibration: dict[str, Any] | None
+    evaluation: dict[str, Any] | None
+    progress: Progress
+    error: JobError | None
+    attempts: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Job) -> JobPublic:
+        spec = row.spec or {}
+        progress = {"total_steps": len(spec.get("recipe", [])), **(row.progress or {})}
+        known = Progress.model_fields
+        error = row.error or None
+        return cls(
+            id=row.id,
+            model_id=spec.get("model_id") or row.model_id or "",
+            status=row.status,
+            recipe=spec.get("recipe", []),
+            calibration=spec.get("calibration"),
+            evaluation=spec.get("evaluation"),
+            progress=Progress(**{k: v for k, v in progress.items() if k in known and v is not None}),
+            error=JobError(code=str(error.get("code", "error")), message=str(error.get("message", "")))
+            if error
+            else None,
+            attempts=row.attempts,
+            cancel_requested=row.cancel_requested,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class ArtifactPublic(BaseModel):
+    id: str
+    name: str
+    kind: str
+    media_type: str
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+    download_url: str
+
+    @classmethod
+    def of(cls, row: Artifact) -> ArtifactPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            kind=row.kind,
+            media_type=row.media_type,
+            size_bytes=row.size_bytes,
+            sha256=row.sha256,
+            created_at=row.created_at,
+            download_url=f"/v1/artifacts/{row.id}",
+        )
