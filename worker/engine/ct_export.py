@@ -1,0 +1,117 @@
+"""Save an RTN-quantized model in the compressed-tensors format, the way llm-compressor does.
+
+Our step has already put fake-quantized weights in the model and kept their scales; here compressed-tensors
+attaches a `QuantizationScheme` to each quantized Linear (`apply_quantization_config`), we set its
+`weight_scale` / `weight_zero_point` to our values, check that compressed-tensors' own quantize-dequantize
+reproduces our weights, and let `ModelCompressor` pack the integers and write `quantization_config`.
+
+Formats: symmetric schemes are saved `pack-quantized` (int4 and int8 codes packed into int32, as
+llm-compressor's W4A16 / W8A16 presets). Asymmetric schemes are saved `int-quantized` (codes in int8 with int8
+zero points): with compressed-tensors 0.20 and transformers 5, a pack-quantized checkpoint with zero points
+does not load (transformers expects unpacked zero-point shapes; llm-compressor issue #1618), and an artifact
+must load. compressed_tensors is imported here only, lazily: the rest of the engine runs without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from worker.engine.errors import EngineError
+from worker.engine.quant_math import fake_quantize
+from worker.engine.registry import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+FORMAT_BY_SYMMETRY = {True: "pack-quantized", False: "int-quantized"}
+SchemeKey = tuple[int, int | None, bool]
+
+
+def storage_format(q: QuantizedWeight) -> str:
+    return FORMAT_BY_SYMMETRY[q.symmetric]
+
+
+def stored_weight_bytes(shape: tuple[int, int], q: QuantizedWeight) -> int:
+    """Bytes the artifact spends on one quantized weight: codes, scales, zero points (and packed shape)."""
+    out_features, in_features = shape
+    scale_bytes = q.scale.numel() * q.scale.element_size()
+    if storage_format(q) == "pack-quantized":
+        return out_features * math.ceil(in_features * q.bits / 32) * 4 + scale_bytes + 2 * 8
+    zero_bytes = q.zero_point.numel() if q.zero_point is not None else 0
+    return out_features * in_features + scale_bytes + zero_bytes
+
+
+def _scheme_key(q: QuantizedWeight) -> SchemeKey:
+    return (q.bits, q.group_size, q.symmetric)
+
+
+def _quantization_config(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    by_scheme: dict[SchemeKey, list[str]] = defaultdict(list)
+    for name, q in quantized.items():
+        by_scheme[_scheme_key(q)].append(name)
+    single = len(by_scheme) == 1
+    groups = {}
+    for index, ((bits, group_size, symmetric), names) in enumerate(by_scheme.items()):
+        weights = QuantizationArgs(
+            num_bits=bits,
+            type="int",
+            symmetric=symmetric,
+            strategy="group" if group_size else "channel",
+            group_size=group_size,
+        )
+        groups[f"group_{index}"] = QuantizationScheme(
+            targets=["Linear"] if single else names, weights=weights, format=FORMAT_BY_SYMMETRY[symmetric]
+        )
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    ignore = [n for n in linears if n not in quantized] if single else []
+    return QuantizationConfig(config_groups=groups, ignore=ignore, quantization_status="frozen")
+
+
+@torch.no_grad()
+def _set_qparams_(module: torch.nn.Module, q: QuantizedWeight, name: str) -> None:
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+
+    module.weight_scale.data.copy_(q.scale.reshape(module.weight_scale.shape))
+    zero_point = getattr(module, "weight_zero_point", None)
+    if q.zero_point is not None:
+        zero_point.data.copy_(q.zero_point.reshape(zero_point.shape).to(zero_point.dtype))
+    elif zero_point is not None:
+        zero_point.data.zero_()
+    theirs = ct_fake_quantize(module.weight, module.weight_scale, zero_point, module.quantization_scheme.weights)
+    ours = fake_quantize(module.weight, q.scale, q.zero_point, q.bits, q.group_size)
+    if not (torch.equal(theirs, module.weight) and torch.equal(ours, module.weight)):
+        worst = float((theirs - module.weight).abs().max())
+        raise EngineError(
+            "export_mismatch",
+            f"compressed-tensors does not reproduce the quantized weights of {name} (max diff {worst:.3g}); "
+            "the artifact would not match what was measured",
+        )
+
+
+def save_compressed_(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], folder: Path) -> dict:
+    """Write `model` (whose quantized Linears hold fake-quantized weights) as a compressed-tensors checkpoint.
+
+    The model is modified in place (compressed) and should not be used afterwards. Returns the
+    `quantization_config` written to config.json.
+    """
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import apply_quantization_config
+
+    apply_quantization_config(model, _quantization_config(model, quantized), show_progress=False)
+    modules = dict(model.named_modules())
+    for name, q in quantized.items():
+        _set_qparams_(modules[name], q, name)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(folder)
+    compressor.update_config(str(folder))
+    log.info(
+        "saved %d quantized layers as compressed-tensors (%s)", len(quantized), compressor.quantization_config.format
+    )
+    return compressor.quantization_config.model_dump(mode="json")

@@ -1,0 +1,246 @@
+"""The optimization pipeline: load, evaluate, run the recipe's steps in order, export, evaluate the artifact.
+
+Stages, in order, each reported through the progress callback: "load", "evaluate baseline", one per recipe
+step ("prune:magnitude", ...), "export", "evaluate optimized". `step_index` counts from 1 to `total_steps`;
+`fraction` is the stage's own progress in [0, 1]. The callback may raise (the worker does so to cancel): the
+exception propagates and the pipeline stops.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.engine.artifact import tar_folder, write_manifest
+from worker.engine.ct_export import save_compressed_
+from worker.engine.data import token_windows
+from worker.engine.errors import EngineError
+from worker.engine.evaluation import EvalPlan, evaluate
+from worker.engine.loading import LoadedModel, load_model, pick_device, require_tokenizer
+from worker.engine.measure import safetensors_bytes, state_dict_bytes
+from worker.engine.pruning_math import sparsity_of
+from worker.engine.registry import QuantizedWeight, StepContext, get_step, step_key
+from worker.engine.report import build_report, library_versions, merge_samples
+
+log = logging.getLogger(__name__)
+
+LATENCY_TOKENS_WITHOUT_DATA = 128
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    step_index: int
+    total_steps: int
+    step: str
+    fraction: float
+    message: str
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    model_path: Path
+    model_format: str
+    spec: dict
+    calibration_path: Path | None
+    calibration_format: str | None
+    evaluation_path: Path | None
+    evaluation_format: str | None
+    output_dir: Path
+    device: str | None = None
+
+
+def run_pipeline(request: EngineRequest, progress: ProgressFn) -> dict:
+    """Run a job; write model.tar and report.json into request.output_dir; return the report."""
+    return _Runner(request, progress).run()
+
+
+class _Runner:
+    """State of one job while it runs (dies with it)."""
+
+    def __init__(self, request: EngineRequest, progress: ProgressFn) -> None:
+        self.request = request
+        self.progress = progress
+        self.recipe: list[dict[str, Any]] = list(request.spec.get("recipe") or [])
+        if not self.recipe:
+            raise EngineError("bad_spec", "the recipe has no steps")
+        for step in self.recipe:
+            get_step(step)  # unknown steps fail before any work
+        self.stages = ["load", "evaluate baseline", *(step_key(s) for s in self.recipe), "export", "evaluate optimized"]
+        self.device = pick_device(request.device)
+        self.notes: list[str] = []
+
+    def stage(self, index: int) -> Callable[[float, str], None]:
+        def report(fraction: float, message: str) -> None:
+            event = ProgressEvent(
+                index + 1, len(self.stages), self.stages[index], min(max(fraction, 0.0), 1.0), message
+            )
+            self.progress(event)
+
+        return report
+
+    def run(self) -> dict:
+        output_dir = Path(self.request.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        loaded, plan, evaluation_info, calibration = self.load(self.stage(0))
+        baseline = self.evaluate(loaded, plan, self.stage(1))
+        baseline["metrics"]["size_bytes"] = state_dict_bytes(loaded.model)
+        baseline["metrics"]["size_method"] = "tensor bytes save_pretrained writes in float32 (tied tensors once)"
+        steps, quantized, pruned = self.run_recipe(loaded.model, calibration)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=output_dir))
+        try:
+            self.export(loaded, quantized, pruned, staging, output_dir / "model.tar", self.stage(len(self.stages) - 2))
+            del loaded
+            self._free_memory()
+            optimized = self.evaluate_artifact(staging, plan, self.stage(len(self.stages) - 1))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        report = build_report(
+            baseline=baseline["metrics"],
+            optimized=optimized["metrics"],
+            steps=steps,
+            samples=merge_samples(baseline["samples"], optimized["samples"]),
+            device=self.device,
+            evaluation=evaluation_info,
+            calibration=None
+            if calibration is None
+            else {"windows": calibration.shape[0], "seq_len": calibration.shape[1]},
+            notes=self.notes,
+        )
+        (output_dir / "report.json").write_text(json.dumps(report, indent=2))
+        return report
+
+    def load(self, report: Callable[[float, str], None]):
+        request, spec = self.request, self.request.spec
+        report(0.0, f"loading {request.model_format} model")
+        loaded = load_model(Path(request.model_path), request.model_format, self.device)
+        report(0.6, "model loaded")
+        windows = calibration = evaluation_info = None
+        if spec.get("evaluation"):
+            windows = self._windows(
+                loaded, spec["evaluation"], request.evaluation_path, request.evaluation_format, "evaluation"
+            )
+            evaluation_info = {
+                "seq_len": windows.shape[1],
+                "windows": windows.shape[0],
+                "max_windows": spec["evaluation"].get("max_windows"),
+            }
+        else:
+            self.notes.append("no evaluation dataset: perplexity was not measured (null)")
+        if spec.get("calibration"):
+            calibration = self._windows(
+                loaded, spec["calibration"], request.calibration_path, request.calibration_format, "calibration"
+            )
+        report(0.9, "datasets tokenized")
+        plan = EvalPlan(device=self.device, windows=windows, latency_ids=self._latency_ids(loaded, windows))
+        if loaded.tokenizer is None:
+            self.notes.append("the model has no tokenizer: no generated samples")
+        report(1.0, "loaded")
+        return loaded, plan, evaluation_info, calibration
+
+    def _windows(self, loaded: LoadedModel, data_spec: dict, path: Path | None, data_format: str | None, purpose: str):
+        if path is None or data_format is None:
+            raise EngineError("missing_dataset", f"the job asks for {purpose} but no {purpose} dataset file was given")
+        tokenizer = require_tokenizer(loaded.tokenizer, purpose)
+        limit = data_spec.get("samples") if purpose == "calibration" else data_spec.get("max_windows")
+        seq_len = int(data_spec.get("seq_len", 512))
+        return token_windows(tokenizer, Path(path), data_format, seq_len, limit, purpose)
+
+    def _latency_ids(self, loaded: LoadedModel, windows: torch.Tensor | None) -> torch.Tensor:
+        if windows is not None:
+            return windows[:1]
+        config = loaded.model.config
+        length = min(
+            LATENCY_TOKENS_WITHOUT_DATA, getattr(config, "max_position_embeddings", None) or LATENCY_TOKENS_WITHOUT_DATA
+        )
+        self.notes.append(f"latency timed on a fixed synthetic sequence of {length} token ids (no evaluation dataset)")
+        return (torch.arange(length) % config.vocab_size).unsqueeze(0)
+
+    def evaluate(self, loaded: LoadedModel, plan: EvalPlan, report: Callable[[float, str], None]) -> dict:
+        report(0.0, "evaluating")
+        return evaluate(loaded.model, loaded.tokenizer, plan, report)
+
+    def run_recipe(self, model: torch.nn.Module, calibration: torch.Tensor | None):
+        steps: list[dict[str, Any]] = []
+        quantized: dict[str, QuantizedWeight] = {}
+        pruned: set[str] = set()
+        for i, spec in enumerate(self.recipe):
+            report = self.stage(2 + i)
+            report(0.0, f"running {step_key(spec)}")
+            started = time.perf_counter()
+            result = get_step(spec)(
+                model,
+                StepContext(spec=spec, calibration=calibration, report_progress=report),
+            )
+            quantized.update(result.quantized)
+            pruned.update(result.sparsified)
+            self.notes.extend(note for note in result.notes if note not in self.notes)
+            steps.append(
+                {
+                    "index": i,
+                    "type": spec.get("type"),
+                    "method": spec.get("method"),
+                    "spec": spec,
+                    "duration_s": time.perf_counter() - started,
+                    "layers": result.layers,
+                    "summary": result.summary,
+                }
+            )
+        return steps, quantized, pruned
+
+    def export(
+        self, loaded: LoadedModel, quantized: dict, pruned: set[str], folder: Path, archive: Path, report
+    ) -> None:
+        report(0.0, "saving the model")
+        modules = dict(loaded.model.named_modules())
+        sparsity = {name: sparsity_of(modules[name].weight) for name in sorted(pruned)}
+        quantization_config = None
+        if quantized:
+            quantization_config = save_compressed_(loaded.model, quantized, folder)
+            self.notes.append(
+                "transformers runs compressed-tensors checkpoints by decompressing the weights to float at load: "
+                "the optimized latency and memory are measured on that path (vLLM runs the integer kernels)"
+            )
+        else:
+            loaded.model.save_pretrained(folder)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(folder)
+        report(0.6, "writing manifest")
+        write_manifest(
+            folder,
+            {
+                "job": self.request.spec,
+                "libraries": library_versions(),
+                "source_format": self.request.model_format,
+                "sparsity": {"layers": sparsity} if sparsity else None,
+                "quantization": quantization_config,
+            },
+        )
+        report(0.8, "packing model.tar")
+        tar_folder(folder, archive)
+        report(1.0, "exported")
+
+    def evaluate_artifact(self, folder: Path, plan: EvalPlan, report: Callable[[float, str], None]) -> dict:
+        report(0.0, "reloading the artifact with transformers")
+        reloaded = load_model(folder, "hf", self.device)
+        result = evaluate(reloaded.model, reloaded.tokenizer, plan, report)
+        result["metrics"]["size_bytes"] = safetensors_bytes(folder)
+        result["metrics"]["size_method"] = "bytes of the artifact's *.safetensors files on disk"
+        return result
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

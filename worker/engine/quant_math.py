@@ -1,0 +1,79 @@
+"""Round-to-nearest integer weight quantization math, per output channel or per group of input columns.
+
+The operations mirror compressed-tensors' own (divide by the scale, add the zero point, clamp to the signed
+range, round half to even; dequantize as (q - zero_point) * scale), so that the artifact it writes from our
+scales holds exactly the weights we evaluated in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """Signed integer range of `bits` bits: (-2**(bits-1), 2**(bits-1) - 1)."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """View (out, in) as (out, groups, columns): one group of all columns when group_size is None."""
+    if group_size is None:
+        return weight.unsqueeze(1)
+    return weight.unflatten(-1, (weight.shape[-1] // group_size, group_size))
+
+
+def rtn_params(
+    weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (out, groups) and, when asymmetric, integer-valued zero points (out, groups).
+
+    Symmetric: scale = absmax / qmax, zero point 0. Asymmetric: the range [min, max] (widened to hold 0)
+    spread over all 2**bits levels, zero point = round(qmin - min / scale). All-zero groups get scale 1.
+    """
+    qmin, qmax = int_range(bits)
+    groups = grouped(weight, group_size)
+    if symmetric:
+        scale = groups.abs().amax(dim=-1) / qmax
+        return torch.where(scale > 0, scale, torch.ones_like(scale)), None
+    low = groups.amin(dim=-1).clamp(max=0)
+    high = groups.amax(dim=-1).clamp(min=0)
+    scale = (high - low) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.round(qmin - low / scale).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def quantize(
+    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int, group_size: int | None
+) -> torch.Tensor:
+    """Integer codes (as a float tensor of weight's shape): round(clamp(w / scale + zero_point))."""
+    qmin, qmax = int_range(bits)
+    scaled = grouped(weight, group_size) / scale.unsqueeze(-1)
+    if zero_point is not None:
+        scaled = scaled + zero_point.unsqueeze(-1)
+    return torch.round(torch.clamp(scaled, qmin, qmax)).flatten(-2)
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int | None
+) -> torch.Tensor:
+    """Float weights from integer codes: (q - zero_point) * scale."""
+    values = grouped(codes, group_size)
+    if zero_point is not None:
+        values = values - zero_point.unsqueeze(-1)
+    return (values * scale.unsqueeze(-1)).flatten(-2)
+
+
+def fake_quantize(
+    weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int, group_size: int | None
+) -> torch.Tensor:
+    """The weights a quantized layer really computes with: dequantize(quantize(w))."""
+    return dequantize(quantize(weight, scale, zero_point, bits, group_size), scale, zero_point, group_size)
+
+
+def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
+    """||W - W_hat|| / ||W|| (Frobenius); 0 for an all-zero W reproduced exactly."""
+    weight, approximation = weight.detach().float(), approximation.detach().float()
+    norm = torch.linalg.vector_norm(weight)
+    diff = torch.linalg.vector_norm(weight - approximation)
+    return float(diff / norm) if norm > 0 else float(diff)
