@@ -203,6 +203,7 @@ def run(
     """Start the stack, wait until it is healthy, and supervise it until a signal or a child's death."""
     console = console or Console()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /healthz poll is noise
     if not port_is_free(host, port):
         raise DevError(f"{host}:{port} is already in use; stop what runs there or pass --port")
     data_dir = Path(os.environ.get("DATA_DIR") or os.environ.get("MODELPRESS_DATA_DIR") or "data").resolve()
