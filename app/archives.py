@@ -8,13 +8,13 @@ not after. Nothing in an archive is ever executed.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -137,7 +137,7 @@ class _CountedStream:
         return data
 
 
-def _tar_members(path: Path, kind: Kind, budget: _Budget) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+def _extract_tar(path: Path, kind: Kind, dest: Path, budget: _Budget) -> None:
     try:
         with path.open("rb") as raw:
             source: BinaryIO = raw
@@ -145,26 +145,27 @@ def _tar_members(path: Path, kind: Kind, budget: _Budget) -> Iterator[tuple[tarf
                 source = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
             with tarfile.open(fileobj=_CountedStream(source, budget), mode="r|") as tar:  # type: ignore[arg-type]
                 for member in tar:
-                    yield tar, member
+                    _extract_tar_member(tar, member, dest, budget)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the server's disk is full: not the archive's fault
         raise ArchiveError(f"the {kind} archive is damaged or not a tar archive ({exc}); pack it again") from exc
 
 
-def _extract_tar(path: Path, kind: Kind, dest: Path, budget: _Budget) -> None:
-    for tar, member in _tar_members(path, kind, budget):
-        budget.member()
-        target = safe_member_path(dest, member.name)
-        if member.issym() or member.islnk():
-            raise ArchiveError(f"archive member {member.name!r} is a link; upload real files, not links")
-        if member.isdir():
-            target.mkdir(parents=True, exist_ok=True)
-        elif member.isreg():
-            source = tar.extractfile(member)
-            if source is None:
-                raise ArchiveError(f"archive member {member.name!r} cannot be read")
-            _write_member(source, target, budget)
-        else:
-            raise ArchiveError(f"archive member {member.name!r} is a device or special file; upload only files")
+def _extract_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, budget: _Budget) -> None:
+    budget.member()
+    target = safe_member_path(dest, member.name)
+    if member.issym() or member.islnk():
+        raise ArchiveError(f"archive member {member.name!r} is a link; upload real files, not links")
+    if member.isdir():
+        target.mkdir(parents=True, exist_ok=True)
+    elif member.isreg():
+        source = tar.extractfile(member)
+        if source is None:
+            raise ArchiveError(f"archive member {member.name!r} cannot be read")
+        _write_member(source, target, budget)
+    else:
+        raise ArchiveError(f"archive member {member.name!r} is a device or special file; upload only files")
 
 
 def _extract_zip(path: Path, dest: Path, budget: _Budget) -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 
 from app import errors
 from app.routes import artifacts, datasets, health, jobs, models
@@ -32,6 +34,15 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
+async def _on_os_error(_request: Request, exc: Exception) -> JSONResponse:
+    """A full disk answers 507 (the upload was removed); other I/O errors stay 500s, logged."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        logger.error("storage is full: %s", exc)
+        return JSONResponse({"detail": "the server's storage is full; try again later"}, status_code=507)
+    logger.exception("I/O error", exc_info=exc)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """The generated schema, plus `JobCreate` (the jobs route parses its body itself, with bounds)."""
     if app.openapi_schema:
@@ -49,6 +60,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 def create_app() -> FastAPI:
     app = FastAPI(title="modelpress", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     errors.install(app)
+    app.add_exception_handler(OSError, _on_os_error)
     for module in (health, models, datasets, jobs, artifacts):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
