@@ -204,8 +204,11 @@ def _layer_summary(layers: list[dict[str, Any]]) -> str:
     for key, values in numeric.items():
         if key in {"index", "parameters", "numel"}:
             continue
-        mean = sum(values) / len(values)
-        parts.append(f"{key} mean {mean:.4g} (min {min(values):.4g}, max {max(values):.4g})")
+        low, high = min(values), max(values)
+        if low == high:
+            parts.append(f"{key} {low:.4g}")
+        else:
+            parts.append(f"{key} mean {sum(values) / len(values):.4g} (min {low:.4g}, max {high:.4g})")
     return "; ".join(parts)
 
 
@@ -218,11 +221,12 @@ def steps_table(steps: list[dict[str, Any]] | None) -> Table:
         name = step.get("name") or ":".join(str(spec[k]) for k in ("type", "method") if spec.get(k))
         duration = step.get("duration_s", step.get("seconds"))
         extra = {
-            k: v
+            k.removeprefix("summary."): v
             for k, v in flatten(step).items()
             if k not in {"name", "type", "method", "duration_s", "seconds", "index"} and not k.startswith("spec.")
         }
-        details = "; ".join(f"{k}={format_value(k, v)}" for k, v in extra.items())
+        # a null here is a setting (group_size: none = per channel), not a missing measurement
+        details = "; ".join(f"{k}={'none' if v is None else format_value(k, v)}" for k, v in extra.items())
         summary = _layer_summary(_layers(step))
         table.add_row(
             str(step.get("index", index)),
