@@ -1,0 +1,144 @@
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from worker.engine.ct_export import save_compressed_
+from worker.engine.quant_math import fake_quantize, int_range, quantize, rtn_params
+from worker.engine.registry import StepContext, get_step
+from worker.engine.targets import select_linears
+
+SCHEMES = [  # bits, group_size, symmetric, bound on the mean relative weight error
+    (8, None, True, 1e-2),
+    (8, None, False, 1e-2),
+    (4, 32, True, 0.15),
+    (4, 32, False, 0.15),
+]
+
+
+def run_rtn(model, bits, group_size, symmetric):
+    step = {
+        "type": "quantize",
+        "method": "rtn",
+        "weights": {"bits": bits, "group_size": group_size, "symmetric": symmetric},
+    }
+    return get_step(step)(model, StepContext(spec=step, calibration=None, report_progress=lambda f, m: None))
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, False), (4, 64, True)])
+def test_math_matches_compressed_tensors(bits, group_size, symmetric):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 128) * torch.rand(48, 1)
+    scale, zero_point = rtn_params(w, bits, group_size, symmetric)
+    codes = quantize(w, scale, zero_point, bits, group_size)
+    qmin, qmax = int_range(bits)
+    assert codes.min() >= qmin and codes.max() <= qmax and torch.equal(codes, codes.round())
+    args = QuantizationArgs(
+        num_bits=bits, symmetric=symmetric, strategy="group" if group_size else "channel", group_size=group_size
+    )
+    ct_zero = zero_point.to(torch.int8) if zero_point is not None else None
+    theirs = ct_fake_quantize(
+        w,
+        scale if group_size else scale.reshape(-1, 1),
+        ct_zero if group_size or ct_zero is None else ct_zero.reshape(-1, 1),
+        args,
+    )
+    assert torch.equal(theirs, fake_quantize(w, scale, zero_point, bits, group_size))
+
+
+def test_zero_rows_and_zeros_survive():
+    w = torch.zeros(4, 32)
+    w[1, :16] = torch.linspace(-1, 1, 16)
+    for symmetric in (True, False):
+        scale, zero_point = rtn_params(w, 4, None, symmetric)
+        out = fake_quantize(w, scale, zero_point, 4, None)
+        assert torch.equal(out[w == 0], w[w == 0])  # pruned zeros stay exactly zero
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,bound", SCHEMES)
+def test_rtn_error_is_bounded_and_reported(tiny, bits, group_size, symmetric, bound):
+    originals = {n: m.weight.detach().clone() for n, m in select_linears(tiny.model).items()}
+    result = run_rtn(tiny.model, bits, group_size, symmetric)
+    assert result.summary["mean_relative_error"] < bound
+    assert set(result.quantized) == set(originals)
+    for layer in result.layers:
+        w = originals[layer["name"]]
+        measured = float((w - tiny.model.get_submodule(layer["name"]).weight.detach()).norm() / w.norm())
+        assert layer["relative_error"] == pytest.approx(measured, rel=1e-5)
+        assert (layer["bits"], layer["group_size"]) == (bits, group_size)
+    if bits == 4:  # 16 levels are coarser than 256 but still far from noise
+        assert result.summary["mean_relative_error"] > 1e-2
+
+
+def test_bad_group_size_is_refused(tiny):
+    from worker.engine.errors import EngineError
+
+    with pytest.raises(EngineError) as info:
+        run_rtn(tiny.model, 4, 128, True)  # the tiny model's input widths are 64 and 128
+    assert info.value.code == "bad_group_size"
+
+
+LOAD_IN_CLEAN_PROCESS = textwrap.dedent(
+    """
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True).eval()
+    ids = torch.load(sys.argv[2])
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits, sys.argv[3])
+    print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("worker", "modelpress", "tests"))))
+    """
+)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,bound", SCHEMES)
+def test_artifact_loads_alone_and_matches(tiny, tmp_path, bits, group_size, symmetric, bound):
+    model = tiny.model
+    targeted = {n: m.weight.numel() for n, m in select_linears(model).items()}
+    result = run_rtn(model, bits, group_size, symmetric)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    folder = tmp_path / "artifact"
+    qconfig = save_compressed_(model, result.quantized, folder)
+    torch.save(ids, tmp_path / "ids.pt")
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_CLEAN_PROCESS, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == []  # nothing of ours was imported
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-4, atol=1e-4)
+
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and qconfig["format"] == config["format"]
+    assert config["format"] == ("pack-quantized" if symmetric else "int-quantized")
+    quantized_bytes, dtypes = 0, set()
+    with safe_open(folder / "model.safetensors", "pt") as tensors:
+        for key in tensors.keys():
+            module = key.rsplit(".", 1)[0]
+            if module in targeted:
+                dtypes.add(tensors.get_slice(key).get_dtype())
+                quantized_bytes += tensors.get_tensor(key).nbytes
+                if key.endswith((".weight", ".weight_packed")):  # the codes are integers, never a float copy
+                    assert tensors.get_slice(key).get_dtype() in ("I8", "I32"), key
+    assert dtypes & {"I32", "I8"}
+    ratio = quantized_bytes / (4 * sum(targeted.values()))
+    assert ratio == pytest.approx(
+        result.summary["targeted_weight_bytes_after"] / result.summary["targeted_weight_bytes_before"]
+    )
+    if bits == 8:
+        assert ratio < 0.35
+    if bits == 4 and symmetric:
+        assert ratio < 0.2
