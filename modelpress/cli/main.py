@@ -291,7 +291,18 @@ def submit(
 
 
 def follow(client: Client, job_id: str, interval: float = 1.0) -> int:
-    """Poll a job with a progress bar until it ends; the exit status is 0 only if it succeeded."""
+    """Poll a job with a progress bar until it ends; the exit status is 0 only if it succeeded.
+
+    Ctrl-C stops watching only: the job goes on on the server (exit status 130).
+    """
+    try:
+        return _follow(client, job_id, interval)
+    except KeyboardInterrupt:
+        err.print(f"stopped watching; job {job_id} goes on on the server (modelpress watch {job_id})", highlight=False)
+        return 130
+
+
+def _follow(client: Client, job_id: str, interval: float) -> int:
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -350,11 +361,7 @@ def watch(
 ) -> None:
     """Follow a job with a progress bar; exits non-zero unless it succeeds."""
     with api(url, api_key) as client:
-        try:
-            code = follow(client, job_id, interval)
-        except KeyboardInterrupt:
-            err.print(f"stopped watching; job {job_id} goes on on the server", highlight=False)
-            code = 130
+        code = follow(client, job_id, interval)
     raise typer.Exit(code)
 
 

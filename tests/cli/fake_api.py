@@ -76,6 +76,9 @@ class FakeApi:
             job = {"id": "job1", "status": "queued", "progress": {}, "error": None}
             self.jobs["job1"] = job
             return httpx.Response(202, json=job, headers={"location": "/v1/jobs/job1"})
+        if method == "POST" and (match := re.fullmatch(r"/v1/jobs/([^/]+)/cancel", path)):
+            self.jobs[match[1]]["status"] = "cancelled"
+            return httpx.Response(200, json=self.jobs[match[1]])
         if match := re.fullmatch(r"/v1/jobs/([^/]+)", path):
             if match[1] not in self.jobs:
                 return httpx.Response(404, json={"detail": f"job {match[1]} not found"})

@@ -207,3 +207,24 @@ def test_unreachable_server_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     result = invoke("jobs", "list", "--url", f"http://127.0.0.1:{free_port()}")
     assert result.exit_code == 1
     assert "cannot reach the modelpress server" in result.output
+
+
+def test_ctrl_c_while_watching_leaves_the_job_running(fake: FakeApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.jobs["job1"] = {"id": "job1", "status": "running", "progress": {"fraction": 0.1}}
+
+    def interrupt(_seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.time, "sleep", interrupt)
+    result = invoke("watch", "job1")
+    assert result.exit_code == 130
+    assert "goes on on the server" in result.output
+    assert not [r for r in fake.requests if r.url.path.endswith("/cancel")]
+
+
+def test_cancel_then_watch_reports_cancelled_and_fails(fake: FakeApi) -> None:
+    fake.jobs["job1"] = {"id": "job1", "status": "running", "progress": {}}
+    cancelled = invoke("cancel", "job1")
+    assert cancelled.exit_code == 0 and "cancelled" in cancelled.output
+    watched = invoke("watch", "job1")
+    assert watched.exit_code == 1 and "was cancelled" in watched.output
