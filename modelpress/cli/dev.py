@@ -153,8 +153,16 @@ def start_redis(supervisor: Supervisor, data_dir: Path, env: dict[str, str], tim
     raise DevError(f"the embedded redis-server did not answer on port {port} within {timeout:.0f} s")
 
 
-def example(base: str) -> str:
+def cli_name() -> str:
+    """How the user invoked us (`.venv/bin/modelpress` under `make run`), so the example runs as pasted."""
+    invoked = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("modelpress")
+    return str(invoked) if invoked.name == "modelpress" else "modelpress"
+
+
+def example(base: str, data_dir: Path) -> str:
     """Copy-paste lines for a first job, shown once the stack is up."""
+    prefix = "" if data_dir == Path("data").resolve() else f"DATA_DIR={data_dir} "
+    cli = cli_name()
     auth = '-H "Authorization: Bearer $KEY"'
     job = (
         '{"model_id": "<model id>", "recipe": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}, '
@@ -162,11 +170,11 @@ def example(base: str) -> str:
     )
     return "\n".join(
         [
-            "KEY=$(modelpress keys create --tenant acme | tail -n 1)",
+            f"KEY=$({prefix}{cli} keys create --tenant acme | tail -n 1)",
             f"curl -s {auth} -F file=@my-model.tar -F name=my-model {base}/v1/models",
             f"curl -s {auth} -H 'Content-Type: application/json' -d '{job}' {base}/v1/jobs",
             f"curl -s {auth} {base}/v1/jobs/<job id>",
-            "# or with the client: MODELPRESS_API_KEY=$KEY modelpress upload model ./my-model-folder",
+            f"# or with the client: MODELPRESS_API_KEY=$KEY {cli} upload model ./my-model-folder",
         ]
     )
 
@@ -228,7 +236,7 @@ def run(
         wait_healthy(supervisor, url, start_timeout)
         if supervisor.stop_requested is None:
             console.print(f"\nmodelpress is up: API {url}, docs {url}/docs, data in {data_dir}", style="bold green")
-            console.print("Try it:\n" + example(url), highlight=False, markup=False)
+            console.print("Try it:\n" + example(url, data_dir), highlight=False, markup=False)
             console.print("Ctrl-C stops everything.\n")
         return _supervise(supervisor)
     finally:
