@@ -3,7 +3,6 @@ import json
 import math
 import shutil
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -49,17 +48,17 @@ def spec(recipe=RECIPE, evaluation=True):
 
 
 def request(model_dir, out, text_dataset, **overrides):
-    fields = dict(
-        model_path=model_dir,
-        model_format="hf",
-        spec=spec(),
-        calibration_path=None,
-        calibration_format=None,
-        evaluation_path=text_dataset,
-        evaluation_format="txt",
-        output_dir=out,
-        device="cpu",
-    )
+    fields = {
+        "model_path": model_dir,
+        "model_format": "hf",
+        "spec": spec(),
+        "calibration_path": None,
+        "calibration_format": None,
+        "evaluation_path": text_dataset,
+        "evaluation_format": "txt",
+        "output_dir": out,
+        "device": "cpu",
+    }
     fields.update(overrides)
     return EngineRequest(**fields)
 
