@@ -211,9 +211,13 @@ async def receive_upload(request: Request, scratch: Path, limit: int) -> Upload:
     try:
         with path.open("wb") as target:
             receiver = _Receiver(target, limit)
-            parser = MultipartParser(options[b"boundary"], receiver.callbacks(), max_size=limit + MULTIPART_SLACK)
+            parser = MultipartParser(options[b"boundary"], receiver.callbacks())
             pending = bytearray()
+            received = 0
             async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit + MULTIPART_SLACK:  # the parser's own max_size silently truncates
+                    raise _too_large(limit)
                 pending += chunk
                 if len(pending) >= FLUSH_BYTES:
                     await run_in_threadpool(parser.write, bytes(pending))
@@ -223,8 +227,6 @@ async def receive_upload(request: Request, scratch: Path, limit: int) -> Upload:
             parser.finalize()
     except FormParserError as exc:
         discard_folder(scratch, lock)
-        if "exceeded" in str(exc).lower() or "max_size" in str(exc).lower():
-            raise _too_large(limit) from exc
         raise _bad(f"malformed multipart body: {exc}") from exc
     except BaseException:
         discard_folder(scratch, lock)
