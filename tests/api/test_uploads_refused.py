@@ -144,6 +144,20 @@ def test_oversize_upload(degraded: httpx.Client, tmp_path: Path) -> None:
     refused(post(degraded, path, "/v1/datasets"), 413, "MODELPRESS_MAX_UPLOAD_BYTES")
 
 
+def read_response(sock: socket.socket) -> str:
+    """One HTTP response (headers and its Content-Length body) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
 def test_oversize_refused_while_streaming(degraded_api, api_key: str) -> None:
     """A chunked upload with no length: 413 arrives after ~the limit, while the client is still sending."""
     url = urlparse(degraded_api.url)
@@ -159,7 +173,7 @@ def test_oversize_refused_while_streaming(degraded_api, api_key: str) -> None:
         chunk = b"\0" * 65536
         for _ in range(40):  # 2.5 MiB, five times the limit, and never the closing chunk
             sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        reply = sock.recv(65536).decode(errors="replace")
+        reply = read_response(sock)
     assert reply.startswith("HTTP/1.1 413"), reply[:200]
     assert "MODELPRESS_MAX_UPLOAD_BYTES" in reply
 
