@@ -155,3 +155,8 @@ class ArtifactPublic(BaseModel):
             created_at=row.created_at,
             download_url=f"/v1/artifacts/{row.id}",
         )
+
+
+class ArtifactsPublic(BaseModel):
+    data: list[ArtifactPublic]
+    count: int

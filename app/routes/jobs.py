@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.deps import JobDep, SessionDep, TenantDep
 from app.json_body import read_json
-from app.schemas import ArtifactPublic, JobCreate, JobPublic, JobsPublic
+from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
 from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, utcnow
 from modelpress.queue import enqueue_job
 from modelpress.specs import JobSpec, group_sizes
@@ -216,11 +216,11 @@ def get_report(job: JobDep) -> JSONResponse:
     return JSONResponse(job.report)
 
 
-@router.get("/{job_id}/artifacts", response_model=list[ArtifactPublic], responses={404: {"description": "no such job"}})
-def list_artifacts(job: JobDep, session: SessionDep) -> list[ArtifactPublic]:
+@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, responses={404: {"description": "no such job"}})
+def list_artifacts(job: JobDep, session: SessionDep) -> ArtifactsPublic:
     rows = session.scalars(
         select(Artifact)
         .where(Artifact.job_id == job.id, Artifact.tenant == job.tenant)
         .order_by(Artifact.created_at, Artifact.name)
     ).all()
-    return [ArtifactPublic.of(r) for r in rows]
+    return ArtifactsPublic(data=[ArtifactPublic.of(r) for r in rows], count=len(rows))

@@ -45,7 +45,7 @@ def artifact(client: httpx.Client, model: dict, migrated: dict) -> dict:
 
 
 def test_listed_with_download_url(client: httpx.Client, artifact: dict) -> None:
-    (listed,) = client.get(f"/v1/jobs/{artifact['job_id']}/artifacts").json()
+    (listed,) = client.get(f"/v1/jobs/{artifact['job_id']}/artifacts").json()["data"]
     assert listed["id"] == artifact["id"] and listed["download_url"] == f"/v1/artifacts/{artifact['id']}"
     assert listed["size_bytes"] == len(CONTENT) and listed["kind"] == "model"
 
