@@ -38,9 +38,9 @@ class EvalPlan:
     windows: torch.Tensor | None  # (n, seq_len) evaluation windows; None: no evaluation dataset
     latency_ids: torch.Tensor  # (1, seq_len) ids for the prefill timing
     prompts: tuple[str, ...] = PROMPTS
-    decode_tokens: int = 32
+    decode_tokens: int = 16
     sample_tokens: int = 24
-    repeats: int = 5
+    repeats: int = 3
 
 
 @torch.no_grad()
