@@ -14,6 +14,7 @@ must load. compressed_tensors is imported here only, lazily: the rest of the eng
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from collections import defaultdict
@@ -29,6 +30,16 @@ log = logging.getLogger(__name__)
 
 FORMAT_BY_SYMMETRY = {True: "pack-quantized", False: "int-quantized"}
 SchemeKey = tuple[int, int | None, bool]
+
+
+def require_compressed_tensors() -> None:
+    """Fail early, with a fix, where compressed-tensors (needed to write quantized artifacts) is missing."""
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise EngineError(
+            "missing_dependency",
+            "quantized models are saved in the compressed-tensors format, but the compressed-tensors package "
+            "is not installed on this worker: pip install compressed-tensors",
+        )
 
 
 def storage_format(q: QuantizedWeight) -> str:
@@ -100,6 +111,7 @@ def save_compressed_(model: torch.nn.Module, quantized: dict[str, QuantizedWeigh
     The model is modified in place (compressed) and should not be used afterwards. Returns the
     `quantization_config` written to config.json.
     """
+    require_compressed_tensors()
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import apply_quantization_config
 

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from worker.engine.ct_export import storage_format, stored_weight_bytes
+from worker.engine.ct_export import require_compressed_tensors, storage_format, stored_weight_bytes
 from worker.engine.errors import EngineError
 from worker.engine.quant_math import fake_quantize, relative_error, rtn_params
 from worker.engine.registry import QuantizedWeight, StepContext, StepResult, register
@@ -40,6 +40,7 @@ def _weight_args(spec: dict) -> tuple[int, int | None, bool]:
 @register("quantize", "rtn")
 def rtn_quantize(model: torch.nn.Module, context: StepContext) -> StepResult:
     bits, group_size, symmetric = _weight_args(context.spec)
+    require_compressed_tensors()  # the artifact cannot be written without it: fail before the work
     linears = select_from_spec(model, context.spec)
     if not linears:
         raise EngineError("no_targets", "quantize:rtn matched no Linear layer: check 'targets' and 'ignore'")
