@@ -66,3 +66,25 @@ def safetensors_tensors(folder: Path) -> dict[str, tuple[str, list[int], int]]:
                 begin, end = info["data_offsets"]
                 tensors[name] = (info["dtype"], info["shape"], end - begin)
     return tensors
+
+
+def quantized_bytes_ratio(folder: Path, targeted) -> tuple[int, int]:
+    """(bytes stored for the targeted quantized layers, bytes the same weights take in float32).
+
+    A compressed-tensors layer stores `weight_packed` (or an integer `weight`), `weight_scale`, maybe
+    `weight_zero_point`, and `weight_shape` (the original shape), all counted; float32 is 4 bytes per weight.
+    """
+    from safetensors.numpy import load_file
+
+    stored = float32 = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(path)
+        for name, array in tensors.items():
+            if not targeted(name):
+                continue
+            stored += array.nbytes
+            if name.endswith(".weight_shape"):
+                float32 += 4 * int(array.prod())
+            elif name.endswith(".weight") and array.dtype.kind == "i":
+                float32 += 4 * array.size
+    return stored, float32
