@@ -47,7 +47,7 @@ def test_worker_killed_mid_job_is_retried_on_another_worker(stack: Stack, slow_m
     wait_for(
         lambda: (
             job_status(client, job_id)["status"] == "running"
-            and job_status(client, job_id)["progress"].get("step", "").startswith("evaluate")
+            and (job_status(client, job_id)["progress"].get("step") or "").startswith("evaluate")
         ),
         120,
         "the job to run",
@@ -94,7 +94,7 @@ def test_cancel_stops_a_running_job_within_seconds(stack: Stack, slow_model) -> 
     worker = stack.start_worker()
     job_id = submit(stack, slow_model, windows=400)
     client = stack.client()
-    wait_for(lambda: job_status(client, job_id)["progress"].get("step", "").startswith("evaluate"), 120, "a step")
+    wait_for(lambda: (job_status(client, job_id)["progress"].get("step") or "").startswith("evaluate"), 120, "a step")
 
     assert client.http.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202)
     job = client.wait(job_id, 15)
