@@ -20,6 +20,7 @@ from pydantic import (
     Tag,
     TypeAdapter,
     field_validator,
+    model_validator,
 )
 
 DEFAULT_IGNORE = ("lm_head",)
@@ -70,13 +71,103 @@ class _TargetedStep(Spec):
         return patterns
 
 
-class MagnitudePrune(_TargetedStep):
-    """Unstructured pruning: zero the weights of smallest magnitude."""
+class SparsityPattern(StrEnum):
+    """Semi-structured N:M sparsity: exactly N nonzeros in every M consecutive input weights."""
+
+    two_four = "2:4"
+    four_eight = "4:8"
+
+    @property
+    def ratio(self) -> tuple[int, int]:
+        n, m = self.value.split(":")
+        return int(n), int(m)
+
+
+class _UnstructuredPrune(_TargetedStep):
+    """Pruning that zeroes single weights: either a `sparsity` fraction or an N:M `pattern` (sparsity 1 − N/M)."""
 
     type: Literal[StepType.prune] = StepType.prune
+    sparsity: float | None = Field(default=None, gt=0.0, lt=1.0, description="fraction of weights set to zero")
+    pattern: SparsityPattern | None = None
+
+    @model_validator(mode="after")
+    def _sparsity_or_pattern(self) -> _UnstructuredPrune:
+        if self.pattern is None:
+            if self.sparsity is None:
+                raise ValueError('give `sparsity` (a fraction in (0, 1)) or an N:M `pattern` such as "2:4"')
+        else:
+            n, m = self.pattern.ratio
+            implied = 1 - n / m
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"pattern {self.pattern.value} means sparsity {implied}, but sparsity {self.sparsity} was given; "
+                    "drop `sparsity` or make it match"
+                )
+        return self
+
+    @property
+    def target_sparsity(self) -> float:
+        if self.pattern is not None:
+            n, m = self.pattern.ratio
+            return 1 - n / m
+        return float(self.sparsity)
+
+
+class MagnitudePrune(_UnstructuredPrune):
+    """Zero the weights of smallest magnitude (no data needed)."""
+
     method: Literal["magnitude"] = "magnitude"
-    sparsity: float = Field(gt=0.0, lt=1.0, description="fraction of weights set to zero, in (0, 1)")
     scope: MagnitudeScope = MagnitudeScope.row
+
+    @model_validator(mode="after")
+    def _pattern_is_per_row(self) -> MagnitudePrune:
+        if self.pattern is not None and self.scope != MagnitudeScope.row:
+            raise ValueError('an N:M pattern is chosen within each row: leave `scope` at "row"')
+        return self
+
+
+class WandaPrune(_UnstructuredPrune):
+    """Wanda (Sun et al., 2023): score |W| · ‖X‖₂ per input channel, compared within each output row."""
+
+    method: Literal["wanda"] = "wanda"
+
+
+class SparseGPTPrune(_UnstructuredPrune):
+    """SparseGPT (Frantar & Alistarh, 2023): OBS pruning with weight reconstruction from the layer Hessian."""
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    block_size: int = Field(default=128, ge=1, le=4096)
+    dampening: float = Field(default=0.01, gt=0.0, le=1.0, description="fraction of the mean Hessian diagonal")
+
+
+class StructuredPrune(Spec):
+    """Width pruning that physically shrinks the model: MLP channels and attention KV groups, by importance."""
+
+    type: Literal[StepType.prune] = StepType.prune
+    method: Literal["structured"] = "structured"
+    mlp_sparsity: float = Field(default=0.0, ge=0.0, lt=1.0, description="fraction of MLP channels removed")
+    attention_sparsity: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="fraction of key/value head groups removed (query heads go along)"
+    )
+
+    @model_validator(mode="after")
+    def _something_to_remove(self) -> StructuredPrune:
+        if self.mlp_sparsity == 0 and self.attention_sparsity == 0:
+            raise ValueError("set `mlp_sparsity` and/or `attention_sparsity` above 0: nothing would be removed")
+        return self
+
+
+class DepthImportance(StrEnum):
+    angular = "angular"
+
+
+class DepthPrune(Spec):
+    """Drop whole decoder layers, the least important first (angular distance of a block's input and output)."""
+
+    type: Literal[StepType.prune] = StepType.prune
+    method: Literal["depth"] = "depth"
+    num_layers: int = Field(ge=1, le=1024, description="how many decoder layers to remove")
+    importance: DepthImportance = DepthImportance.angular
 
 
 class WeightQuantArgs(Spec):
@@ -95,12 +186,82 @@ class RTNQuantize(_TargetedStep):
     weights: WeightQuantArgs = WeightQuantArgs()
 
 
+class GPTQQuantize(_TargetedStep):
+    """GPTQ (Frantar et al., 2022): weight-only, error-compensating updates from the layer Hessian."""
+
+    type: Literal[StepType.quantize] = StepType.quantize
+    method: Literal["gptq"] = "gptq"
+    weights: WeightQuantArgs = WeightQuantArgs(bits=4, group_size=128)
+    act_order: bool = Field(default=False, description="quantize columns in order of decreasing Hessian diagonal")
+    block_size: int = Field(default=128, ge=1, le=4096)
+    dampening: float = Field(default=0.01, gt=0.0, le=1.0)
+
+
+class AWQQuantize(_TargetedStep):
+    """AWQ (Lin et al., 2023): activation-aware per-channel scales folded into the preceding operation."""
+
+    type: Literal[StepType.quantize] = StepType.quantize
+    method: Literal["awq"] = "awq"
+    weights: WeightQuantArgs = WeightQuantArgs(bits=4, group_size=128)
+    grid: int = Field(default=20, ge=2, le=100, description="scale exponents tried per layer group")
+
+
+class SmoothQuant(_TargetedStep):
+    """SmoothQuant W8A8 (Xiao et al., 2022): migrate activation outliers into the weights, then int8 both."""
+
+    type: Literal[StepType.quantize] = StepType.quantize
+    method: Literal["smoothquant"] = "smoothquant"
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="migration strength")
+
+
+class FP8Quantize(_TargetedStep):
+    """FP8 E4M3 weights per output channel with dynamic per-token activation scales."""
+
+    type: Literal[StepType.quantize] = StepType.quantize
+    method: Literal["fp8"] = "fp8"
+
+
+class DistillTeacher(StrEnum):
+    original = "original"
+
+
+class KnowledgeDistill(Spec):
+    """Logit distillation: the model as uploaded (or after step `teacher_step`) teaches the current model.
+
+    Loss: alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · cross-entropy, plus `hidden_mse` times the
+    mean squared error of the final hidden states when set (useful after structured pruning).
+    """
+
+    type: Literal[StepType.distill] = StepType.distill
+    method: Literal["kd"] = "kd"
+    dataset_id: str
+    teacher_step: int | None = Field(
+        default=None, ge=0, description="index of an earlier recipe step whose output teaches; null = as uploaded"
+    )
+    steps: int = Field(default=200, ge=1, le=1_000_000)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    seq_len: int = Field(default=512, ge=8, le=16384)
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    warmup_steps: int = Field(default=20, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    temperature: float = Field(default=2.0, gt=0.0, le=100.0)
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    hidden_mse: float = Field(default=0.0, ge=0.0)
+    checkpoint_every: int = Field(default=50, ge=1)
+
+
+DEFAULT_METHODS = {StepType.distill: "kd"}
+"""Step types with one obvious method may leave `method` out."""
+
+
 def step_key(value: Any) -> str | None:
     """The registry key of a step, `<type>:<method>`, from a dict or a spec object."""
     if isinstance(value, dict):
         step_type, method = value.get("type"), value.get("method")
     else:
         step_type, method = getattr(value, "type", None), getattr(value, "method", None)
+    if method is None and step_type in DEFAULT_METHODS:
+        method = DEFAULT_METHODS[step_type]
     if step_type is None or method is None:
         return None
     return f"{step_type}:{method}"
@@ -108,12 +269,44 @@ def step_key(value: Any) -> str | None:
 
 STEP_SPECS: dict[str, type[Spec]] = {
     "prune:magnitude": MagnitudePrune,
+    "prune:wanda": WandaPrune,
+    "prune:sparsegpt": SparseGPTPrune,
+    "prune:structured": StructuredPrune,
+    "prune:depth": DepthPrune,
     "quantize:rtn": RTNQuantize,
+    "quantize:gptq": GPTQQuantize,
+    "quantize:awq": AWQQuantize,
+    "quantize:smoothquant": SmoothQuant,
+    "quantize:fp8": FP8Quantize,
+    "distill:kd": KnowledgeDistill,
 }
 """Every recipe step the service accepts, by registry key. The engine registers code for each key."""
 
+NEEDS_CALIBRATION = frozenset(
+    {
+        "prune:wanda",
+        "prune:sparsegpt",
+        "prune:structured",
+        "prune:depth",
+        "quantize:gptq",
+        "quantize:awq",
+        "quantize:smoothquant",
+    }
+)
+"""Steps that learn from the job's calibration text."""
+
 Step = Annotated[
-    Annotated[MagnitudePrune, Tag("prune:magnitude")] | Annotated[RTNQuantize, Tag("quantize:rtn")],
+    Annotated[MagnitudePrune, Tag("prune:magnitude")]
+    | Annotated[WandaPrune, Tag("prune:wanda")]
+    | Annotated[SparseGPTPrune, Tag("prune:sparsegpt")]
+    | Annotated[StructuredPrune, Tag("prune:structured")]
+    | Annotated[DepthPrune, Tag("prune:depth")]
+    | Annotated[RTNQuantize, Tag("quantize:rtn")]
+    | Annotated[GPTQQuantize, Tag("quantize:gptq")]
+    | Annotated[AWQQuantize, Tag("quantize:awq")]
+    | Annotated[SmoothQuant, Tag("quantize:smoothquant")]
+    | Annotated[FP8Quantize, Tag("quantize:fp8")]
+    | Annotated[KnowledgeDistill, Tag("distill:kd")],
     Discriminator(
         step_key,
         custom_error_type="unknown_step",
@@ -147,8 +340,43 @@ class JobSpec(Spec):
     calibration: CalibrationSpec | None = None
     evaluation: EvaluationSpec | None = None
 
+    def dataset_references(self) -> list[tuple[str, str]]:
+        """(where in the spec, dataset id) for every dataset the job reads."""
+        refs = [
+            (f"{name}.dataset_id", part.dataset_id)
+            for name, part in (("calibration", self.calibration), ("evaluation", self.evaluation))
+            if part is not None
+        ]
+        refs += [
+            (f"recipe.{i}.dataset_id", step.dataset_id)
+            for i, step in enumerate(self.recipe)
+            if isinstance(step, KnowledgeDistill)
+        ]
+        return refs
+
     def dataset_ids(self) -> set[str]:
-        return {d.dataset_id for d in (self.calibration, self.evaluation) if d is not None}
+        return {dataset_id for _, dataset_id in self.dataset_references()}
+
+    @model_validator(mode="after")
+    def _recipe_is_coherent(self) -> JobSpec:
+        quantized_at = None
+        for index, step in enumerate(self.recipe):
+            key = step_key(step)
+            if key in NEEDS_CALIBRATION and self.calibration is None:
+                raise ValueError(f"recipe.{index} ({key}) learns from calibration text: add a `calibration` section")
+            if quantized_at is not None:
+                raise ValueError(
+                    f"recipe.{index} ({key}) comes after the quantization step recipe.{quantized_at}; quantization "
+                    "must be the last step (prune and distill first, then quantize once)"
+                )
+            if step.type == StepType.quantize:
+                quantized_at = index
+            if isinstance(step, KnowledgeDistill) and step.teacher_step is not None and step.teacher_step >= index:
+                raise ValueError(
+                    f"recipe.{index}.teacher_step is {step.teacher_step}, but a teacher must be an earlier step "
+                    f"(0 to {index - 1}) or null for the model as uploaded"
+                )
+        return self
 
 
 def group_sizes(spec: JobSpec) -> set[int]:

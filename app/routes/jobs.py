@@ -20,7 +20,7 @@ from app.json_body import read_json
 from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
 from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, utcnow
 from modelpress.queue import enqueue_job
-from modelpress.specs import JobSpec, group_sizes
+from modelpress.specs import JobSpec, group_sizes, step_key
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -73,16 +73,14 @@ def _check_references(session: Session, tenant: str, spec: JobSpec) -> None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"model {spec.model_id} not found; upload one with POST /v1/models"
         )
-    for field, part in (("calibration", spec.calibration), ("evaluation", spec.evaluation)):
-        if part is None:
-            continue
+    for field, dataset_id in spec.dataset_references():
         dataset = session.scalar(
-            select(Dataset).where(Dataset.id == part.dataset_id, Dataset.tenant == tenant).with_for_update(read=True)
+            select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant == tenant).with_for_update(read=True)
         )
         if dataset is None:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND,
-                f"dataset {part.dataset_id} ({field}.dataset_id) not found; upload one with POST /v1/datasets",
+                f"dataset {dataset_id} ({field}) not found; upload one with POST /v1/datasets",
             )
         if not model.details.get("has_tokenizer"):
             raise HTTPException(
@@ -90,6 +88,18 @@ def _check_references(session: Session, tenant: str, spec: JobSpec) -> None:
                 f"{field} needs a tokenizer, but model {model.id} was uploaded without one "
                 "(tokenizer.json or tokenizer.model); upload the model with its tokenizer",
             )
+    _check_fits_model(spec, model)
+
+
+def _check_fits_model(spec: JobSpec, model: Model) -> None:
+    """Recipe values that depend on the model's shape: group sizes, and layers left after depth pruning."""
+    layers = model.details.get("num_hidden_layers")
+    dropped = sum(getattr(step, "num_layers", 0) for step in spec.recipe if step_key(step) == "prune:depth")
+    if layers and dropped >= layers:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            f"the recipe drops {dropped} decoder layers but the model has {layers}; keep at least one",
+        )
     widths = model.details.get("linear_in_features") or []
     for size in sorted(group_sizes(spec)):
         for width in widths:

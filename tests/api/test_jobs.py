@@ -85,7 +85,7 @@ def test_report_and_artifacts_before_success(client: httpx.Client, model: dict) 
     job = client.post("/v1/jobs", json=spec(model)).json()
     response = client.get(f"/v1/jobs/{job['id']}/report")
     assert response.status_code == 409 and "queued" in response.json()["detail"]
-    assert client.get(f"/v1/jobs/{job['id']}/artifacts").json() == []
+    assert client.get(f"/v1/jobs/{job['id']}/artifacts").json() == {"data": [], "count": 0}
 
 
 def test_report_after_success(client: httpx.Client, model: dict) -> None:
