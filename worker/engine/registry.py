@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,11 +29,17 @@ class QuantizedWeight:
 
 @dataclass
 class StepContext:
-    """What a step may use: its spec, calibration windows (or None) and a progress callback."""
+    """What a step may use: its spec, calibration windows (or None), a progress callback, and for the steps that
+    need them the device, tokenizer, datasets (id -> (path, format)), teacher snapshot and checkpoint folder."""
 
     spec: dict[str, Any]
     calibration: torch.Tensor | None
     report_progress: Callable[[float, str], None]
+    device: torch.device | None = None
+    tokenizer: Any | None = None
+    datasets: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    teacher: torch.nn.Module | None = None  # distill: the model as uploaded or after `teacher_step` (a CPU copy)
+    checkpoint_dir: Path | None = None  # distill: this step's folder, kept across retries of the job
 
 
 @dataclass
