@@ -25,6 +25,9 @@ class QuantizedWeight:
     bits: int
     group_size: int | None
     symmetric: bool
+    kind: str = "int"  # "int", or "float" for FP8 E4M3 weights
+    activations: str | None = None  # dynamic per-token input quantization: None (weight-only), "int8" or "fp8"
+    actorder: str | None = None  # "static" when GPTQ chose columns by activation order (no g_idx is stored)
 
 
 @dataclass
