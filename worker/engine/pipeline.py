@@ -15,7 +15,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from copy import deepcopy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,8 @@ class EngineRequest:
     evaluation_format: str | None
     output_dir: Path
     device: str | None = None
+    datasets: dict[str, tuple[Path, str]] = field(default_factory=dict)  # id -> (path, "txt" | "jsonl"), distill
+    checkpoint_dir: Path | None = None  # kept across retries of the same job; the worker deletes it at the end
 
 
 def run_pipeline(request: EngineRequest, progress: ProgressFn) -> dict:
@@ -81,6 +84,7 @@ class _Runner:
         self.stages = ["load", "evaluate baseline", *(step_key(s) for s in self.recipe), "export", "evaluate optimized"]
         self.device = pick_device(request.device)
         self.notes: list[str] = []
+        self.tokenizer: Any | None = None
 
     def stage(self, index: int) -> Callable[[float, str], None]:
         def report(fraction: float, message: str) -> None:
@@ -126,6 +130,7 @@ class _Runner:
         request, spec = self.request, self.request.spec
         report(0.0, f"loading {request.model_format} model")
         loaded = load_model(Path(request.model_path), request.model_format, self.device)
+        self.tokenizer = loaded.tokenizer
         report(0.6, "model loaded")
         windows = calibration = evaluation_info = None
         if spec.get("evaluation"):
@@ -176,14 +181,26 @@ class _Runner:
         steps: list[dict[str, Any]] = []
         quantized: dict[str, QuantizedWeight] = {}
         pruned: set[str] = set()
+        teachers = self._teacher_steps()
+        snapshots = {None: _cpu_copy(model)} if None in teachers else {}
         for i, spec in enumerate(self.recipe):
             report = self.stage(2 + i)
             report(0.0, f"running {step_key(spec)}")
             started = time.perf_counter()
-            result = get_step(spec)(
-                model,
-                StepContext(spec=spec, calibration=calibration, report_progress=report),
+            checkpoint_dir = self.request.checkpoint_dir
+            context = StepContext(
+                spec=spec,
+                calibration=calibration,
+                report_progress=report,
+                device=self.device,
+                tokenizer=self.tokenizer,
+                datasets=dict(self.request.datasets),
+                teacher=snapshots.get(spec.get("teacher_step")) if spec.get("type") == "distill" else None,
+                checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / f"step-{i}",
             )
+            result = get_step(spec)(model, context)
+            if i in teachers:
+                snapshots[i] = _cpu_copy(model)
             quantized.update(result.quantized)
             pruned.update(result.sparsified)
             self.notes.extend(note for note in result.notes if note not in self.notes)
@@ -200,12 +217,16 @@ class _Runner:
             )
         return steps, quantized, pruned
 
+    def _teacher_steps(self) -> set[int | None]:
+        """The snapshots distill steps ask for: None = as uploaded, i = after recipe step i."""
+        return {spec.get("teacher_step") for spec in self.recipe if spec.get("type") == "distill"}
+
     def export(
         self, loaded: LoadedModel, quantized: dict, pruned: set[str], folder: Path, archive: Path, report
     ) -> None:
         report(0.0, "saving the model")
         modules = dict(loaded.model.named_modules())
-        sparsity = {name: sparsity_of(modules[name].weight) for name in sorted(pruned)}
+        sparsity = {name: sparsity_of(modules[name].weight) for name in sorted(pruned) if name in modules}
         quantization_config = None
         if quantized:
             quantization_config = save_compressed_(loaded.model, quantized, folder)
@@ -244,3 +265,10 @@ class _Runner:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen CPU copy of the model (a distillation teacher)."""
+    copy = deepcopy(model).to("cpu").eval()
+    copy.requires_grad_(False)
+    return copy
