@@ -3,7 +3,21 @@
 Importing the package registers every recipe step (the step modules register themselves on import).
 """
 
-from worker.engine import pruning, quantization  # noqa: F401  (registers the steps)
+from worker.engine import (  # noqa: F401  (registers the steps)
+    (,
+    awq,
+    fp8,
+    gptq,
+    smoothquant,
+)
+    depth,
+    distill,
+    pruning,
+    quantization,
+    sparsegpt,
+    structured,
+    wanda,
+)
 from worker.engine.errors import EngineError
 from worker.engine.pipeline import EngineRequest, ProgressEvent, ProgressFn, run_pipeline
 from worker.engine.registry import registered_steps
