@@ -1,4 +1,4 @@
-"""`prune:magnitude`: unstructured magnitude pruning of the targeted Linear layers (weights zeroed in place)."""
+"""`prune:magnitude`: unstructured or N:M magnitude pruning of the targeted Linear layers (zeroed in place)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from collections.abc import Callable, Iterable
 import torch
 
 from worker.engine.errors import EngineError
-from worker.engine.pruning_math import global_masks, layer_mask, row_mask, sparsity_of
+from worker.engine.pruning_math import (
+    global_masks,
+    layer_mask,
+    nm_mask,
+    parse_pattern,
+    row_mask,
+    sparsity_of,
+    target_sparsity,
+)
 from worker.engine.registry import StepContext, StepResult, register
 from worker.engine.targets import select_from_spec
 
@@ -32,7 +40,10 @@ def prune_(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 @register("prune", "magnitude")
 def magnitude_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
     spec = context.spec
-    sparsity, scope = float(spec["sparsity"]), spec.get("scope", "row")
+    pattern, scope = parse_pattern(spec.get("pattern")), spec.get("scope", "row")
+    sparsity = target_sparsity(spec)
+    if pattern is not None and scope != "row":
+        raise EngineError("bad_spec", 'an N:M pattern is chosen within each row: leave "scope" at "row"')
     if not 0.0 < sparsity < 1.0:
         raise EngineError("bad_spec", f"sparsity must be in (0, 1), got {sparsity}")
     if scope not in SCOPES:
@@ -42,7 +53,11 @@ def magnitude_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
         raise EngineError("no_targets", "prune:magnitude matched no Linear layer: check 'targets' and 'ignore'")
     names = list(linears)
     with torch.no_grad():
-        masks = SCOPES[scope]([linears[n].weight for n in names], sparsity)
+        weights = [linears[n].weight for n in names]
+        if pattern is not None:
+            masks = (nm_mask(w.abs(), *pattern) for w in weights)
+        else:
+            masks = SCOPES[scope](weights, sparsity)
         layers = []
         for i, (name, keep) in enumerate(zip(names, masks, strict=True)):
             weight = linears[name].weight
@@ -54,6 +69,7 @@ def magnitude_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
     dense_bytes = sum(linears[n].weight.numel() * linears[n].weight.element_size() for n in names)
     summary = {
         "scope": scope,
+        "pattern": spec.get("pattern"),
         "target_sparsity": sparsity,
         "layers": len(names),
         "targeted_parameters": total,

@@ -58,3 +58,39 @@ def global_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.Ten
 def sparsity_of(weight: torch.Tensor) -> float:
     """Fraction of exact zeros."""
     return float((weight == 0).sum()) / weight.numel()
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M keep-mask of a 2-D score matrix: in every M consecutive inputs of each row, the N highest scores stay.
+
+    The input width must be a multiple of M (hardware N:M kernels require it too)."""
+    rows, columns = scores.shape
+    if columns % m:
+        raise ValueError(f"{columns} input features are not a multiple of M={m}")
+    groups = scores.reshape(rows, columns // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return keep.reshape(rows, columns)
+
+
+def score_mask(scores: torch.Tensor, sparsity: float | None, pattern: tuple[int, int] | None) -> torch.Tensor:
+    """Keep-mask from importance scores: N:M when `pattern` is given, else the lowest `sparsity` of each row."""
+    if pattern is not None:
+        return nm_mask(scores, *pattern)
+    return smallest_mask(scores, prune_count(scores.shape[1], float(sparsity)))
+
+
+def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
+    """ "2:4" -> (2, 4); None stays None."""
+    if pattern is None:
+        return None
+    n, m = (int(part) for part in str(pattern).split(":"))
+    return n, m
+
+
+def target_sparsity(spec: dict) -> float:
+    """A step's target sparsity: 1 - N/M for a pattern, else its `sparsity`."""
+    pattern = parse_pattern(spec.get("pattern"))
+    if pattern is not None:
+        return 1 - pattern[0] / pattern[1]
+    return float(spec["sparsity"])
