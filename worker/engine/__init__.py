@@ -4,16 +4,14 @@ Importing the package registers every recipe step (the step modules register the
 """
 
 from worker.engine import (  # noqa: F401  (registers the steps)
-    (,
     awq,
-    fp8,
-    gptq,
-    smoothquant,
-)
     depth,
     distill,
+    fp8,
+    gptq,
     pruning,
     quantization,
+    smoothquant,
     sparsegpt,
     structured,
     wanda,

@@ -5,11 +5,14 @@ attaches a `QuantizationScheme` to each quantized Linear (`apply_quantization_co
 `weight_scale` / `weight_zero_point` to our values, check that compressed-tensors' own quantize-dequantize
 reproduces our weights, and let `ModelCompressor` pack the integers and write `quantization_config`.
 
-Formats: symmetric schemes are saved `pack-quantized` (int4 and int8 codes packed into int32, as
-llm-compressor's W4A16 / W8A16 presets). Asymmetric schemes are saved `int-quantized` (codes in int8 with int8
-zero points): with compressed-tensors 0.20 and transformers 5, a pack-quantized checkpoint with zero points
-does not load (transformers expects unpacked zero-point shapes; llm-compressor issue #1618), and an artifact
-must load. compressed_tensors is imported here only, lazily: the rest of the engine runs without it.
+Formats: symmetric weight-only int schemes are saved `pack-quantized` (int4 and int8 codes packed into int32,
+as llm-compressor's W4A16 / W8A16 presets). Asymmetric weight-only schemes are saved `int-quantized` (codes in
+int8 with int8 zero points): with compressed-tensors 0.20 and transformers 5, a pack-quantized checkpoint with
+zero points does not load (transformers expects unpacked zero-point shapes; llm-compressor issue #1618), and an
+artifact must load. W8A8 (int8 weights, dynamic per-token int8 activations) is `int-quantized` and FP8 (E4M3
+weights per channel, dynamic per-token activations) is `float-quantized`, as llm-compressor's W8A8 and
+FP8_DYNAMIC presets write them. compressed_tensors is imported here only, lazily: the rest of the engine runs
+without it.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ from pathlib import Path
 import torch
 
 from worker.engine.errors import EngineError
-from worker.engine.quant_math import fake_quantize
+from worker.engine.quant_math import fake_quantize, fp8_fake_quantize
 from worker.engine.registry import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-FORMAT_BY_SYMMETRY = {True: "pack-quantized", False: "int-quantized"}
-SchemeKey = tuple[int, int | None, bool]
+SchemeKey = tuple[int, int | None, bool, str, str | None, str | None]
+ACTIVATION_TYPES = {"int8": "int", "fp8": "float"}
 
 
 def require_compressed_tensors() -> None:
@@ -43,7 +46,11 @@ def require_compressed_tensors() -> None:
 
 
 def storage_format(q: QuantizedWeight) -> str:
-    return FORMAT_BY_SYMMETRY[q.symmetric]
+    if q.kind == "float":
+        return "float-quantized"
+    if q.activations is not None or not q.symmetric:
+        return "int-quantized"
+    return "pack-quantized"
 
 
 def stored_weight_bytes(shape: tuple[int, int], q: QuantizedWeight) -> int:
@@ -57,28 +64,41 @@ def stored_weight_bytes(shape: tuple[int, int], q: QuantizedWeight) -> int:
 
 
 def _scheme_key(q: QuantizedWeight) -> SchemeKey:
-    return (q.bits, q.group_size, q.symmetric)
+    return (q.bits, q.group_size, q.symmetric, q.kind, q.activations, q.actorder)
+
+
+def _scheme(q: QuantizedWeight, targets: list[str]):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(
+        num_bits=q.bits,
+        type=q.kind,
+        symmetric=q.symmetric,
+        strategy="group" if q.group_size else "channel",
+        group_size=q.group_size,
+        actorder=q.actorder,
+    )
+    activations = None
+    if q.activations is not None:
+        activations = QuantizationArgs(
+            num_bits=8, type=ACTIVATION_TYPES[q.activations], symmetric=True, strategy="token", dynamic=True
+        )
+    return QuantizationScheme(targets=targets, weights=weights, input_activations=activations, format=storage_format(q))
 
 
 def _quantization_config(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]):
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationConfig
 
     by_scheme: dict[SchemeKey, list[str]] = defaultdict(list)
+    examples: dict[SchemeKey, QuantizedWeight] = {}
     for name, q in quantized.items():
         by_scheme[_scheme_key(q)].append(name)
+        examples[_scheme_key(q)] = q
     single = len(by_scheme) == 1
-    groups = {}
-    for index, ((bits, group_size, symmetric), names) in enumerate(by_scheme.items()):
-        weights = QuantizationArgs(
-            num_bits=bits,
-            type="int",
-            symmetric=symmetric,
-            strategy="group" if group_size else "channel",
-            group_size=group_size,
-        )
-        groups[f"group_{index}"] = QuantizationScheme(
-            targets=["Linear"] if single else names, weights=weights, format=FORMAT_BY_SYMMETRY[symmetric]
-        )
+    groups = {
+        f"group_{index}": _scheme(examples[key], ["Linear"] if single else names)
+        for index, (key, names) in enumerate(by_scheme.items())
+    }
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     ignore = [n for n in linears if n not in quantized] if single else []
     return QuantizationConfig(config_groups=groups, ignore=ignore, quantization_status="frozen")
@@ -95,7 +115,10 @@ def _set_qparams_(module: torch.nn.Module, q: QuantizedWeight, name: str) -> Non
     elif zero_point is not None:
         zero_point.data.zero_()
     theirs = ct_fake_quantize(module.weight, module.weight_scale, zero_point, module.quantization_scheme.weights)
-    ours = fake_quantize(module.weight, q.scale, q.zero_point, q.bits, q.group_size)
+    if q.kind == "float":
+        ours = fp8_fake_quantize(module.weight, q.scale.reshape(-1, 1))
+    else:
+        ours = fake_quantize(module.weight, q.scale, q.zero_point, q.bits, q.group_size)
     if not (torch.equal(theirs, module.weight) and torch.equal(ours, module.weight)):
         worst = float((theirs - module.weight).abs().max())
         raise EngineError(

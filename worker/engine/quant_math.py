@@ -77,3 +77,76 @@ def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
     norm = torch.linalg.vector_norm(weight)
     diff = torch.linalg.vector_norm(weight - approximation)
     return float(diff / norm) if norm > 0 else float(diff)
+
+
+# --- FP8 E4M3 and dynamic per-token activations (compressed-tensors' operation order) -------------------------
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8_HALF_RANGE = 127.5  # compressed-tensors' symmetric int scale divides absmax by (qmax - qmin) / 2
+
+
+def fp8_params(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel FP8 E4M3 scales (out, 1): absmax / 448, 1 for an all-zero row."""
+    scale = weight.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def fp8_fake_quantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Round w / scale to the nearest E4M3 value (saturating at ±448) and scale back."""
+    codes = torch.clamp(weight / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(weight.dtype)
+    return codes.to(scale.dtype) * scale
+
+
+def fake_quantize_tokens(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Dynamic symmetric per-token fake quantization of activations, as compressed-tensors computes it at run
+    time for `strategy: token, dynamic: true` (one scale per row of the last dimension of a 3-D input; a 2-D
+    input gets one scale for the whole tensor, as compressed-tensors does). `kind` is "int8" or "fp8"."""
+    if x.numel() == 0:
+        return x
+    reduce = tuple(range(2, x.ndim))
+    low = (x.amin(dim=reduce, keepdim=True) if reduce else x.amin()).clamp(max=0)
+    high = (x.amax(dim=reduce, keepdim=True) if reduce else x.amax()).clamp(min=0)
+    absmax = torch.maximum(low.abs(), high.abs())
+    if kind == "int8":
+        scale = absmax / INT8_HALF_RANGE
+    elif kind == "fp8":
+        scale = absmax / FP8_MAX
+    else:
+        raise ValueError(f"unknown activation kind {kind!r}")
+    scale = torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale)
+    scaled = x / scale
+    if kind == "int8":
+        codes = torch.round(torch.clamp(scaled, -128, 127))
+    else:
+        codes = torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+    return codes.to(scale.dtype) * scale
+
+
+# --- Output error from second moments -------------------------------------------------------------------------
+
+
+def output_error(weight: torch.Tensor, approximation: torch.Tensor, gram: torch.Tensor) -> float:
+    """||X Wᵀ − X Ŵᵀ|| / ||X Wᵀ|| over calibration inputs X, from G ∝ XᵀX (any positive factor cancels)."""
+    weight, approximation, gram = weight.double(), approximation.double(), gram.double()
+    delta = weight - approximation
+    error = torch.einsum("oi,ij,oj->", delta, gram, delta).clamp(min=0)
+    reference = torch.einsum("oi,ij,oj->", weight, gram, weight).clamp(min=0)
+    return float((error / reference).sqrt()) if reference > 0 else float(error.sqrt())
+
+
+def clipped_params(
+    weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, ratio: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`rtn_params` of the weight range shrunk by `ratio` (a float, or (out, groups) ratios per group)."""
+    qmin, qmax = int_range(bits)
+    groups = grouped(weight, group_size)
+    ratio = torch.as_tensor(ratio, dtype=weight.dtype, device=weight.device)
+    if symmetric:
+        scale = groups.abs().amax(dim=-1) * ratio / qmax
+        return torch.where(scale > 0, scale, torch.ones_like(scale)), None
+    low = groups.amin(dim=-1).clamp(max=0) * ratio
+    high = groups.amax(dim=-1).clamp(min=0) * ratio
+    scale = (high - low) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.round(qmin - low / scale).clamp(qmin, qmax)
+    return scale, zero_point

@@ -1,0 +1,128 @@
+"""`quantize:awq`: activation-aware weight quantization (Lin et al., 2023), sequential over decoder layers.
+
+In each decoder layer, for each (producer → consumers) pair below whose consumers are all targeted, search
+α ∈ [0, 1] (`grid` points) for per-channel scales s = mean|x|^α that minimize the consumers' output error with
+quantized weights, then fold s into the model (producer outputs ÷ s, consumer input columns × s: the same
+function before quantization). Then each targeted Linear's weight range is clipped per group by a searched
+ratio and rounded to nearest. A targeted Linear outside the decoder layers is rounded to nearest, with a note.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from worker.engine.awq_math import clip_search, expand_scales, fold_scales_, scale_inputs_, search_scales
+from worker.engine.quant_math import fake_quantize
+from worker.engine.quantization import (
+    InputStats,
+    LayerGroup,
+    quantize_,
+    quantize_layers,
+    require_calibration,
+    targeted_linears,
+    weight_args,
+)
+from worker.engine.registry import QuantizedWeight, StepContext, StepResult, register
+
+log = logging.getLogger(__name__)
+
+FOLDS = (  # producer → consumers, by name inside a Llama-style decoder layer, in AWQ's order
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+NORM_FOLDS = (FOLDS[0], FOLDS[2])  # SmoothQuant smooths the inputs of the norms' consumers only
+
+
+def fold_groups(group: LayerGroup, folds=FOLDS) -> list[tuple[torch.nn.Module, list[str], int | None]]:
+    """(producer module, full consumer names, head size when the consumers read repeated heads) for each fold
+    that applies here: every module exists, every consumer is targeted, and the shapes line up."""
+    found = []
+    for producer_name, consumer_names in folds:
+        try:
+            producer = group.step.layer.get_submodule(producer_name)
+        except AttributeError:
+            continue
+        consumers = [f"{group.step.name}.{c}" for c in consumer_names]
+        if not all(c in group.linears for c in consumers):
+            continue
+        head_dim = None
+        if isinstance(producer, torch.nn.Linear):
+            features, width = producer.out_features, group.linears[consumers[0]].in_features
+            if width != features:
+                head_dim = getattr(group.step.layer.get_submodule(producer_name.rsplit(".", 1)[0]), "head_dim", None)
+                if head_dim is None or width % features or features % head_dim:
+                    continue
+        found.append((producer, consumers, head_dim))
+    return found
+
+
+@torch.no_grad()
+def fold_checked_(producer: torch.nn.Module, consumers: list[torch.nn.Linear], s: torch.Tensor, head_dim) -> bool:
+    """Fold s; for a norm, first check on a random input that its output really scales by 1/s (a norm that
+    computes x · (1 + weight) would not), and leave everything untouched when it does not."""
+    if not isinstance(producer, torch.nn.Linear):
+        probe = torch.randn(4, s.numel(), dtype=producer.weight.dtype, device=producer.weight.device)
+        before = producer(probe)
+        fold_scales_(producer, [], s)
+        if not torch.allclose(producer(probe) * s, before, rtol=1e-4, atol=1e-5):
+            fold_scales_(producer, [], 1 / s)
+            return False
+        scale_inputs_(consumers, s, head_dim)
+        return True
+    fold_scales_(producer, consumers, s, head_dim)
+    return True
+
+
+def rescale_inputs_(group: LayerGroup, consumers: list[str], factors: torch.Tensor) -> None:
+    """The consumers now read x / factors: update their (possibly shared) statistics once each."""
+    for stats in {id(group.stats[c]): group.stats[c] for c in consumers}.values():
+        stats.rescale_(factors)
+
+
+@register("quantize", "awq")
+def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
+    spec = context.spec
+    bits, group_size, symmetric = weight_args(spec, "awq", default=(4, 128))
+    grid = int(spec.get("grid", 20))
+    require_calibration(context, "awq")
+    linears = targeted_linears(model, spec, "awq", group_size)
+    chosen: dict[str, dict] = {}
+    notes: list[str] = []
+
+    def prepare(group: LayerGroup) -> None:
+        for producer, consumers, head_dim in fold_groups(group):
+            stats = group.stats[consumers[0]]
+            abs_mean = stats.abs_mean
+            if head_dim is not None:  # o_proj reads each value head several times: one scale per value channel
+                repeats = abs_mean.numel() // producer.out_features
+                abs_mean = abs_mean.view(-1, repeats, head_dim).mean(dim=1).flatten()
+            weights = [group.linears[c].weight for c in consumers]
+            s, alpha, loss, plain = search_scales(
+                weights, stats.gram, abs_mean, grid, bits, group_size, symmetric, head_dim
+            )
+            if not fold_checked_(producer, [group.linears[c] for c in consumers], s, head_dim):
+                notes.append(f"awq: {type(producer).__name__} does not scale linearly; its consumers kept s = 1")
+                continue
+            rescale_inputs_(group, consumers, expand_scales(s, weights[0].shape[1], head_dim))
+            for c in consumers:
+                chosen[c] = {"awq_alpha": alpha, "awq_loss_vs_rtn": loss / plain if plain > 0 else None}
+
+    @torch.no_grad()
+    def quantize(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> QuantizedWeight:
+        if stats is None:
+            notes.append(f"awq: {name} lies outside the decoder layers and was rounded to nearest")
+            return quantize_(linear.weight, bits, group_size, symmetric)
+        scale, zero = clip_search(linear.weight, stats.gram, bits, group_size, symmetric)
+        linear.weight.copy_(fake_quantize(linear.weight.float(), scale, zero, bits, group_size))
+        return QuantizedWeight(scale=scale, zero_point=zero, bits=bits, group_size=group_size, symmetric=symmetric)
+
+    result = quantize_layers(model, context, linears, quantize, prepare)
+    for layer in result.layers:
+        layer.update(chosen.get(layer["name"], {"awq_alpha": None, "awq_loss_vs_rtn": None}))
+    result.summary.update({"grid": grid, "scaled_layers": len(chosen)})
+    result.notes.extend(dict.fromkeys(notes))
+    return result

@@ -1,0 +1,122 @@
+"""AWQ (Lin et al., 2023) math: per-input-channel scales s = mean|x|^α chosen on calibration data, weight-range
+clipping, and folding a scale into the operation that produces a Linear's input. Pure tensor functions.
+
+Losses are output errors over the calibration inputs computed from G ∝ XᵀX: for weights W and scales s the
+quantized layer computes (X / s) · Q(W · s)ᵀ, so the error is ΔGΔᵀ with Δ = Q(W · s) / s − W (no activations
+are stored). The loss of a group of Linears that read the same input is the sum over the group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker.engine.quant_math import clipped_params, fake_quantize, grouped, rtn_params
+
+CLIP_RATIOS = tuple(1.0 - i / 20 for i in range(10))  # shrink the weight range by up to 45%, as AWQ does
+
+
+def candidate_scales(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = mean|x|^α, normalized so that max(s)·min(s) = 1 (α = 0 gives s = 1: plain rounding)."""
+    s = abs_mean.float().clamp(min=1e-4).pow(alpha)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def quadratic_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
+    """tr(Δ G Δᵀ): the squared output error of a weight change Δ over inputs with second moment G."""
+    return float(((delta @ gram) * delta).sum())
+
+
+def scaled_error(
+    weights: list[torch.Tensor], gram: torch.Tensor, s: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
+) -> float:
+    """Summed output error of round-to-nearest quantizing each W · s and undoing s on the input side."""
+    total = 0.0
+    for weight in weights:
+        scaled = weight.float() * s
+        scale, zero = rtn_params(scaled, bits, group_size, symmetric)
+        total += quadratic_error(fake_quantize(scaled, scale, zero, bits, group_size) / s - weight.float(), gram)
+    return total
+
+
+def search_scales(
+    weights: list[torch.Tensor],
+    gram: torch.Tensor,
+    abs_mean: torch.Tensor,
+    grid: int,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    head_dim: int | None = None,
+) -> tuple[torch.Tensor, float, float, float]:
+    """(best s, its α, its loss, the loss without scaling) over α ∈ linspace(0, 1, grid). `abs_mean` is over
+    the producer's channels; the consumers may read them repeated per head (see expand_scales)."""
+    best = (None, 0.0, float("inf"))
+    plain = float("nan")
+    features = weights[0].shape[1]
+    for alpha in torch.linspace(0, 1, grid).tolist():
+        s = candidate_scales(abs_mean, alpha)
+        loss = scaled_error(weights, gram, expand_scales(s, features, head_dim), bits, group_size, symmetric)
+        if alpha == 0:
+            plain = loss
+        if loss < best[2]:
+            best = (s, alpha, loss)
+    return best[0], best[1], best[2], plain
+
+
+def clip_search(
+    weight: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points) whose range is shrunk, per output row and group, by the ratio in CLIP_RATIOS that
+    gives the smallest output error of that group's partial sums (block-diagonal part of G)."""
+    weight = weight.float()
+    size = group_size or weight.shape[1]
+    blocks = torch.stack([gram[i : i + size, i : i + size] for i in range(0, weight.shape[1], size)])
+    best_error = best_scale = best_zero = None
+    for ratio in CLIP_RATIOS:
+        scale, zero = clipped_params(weight, bits, group_size, symmetric, ratio)
+        delta = grouped(fake_quantize(weight, scale, zero, bits, group_size) - weight, group_size)
+        error = torch.einsum("ogi,gij,ogj->og", delta, blocks, delta)
+        if best_error is None:
+            best_error, best_scale, best_zero = error, scale, zero
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+@torch.no_grad()
+def fold_scales_(
+    producer: torch.nn.Module, consumers: list[torch.nn.Linear], s: torch.Tensor, head_dim: int | None = None
+) -> None:
+    """Divide the producer's output channels by s and multiply the consumers' input columns by s (expanded
+    from the producer's channels to the consumers' when heads repeat, as v_proj → o_proj under GQA). The
+    model computes the same function afterwards, up to float rounding."""
+    s = s.to(producer.weight.dtype)
+    if isinstance(producer, torch.nn.Linear):
+        producer.weight.div_(s.unsqueeze(1))
+    else:  # a norm: y = weight · normalized(x) (+ bias)
+        producer.weight.div_(s)
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.div_(s)
+    scale_inputs_(consumers, s, head_dim)
+
+
+@torch.no_grad()
+def scale_inputs_(consumers: list[torch.nn.Linear], s: torch.Tensor, head_dim: int | None = None) -> None:
+    """Multiply the consumers' input columns by s (the consumer half of fold_scales_)."""
+    for consumer in consumers:
+        consumer.weight.mul_(expand_scales(s.to(consumer.weight.dtype), consumer.in_features, head_dim))
+
+
+def expand_scales(s: torch.Tensor, features: int, head_dim: int | None = None) -> torch.Tensor:
+    """s over `features` channels: s itself, or, when the consumer reads `features / len(s)` copies of each
+    key/value head (grouped-query attention, heads repeated with repeat_interleave), s repeated per head."""
+    if s.numel() == features:
+        return s
+    repeats = features // s.numel()
+    if head_dim is None:
+        raise ValueError("expanding scales over repeated heads needs the head size")
+    return s.view(-1, head_dim).repeat_interleave(repeats, dim=0).flatten()
