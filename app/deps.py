@@ -7,10 +7,11 @@ be probed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, HTTPException, Path, status
+from fastapi import Depends, HTTPException, Path, Query, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -22,6 +23,13 @@ from modelpress.storage import LocalStorage, get_storage
 
 ACTIVE_STATUSES = tuple(s.value for s in JobStatus if s not in FINAL_STATUSES)
 """Statuses of a job that still needs its model and datasets."""
+
+ROW_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+"""The shape of every id the service hands out (`new_id()`: a lowercase UUID)."""
+MAX_OFFSET = 10**9
+
+Limit = Annotated[int, Query(ge=1, le=200, description="how many rows to return")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="how many rows to skip")]
 
 
 def get_session() -> Iterator[Session]:
@@ -69,12 +77,13 @@ def get_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depen
 
 TenantDep = Annotated[str, Depends(get_tenant)]
 
+
 Row = TypeVar("Row", Model, Dataset, Job, Artifact)
 
 
 def owned(session: Session, table: type[Row], row_id: str, tenant: str) -> Row:
     """The row with this id if the tenant owns it; otherwise 404, whether it is missing or someone else's."""
-    row = session.get(table, row_id) if len(row_id) <= 36 else None
+    row = session.get(table, row_id) if ROW_ID.fullmatch(row_id) else None
     if row is None or row.tenant != tenant:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"{table.__name__.lower()} {row_id} not found")
     return row

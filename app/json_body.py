@@ -32,8 +32,23 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def _has_nul(value: Any) -> bool:
+    """True when a string or key anywhere holds U+0000, which PostgreSQL text cannot store."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str) and "\x00" in item:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 async def read_json(request: Request) -> Any:
-    """The parsed body; 415 when it is not JSON, 413 past 1 MiB, 422 for invalid, NaN/Infinity or deep JSON."""
+    """The parsed body; 415 when it is not JSON, 413 past 1 MiB, 422 for invalid, NaN/Infinity, deep JSON or NULs."""
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type != "application/json" and not content_type.endswith("+json"):
         raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, "send the body as application/json")
@@ -54,4 +69,6 @@ async def read_json(request: Request) -> Any:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "NaN and Infinity are not valid JSON numbers")
     if _depth(value, MAX_DEPTH) > MAX_DEPTH:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"the JSON body is nested deeper than {MAX_DEPTH}")
+    if _has_nul(value):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "strings in the JSON body may not contain \\u0000")
     return value

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ MAX_PARTS = 8
 MULTIPART_SLACK = 64 * 1024
 """Bytes a multipart body may carry beyond the file itself (boundaries, part headers, small fields)."""
 FLUSH_BYTES = 1024 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 MULTIPART_OPENAPI = {
     "requestBody": {
@@ -167,7 +169,8 @@ class _Receiver:
             if self.filename is not None:
                 raise _bad("send exactly one 'file' part")
             self._is_file = True
-            self.filename = os.path.basename(options.get(b"filename", b"upload").decode("utf-8", "replace"))[:255]
+            raw = os.path.basename(options.get(b"filename", b"upload").decode("utf-8", "replace"))
+            self.filename = _CONTROL.sub("", raw)[:255]
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
@@ -254,6 +257,8 @@ def upload_name(upload: Upload, suffixes: tuple[str, ...]) -> str:
     if name:
         if len(name) > 255:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "name is longer than 255 characters")
+        if _CONTROL.search(name):
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "name may not contain control characters")
         return name
     base = upload.filename
     for suffix in suffixes:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import ACTIVE_STATUSES, DatasetDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from app.deps import (
+    ACTIVE_STATUSES,
+    DatasetDep,
+    Limit,
+    Offset,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    TenantDep,
+)
 from app.schemas import DatasetPublic, DatasetsPublic
 from app.text_datasets import DatasetError, count_records, dataset_format
 from app.uploads import MULTIPART_OPENAPI, Upload, receive_upload, upload_name
@@ -74,8 +82,8 @@ async def upload_dataset(
 def list_datasets(
     session: SessionDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> DatasetsPublic:
     query = select(Dataset).where(Dataset.tenant == tenant)
     rows = session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id).limit(limit).offset(offset)).all()

@@ -15,7 +15,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.deps import JobDep, SessionDep, TenantDep
+from app.deps import JobDep, Limit, Offset, SessionDep, TenantDep
 from app.json_body import read_json
 from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
 from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, utcnow
@@ -166,8 +166,8 @@ def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> JobsPublic:
     where = [Job.tenant == tenant] + ([Job.status == status_filter.value] if status_filter else [])
     rows = session.scalars(

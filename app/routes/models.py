@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from app.archives import ArchiveError, Kind, Limits, TooLarge, detect_kind, extract, model_root
-from app.deps import ACTIVE_STATUSES, ModelDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from app.deps import (
+    ACTIVE_STATUSES,
+    Limit,
+    ModelDep,
+    Offset,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    TenantDep,
+)
 from app.gguf_inspection import inspect_gguf
 from app.inspection import Inspected, inspect_hf_folder
 from app.schemas import ModelPublic, ModelsPublic
@@ -105,8 +113,8 @@ async def upload_model(request: Request, tenant: TenantDep, storage: StorageDep,
 def list_models(
     session: SessionDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 50,
+    offset: Offset = 0,
 ) -> ModelsPublic:
     rows = session.scalars(
         select(Model)
