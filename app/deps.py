@@ -15,8 +15,9 @@ from fastapi import Depends, HTTPException, Path, Query, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.rate_limit import enforce
 from modelpress.db import new_session
-from modelpress.keys import tenant_for_key
+from modelpress.keys import hash_key, tenant_for_key
 from modelpress.models import FINAL_STATUSES, Artifact, Dataset, Job, JobStatus, Model
 from modelpress.settings import Settings, get_settings
 from modelpress.storage import LocalStorage, get_storage
@@ -53,10 +54,14 @@ StorageDep = Annotated[LocalStorage, Depends(get_storage_dep)]
 _bearer = HTTPBearer(auto_error=False, description="An API key from `modelpress keys create --tenant <name>`")
 
 
-def get_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def get_tenant(credentials: CredentialsDep, settings: SettingsDep) -> str:
     """The tenant of the presented API key; 401 with `WWW-Authenticate: Bearer` when it is missing or unknown.
 
-    It uses its own short session, so a long upload that follows holds no database connection.
+    It uses its own short session, so a long upload that follows holds no database connection. The request
+    then counts against the key's rate limit (429 with `Retry-After` past it; see `app.rate_limit`).
     """
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise HTTPException(
@@ -72,11 +77,33 @@ def get_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depen
             "invalid or revoked API key: check the key in 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
+    enforce(
+        settings.redis_url,
+        "requests",
+        hash_key(credentials.credentials),
+        settings.rate_limit_per_minute,
+        settings.rate_limit_window_s,
+    )
     return tenant
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
 
+
+def get_uploader(tenant: TenantDep, credentials: CredentialsDep, settings: SettingsDep) -> str:
+    """`get_tenant`, and the upload also counts against the key's (lower) upload limit."""
+    assert credentials is not None  # get_tenant has answered 401 otherwise
+    enforce(
+        settings.redis_url,
+        "uploads",
+        hash_key(credentials.credentials),
+        settings.upload_rate_limit_per_minute,
+        settings.rate_limit_window_s,
+    )
+    return tenant
+
+
+UploaderDep = Annotated[str, Depends(get_uploader)]
 
 Row = TypeVar("Row", Model, Dataset, Job, Artifact)
 

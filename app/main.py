@@ -24,7 +24,13 @@ DESCRIPTION = """Upload a causal LM checkpoint, submit a recipe of prune/quantiz
 poll the job, and download the optimized model and its metric report.
 
 Every `/v1` call needs `Authorization: Bearer <key>` (create one with `modelpress keys create --tenant <name>`).
+Each key has a rate limit: past it, a call answers 429 with `Retry-After` (seconds).
 Errors answer `{"detail": "<what to fix>"}`."""
+
+V1_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing or invalid API key"},
+    429: {"description": "this API key is over its rate limit; retry after `Retry-After` seconds"},
+}
 
 
 @asynccontextmanager
@@ -61,7 +67,8 @@ def create_app() -> FastAPI:
     app = FastAPI(title="modelpress", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     errors.install(app)
     app.add_exception_handler(OSError, _on_os_error)
-    for module in (health, models, datasets, jobs, artifacts):
-        app.include_router(module.router)
+    app.include_router(health.router)
+    for module in (models, datasets, jobs, artifacts):
+        app.include_router(module.router, responses=V1_RESPONSES)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     max_archive_members: int = 10_000
     max_compression_ratio: float = 200.0
 
+    # per-key rate limits (requests per window, counted in Redis across API processes; 0 disables)
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+    upload_rate_limit_per_minute: int = Field(default=120, ge=0)
+    rate_limit_window_s: float = Field(default=60.0, gt=0)  # the window the limits count over; shorter in tests
+
     # jobs
     queue: str = "gpu"
     job_time_limit_s: int = 24 * 3600

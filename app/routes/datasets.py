@@ -17,6 +17,7 @@ from app.deps import (
     SettingsDep,
     StorageDep,
     TenantDep,
+    UploaderDep,
 )
 from app.schemas import DatasetPublic, DatasetsPublic
 from app.text_datasets import DatasetError, count_records, dataset_format
@@ -68,7 +69,7 @@ def _store_dataset(upload: Upload, tenant: str, storage: LocalStorage) -> Datase
     summary='Upload text: a UTF-8 .txt file, or .jsonl with a string "text" field per line',
 )
 async def upload_dataset(
-    request: Request, tenant: TenantDep, storage: StorageDep, settings: SettingsDep
+    request: Request, tenant: UploaderDep, storage: StorageDep, settings: SettingsDep
 ) -> DatasetPublic:
     upload = await receive_upload(request, storage.scratch_dir(), settings.max_upload_bytes)
     try:

@@ -19,6 +19,7 @@ from app.deps import (
     SettingsDep,
     StorageDep,
     TenantDep,
+    UploaderDep,
 )
 from app.gguf_inspection import inspect_gguf
 from app.inspection import Inspected, inspect_hf_folder
@@ -100,7 +101,9 @@ def _store_model(upload: Upload, tenant: str, storage: LocalStorage, settings: S
     responses=ERRORS,
     summary="Upload a model: a .zip/.tar/.tar.gz of a Hugging Face folder, or a .gguf file",
 )
-async def upload_model(request: Request, tenant: TenantDep, storage: StorageDep, settings: SettingsDep) -> ModelPublic:
+async def upload_model(
+    request: Request, tenant: UploaderDep, storage: StorageDep, settings: SettingsDep
+) -> ModelPublic:
     upload = await receive_upload(request, storage.scratch_dir(), settings.max_upload_bytes)
     try:
         row = await run_in_threadpool(_store_model, upload, tenant, storage, settings)
