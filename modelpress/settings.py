@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = 5.0
     device: str | None = None  # None: the worker uses CUDA when it has one, else the CPU
     worker_concurrency: int = 1
-    job_memory_limit_bytes: int | None = None  # host memory a job may add (address space, RLIMIT_AS)
+    job_memory_limit_bytes: int | None = None  # host memory (RSS) a job may add; past it the job fails
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

@@ -9,6 +9,7 @@ for longer than the lease can be claimed again by the next delivery.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -108,22 +109,61 @@ class ProgressReporter:
             raise JobCancelled(self.job_id)
 
 
-class Heartbeat(threading.Thread):
-    """Renews the job's lease while a long step runs without reporting progress."""
+MEMORY_POLL_S = 0.25
 
-    def __init__(self, job_id: str, interval_s: float) -> None:
+
+def resident_bytes() -> int:
+    """This process's resident memory (RSS), read from /proc: cheap enough to poll four times a second."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Heartbeat(threading.Thread):
+    """Renews the job's lease while a long step runs, and enforces the job's host memory limit.
+
+    The limit counts the memory the job adds on top of what the process held when the job started. A job
+    past it is failed with a clear reason and its process exits at once: a thread cannot interrupt a torch
+    kernel, and the process is the job's alone (a fresh child per job), so the worker goes on serving.
+    """
+
+    def __init__(self, job_id: str, settings: Settings, scratch: Path) -> None:
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
         self.job_id = job_id
-        self.interval_s = interval_s
+        self.interval_s = settings.heartbeat_interval_s
+        self.limit = settings.job_memory_limit_bytes
+        self.ceiling = resident_bytes() + self.limit if self.limit else None
+        self.scratch = scratch
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.wait(self.interval_s):
-            try:
-                with session_scope() as session:
-                    session.execute(update(Job).where(Job.id == self.job_id).values(heartbeat_at=utcnow()))
-            except Exception:  # a database blip must not kill the job; the next beat tries again
-                log.exception("job %s: heartbeat failed", self.job_id)
+        last_beat = time.monotonic()
+        while not self.stopped.wait(MEMORY_POLL_S if self.ceiling else self.interval_s):
+            if self.ceiling and (used := resident_bytes()) > self.ceiling:
+                self._out_of_memory(used)
+            if time.monotonic() - last_beat >= self.interval_s:
+                last_beat = time.monotonic()
+                self._beat()
+
+    def _beat(self) -> None:
+        try:
+            with session_scope() as session:
+                session.execute(update(Job).where(Job.id == self.job_id).values(heartbeat_at=utcnow()))
+        except Exception:  # a database blip must not kill the job; the next beat tries again
+            log.exception("job %s: heartbeat failed", self.job_id)
+
+    def _out_of_memory(self, used: int) -> None:
+        added = used - (self.ceiling - self.limit)
+        message = (
+            f"the job needed more host memory than this worker allows: it had added {added / 2**20:.0f} MiB, over "
+            f"the limit of {self.limit / 2**20:.0f} MiB (MODELPRESS_JOB_MEMORY_LIMIT_BYTES); use fewer or shorter "
+            "calibration/evaluation windows, or a worker with a higher limit"
+        )
+        log.error("job %s: %s", self.job_id, message)
+        try:
+            _record_end(self.job_id, JobStatus.failed, {"code": "out_of_memory", "message": message})
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            os._exit(137)
 
 
 def _engine_request(job: Job, storage: LocalStorage, output_dir: Path, settings: Settings) -> Any:
@@ -153,21 +193,6 @@ def _engine_request(job: Job, storage: LocalStorage, output_dir: Path, settings:
         output_dir=output_dir,
         device=settings.device,
     )
-
-
-def limit_memory(extra_bytes: int | None) -> None:
-    """Cap this process's address space at what it uses now plus `extra_bytes` (the job's own memory).
-
-    The job runs in a child process of its own, so the cap dies with it. Allocations past it fail with
-    an exception the job reports as out of memory, instead of the kernel's OOM killer taking the worker.
-    """
-    if extra_bytes is None:
-        return
-    import resource
-
-    with open("/proc/self/statm") as handle:
-        used = int(handle.read().split()[0]) * resource.getpagesize()
-    resource.setrlimit(resource.RLIMIT_AS, (used + extra_bytes, resource.RLIM_INFINITY))
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -206,11 +231,10 @@ def execute(job_id: str, worker_name: str) -> None:
         return
     storage = get_storage()
     output_dir = storage.scratch_dir()
-    heartbeat = Heartbeat(job_id, settings.heartbeat_interval_s)
+    heartbeat = Heartbeat(job_id, settings, output_dir)
     heartbeat.start()
     log.info("job %s: attempt %d on %s", job_id, job.attempts, worker_name)
     try:
-        limit_memory(settings.job_memory_limit_bytes)
         request = _engine_request(job, storage, output_dir, settings)
         report = run_pipeline(request, ProgressReporter(job_id, settings.progress_interval_s))
         artifacts = store_outputs(storage, job, output_dir)
