@@ -1,7 +1,8 @@
 """Inspecting a Hugging Face model folder without running anything that came with it.
 
 Only JSON is parsed: config.json, tokenizer_config.json and the JSON header of each .safetensors file (an
-8-byte little-endian length, then that many bytes of JSON, capped); tensors are never loaded. Pickle weights
+8-byte little-endian length, then that many bytes of JSON, capped); tensors are never loaded. The shapes in
+those headers must follow from config.json (`app.weight_shapes`). Pickle weights
 are refused, never opened. The result is the `details` stored on the model row.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.archives import ArchiveError
+from app.weight_shapes import check_weight_shapes
 
 MAX_JSON_BYTES = 8 * 1024 * 1024
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
@@ -217,6 +219,7 @@ def inspect_hf_folder(root: Path) -> Inspected:
     if not tensors:
         raise InspectionError("the safetensors files hold no tensors")
     _check_embedding(tensors, config, details)
+    check_weight_shapes(tensors, details)
     counts: Counter[str] = Counter()
     for entry in tensors.values():
         counts[entry["dtype"]] += prod(entry["shape"])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
+import struct
 import tarfile
 import zipfile
 from pathlib import Path
@@ -82,3 +84,40 @@ def zip_with_symlink(path: Path, folder: Path) -> Path:
         info.external_attr = 0o120777 << 16
         zf.writestr(info, "/etc/passwd")
     return path
+
+
+def safetensors_table(path: Path) -> dict[str, dict]:
+    """The tensor table of a .safetensors file: name → {"dtype", "shape"} (offsets and metadata dropped)."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return {name: {"dtype": entry["dtype"], "shape": entry["shape"]} for name, entry in header.items()}
+
+
+def write_safetensors(path: Path, table: dict[str, dict]) -> Path:
+    """A valid .safetensors file with these tensors (all zeros): a crafted header with consistent offsets."""
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "U8": 1}
+    header, offset = {}, 0
+    for name, entry in table.items():
+        nbytes = math.prod(entry["shape"]) * sizes[entry["dtype"]]
+        header[name] = {**entry, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header).encode()
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        handle.truncate(8 + len(raw) + offset)
+    return path
+
+
+def with_tensors(folder: Path, dest: Path, changes: dict[str, list[int] | None], **config: object) -> Path:
+    """A copy of a model folder whose weights have these shapes (None removes a tensor; a new name adds one)."""
+    copy = copy_with_config(folder, dest, **config)
+    table = safetensors_table(folder / "model.safetensors")
+    for name, shape in changes.items():
+        if shape is None:
+            del table[name]
+        else:
+            table[name] = {"dtype": table.get(name, {}).get("dtype", "F32"), "shape": shape}
+    write_safetensors(copy / "model.safetensors", table)
+    return copy
