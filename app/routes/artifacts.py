@@ -11,6 +11,8 @@ from fastapi import APIRouter, Header, HTTPException, status
 from fastapi.responses import Response, StreamingResponse
 
 from app.deps import ArtifactDep, StorageDep
+from modelpress.models import Artifact
+from modelpress.storage import LocalStorage
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
@@ -50,6 +52,27 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
+def _file_size(artifact: Artifact, storage: LocalStorage) -> int:
+    """The size of the artifact's file; 404 (logged) when its key leaves the storage folder or names no file.
+
+    Keys are written by the worker, never by users; a key that resolves outside the storage root (`..`, an
+    absolute path, a link pointing out) means a bug or a tampered row, and its file is never opened.
+    """
+    missing = HTTPException(status.HTTP_404_NOT_FOUND, f"the file of artifact {artifact.id} is missing")
+    try:
+        path = storage.path(artifact.storage_key)
+    except ValueError as exc:
+        logger.error("refusing to serve artifact %s: %s", artifact.id, exc)
+        raise missing from exc
+    try:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is not a file")
+        return path.stat().st_size
+    except OSError as exc:
+        logger.error("artifact %s has no readable file at %r: %s", artifact.id, artifact.storage_key, exc)
+        raise missing from exc
+
+
 def content_disposition(name: str) -> str:
     fallback = re.sub(r"[^A-Za-z0-9._-]", "_", name) or "download"
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
@@ -70,11 +93,7 @@ def download_artifact(
     storage: StorageDep,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
 ) -> Response:
-    try:
-        size = storage.size(artifact.storage_key)
-    except (OSError, ValueError) as exc:
-        logger.error("artifact %s has no readable file at %r: %s", artifact.id, artifact.storage_key, exc)
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"the file of artifact {artifact.id} is missing") from exc
+    size = _file_size(artifact, storage)
     headers = {
         "Accept-Ranges": "bytes",
         "ETag": f'"{artifact.sha256}"',

@@ -98,3 +98,60 @@ def test_ignored_ranges_send_everything(client: httpx.Client, artifact: dict, he
 def test_other_tenant_cannot_download(other_client: httpx.Client, artifact: dict) -> None:
     assert other_client.get(f"/v1/artifacts/{artifact['id']}").status_code == 404
     assert other_client.get(f"/v1/jobs/{artifact['job_id']}/artifacts").status_code == 404
+
+
+SECRET = b"root:x:0:0:not for download\n"
+
+
+def forge_artifact(job_id: str, storage_key: str) -> str:
+    """An artifact row of `acme` whose storage key was tampered with (the worker never writes such keys)."""
+    from modelpress.db import session_scope
+    from modelpress.models import Artifact
+
+    with session_scope() as session:
+        row = Artifact(
+            tenant="acme",
+            job_id=job_id,
+            name="forged.bin",
+            kind="model",
+            media_type="application/octet-stream",
+            size_bytes=len(SECRET),
+            sha256=hashlib.sha256(SECRET).hexdigest(),
+            storage_key=storage_key,
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+@pytest.mark.parametrize(
+    ("key", "outside"),
+    [
+        ("../secret.txt", True),
+        ("jobs/../../secret.txt", True),
+        ("../../../../../../../../etc/passwd", True),
+        ("/etc/passwd", True),
+        ("{secret}", True),
+        ("jobs/{job}/link-out", True),
+        ("", True),
+        ("jobs", False),
+        ("jobs/{job}/never-written", False),
+    ],
+    ids=["dotdot", "nested-dotdot", "etc-passwd", "absolute", "absolute-secret", "symlink-out", "root", "dir", "gone"],
+)
+def test_download_cannot_leave_storage(client, artifact, migrated, live_api, key: str, outside: bool) -> None:
+    root = storage_root(migrated)
+    secret = root.parent / "secret.txt"
+    secret.write_bytes(SECRET)
+    link = root / "jobs" / artifact["job_id"] / "link-out"
+    if not link.is_symlink():
+        link.symlink_to(secret)
+    artifact_id = forge_artifact(artifact["job_id"], key.format(secret=secret, job=artifact["job_id"]))
+    response = client.get(f"/v1/artifacts/{artifact_id}", headers={"Range": "bytes=0-10"})
+    assert response.status_code == 404, response.text
+    assert response.json() == {"detail": f"the file of artifact {artifact_id} is missing"}
+    assert b"root:" not in response.content
+    if outside:
+        assert f"refusing to serve artifact {artifact_id}: storage key" in live_api.output()
+    else:
+        assert f"artifact {artifact_id} has no readable file" in live_api.output()
