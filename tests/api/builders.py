@@ -121,3 +121,14 @@ def with_tensors(folder: Path, dest: Path, changes: dict[str, list[int] | None],
             table[name] = {"dtype": table.get(name, {}).get("dtype", "F32"), "shape": shape}
     write_safetensors(copy / "model.safetensors", table)
     return copy
+
+
+def zip_with(path: Path, folder: Path | None, extra: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> Path:
+    """A zip of `folder`'s files at the root, plus members with hand-written names (traversal, absolute...)."""
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        if folder is not None:
+            for file in sorted(folder.iterdir()):
+                zf.write(file, file.name)
+        for name, data in extra.items():
+            zf.writestr(zipfile.ZipInfo(name), data, compress_type=compression)
+    return path

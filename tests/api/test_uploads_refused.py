@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import tarfile
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -227,3 +228,47 @@ def test_member_count_is_checked_streaming(tmp_path: Path) -> None:
         extract(path, Kind.tar, tmp_path / "out", Limits(max_members=3, max_bytes=10**9, max_ratio=1e9))
     assert len(list((tmp_path / "out").iterdir())) == 3
     assert tarfile.is_tarfile(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [("../escaped.txt", "outside the archive"), ("/tmp/modelpress-zip-absolute.txt", "absolute path")],
+    ids=["dotdot", "absolute"],
+)
+def test_unsafe_zip_members(client: httpx.Client, tmp_path: Path, tiny_model_dir: Path, name, fragment) -> None:
+    path = builders.zip_with(tmp_path / "evil.zip", tiny_model_dir, {name: b"x"})
+    refused(post(client, path), 422, fragment)
+    assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/modelpress-zip-absolute.txt").exists()
+
+
+def test_zip_compression_ratio_bomb(client: httpx.Client, tmp_path: Path) -> None:
+    member = {"config.json": b" " * (20 * 1024 * 1024)}
+    path = builders.zip_with(tmp_path / "bomb.zip", None, member, compression=zipfile.ZIP_DEFLATED)
+    refused(post(client, path), 413, "decompression bomb")
+
+
+def test_pt_pickle_in_zip_is_refused_never_loaded(client: httpx.Client, tmp_path: Path, tiny_model_dir: Path) -> None:
+    marker = tmp_path / "pickle-ran"
+    path = builders.zip_with(tmp_path / "p.zip", tiny_model_dir, {"weights.pt": builders.malicious_pickle(marker)})
+    refused(post(client, path), 422, "pickle", "weights.pt")
+    assert not marker.exists()
+
+
+def test_tokenizer_auto_map(client: httpx.Client, tmp_path: Path, tiny_model_dir: Path) -> None:
+    folder = builders.copy_with_config(tiny_model_dir, tmp_path / "m")
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    refused(post(client, tar_folder(folder, tmp_path / "m.tar")), 422, "tokenizer_config.json", "auto_map")
+
+
+def test_multipart_without_closing_boundary(client: httpx.Client) -> None:
+    body = b'--b0\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\nsome text\n' * 1
+    response = client.post("/v1/datasets", content=body, headers={"Content-Type": "multipart/form-data; boundary=b0"})
+    refused(response, 400, "closing boundary")
+
+
+def test_multipart_part_without_name(client: httpx.Client) -> None:
+    body = b"--b0\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b0--\r\n"
+    response = client.post("/v1/models", content=body, headers={"Content-Type": "multipart/form-data; boundary=b0"})
+    refused(response, 400, "Content-Disposition")

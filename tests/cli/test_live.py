@@ -11,25 +11,32 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, LiveProcess, start_worker
+from tests.conftest import REPO, LiveProcess
 from tests.utils.factories import build_tiny_model, write_text_dataset
+from tests.utils.stack import Stack, open_stack
 
 pytestmark = pytest.mark.skipif(not (REPO / "app" / "main.py").exists(), reason="needs the API (app/main.py)")
 
 
 @pytest.fixture(scope="module")
-def cli_worker(migrated: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveProcess]:
-    worker = start_worker(migrated, tmp_path_factory.mktemp("cli-worker") / "worker.log")
-    yield worker
-    worker.stop()
+def cli_stack(migrated: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with open_stack(migrated, tmp_path_factory.mktemp("cli-stack")) as stack:
+        stack.start_api()
+        stack.start_worker()
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def cli_worker(cli_stack: Stack) -> LiveProcess:
+    return cli_stack.workers[0]
 
 
 @pytest.fixture
-def cli(live_api: LiveProcess, api_key: str, migrated: dict[str, str]):
+def cli(cli_stack: Stack):
     """Run `modelpress ...` in a subprocess, as a user would, pointed at the live API by environment."""
 
-    def run(*args: str, key: str | None = api_key, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, **migrated, "MODELPRESS_URL": live_api.url, "COLUMNS": "200"}
+    def run(*args: str, key: str | None = cli_stack.key, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **cli_stack.env, "MODELPRESS_URL": cli_stack.api.url, "COLUMNS": "200"}
         env.pop("MODELPRESS_API_KEY", None)
         if key is not None:
             env["MODELPRESS_API_KEY"] = key

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from tests.e2e.conftest import Client
 from tests.utils.checks import perplexity_in_clean_process, quantized_bytes_ratio, unpack
 from tests.utils.factories import SHARED_DATA, build_tiny_model, smollm2_dir, tar_folder, write_text_dataset
+from tests.utils.stack import Client, Stack
 
 TARGETED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -25,8 +25,13 @@ def is_targeted(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def client(live_api, live_worker, api_key) -> Client:
-    return Client(live_api.url, api_key)
+def client(e2e_stack: Stack) -> Client:
+    return e2e_stack.client()
+
+
+@pytest.fixture(scope="module")
+def live_worker(e2e_stack: Stack):
+    return e2e_stack.workers[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import Stack
 from tests.utils.factories import build_tiny_model, tar_folder, write_text_dataset
+from tests.utils.stack import Stack
 
 
 def submit(stack: Stack, archive: Path, text: Path, seq_len: int, windows: int) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import Stack, job_status, kill_group, wait_for
 from tests.utils.factories import build_tiny_model, tar_folder, write_text_dataset
+from tests.utils.stack import Stack, job_status, kill_group, wait_for
 
 PRUNE = [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]
 

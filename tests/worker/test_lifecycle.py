@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 from datetime import timedelta
 
 import pytest
 import redis
 
 from modelpress.db import session_scope
+from modelpress.migrate import upgrade
 from modelpress.models import Job, JobStatus, Model, utcnow
 from modelpress.settings import get_settings
+from tests.conftest import clear_caches, fresh_database, sqlalchemy_url
 from worker.jobs import claim
 from worker.reconcile import reconcile_once
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def settings(migrated):
-    return get_settings()
+    """A database and queue of this module's own: no other test's worker or reconciler can touch them."""
+    with fresh_database() as libpq_url:
+        patcher = pytest.MonkeyPatch()
+        patcher.setenv("DATABASE_URL", sqlalchemy_url(libpq_url))
+        patcher.setenv("MODELPRESS_QUEUE", f"lifecycle-{secrets.token_hex(4)}")
+        clear_caches()
+        upgrade()
+        yield get_settings()
+        patcher.undo()
+        clear_caches()
 
 
 @pytest.fixture

@@ -1,0 +1,205 @@
+"""A whole modelpress stack for tests: its own database and queue, an API, workers, optionally its own Redis.
+
+A worker's reconciler acts on every queued job of its deployment (its database), so every test that runs a
+worker gets a database of its own; only the API-only tests share the session's.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+
+from modelpress.migrate import upgrade
+from tests.conftest import (
+    REDIS_URL,
+    LiveProcess,
+    free_port,
+    fresh_database,
+    make_key,
+    sqlalchemy_url,
+    start_api,
+    start_worker,
+)
+
+FINAL = {"succeeded", "failed", "cancelled"}
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+class RedisServer:
+    """A redis-server without persistence on a free port: restarting it loses every queued message."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    logs: Path
+    key: str
+    redis: RedisServer | None = None  # a private Redis this stack owns, if any
+    api: LiveProcess | None = None
+    workers: list[LiveProcess] = field(default_factory=list)
+
+    def start_api(self) -> LiveProcess:
+        self.api = start_api(self.env, self.logs / f"api-{secrets.token_hex(2)}.log")
+        return self.api
+
+    def start_worker(self, **extra_env: str) -> LiveProcess:
+        worker = start_worker({**self.env, **extra_env}, self.logs / f"worker-{len(self.workers)}.log")
+        self.workers.append(worker)
+        return worker
+
+    def client(self) -> Client:
+        return Client(self.api.url, self.key)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            kill_group(worker, signal.SIGKILL)
+        if self.api:
+            self.api.stop()
+        if self.redis:
+            self.redis.stop()
+
+
+def kill_group(worker: LiveProcess, sig: int) -> None:
+    """Signal a worker and every child it forked (the job runs in a child)."""
+    if worker.process.poll() is not None:
+        return
+    children = subprocess.run(["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True).stdout.split()
+    for pid in [worker.process.pid, *map(int, children)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    worker.process.wait(timeout=30)
+
+
+@contextmanager
+def open_stack(
+    base_env: dict[str, str], tmp_path: Path, redis: RedisServer | None = None, **overrides: str
+) -> Iterator[Stack]:
+    """A fresh database (migrated), a unique queue and data folder; processes are started by the caller."""
+    with fresh_database() as libpq_url:
+        database_url = sqlalchemy_url(libpq_url)
+        upgrade(database_url)
+        built = Stack(
+            env={
+                **base_env,
+                "DATABASE_URL": database_url,
+                "REDIS_URL": redis.url if redis else REDIS_URL,
+                "DATA_DIR": str(tmp_path / "data"),
+                "MODELPRESS_QUEUE": f"test-{secrets.token_hex(4)}",
+                **overrides,
+            },
+            logs=_logs(tmp_path),
+            key=make_key("acme", database_url),
+            redis=redis,
+        )
+        try:
+            yield built
+        finally:
+            built.stop()
+
+
+def _logs(tmp_path: Path) -> Path:
+    logs = tmp_path / "logs"
+    logs.mkdir(exist_ok=True)
+    return logs
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def job_status(client: Client, job_id: str) -> dict:
+    return client.http.get(f"/v1/jobs/{job_id}").json()
+
+
+class Client:
+    """A thin HTTP client for tests: the API's own routes, nothing from the project."""
+
+    def __init__(self, base_url: str, key: str) -> None:
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+    def upload(self, route: str, path: Path, name: str | None = None) -> httpx.Response:
+        with path.open("rb") as handle:
+            data = {"name": name} if name else {}
+            return self.http.post(route, files={"file": (path.name, handle)}, data=data)
+
+    def wait(self, job_id: str, timeout: float, worker: LiveProcess | None = None) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.http.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in FINAL:
+                return job
+            if worker is not None and worker.process.poll() is not None:
+                raise AssertionError(f"worker died:\n{worker.output()[-4000:]}")
+            time.sleep(0.5)
+        log = worker.output()[-4000:] if worker else ""
+        raise AssertionError(f"job {job_id} did not finish in {timeout}s: {job}\n{log}")
+
+    def download(self, artifact: dict, target: Path) -> Path:
+        with self.http.stream("GET", f"/v1/artifacts/{artifact['id']}") as response:
+            response.raise_for_status()
+            with target.open("wb") as handle:
+                for chunk in response.iter_bytes():
+                    handle.write(chunk)
+        return target
