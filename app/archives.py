@@ -180,7 +180,8 @@ def _extract_zip(path: Path, dest: Path, budget: _Budget) -> None:
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise ArchiveError(f"archive member {info.filename!r} is a link; upload real files, not links")
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            # no file type bits (DOS attributes only, or permissions only as `ZipFile.writestr` leaves them): a file
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise ArchiveError(f"archive member {info.filename!r} is a device or special file; upload only files")
             if info.is_dir():
                 target.mkdir(parents=True, exist_ok=True)

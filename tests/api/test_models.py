@@ -58,7 +58,7 @@ def test_tar_upload_is_inspected_and_stored(model: dict, tiny_tar: Path, client:
     assert client.get(f"/v1/models/{model['id']}").json() == model
 
 
-@pytest.mark.parametrize("packing", ["tar.gz", "zip-in-top-folder"])
+@pytest.mark.parametrize("packing", ["tar.gz", "zip-in-top-folder", "zip-writestr"])
 def test_other_archive_formats(packing: str, client: httpx.Client, tiny_model_dir: Path, tmp_path: Path) -> None:
     if packing == "tar.gz":
         archive = tar_folder(tiny_model_dir, tmp_path / "tiny.tar.gz", gzip=True)
@@ -66,7 +66,10 @@ def test_other_archive_formats(packing: str, client: httpx.Client, tiny_model_di
         archive = tmp_path / "tiny.zip"
         with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
             for path in sorted(tiny_model_dir.iterdir()):
-                zf.write(path, f"tiny-llama/{path.name}")
+                if packing == "zip-writestr":  # members with permission bits but no file type, as writestr makes
+                    zf.writestr(path.name, path.read_bytes())
+                else:
+                    zf.write(path, f"tiny-llama/{path.name}")
     response = upload(client, archive)
     assert response.status_code == 201, response.text
     body = response.json()
