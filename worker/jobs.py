@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from modelpress.db import session_scope
 from modelpress.models import FINAL_STATUSES, Artifact, Dataset, Job, JobStatus, Model, utcnow
 from modelpress.settings import Settings, get_settings
+from modelpress.specs import JobSpec
 from modelpress.storage import LocalStorage, get_storage
 from worker.artifacts import store_outputs
 
@@ -163,35 +164,45 @@ class Heartbeat(threading.Thread):
             _record_end(self.job_id, JobStatus.failed, {"code": "out_of_memory", "message": message})
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
+            get_storage().delete(checkpoint_key(self.job_id))
             os._exit(137)
+
+
+def checkpoint_key(job_id: str) -> str:
+    """Where a job keeps training checkpoints: kept across retries, removed when the job ends."""
+    return f"checkpoints/{job_id}"
 
 
 def _engine_request(job: Job, storage: LocalStorage, output_dir: Path, settings: Settings) -> Any:
     from worker.engine import EngineRequest
 
+    references = JobSpec.model_validate(job.spec).dataset_references()
     with session_scope() as session:
         model = session.get(Model, job.model_id) if job.model_id else None
         if model is None:
             raise LookupError("the job's model was deleted before the job ran; upload it again and resubmit")
         datasets: dict[str, Dataset] = {}
-        for key in ("calibration", "evaluation"):
-            part = job.spec.get(key)
-            if part:
-                dataset = session.get(Dataset, part["dataset_id"])
-                if dataset is None:
-                    raise LookupError(f"the {key} dataset {part['dataset_id']} was deleted before the job ran")
-                datasets[key] = dataset
-    calibration, evaluation = datasets.get("calibration"), datasets.get("evaluation")
+        for where, dataset_id in references:
+            dataset = session.get(Dataset, dataset_id)
+            if dataset is None:
+                raise LookupError(f"the dataset {dataset_id} ({where}) was deleted before the job ran; resubmit")
+            datasets[dataset_id] = dataset
+    files = {i: (storage.path(d.storage_key), d.format) for i, d in datasets.items()}
+    calibration, evaluation = (job.spec.get(part) or {} for part in ("calibration", "evaluation"))
+    calibration_file = files.get(calibration.get("dataset_id"), (None, None))
+    evaluation_file = files.get(evaluation.get("dataset_id"), (None, None))
     return EngineRequest(
         model_path=storage.path(model.storage_key),
         model_format=model.format,
         spec=job.spec,
-        calibration_path=storage.path(calibration.storage_key) if calibration else None,
-        calibration_format=calibration.format if calibration else None,
-        evaluation_path=storage.path(evaluation.storage_key) if evaluation else None,
-        evaluation_format=evaluation.format if evaluation else None,
+        calibration_path=calibration_file[0],
+        calibration_format=calibration_file[1],
+        evaluation_path=evaluation_file[0],
+        evaluation_format=evaluation_file[1],
         output_dir=output_dir,
         device=settings.device,
+        datasets=files,
+        checkpoint_dir=storage.path(checkpoint_key(job.id)),
     )
 
 
@@ -248,6 +259,7 @@ def execute(job_id: str, worker_name: str) -> None:
     finally:
         heartbeat.stopped.set()
         shutil.rmtree(output_dir, ignore_errors=True)
+    storage.delete(checkpoint_key(job_id))  # the job has ended; only a crash keeps them for the retry
 
 
 def _record_success(job_id: str, report: dict[str, Any], artifacts: list[Artifact], storage: LocalStorage) -> None:

@@ -150,3 +150,35 @@ def test_smollm2_gguf_end_to_end(client: Client, live_worker, tmp_path: Path) ->
     stored, float32 = quantized_bytes_ratio(folder, is_targeted)
     assert float32 == 4 * 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
     assert stored < 0.35 * float32
+
+
+def test_structured_prune_then_distill_through_the_service(
+    client: Client, live_worker, tiny_upload: dict, tmp_path: Path
+) -> None:
+    dataset_id = tiny_upload["dataset"]["id"]
+    body = {
+        "model_id": tiny_upload["model"]["id"],
+        "recipe": [
+            {"type": "prune", "method": "structured", "mlp_sparsity": 0.5},
+            {
+                "type": "distill",
+                "dataset_id": dataset_id,
+                "steps": 6,
+                "batch_size": 2,
+                "seq_len": 64,
+                "checkpoint_every": 2,
+            },
+        ],
+        "calibration": {"dataset_id": dataset_id, "samples": 4, "seq_len": 64},
+        "evaluation": {"dataset_id": dataset_id, "seq_len": 64, "max_windows": 4},
+    }
+    job, artifacts = run_job(client, live_worker, body, timeout=300)
+    report = client.http.get(f"/v1/jobs/{job['id']}/report").json()
+    assert [s["method"] for s in report["steps"]] == ["structured", "kd"]
+    assert report["optimized"]["parameters"] < report["baseline"]["parameters"]
+
+    folder = unpack(client.download(artifacts["model"], tmp_path / "model.tar"), tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["intermediate_size"] == 64  # 128 channels, half removed
+    measured = perplexity_in_clean_process(folder, tiny_upload["text"], seq_len=64, max_windows=4)
+    assert measured["perplexity"] == pytest.approx(report["optimized"]["perplexity"], rel=0.01)
