@@ -1,4 +1,5 @@
-"""Inputs that reached PostgreSQL and failed there (500s found by schemathesis) answer 4xx instead."""
+"""Bad input answers 4xx: values that used to reach PostgreSQL and fail there (500s found by schemathesis), and
+recipes that are out of range or contradict themselves or the model."""
 
 from __future__ import annotations
 
@@ -43,3 +44,53 @@ def test_control_characters_are_dropped_from_file_names(client: httpx.Client) ->
     assert response.status_code == 201, response.text
     assert response.json()["name"] == "calib"
     assert client.delete(f"/v1/datasets/{response.json()['id']}").status_code == 204
+
+
+RTN = {"type": "quantize", "method": "rtn", "weights": {"bits": 8}}
+CALIBRATION = {"samples": 8, "seq_len": 64}
+
+
+@pytest.mark.usefixtures("nothing_stored")
+@pytest.mark.parametrize(
+    ("recipe", "extra", "fragments"),
+    [
+        ([RTN, PRUNE], {}, ("recipe.1", "quantization must be the last step")),
+        ([{"type": "prune", "method": "wanda", "sparsity": 0.5}], {}, ("recipe.0", "calibration")),
+        ([{**PRUNE, "pattern": "2:4", "sparsity": 0.3}], {}, ("2:4", "sparsity 0.5", "0.3")),
+        ([{"type": "prune", "method": "magnitude"}], {}, ("sparsity",)),
+        ([{"type": "prune", "method": "structured"}], {}, ("nothing would be removed",)),
+        (
+            [{"type": "prune", "method": "depth", "num_layers": 2}],
+            {"calibration": CALIBRATION},
+            ("drops 2 decoder layers", "has 2"),
+        ),
+        ([{**PRUNE, "sparsity": 0}], {}, ("sparsity", "greater than 0")),
+        ([{**RTN, "weights": {"bits": 3}}], {}, ("bits",)),
+        ([PRUNE] * 33, {}, ("recipe", "at most 32")),
+        ([], {}, ("recipe", "at least 1")),
+        ([PRUNE], {"evaluation": {"seq_len": 4}}, ("evaluation.seq_len", "greater than or equal to 8")),
+        ([PRUNE], {"calibration": {**CALIBRATION, "samples": 10**9}}, ("calibration.samples", "less than")),
+    ],
+    ids=[
+        "quantize-not-last",
+        "needs-calibration",
+        "pattern-vs-sparsity",
+        "no-sparsity",
+        "structured-nothing",
+        "depth-all-layers",
+        "sparsity-zero",
+        "bits-3",
+        "too-many-steps",
+        "empty-recipe",
+        "eval-seq-len",
+        "samples-huge",
+    ],
+)
+def test_contradictory_or_out_of_range_recipes(client, model, dataset, recipe, extra, fragments) -> None:
+    body = {"model_id": model["id"], "recipe": recipe}
+    for section, values in extra.items():
+        body[section] = {"dataset_id": dataset["id"], **values}
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 422, response.text
+    for fragment in fragments:
+        assert fragment in response.json()["detail"], response.json()["detail"]

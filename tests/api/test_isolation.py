@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -75,3 +76,44 @@ def test_wrong_or_missing_key_is_401(anon: httpx.Client, owned: dict) -> None:
             assert "API key" in response.json()["detail"]
     with new_session() as session:
         assert session.scalars(select(Job.id).where(Job.tenant == "acme")).all()  # sanity: rows exist
+
+
+def test_listings_hold_only_the_callers_rows(other_client: httpx.Client, owned: dict) -> None:
+    for route, kind in (("/v1/models", "model"), ("/v1/datasets", "dataset"), ("/v1/jobs", "job")):
+        listed = other_client.get(route, params={"limit": 200}).json()
+        assert owned[kind] not in {row["id"] for row in listed["data"]}, route
+
+
+def test_jobs_cannot_use_another_tenants_dataset(other_client: httpx.Client, tiny_tar, owned: dict) -> None:
+    with tiny_tar.open("rb") as handle:
+        own_model = other_client.post("/v1/models", files={"file": ("t.tar", handle)}).json()
+    try:
+        body = {
+            "model_id": own_model["id"],
+            "recipe": [PRUNE],
+            "evaluation": {"dataset_id": owned["dataset"], "seq_len": 64},
+        }
+        response = other_client.post("/v1/jobs", json=body)
+        assert response.status_code == 404 and owned["dataset"] in response.json()["detail"]
+    finally:
+        assert other_client.delete(f"/v1/models/{own_model['id']}").status_code == 204
+
+
+def test_keys_are_stored_hashed_and_revocable(live_api, migrated: dict) -> None:
+    from modelpress.db import session_scope
+    from modelpress.models import ApiKey
+    from tests.api.conftest import client_for
+    from tests.conftest import make_key
+
+    secret = make_key("hashed")
+    with session_scope() as session:
+        row = session.scalar(select(ApiKey).where(ApiKey.tenant == "hashed"))
+        stored = [str(getattr(row, column.key)) for column in ApiKey.__table__.columns]
+    assert row.key_hash == hashlib.sha256(secret.encode()).hexdigest()
+    assert not any(secret in value for value in stored) and not any(secret[10:] in value for value in stored)
+    with client_for(live_api.url, secret) as client:
+        assert client.get("/v1/models").status_code == 200
+        with session_scope() as session:
+            session.get(ApiKey, row.id).revoked_at = datetime.now(UTC)
+        response = client.get("/v1/models")
+        assert response.status_code == 401 and "revoked" in response.json()["detail"]
