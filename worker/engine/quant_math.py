@@ -127,7 +127,7 @@ def fake_quantize_tokens(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 def output_error(weight: torch.Tensor, approximation: torch.Tensor, gram: torch.Tensor) -> float:
     """||X Wᵀ − X Ŵᵀ|| / ||X Wᵀ|| over calibration inputs X, from G ∝ XᵀX (any positive factor cancels)."""
-    weight, approximation, gram = weight.double(), approximation.double(), gram.double()
+    weight, approximation, gram = (t.detach().double() for t in (weight, approximation, gram))
     delta = weight - approximation
     error = torch.einsum("oi,ij,oj->", delta, gram, delta).clamp(min=0)
     reference = torch.einsum("oi,ij,oj->", weight, gram, weight).clamp(min=0)
