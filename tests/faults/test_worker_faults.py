@@ -106,3 +106,47 @@ def test_cancel_stops_a_running_job_within_seconds(stack: Stack, slow_model) -> 
     # the worker goes on serving: a new child runs the next job
     next_job = submit(stack, slow_model, windows=2)
     assert client.wait(next_job, 120, worker)["status"] == "succeeded"
+
+
+def test_distillation_resumes_from_its_checkpoint_after_a_crash(stack: Stack, tmp_path: Path) -> None:
+    root = tmp_path / "distill"
+    archive = tar_folder(build_tiny_model(root / "model"), root / "model.tar")
+    text = write_text_dataset(root / "text.txt", lines=800)
+    stack.start_api()
+    first = stack.start_worker()
+    client = stack.client()
+    model = client.upload("/v1/models", archive).json()
+    dataset = client.upload("/v1/datasets", text).json()
+    body = {
+        "model_id": model["id"],
+        "recipe": [
+            {
+                "type": "distill",
+                "dataset_id": dataset["id"],
+                "steps": 3000,
+                "batch_size": 2,
+                "seq_len": 32,
+                "checkpoint_every": 50,
+            }
+        ],
+    }
+    job_id = client.http.post("/v1/jobs", json=body).json()["id"]
+
+    def trained_past_a_checkpoint() -> bool:
+        progress = job_status(client, job_id)["progress"]
+        message = progress.get("message") or ""
+        return (
+            (progress.get("step") or "").startswith("distill")
+            and message.startswith("step ")
+            and int(message.split()[1].split("/")[0]) > 120
+        )
+
+    wait_for(trained_past_a_checkpoint, 180, "distillation to pass two checkpoints")
+    kill_group(first, signal.SIGKILL)
+    stack.start_worker()
+    job = client.wait(job_id, 300)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2
+    summary = client.http.get(f"/v1/jobs/{job_id}/report").json()["steps"][0]["summary"]
+    assert summary["resumed_from_step"] >= 40 and summary["resumed_from_step"] % 20 == 0
+    assert not (Path(stack.env["DATA_DIR"]) / "storage" / "checkpoints" / job_id).exists()
