@@ -188,7 +188,7 @@ def test_evaluation_without_tokenizer_is_a_clear_error(tiny_model_dir, text_data
 
 def test_unknown_step_fails_before_any_work(tiny_model_dir, text_dataset, tmp_path):
     events = []
-    bad = spec([{"type": "prune", "method": "wanda", "sparsity": 0.5}])
+    bad = spec([{"type": "prune", "method": "no-such-method", "sparsity": 0.5}])  # (wanda is registered now)
     with pytest.raises(EngineError) as info:
         run_pipeline(request(tiny_model_dir, tmp_path, text_dataset, spec=bad), events.append)
     assert info.value.code == "unknown_step" and events == []

@@ -2,14 +2,12 @@
 scheme's artifact loaded in a clean process by transformers with the logits of the in-memory model."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from tests.engine.test_quantization import LOAD_IN_CLEAN_PROCESS
+from tests.engine.test_quantization import logits_in_clean_process
 from worker.engine.awq import FOLDS, NORM_FOLDS, fold_checked_, fold_groups
 from worker.engine.ct_export import save_compressed_
 from worker.engine.gptq_math import gptq_quantize
@@ -203,35 +201,42 @@ SCHEMES = {  # step, format, stored code dtype, activation type, bytes per weigh
 }
 
 
+@pytest.fixture(scope="module")
+def artifacts(tiny_model_dir, tmp_path_factory):
+    """Each scheme's artifact of one tiny model, with its in-memory logits (and, for dynamic activation
+    quantization, the logits without it) and the logits one clean interpreter gets from every artifact."""
+    from worker.engine.loading import load_model
+
+    root = tmp_path_factory.mktemp("quant-artifacts")
+    built = {}
+    for scheme, (step, *_, activation_type) in SCHEMES.items():
+        model = load_model(tiny_model_dir, "hf", torch.device("cpu")).model
+        ids = calibration_windows(model, count=2, length=24, seed=5)
+        targeted = {n: m.weight.numel() for n, m in select_from_spec(model, {}).items()}
+        result = run_step(model, step, calibration_windows(model))
+        expected, without_activation_quant = logits(model, ids), None
+        if activation_type is not None:
+            hooks = {n: dict(m._forward_pre_hooks) for n, m in model.named_modules() if n in targeted}
+            for name in targeted:
+                model.get_submodule(name)._forward_pre_hooks.clear()
+            without_activation_quant = logits(model, ids)
+            for name, saved in hooks.items():
+                model.get_submodule(name)._forward_pre_hooks.update(saved)
+        folder = root / scheme
+        save_compressed_(model, result.quantized, folder)
+        built[scheme] = (folder, targeted, result, expected, without_activation_quant)
+    loaded = logits_in_clean_process([b[0] for b in built.values()], ids, root)
+    return {scheme: (*value, loaded[value[0]]) for scheme, value in built.items()}
+
+
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_artifact_loads_alone_with_the_same_logits(tiny, tmp_path, scheme):
+def test_artifact_loads_alone_with_the_same_logits(artifacts, scheme):
     step, fmt, code_dtype, activation_type = SCHEMES[scheme]
-    model = tiny.model
-    targeted = {n: m.weight.numel() for n, m in select_from_spec(model, {}).items()}
-    result = run_step(model, step, calibration_windows(model))
-    ids = calibration_windows(model, count=2, length=24, seed=5)
-    expected = logits(model, ids)
+    folder, targeted, result, expected, without_activation_quant, loaded = artifacts[scheme]
     if activation_type is not None:  # the in-memory model really quantizes activations: without, logits differ
-        hooks = {n: dict(m._forward_pre_hooks) for n, m in model.named_modules() if n in targeted}
-        for name in targeted:
-            model.get_submodule(name)._forward_pre_hooks.clear()
-        assert not torch.allclose(logits(model, ids), expected, atol=1e-5)
-        for name, saved in hooks.items():
-            model.get_submodule(name)._forward_pre_hooks.update(saved)
-    folder = tmp_path / "artifact"
-    save_compressed_(model, result.quantized, folder)
-    torch.save(ids, tmp_path / "ids.pt")
-    run = subprocess.run(
-        [sys.executable, "-c", LOAD_IN_CLEAN_PROCESS, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == []
+        assert not torch.allclose(without_activation_quant, expected, atol=1e-5)
     # transformers applies the dynamic activation quantization too, so logits agree to float rounding
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-4)
 
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     (scheme_config,) = config["config_groups"].values()
@@ -255,31 +260,35 @@ def test_artifact_loads_alone_with_the_same_logits(tiny, tmp_path, scheme):
     assert expected_bytes < bytes_per_weight < expected_bytes + 0.2  # codes plus float32 scales (and zero points)
 
 
-@pytest.mark.parametrize("step", [SCHEMES["smoothquant"][0], SCHEMES["gptq-act-order"][0]], ids=["w8a8", "gptq"])
-def test_pipeline_report_matches_the_artifact_in_a_clean_process(tiny_model_dir, text_dataset, tmp_path, step):
-    from tests.utils.checks import perplexity_in_clean_process, unpack
+def test_pipeline_report_matches_the_artifact_in_a_clean_process(tiny_model_dir, text_dataset, tmp_path):
+    from tests.utils.checks import perplexities_in_clean_process, unpack
     from worker.engine import EngineRequest, run_pipeline
 
-    spec = {
-        "model_id": "m1",
-        "recipe": [{"type": "quantize", **step}],
-        "calibration": {"dataset_id": "d1", "samples": 4, "seq_len": 64},
-        "evaluation": {"dataset_id": "d1", "seq_len": 64, "max_windows": 6},
-    }
-    out = tmp_path / "out"
-    request = EngineRequest(
-        model_path=tiny_model_dir,
-        model_format="hf",
-        spec=spec,
-        calibration_path=text_dataset,
-        calibration_format="txt",
-        evaluation_path=text_dataset,
-        evaluation_format="txt",
-        output_dir=out,
-        device="cpu",
-    )
-    report = run_pipeline(request, lambda event: None)
-    (quant,) = report["steps"]
-    assert all(0 < layer["output_error"] < 0.2 for layer in quant["layers"])
-    measured = perplexity_in_clean_process(unpack(out / "model.tar", tmp_path / "artifact"), text_dataset, 64, 6)
-    assert measured["perplexity"] == pytest.approx(report["optimized"]["perplexity"], rel=0.01)
+    reports, folders = [], []
+    for name in ("smoothquant", "gptq-act-order"):  # W8A8 with dynamic activations, and int4 GPTQ
+        spec = {
+            "model_id": "m1",
+            "recipe": [{"type": "quantize", **SCHEMES[name][0]}],
+            "calibration": {"dataset_id": "d1", "samples": 4, "seq_len": 64},
+            "evaluation": {"dataset_id": "d1", "seq_len": 64, "max_windows": 6},
+        }
+        out = tmp_path / name
+        request = EngineRequest(
+            model_path=tiny_model_dir,
+            model_format="hf",
+            spec=spec,
+            calibration_path=text_dataset,
+            calibration_format="txt",
+            evaluation_path=text_dataset,
+            evaluation_format="txt",
+            output_dir=out,
+            device="cpu",
+        )
+        report = run_pipeline(request, lambda event: None)
+        (quant,) = report["steps"]
+        assert all(0 < layer["output_error"] < 0.2 for layer in quant["layers"]), name
+        reports.append(report)
+        folders.append(unpack(out / "model.tar", tmp_path / f"{name}-artifact"))
+    measured = perplexities_in_clean_process(folders, text_dataset, 64, 6)
+    for report, folder in zip(reports, folders, strict=True):
+        assert measured[folder]["perplexity"] == pytest.approx(report["optimized"]["perplexity"], rel=0.01)

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,40 +86,64 @@ def test_bad_group_size_is_refused(tiny):
     assert info.value.code == "bad_group_size"
 
 
-LOAD_IN_CLEAN_PROCESS = textwrap.dedent(
+LOGITS_IN_CLEAN_PROCESS = textwrap.dedent(
     """
     import json, sys, torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True).eval()
-    ids = torch.load(sys.argv[2])
-    with torch.no_grad():
-        torch.save(model(input_ids=ids).logits, sys.argv[3])
-    print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("worker", "modelpress", "tests"))))
+    ids, logits = torch.load(sys.argv[1]), {}
+    for folder in sys.argv[3:]:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+        with torch.no_grad():
+            logits[folder] = model(input_ids=ids).logits
+    torch.save(logits, sys.argv[2])
+    print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("worker", "modelpress", "tests", "app"))))
     """
 )
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric,bound", SCHEMES)
-def test_artifact_loads_alone_and_matches(tiny, tmp_path, bits, group_size, symmetric, bound):
-    model = tiny.model
-    targeted = {n: m.weight.numel() for n, m in select_linears(model).items()}
-    result = run_rtn(model, bits, group_size, symmetric)
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    folder = tmp_path / "artifact"
-    qconfig = save_compressed_(model, result.quantized, folder)
-    torch.save(ids, tmp_path / "ids.pt")
+def logits_in_clean_process(folders: list[Path], ids: torch.Tensor, work: Path) -> dict[Path, torch.Tensor]:
+    """Load each artifact folder in one fresh interpreter with transformers (+ compressed-tensors) alone and return
+    its logits on `ids`; fails if that interpreter imported any of our code."""
+    torch.save(ids, work / "ids.pt")
     run = subprocess.run(
-        [sys.executable, "-c", LOAD_IN_CLEAN_PROCESS, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
+        [sys.executable, "-c", LOGITS_IN_CLEAN_PROCESS, str(work / "ids.pt"), str(work / "out.pt"), *map(str, folders)],
+        cwd=work,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == []  # nothing of ours was imported
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=1e-4, atol=1e-4)
+    loaded = torch.load(work / "out.pt")
+    return {folder: loaded[str(folder)] for folder in folders}
+
+
+@pytest.fixture(scope="module")
+def rtn_artifacts(tiny_model_dir, tmp_path_factory):
+    """Every RTN scheme's artifact of one tiny model, with the in-memory logits and the logits a clean process
+    gets from the artifact (one interpreter for all schemes)."""
+    from worker.engine.loading import load_model
+
+    root = tmp_path_factory.mktemp("rtn-artifacts")
+    built = {}
+    for bits, group_size, symmetric, _ in SCHEMES:
+        model = load_model(tiny_model_dir, "hf", torch.device("cpu")).model
+        ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+        targeted = {n: m.weight.numel() for n, m in select_linears(model).items()}
+        result = run_rtn(model, bits, group_size, symmetric)
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+        folder = root / f"int{bits}-g{group_size}-{'sym' if symmetric else 'asym'}"
+        qconfig = save_compressed_(model, result.quantized, folder)
+        built[(bits, group_size, symmetric)] = (folder, targeted, result, expected, qconfig)
+    loaded = logits_in_clean_process([b[0] for b in built.values()], ids, root)
+    return {key: (*value, loaded[value[0]]) for key, value in built.items()}
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,bound", SCHEMES)
+def test_artifact_loads_alone_and_matches(rtn_artifacts, bits, group_size, symmetric, bound):
+    folder, targeted, result, expected, qconfig, loaded = rtn_artifacts[(bits, group_size, symmetric)]
+    torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-4)
 
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and qconfig["format"] == config["format"]

@@ -54,6 +54,22 @@ def perplexity_in_clean_process(folder: Path, text: Path, seq_len: int, max_wind
     return data
 
 
+def perplexities_in_clean_process(folders: list[Path], text: Path, seq_len: int, max_windows: int) -> dict:
+    """`perplexity_in_clean_process` for several artifact folders, measured one after the other in a single fresh
+    interpreter (one start-up instead of one per folder); folder -> its result."""
+    loop = f"import sys\nfor folder in sys.argv[5:]:\n    sys.argv[1] = folder\n    exec({PERPLEXITY_SCRIPT!r}, {{}})\n"
+    args = [str(text), str(seq_len), str(max_windows), *map(str, folders)]
+    result = subprocess.run(
+        [sys.executable, "-c", loop, "-", *args], capture_output=True, text=True, timeout=900, cwd=folders[0]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()[-len(folders) :]
+    measured = dict(zip(folders, map(json.loads, lines), strict=True))
+    leaked = {str(f): m["leaked"] for f, m in measured.items() if m["leaked"]}
+    assert not leaked, f"the check imported project code: {leaked}"
+    return measured
+
+
 def safetensors_tensors(folder: Path) -> dict[str, tuple[str, list[int], int]]:
     """name -> (dtype, shape, bytes) for every tensor in the folder's safetensors files (headers only)."""
     tensors = {}
