@@ -20,7 +20,9 @@ pytestmark = [
 def test_gptq_int4_g64_beats_rtn():
     loaded = load_model(smollm2_dir() / SMOLLM2_GGUF, "gguf", torch.device("cpu"))
     tokenizer = loaded.tokenizer
-    calibration = token_windows(tokenizer, SHARED_DATA / "wikitext2-valid.txt", "txt", 256, 4, "calibration")
+    # 4 windows (1024 tokens, fewer than down_proj's 1536 inputs) left GPTQ within noise of RTN: 33.9 vs 33.3 on
+    # CPU, 32.8 vs 33.3 on an H200; 16 windows give 29.9 vs 33.3 there
+    calibration = token_windows(tokenizer, SHARED_DATA / "wikitext2-valid.txt", "txt", 256, 16, "calibration")
     evaluation = token_windows(tokenizer, SHARED_DATA / "wikitext2-test.txt", "txt", 256, 4, "evaluation")
     weights = {"bits": 4, "group_size": 64, "symmetric": True}
     results = {}
@@ -30,4 +32,4 @@ def test_gptq_int4_g64_beats_rtn():
         get_step(step)(model, StepContext(spec=step, calibration=calibration, report_progress=lambda f, m: None))
         results[method] = perplexity(model, evaluation, torch.device("cpu"), lambda f, m: None)["perplexity"]
         del model
-    assert results["gptq"] < results["rtn"]
+    assert results["gptq"] < 0.95 * results["rtn"], results
