@@ -24,6 +24,7 @@ from app.text_datasets import DatasetError, count_records, dataset_format
 from app.uploads import MULTIPART_OPENAPI, Upload, receive_upload, upload_name
 from modelpress.db import new_session
 from modelpress.models import Dataset, Job, new_id
+from modelpress.specs import JobSpec
 from modelpress.storage import LocalStorage
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def delete_dataset(dataset: DatasetDep, session: SessionDep, storage: StorageDep
     if locked is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset.id} not found")
     active = session.scalars(select(Job).where(Job.tenant == dataset.tenant, Job.status.in_(ACTIVE_STATUSES))).all()
-    users = [job.id for job in active if dataset.id in _dataset_ids(job.spec)]
+    users = [job.id for job in active if dataset.id in JobSpec.model_validate(job.spec).dataset_ids()]
     if users:
         session.rollback()
         raise HTTPException(
@@ -118,7 +119,3 @@ def delete_dataset(dataset: DatasetDep, session: SessionDep, storage: StorageDep
     session.commit()
     storage.delete(f"datasets/{dataset.id}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-
-def _dataset_ids(spec: dict) -> set[str]:
-    return {part["dataset_id"] for part in (spec.get("calibration"), spec.get("evaluation")) if part}

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import update
+
+from tests.utils.factories import write_text_dataset
 
 PRUNE = {"type": "prune", "method": "magnitude", "sparsity": 0.5}
 RTN = {"type": "quantize", "method": "rtn", "weights": {"bits": 8, "group_size": None, "symmetric": True}}
@@ -186,3 +189,16 @@ def test_delete_in_use_is_refused(client: httpx.Client, model: dict, dataset: di
     assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
     assert client.delete(f"/v1/models/{other['id']}").status_code == 204
     assert client.get(f"/v1/jobs/{job['id']}").json()["model_id"] == other["id"]
+
+
+def test_delete_of_a_dataset_a_distill_step_trains_on_is_refused(
+    client: httpx.Client, model: dict, tmp_path: Path
+) -> None:
+    with write_text_dataset(tmp_path / "train.txt").open("rb") as handle:
+        train = client.post("/v1/datasets", files={"file": ("train.txt", handle)}).json()
+    body = {"model_id": model["id"], "recipe": [{"type": "distill", "dataset_id": train["id"], "steps": 1}]}
+    job = client.post("/v1/jobs", json=body).json()
+    refused = client.delete(f"/v1/datasets/{train['id']}")
+    assert refused.status_code == 409 and job["id"] in refused.json()["detail"]
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    assert client.delete(f"/v1/datasets/{train['id']}").status_code == 204
