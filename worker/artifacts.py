@@ -6,25 +6,17 @@ only after every file is in place, so a download can never see a half-written ar
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from modelpress.models import Artifact, Job, new_id
 from modelpress.storage import LocalStorage
+from worker.engine.artifact import sha256_file
 
 OUTPUTS = (
     # file the engine writes, artifact kind, media type
     ("model.tar", "model", "application/x-tar"),
     ("report.json", "report", "application/json"),
 )
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def store_outputs(storage: LocalStorage, job: Job, output_dir: Path) -> list[Artifact]:
@@ -53,7 +45,12 @@ def store_outputs(storage: LocalStorage, job: Job, output_dir: Path) -> list[Art
                 )
             )
     except BaseException:
-        for artifact in artifacts:
-            storage.delete(artifact.storage_key)
+        remove(storage, artifacts)
         raise
     return artifacts
+
+
+def remove(storage: LocalStorage, artifacts: list[Artifact]) -> None:
+    """Delete the stored files of artifacts whose rows will not be committed (each has a folder of its own)."""
+    for artifact in artifacts:
+        storage.delete(artifact.storage_key.rsplit("/", 1)[0])

@@ -24,6 +24,7 @@ from modelpress.models import FINAL_STATUSES, Artifact, Dataset, Job, JobStatus,
 from modelpress.settings import Settings, get_settings
 from modelpress.specs import JobSpec
 from modelpress.storage import LocalStorage, get_storage
+from worker.artifacts import remove as remove_artifacts
 from worker.artifacts import store_outputs
 
 log = logging.getLogger(__name__)
@@ -273,8 +274,7 @@ def _record_success(job_id: str, report: dict[str, Any], artifacts: list[Artifac
             job.progress = {**(job.progress or {}), "fraction": 1.0, "message": "done"}
             _finish(job, JobStatus.succeeded, error=None)
     except BaseException:
-        for artifact in artifacts:
-            storage.delete(artifact.storage_key)
+        remove_artifacts(storage, artifacts)
         raise
 
 
