@@ -18,7 +18,6 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
-    TypeAdapter,
     field_validator,
     model_validator,
 )
@@ -221,10 +220,6 @@ class FP8Quantize(_TargetedStep):
     method: Literal["fp8"] = "fp8"
 
 
-class DistillTeacher(StrEnum):
-    original = "original"
-
-
 class KnowledgeDistill(Spec):
     """Logit distillation: the model as uploaded (or after step `teacher_step`) teaches the current model.
 
@@ -387,14 +382,6 @@ def group_sizes(spec: JobSpec) -> set[int]:
         if weights is not None and weights.group_size is not None:
             sizes.add(weights.group_size)
     return sizes
-
-
-_step_adapter: TypeAdapter[Any] = TypeAdapter(Step)
-
-
-def parse_step(data: dict[str, Any]) -> Spec:
-    """Validate one step from plain JSON data."""
-    return _step_adapter.validate_python(data)
 
 
 def is_finite_json(value: Any) -> bool:

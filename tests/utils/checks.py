@@ -70,20 +70,6 @@ def perplexities_in_clean_process(folders: list[Path], text: Path, seq_len: int,
     return measured
 
 
-def safetensors_tensors(folder: Path) -> dict[str, tuple[str, list[int], int]]:
-    """name -> (dtype, shape, bytes) for every tensor in the folder's safetensors files (headers only)."""
-    tensors = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                begin, end = info["data_offsets"]
-                tensors[name] = (info["dtype"], info["shape"], end - begin)
-    return tensors
-
-
 def quantized_bytes_ratio(folder: Path, targeted) -> tuple[int, int]:
     """(bytes stored for the targeted quantized layers, bytes the same weights take in float32).
 
