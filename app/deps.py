@@ -13,6 +13,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Path, Query, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from app.rate_limit import enforce
@@ -114,6 +115,18 @@ def owned(session: Session, table: type[Row], row_id: str, tenant: str) -> Row:
     if row is None or row.tenant != tenant:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"{table.__name__.lower()} {row_id} not found")
     return row
+
+
+def newest_page(
+    session: Session, table: type[Row], tenant: str, limit: int, offset: int, *where: ColumnElement[bool]
+) -> tuple[list[Row], int]:
+    """One page of the tenant's rows, newest first, and how many match in all (for `{data, count}` lists)."""
+    conditions = (table.tenant == tenant, *where)
+    rows = session.scalars(
+        select(table).where(*conditions).order_by(table.created_at.desc(), table.id).limit(limit).offset(offset)
+    ).all()
+    count = session.scalar(select(func.count()).select_from(table).where(*conditions)) or 0
+    return list(rows), count
 
 
 def get_model(session: SessionDep, tenant: TenantDep, model_id: Annotated[str, Path()]) -> Model:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
-from sqlalchemy import func, select
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import (
@@ -18,6 +18,7 @@ from app.deps import (
     StorageDep,
     TenantDep,
     UploaderDep,
+    newest_page,
 )
 from app.schemas import DatasetPublic, DatasetsPublic
 from app.text_datasets import DatasetError, count_records, dataset_format
@@ -87,9 +88,7 @@ def list_datasets(
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> DatasetsPublic:
-    query = select(Dataset).where(Dataset.tenant == tenant)
-    rows = session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id).limit(limit).offset(offset)).all()
-    count = session.scalar(select(func.count()).select_from(Dataset).where(Dataset.tenant == tenant)) or 0
+    rows, count = newest_page(session, Dataset, tenant, limit, offset)
     return DatasetsPublic(data=[DatasetPublic.of(r) for r in rows], count=count)
 
 

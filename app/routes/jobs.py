@@ -11,11 +11,11 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.deps import JobDep, Limit, Offset, SessionDep, TenantDep
+from app.deps import JobDep, Limit, Offset, SessionDep, TenantDep, newest_page
 from app.json_body import read_json
 from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
 from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, utcnow
@@ -169,11 +169,8 @@ def list_jobs(
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> JobsPublic:
-    where = [Job.tenant == tenant] + ([Job.status == status_filter.value] if status_filter else [])
-    rows = session.scalars(
-        select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
-    ).all()
-    count = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    where = [Job.status == status_filter.value] if status_filter else []
+    rows, count = newest_page(session, Job, tenant, limit, offset, *where)
     return JobsPublic(data=[JobPublic.of(r) for r in rows], count=count)
 
 

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
-from sqlalchemy import func, select
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.archives import ArchiveError, Kind, Limits, TooLarge, detect_kind, extract, model_root
@@ -20,6 +20,7 @@ from app.deps import (
     StorageDep,
     TenantDep,
     UploaderDep,
+    newest_page,
 )
 from app.gguf_inspection import inspect_gguf
 from app.inspection import Inspected, inspect_hf_folder
@@ -119,14 +120,7 @@ def list_models(
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> ModelsPublic:
-    rows = session.scalars(
-        select(Model)
-        .where(Model.tenant == tenant)
-        .order_by(Model.created_at.desc(), Model.id)
-        .limit(limit)
-        .offset(offset)
-    ).all()
-    count = session.scalar(select(func.count()).select_from(Model).where(Model.tenant == tenant)) or 0
+    rows, count = newest_page(session, Model, tenant, limit, offset)
     return ModelsPublic(data=[ModelPublic.of(r) for r in rows], count=count)
 
 
