@@ -24,6 +24,10 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
+from modelpress.db import new_session
+from modelpress.models import Dataset, Model
+from modelpress.storage import LocalStorage
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".upload.lock"
@@ -265,3 +269,15 @@ def upload_name(upload: Upload, suffixes: tuple[str, ...]) -> str:
         if base.lower().endswith(suffix) and len(base) > len(suffix):
             return base[: -len(suffix)]
     return base or "upload"
+
+
+def commit_or_remove(row: Model | Dataset, storage: LocalStorage, key: str) -> None:
+    """Insert the row of an upload already moved into storage under `key`; if that fails, remove the files,
+    so a refused or failed upload never leaves files without a row."""
+    try:
+        with new_session() as session:
+            session.add(row)
+            session.commit()
+    except BaseException:
+        storage.delete(key)
+        raise

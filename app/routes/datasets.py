@@ -22,8 +22,7 @@ from app.deps import (
 )
 from app.schemas import DatasetPublic, DatasetsPublic
 from app.text_datasets import DatasetError, count_records, dataset_format
-from app.uploads import MULTIPART_OPENAPI, Upload, receive_upload, upload_name
-from modelpress.db import new_session
+from app.uploads import MULTIPART_OPENAPI, Upload, commit_or_remove, receive_upload, upload_name
 from modelpress.models import Dataset, Job, new_id
 from modelpress.specs import JobSpec
 from modelpress.storage import LocalStorage
@@ -51,13 +50,7 @@ def _store_dataset(upload: Upload, tenant: str, storage: LocalStorage) -> Datase
         storage_key=key,
     )
     storage.put_file(key, upload.path)
-    try:
-        with new_session() as session:
-            session.add(row)
-            session.commit()
-    except BaseException:
-        storage.delete(f"datasets/{dataset_id}")
-        raise
+    commit_or_remove(row, storage, f"datasets/{dataset_id}")
     logger.info("stored dataset %s (%s, %d records) for %s", dataset_id, fmt, records, tenant)
     return row
 

@@ -25,8 +25,7 @@ from app.deps import (
 from app.gguf_inspection import inspect_gguf
 from app.inspection import Inspected, inspect_hf_folder
 from app.schemas import ModelPublic, ModelsPublic
-from app.uploads import MULTIPART_OPENAPI, Upload, receive_upload, upload_name
-from modelpress.db import new_session
+from app.uploads import MULTIPART_OPENAPI, Upload, commit_or_remove, receive_upload, upload_name
 from modelpress.models import Job, Model, new_id
 from modelpress.settings import Settings
 from modelpress.storage import LocalStorage
@@ -81,13 +80,7 @@ def _store_model(upload: Upload, tenant: str, storage: LocalStorage, settings: S
         storage.put_file(key, upload.path)
     else:
         storage.put_tree(key, root)
-    try:
-        with new_session() as session:
-            session.add(row)
-            session.commit()
-    except BaseException:
-        storage.delete(f"models/{model_id}")
-        raise
+    commit_or_remove(row, storage, f"models/{model_id}")
     logger.info(
         "stored model %s (%s, %s, %d parameters) for %s", model_id, fmt, row.architecture, row.parameters, tenant
     )
