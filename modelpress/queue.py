@@ -44,7 +44,7 @@ def sender() -> Celery:
     return app
 
 
-def enqueue_job(job_id: str) -> None:
+def enqueue_job(job_id: str, settings: Settings | None = None) -> None:
     """Put a job on the GPU queue and note when. Safe to repeat: the worker skips a job no longer queued.
 
     Raises when the broker is down; the row keeps `enqueued_at` empty and the reconciler sends it later.
@@ -54,7 +54,7 @@ def enqueue_job(job_id: str) -> None:
     from modelpress.db import session_scope
     from modelpress.models import Job, utcnow
 
-    settings = get_settings()
+    settings = settings or get_settings()
     sender().send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue)
     with session_scope() as session:
         session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))

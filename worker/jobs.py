@@ -177,7 +177,8 @@ def checkpoint_key(job_id: str) -> str:
 def _engine_request(job: Job, storage: LocalStorage, output_dir: Path, settings: Settings) -> Any:
     from worker.engine import EngineRequest
 
-    references = JobSpec.model_validate(job.spec).dataset_references()
+    spec = JobSpec.model_validate(job.spec)
+    references = spec.dataset_references()
     with session_scope() as session:
         model = session.get(Model, job.model_id) if job.model_id else None
         if model is None:
@@ -189,9 +190,8 @@ def _engine_request(job: Job, storage: LocalStorage, output_dir: Path, settings:
                 raise LookupError(f"the dataset {dataset_id} ({where}) was deleted before the job ran; resubmit")
             datasets[dataset_id] = dataset
     files = {i: (storage.path(d.storage_key), d.format) for i, d in datasets.items()}
-    calibration, evaluation = (job.spec.get(part) or {} for part in ("calibration", "evaluation"))
-    calibration_file = files.get(calibration.get("dataset_id"), (None, None))
-    evaluation_file = files.get(evaluation.get("dataset_id"), (None, None))
+    calibration_file = files[spec.calibration.dataset_id] if spec.calibration else (None, None)
+    evaluation_file = files[spec.evaluation.dataset_id] if spec.evaluation else (None, None)
     return EngineRequest(
         model_path=storage.path(model.storage_key),
         model_format=model.format,

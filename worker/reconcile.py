@@ -64,7 +64,7 @@ def reconcile_once(settings: Settings, client: redis.Redis, owner: str) -> dict[
                 to_send.append(job.id)
                 reaped += 1
     for job_id in to_send:
-        enqueue_job(job_id)
+        enqueue_job(job_id, settings)
     if broker_lost and to_send:
         log.warning("broker lost its data: re-sent %d queued jobs", len(to_send))
     return {"sent": len(to_send), "reaped": reaped, "failed": failed}
