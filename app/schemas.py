@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from modelpress.models import Artifact, Dataset, Job, Model
+from modelpress.models import Job
 from modelpress.specs import JobSpec
 
 JobCreate = JobSpec
 
 
-class ModelPublic(BaseModel):
+class _FromRow(BaseModel):
+    """A public view read straight from a table row's attributes."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    @classmethod
+    def of(cls, row: Any) -> Self:
+        return cls.model_validate(row)
+
+
+class ModelPublic(_FromRow):
     id: str
     name: str
     format: Literal["hf", "gguf"]
@@ -26,27 +36,13 @@ class ModelPublic(BaseModel):
         default_factory=dict, description="what inspection found: sizes, dtype, tokenizer, Linear input widths"
     )
 
-    @classmethod
-    def of(cls, row: Model) -> ModelPublic:
-        return cls(
-            id=row.id,
-            name=row.name,
-            format=row.format,
-            architecture=row.architecture,
-            parameters=row.parameters,
-            size_bytes=row.size_bytes,
-            sha256=row.sha256,
-            created_at=row.created_at,
-            details=row.details or {},
-        )
-
 
 class ModelsPublic(BaseModel):
     data: list[ModelPublic]
     count: int
 
 
-class DatasetPublic(BaseModel):
+class DatasetPublic(_FromRow):
     id: str
     name: str
     format: Literal["txt", "jsonl"]
@@ -54,18 +50,6 @@ class DatasetPublic(BaseModel):
     records: int
     sha256: str
     created_at: datetime
-
-    @classmethod
-    def of(cls, row: Dataset) -> DatasetPublic:
-        return cls(
-            id=row.id,
-            name=row.name,
-            format=row.format,
-            size_bytes=row.size_bytes,
-            records=row.records,
-            sha256=row.sha256,
-            created_at=row.created_at,
-        )
 
 
 class DatasetsPublic(BaseModel):
@@ -133,7 +117,7 @@ class JobsPublic(BaseModel):
     count: int
 
 
-class ArtifactPublic(BaseModel):
+class ArtifactPublic(_FromRow):
     id: str
     name: str
     kind: str
@@ -141,20 +125,11 @@ class ArtifactPublic(BaseModel):
     size_bytes: int
     sha256: str
     created_at: datetime
-    download_url: str
 
-    @classmethod
-    def of(cls, row: Artifact) -> ArtifactPublic:
-        return cls(
-            id=row.id,
-            name=row.name,
-            kind=row.kind,
-            media_type=row.media_type,
-            size_bytes=row.size_bytes,
-            sha256=row.sha256,
-            created_at=row.created_at,
-            download_url=f"/v1/artifacts/{row.id}",
-        )
+    @computed_field
+    @property
+    def download_url(self) -> str:
+        return f"/v1/artifacts/{self.id}"
 
 
 class ArtifactsPublic(BaseModel):
