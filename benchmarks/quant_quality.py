@@ -47,6 +47,7 @@ ROWS = [  # label, step (None: dense), needs calibration, bound over dense (frac
     ("dense float32", None, False, None),
     ("rtn int8 per channel (W8A16)", {"method": "rtn", "weights": {"bits": 8, "group_size": None}}, False, 0.01),
     ("fp8 E4M3 W8A8 dynamic", {"method": "fp8"}, False, 0.02),
+    ("fp8 E4M3 W8A8 dynamic, GPTQ-rounded", {"method": "fp8", "gptq": True}, True, 0.02),
     ("smoothquant int8 W8A8 (α 0.5)", {"method": "smoothquant", "alpha": 0.5}, True, 0.03),
     ("rtn int4 g64 (W4A16)", {"method": "rtn", "weights": INT4}, False, None),
     ("gptq int4 g64 act-order", {"method": "gptq", "weights": INT4, "act_order": True}, True, 0.12),
@@ -55,6 +56,7 @@ ROWS = [  # label, step (None: dense), needs calibration, bound over dense (frac
 VLLM = {
     "rtn int8 per channel (W8A16)": "pack-quantized int8 weight-only (W8A16, Marlin WNA16 kernels)",
     "fp8 E4M3 W8A8 dynamic": "float-quantized FP8 channel weights + dynamic per-token FP8 (CompressedTensorsW8A8Fp8)",
+    "fp8 E4M3 W8A8 dynamic, GPTQ-rounded": "the same format as fp8 (GPTQ only chose the E4M3 values)",
     "smoothquant int8 W8A8 (α 0.5)": "int-quantized int8 channel weights + dynamic per-token int8 "
     "(CompressedTensorsW8A8Int8)",
     "rtn int4 g64 (W4A16)": "pack-quantized int4 group 64 (CompressedTensorsWNA16, Marlin)",

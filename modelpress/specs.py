@@ -218,6 +218,11 @@ class FP8Quantize(_TargetedStep):
 
     type: Literal[StepType.quantize] = StepType.quantize
     method: Literal["fp8"] = "fp8"
+    gptq: bool = Field(
+        default=False,
+        description="round the weights with GPTQ's error-compensating updates from calibration data instead of "
+        "to nearest (needs `calibration`)",
+    )
 
 
 class KnowledgeDistill(Spec):
@@ -288,7 +293,13 @@ NEEDS_CALIBRATION = frozenset(
         "quantize:smoothquant",
     }
 )
-"""Steps that learn from the job's calibration text."""
+"""Steps that always learn from the job's calibration text."""
+
+
+def needs_calibration(step: Spec) -> bool:
+    """Whether this step, with its options, learns from calibration text (fp8 only when `gptq` is on)."""
+    return step_key(step) in NEEDS_CALIBRATION or bool(getattr(step, "gptq", False))
+
 
 Step = Annotated[
     Annotated[MagnitudePrune, Tag("prune:magnitude")]
@@ -357,7 +368,7 @@ class JobSpec(Spec):
         quantized_at = None
         for index, step in enumerate(self.recipe):
             key = step_key(step)
-            if key in NEEDS_CALIBRATION and self.calibration is None:
+            if needs_calibration(step) and self.calibration is None:
                 raise ValueError(f"recipe.{index} ({key}) learns from calibration text: add a `calibration` section")
             if quantized_at is not None:
                 raise ValueError(

@@ -56,6 +56,7 @@ CALIBRATION = {"samples": 8, "seq_len": 64}
     [
         ([RTN, PRUNE], {}, ("recipe.1", "quantization must be the last step")),
         ([{"type": "prune", "method": "wanda", "sparsity": 0.5}], {}, ("recipe.0", "calibration")),
+        ([{"type": "quantize", "method": "fp8", "gptq": True}], {}, ("recipe.0", "calibration")),
         ([{**PRUNE, "pattern": "2:4", "sparsity": 0.3}], {}, ("2:4", "sparsity 0.5", "0.3")),
         ([{"type": "prune", "method": "magnitude"}], {}, ("sparsity",)),
         ([{"type": "prune", "method": "structured"}], {}, ("nothing would be removed",)),
@@ -74,6 +75,7 @@ CALIBRATION = {"samples": 8, "seq_len": 64}
     ids=[
         "quantize-not-last",
         "needs-calibration",
+        "fp8-gptq-needs-calibration",
         "pattern-vs-sparsity",
         "no-sparsity",
         "structured-nothing",

@@ -59,6 +59,19 @@ def test_gptq_beats_rtn_in_output_error_with_correlated_inputs(act_order, group_
     assert output_error(w, q, hessian) < 0.6 * output_error(w, rtn, hessian)
 
 
+def test_gptq_on_the_fp8_grid_beats_rounding_to_nearest():
+    x = correlated_inputs()
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    hessian = 2 / x.shape[0] * x.T @ x
+    q, scale, zero = gptq_quantize(w, hessian, 8, None, True, kind="float")
+    assert zero is None and torch.equal(scale, fp8_params(w))
+    assert torch.equal(fp8_fake_quantize(q, scale), q)  # every weight is an E4M3 value times its row's scale
+    rtn = fp8_fake_quantize(w, fp8_params(w))
+    assert output_error(w, q, hessian) < 0.8 * output_error(w, rtn, hessian)
+    with pytest.raises(ValueError, match="FP8"):
+        gptq_quantize(w, hessian, 4, 32, True, kind="float")
+
+
 def test_gptq_handles_dead_columns_and_a_singular_hessian():
     x = correlated_inputs(tokens=64)  # fewer tokens than features: H is singular
     x[:, 5] = 0  # an input channel that never fires
@@ -177,12 +190,25 @@ def test_awq_step_scales_every_layer_group_and_beats_rtn_proxy(tiny):
     assert all(layer["awq_loss_vs_rtn"] <= 1.0 + 1e-6 for layer in layers.values())  # α = 0 is plain rounding
 
 
-def test_calibrated_steps_need_calibration(tiny):
+@pytest.mark.parametrize("step", [{"method": "gptq", "weights": INT4_G32}, {"method": "fp8", "gptq": True}])
+def test_calibrated_steps_need_calibration(tiny, step):
     from worker.engine.errors import EngineError
 
     with pytest.raises(EngineError) as info:
-        run_step(tiny.model, {"method": "gptq", "weights": INT4_G32}, None)
+        run_step(tiny.model, step, None)
     assert info.value.code == "missing_calibration"
+
+
+def test_fp8_gptq_step_beats_fp8_rounding_in_reported_output_error(tiny_model_dir):
+    from worker.engine.loading import load_model
+
+    errors = {}
+    for gptq in (False, True):
+        model = load_model(tiny_model_dir, "hf", torch.device("cpu")).model
+        result = run_step(model, {"method": "fp8", "gptq": gptq}, calibration_windows(model, count=8, length=64))
+        assert result.summary["gptq"] is gptq
+        errors[gptq] = result.summary["mean_output_error"]
+    assert errors[True] < 0.9 * errors[False]
 
 
 # --- artifacts ------------------------------------------------------------------------------------------------
@@ -198,6 +224,7 @@ SCHEMES = {  # step, format, stored code dtype, activation type, bytes per weigh
     "awq": ({"method": "awq", "weights": INT4_G32, "grid": 6}, "pack-quantized", "I32", None),
     "smoothquant": ({"method": "smoothquant", "alpha": 0.5}, "int-quantized", "I8", "int"),
     "fp8": ({"method": "fp8"}, "float-quantized", "F8_E4M3", "float"),
+    "fp8-gptq": ({"method": "fp8", "gptq": True}, "float-quantized", "F8_E4M3", "float"),
 }
 
 

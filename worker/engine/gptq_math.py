@@ -9,6 +9,9 @@ Act order (`desc_act`) visits columns by decreasing H_ii. Its groups are *static
 contiguous group of `group_size` input columns are computed from the weights before any update, so the
 artifact stores groups in the natural column order and needs no g_idx (compressed-tensors actorder "static").
 Without act order, a group's scales are computed when its first column is reached, from the updated weights.
+
+The same loop rounds to the FP8 E4M3 grid (`kind="float"`, per-channel scales absmax / 448 fixed up front), as
+llm-compressor's GPTQ does for its FP8 schemes: the error of each rounded column is compensated the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from worker.engine.errors import EngineError
-from worker.engine.quant_math import fake_quantize, rtn_params
+from worker.engine.quant_math import fake_quantize, fp8_fake_quantize, fp8_params, rtn_params
 
 MAX_DAMPENING_RETRIES = 6
 
@@ -58,12 +61,21 @@ def gptq_quantize(
     block_size: int = 128,
     dampening: float = 0.01,
     act_order: bool = False,
+    kind: str = "int",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(fake-quantized weight, scale (out, groups), zero point or None), in the weight's natural column order."""
+    """(fake-quantized weight, scale (out, groups), zero point or None), in the weight's natural column order.
+
+    `kind` "int": integers of `bits` bits; "float": FP8 E4M3 with per-channel scales (bits 8, no groups).
+    """
+    if kind == "float" and (bits != 8 or group_size is not None or not symmetric):
+        raise ValueError("FP8 GPTQ takes bits 8, per-channel scales and symmetric weights")
     hessian, w, _ = prepare_hessian(hessian, weight)
     columns = w.shape[1]
     static = act_order or group_size is None  # scales fixed up front from the (dead-zeroed) weights
-    scale, zero = rtn_params(w, bits, group_size, symmetric) if static else (None, None)
+    if kind == "float":
+        scale, zero = fp8_params(w), None
+    else:
+        scale, zero = rtn_params(w, bits, group_size, symmetric) if static else (None, None)
     if group_size is None:
         scale_groups, zero_groups = scale, zero
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(columns)
@@ -89,7 +101,10 @@ def gptq_quantize(
                     zero[:, group] = z[:, 0]
             s = scale[:, group : group + 1] if group_size is not None else scale_groups
             z = None if zero is None else (zero[:, group : group + 1] if group_size is not None else zero_groups)
-            q = fake_quantize(block[:, i : i + 1], s, z, bits, None)[:, 0]
+            if kind == "float":
+                q = fp8_fake_quantize(block[:, i : i + 1], s)[:, 0]
+            else:
+                q = fake_quantize(block[:, i : i + 1], s, z, bits, None)[:, 0]
             quantized[:, start + i] = q
             error = (block[:, i] - q) / h_block[i, i]
             block[:, i:] -= error.unsqueeze(1) * h_block[i, i:].unsqueeze(0)

@@ -15,6 +15,17 @@ def int_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def half_range(bits: int) -> float:
+    """(qmax - qmin) / 2: what a symmetric scale divides absmax by (7.5 for int4, 127.5 for int8).
+
+    This is compressed-tensors' and the GPTQ reference's convention: all 2**bits levels are used, the
+    largest positive weight lands on 7.5 and rounds into the clamp at qmax. Dividing by qmax instead
+    leaves the most negative level unused (15 levels for int4), which costs int4 noticeably.
+    """
+    qmin, qmax = int_range(bits)
+    return (qmax - qmin) / 2
+
+
 def grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """View (out, in) as (out, groups, columns): one group of all columns when group_size is None."""
     if group_size is None:
@@ -27,13 +38,13 @@ def rtn_params(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (out, groups) and, when asymmetric, integer-valued zero points (out, groups).
 
-    Symmetric: scale = absmax / qmax, zero point 0. Asymmetric: the range [min, max] (widened to hold 0)
+    Symmetric: scale = absmax / half_range(bits), zero point 0. Asymmetric: the range [min, max] (widened to hold 0)
     spread over all 2**bits levels, zero point = round(qmin - min / scale). All-zero groups get scale 1.
     """
     qmin, qmax = int_range(bits)
     groups = grouped(weight, group_size)
     if symmetric:
-        scale = groups.abs().amax(dim=-1) / qmax
+        scale = groups.abs().amax(dim=-1) / half_range(bits)
         return torch.where(scale > 0, scale, torch.ones_like(scale)), None
     low = groups.amin(dim=-1).clamp(max=0)
     high = groups.amax(dim=-1).clamp(min=0)
@@ -82,7 +93,7 @@ def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
 # --- FP8 E4M3 and dynamic per-token activations (compressed-tensors' operation order) -------------------------
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-INT8_HALF_RANGE = 127.5  # compressed-tensors' symmetric int scale divides absmax by (qmax - qmin) / 2
+INT8_HALF_RANGE = half_range(8)
 
 
 def fp8_params(weight: torch.Tensor) -> torch.Tensor:
@@ -142,7 +153,7 @@ def clipped_params(
     groups = grouped(weight, group_size)
     ratio = torch.as_tensor(ratio, dtype=weight.dtype, device=weight.device)
     if symmetric:
-        scale = groups.abs().amax(dim=-1) * ratio / qmax
+        scale = groups.abs().amax(dim=-1) * ratio / half_range(bits)
         return torch.where(scale > 0, scale, torch.ones_like(scale)), None
     low = groups.amin(dim=-1).clamp(max=0) * ratio
     high = groups.amax(dim=-1).clamp(min=0) * ratio
