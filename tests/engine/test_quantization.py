@@ -54,28 +54,21 @@ def test_math_matches_compressed_tensors(bits, group_size, symmetric):
     assert torch.equal(theirs, fake_quantize(w, scale, zero_point, bits, group_size))
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 64, True), (4, 32, False)])
-def test_scales_follow_compressed_tensors_convention(bits, group_size, symmetric):
-    """Symmetric scales divide absmax by (qmax - qmin) / 2 (7.5 for int4), as compressed-tensors computes them
-    from a min/max observer: all 2**bits levels are in use."""
-    from compressed_tensors.quantization import QuantizationArgs
-    from compressed_tensors.quantization.utils import calculate_qparams
-
+@pytest.mark.parametrize("bits,group_size", [(8, None), (4, 64), (4, 32)])
+def test_symmetric_scales_clip_nothing_and_use_both_ends(bits, group_size):
+    """Each group's positive end lands on qmax or its negative end on qmin, whichever needs the coarser scale:
+    nothing is clipped, and the scale is never coarser than absmax / qmax (the 15-level int4 form)."""
     torch.manual_seed(1)
     w = torch.randn(16, 128) * torch.rand(16, 1)
-    scale, zero_point = rtn_params(w, bits, group_size, symmetric)
+    scale, zero_point = rtn_params(w, bits, group_size, True)
+    qmin, qmax = int_range(bits)
     groups = w.unflatten(-1, (-1, group_size or 128))
-    args = QuantizationArgs(
-        num_bits=bits, symmetric=symmetric, strategy="group" if group_size else "channel", group_size=group_size
-    )
-    theirs_scale, theirs_zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-    torch.testing.assert_close(scale, theirs_scale, rtol=1e-6, atol=0)
-    if symmetric:
-        assert zero_point is None and not theirs_zero.any()
-        codes = quantize(w, scale, zero_point, bits, group_size)
-        assert codes.min() == int_range(bits)[0]  # the most negative level is used
-    else:
-        assert torch.equal(zero_point, theirs_zero.float())
+    assert zero_point is None
+    assert (scale <= groups.abs().amax(-1) / qmax + 1e-9).all()
+    codes = quantize(w, scale, zero_point, bits, group_size).unflatten(-1, (-1, group_size or 128))
+    assert ((groups - codes * scale.unsqueeze(-1)).abs() <= scale.unsqueeze(-1) / 2 + 1e-6).all()  # no clipping
+    assert ((codes.amax(-1) == qmax) | (codes.amin(-1) == qmin)).all()
+    assert (codes.amin(-1) == qmin).any()  # the level that absmax / qmax leaves unused is in use
 
 
 def test_zero_rows_and_zeros_survive():
