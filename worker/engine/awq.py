@@ -63,12 +63,15 @@ def fold_groups(group: LayerGroup, folds=FOLDS) -> list[tuple[torch.nn.Module, l
 @torch.no_grad()
 def fold_checked_(producer: torch.nn.Module, consumers: list[torch.nn.Linear], s: torch.Tensor, head_dim) -> bool:
     """Fold s; for a norm, first check on a random input that its output really scales by 1/s (a norm that
-    computes x · (1 + weight) would not), and leave everything untouched when it does not."""
+    computes x · (1 + weight) would not), and leave everything untouched when it does not. The check allows
+    the rounding of the norm's dtype (bf16 models)."""
     if not isinstance(producer, torch.nn.Linear):
-        probe = torch.randn(4, s.numel(), dtype=producer.weight.dtype, device=producer.weight.device)
-        before = producer(probe)
+        dtype = producer.weight.dtype
+        probe = torch.randn(4, s.numel(), dtype=dtype, device=producer.weight.device)
+        before = producer(probe).float()
         fold_scales_(producer, [], s)
-        if not torch.allclose(producer(probe) * s, before, rtol=1e-4, atol=1e-5):
+        rtol = max(1e-4, 4 * torch.finfo(dtype).eps)  # bf16 weights and outputs are rounded: 2⁻⁸ each
+        if not torch.allclose((producer(probe) * s).float(), before, rtol=rtol, atol=1e-5):
             fold_scales_(producer, [], 1 / s)
             return False
         scale_inputs_(consumers, s, head_dim)
@@ -104,6 +107,7 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
             s, alpha, loss, plain = search_scales(
                 weights, stats.gram, abs_mean, grid, bits, group_size, symmetric, head_dim
             )
+            s = s.to(weights[0].dtype).float()  # the scales as folding applies them in the model's dtype
             if not fold_checked_(producer, [group.linears[c] for c in consumers], s, head_dim):
                 notes.append(f"awq: {type(producer).__name__} does not scale linearly; its consumers kept s = 1")
                 continue

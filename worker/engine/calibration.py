@@ -6,15 +6,18 @@ per decoder layer. The caller observes the layer's Linear inputs, changes its we
 runner then recomputes that layer's outputs with the changed weights and feeds them to the next layer, so a
 later layer is calibrated on the outputs of the already pruned or quantized earlier ones.
 
-Memory: only one layer's inputs (and, while advancing, its outputs) are held, in the model dtype on `device`.
+Memory: only one layer's inputs (and, while advancing, its outputs) are held, in the model dtype on `device`:
+for 128 windows of 2048 tokens at hidden size 4096 in bf16, 2 GiB each. The layer runs one window at a time, so
+its intermediate activations (the MLP's 2048 × 14336 per window) are never materialized for all windows at once.
 A model that lives on another device (CPU while `device` is CUDA) is moved there one layer at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -80,6 +83,11 @@ class LayerPass:
     def inputs(self) -> list[torch.Tensor]:
         """The layer's input hidden states, one [1, seq, hidden] tensor per calibration window."""
         return self._hidden
+
+    def release(self) -> None:
+        """Drop the cached inputs (the runner calls this once it has the outputs: whoever still holds this
+        pass must not keep a whole layer's inputs alive while the next layer runs)."""
+        self._hidden = []
 
     @torch.no_grad()
     def observe(self, callbacks: dict[str, Callable[[torch.Tensor], None]]) -> None:
@@ -177,6 +185,7 @@ def sequential_layers(
                 step = LayerPass(index, f"{prefix}.{index}", layer, hidden, kwargs)
                 yield step
                 hidden = step.forward()
+                step.release()
                 del step
             finally:
                 if home is not None and home != device:
@@ -187,10 +196,50 @@ def sequential_layers(
         model.train(was_training)
 
 
+class Statistic(Protocol):
+    def add(self, x: torch.Tensor) -> None: ...
+
+
+S = TypeVar("S", bound=Statistic)
+
+
+def observe_shared(step: LayerPass, names: list[str], new_statistic: Callable[[str], S]) -> dict[str, S]:
+    """Run the layer over the calibration windows once, adding each named module's 2-D inputs to a statistic
+    made by `new_statistic(name)`. Modules fed the very same tensor (q/k/v, gate/up) share one statistic,
+    computed once: the result maps each of them to the same object."""
+    owned: dict[str, S] = {}
+    alias: dict[str, str] = {}
+    last: dict[str, object] = {"x": None, "owner": None}
+
+    def callback(name: str) -> Callable[[torch.Tensor], None]:
+        def collect(x: torch.Tensor) -> None:
+            seen = last["x"]
+            same = (
+                isinstance(seen, torch.Tensor)
+                and seen.data_ptr() == x.data_ptr()
+                and seen.shape == x.shape
+                and seen.stride() == x.stride()
+            )  # `seen` is kept alive, so its memory cannot have been reused by another tensor
+            if same and name not in owned:
+                alias.setdefault(name, str(last["owner"]))
+                return
+            if name not in owned:
+                owned[name] = new_statistic(name)
+            owned[name].add(x)
+            last["x"], last["owner"] = x, name
+
+        return collect
+
+    step.observe({name: callback(name) for name in names})
+    last["x"] = None
+    return {name: owned[alias.get(name, name)] for name in names}
+
+
 class HessianAccumulator:
     """H = 2/n · Σ x xᵀ over the rows x of every batch added, as a float32 running mean (GPTQ, SparseGPT).
 
     The running mean rescales the sum before each addition, so H stays O(|x|²) however many tokens are added.
+    Products are accumulated in float32 whatever the input dtype (see `add_gram_`).
     """
 
     def __init__(self, features: int, device: torch.device | str | None = None) -> None:
@@ -199,16 +248,45 @@ class HessianAccumulator:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(device=self._hessian.device, dtype=torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(device=self._hessian.device)
         rows = x.shape[0]
         if rows == 0:
             return
         total = self.count + rows
         self._hessian.mul_(self.count / total)
-        x = x * (2.0 / total) ** 0.5
-        self._hessian.addmm_(x.T, x)
+        add_gram_(self._hessian, x, 2.0 / total)
         self.count = total
 
     @property
     def hessian(self) -> torch.Tensor:
         return self._hessian
+
+
+@torch.no_grad()
+def add_gram_(out: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
+    """out += alpha · xᵀx, in float32.
+
+    bf16 / fp16 inputs on CUDA are multiplied on the tensor cores with float32 accumulation and output: the
+    product of two half-precision numbers is exact in float32, so this equals the float32 product of the
+    upcast inputs up to summation order, at about ten times the speed (the down_proj Hessian of an 8B model is
+    14336² per window). Everything else is upcast to float32 first."""
+    if x.dtype in (torch.bfloat16, torch.float16) and half_gram_supported(x.device, x.dtype):
+        out.add_(torch.mm(x.T, x, out_dtype=torch.float32), alpha=alpha)
+        return
+    x = x.float()
+    out.addmm_(x.T, x, alpha=alpha)
+
+
+@functools.cache
+def half_gram_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch can multiply `dtype` matrices on `device` into a float32 result (`mm(out_dtype=)`,
+    CUDA only); checked once per device and dtype on a small exact case."""
+    if device.type != "cuda":
+        return False
+    a = torch.tensor([[1.0, 2.0], [3.0, 1 / 256]], dtype=dtype, device=device)
+    try:
+        product = torch.mm(a.T, a, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        log.info("no float32-output half-precision matmul here (%s): Hessians upcast their inputs", exc)
+        return False
+    return product.dtype == torch.float32 and bool(torch.equal(product, a.float().T @ a.float()))

@@ -5,6 +5,13 @@ Loss per batch: alpha · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − alpha
 clipping, bf16 autocast on CUDA. Weights that are exactly zero when training starts (unstructured or N:M
 pruning) are masked: their gradients are zeroed and the weights re-zeroed after every optimizer step.
 
+Memory on CUDA: the teacher's weights are cast to bfloat16 (autocast runs its matrix products in bf16 anyway),
+the student recomputes each decoder layer's activations in the backward pass (gradient checkpointing: a
+layer's input is all it keeps), AdamW is the fused kernel (no temporaries over the whole parameter list), and
+the loss is taken one sequence at a time in float32 and recomputed in the backward pass, so float32 copies of
+[batch, seq, vocab] logits never exist at once. What remains is the student, its gradients and two AdamW
+moments (4× the student) plus the teacher: an 8B student cannot fit in its own size plus 20 GB this way.
+
 Checkpoints (student, optimizer, scheduler, step, RNG) are written atomically to `context.checkpoint_dir`
 every `checkpoint_every` steps; a retried job resumes from the last one. Batches are a pure function of the
 step number (a per-epoch permutation with a fixed seed), so a resumed run sees the same data as one that
@@ -17,11 +24,13 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as recompute
 
 from worker.engine.data import token_windows
 from worker.engine.errors import EngineError
@@ -38,17 +47,31 @@ SEED = 0
 def kd_loss(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, kl, ce) for logits [b, seq, vocab] and token ids [b, seq]; KL is a mean per predicted token."""
-    s, t = student[:, :-1].float(), teacher[:, :-1].float()
-    vocab = s.shape[-1]
-    kl = F.kl_div(
-        F.log_softmax(s.reshape(-1, vocab) / temperature, -1),
-        F.log_softmax(t.reshape(-1, vocab) / temperature, -1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    ce = F.cross_entropy(s.reshape(-1, vocab), labels[:, 1:].reshape(-1))
+    """(total, kl, ce) for logits [b, seq, vocab] and token ids [b, seq]; KL is a mean per predicted token.
+
+    Summed one sequence at a time; with gradients, each sequence's float32 terms are recomputed in the backward
+    pass instead of kept (at batch 8 × 2048 and a 128k vocabulary each float32 copy of the logits is 8 GB)."""
+    tokens = student.shape[0] * (student.shape[1] - 1)
+    kl_sum = ce_sum = student.new_zeros((), dtype=torch.float32)
+    for s, t, y in zip(student, teacher, labels, strict=True):
+        if torch.is_grad_enabled() and s.requires_grad:
+            kl, ce = recompute(sequence_losses, s[:-1], t[:-1], y[1:], temperature, use_reentrant=False)
+        else:
+            kl, ce = sequence_losses(s[:-1], t[:-1], y[1:], temperature)
+        kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
+    kl, ce = kl_sum / tokens, ce_sum / tokens
     return alpha * temperature**2 * kl + (1 - alpha) * ce, kl, ce
+
+
+def sequence_losses(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ KL(softmax(t/T) ‖ softmax(s/T)), Σ cross-entropy) over the positions of [seq, vocab] logits, in float32."""
+    s, t = student.float(), teacher.float()
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="sum"
+    )
+    return kl, F.cross_entropy(s, labels, reduction="sum")
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -135,20 +158,48 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, hidden: bool):
     return out.logits, (out.hidden_states[-1] if hidden else None)
 
 
+def _parameters_to_bf16_(module: torch.nn.Module) -> None:
+    """Cast float parameters (not buffers: rotary frequencies stay float32) to bfloat16 in place."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point() and parameter.dtype != torch.bfloat16:
+            parameter.data = parameter.data.to(torch.bfloat16)
+
+
+@dataclass
+class _Run:
+    """What the training loop needs besides the model: one distill step's state (dies with it)."""
+
+    spec: dict[str, Any]
+    context: StepContext
+    teacher: torch.nn.Module
+    windows: torch.Tensor
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    masks: dict[str, torch.Tensor]
+    checkpoint: Path | None
+
+
 @register("distill", "kd")
 def distill(model: torch.nn.Module, context: StepContext) -> StepResult:
     spec = context.spec
     if context.teacher is None:
         raise EngineError("bad_spec", "distill:kd has no teacher snapshot (the pipeline keeps one per teacher_step)")
     steps, batch_size, seq_len = int(spec.get("steps", 200)), int(spec.get("batch_size", 8)), int(spec["seq_len"])
-    temperature, alpha = float(spec.get("temperature", 2.0)), float(spec.get("alpha", 0.5))
-    hidden_weight, every = float(spec.get("hidden_mse", 0.0)), int(spec.get("checkpoint_every", 50))
     device = torch.device(context.device) if context.device is not None else next(model.parameters()).device
+    cuda = device.type == "cuda"
     windows = _windows(context, seq_len)
     teacher = context.teacher.to(device).eval()
+    if cuda:
+        _parameters_to_bf16_(teacher)
     masks = sparsity_masks(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=float(spec.get("learning_rate", 1e-4)), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=float(spec.get("learning_rate", 1e-4)),
+        weight_decay=0.0,
+        **({"fused": True} if cuda else {"foreach": False}),
+    )
     warmup = int(spec.get("warmup_steps", 20))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
     checkpoint = None if context.checkpoint_dir is None else Path(context.checkpoint_dir) / CHECKPOINT
@@ -161,51 +212,18 @@ def distill(model: torch.nn.Module, context: StepContext) -> StepResult:
         _set_rng_state(state["rng"])
         start, losses = int(state["step"]), list(state["losses"])
         context.report_progress(start / steps, f"resumed from the checkpoint at step {start}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    model.train()
-    started, tokens = time.perf_counter(), 0
-    for step in range(start, steps):
-        ids = windows[batch_indices(step, windows.shape[0], batch_size)].to(device)
-        with autocast:
-            with torch.no_grad():
-                t_logits, t_hidden = _forward(teacher, ids, hidden_weight > 0)
-            s_logits, s_hidden = _forward(model, ids, hidden_weight > 0)
-        loss, kl, ce = kd_loss(s_logits, t_logits, ids, temperature, alpha)
-        if hidden_weight > 0:
-            loss = loss + hidden_weight * F.mse_loss(s_hidden.float(), t_hidden.float())
+    checkpointing = cuda and bool(getattr(model, "supports_gradient_checkpointing", False))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    run = _Run(spec, context, teacher, windows, device, optimizer, scheduler, masks, checkpoint)
+    try:
+        _train(model, run, start, losses)
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        model.eval()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        apply_masks_(model, masks, grads=True)
-        if spec.get("max_grad_norm") is not None:
-            torch.nn.utils.clip_grad_norm_(parameters, float(spec["max_grad_norm"]))
-        optimizer.step()
-        scheduler.step()
-        apply_masks_(model, masks)
-        tokens += ids.numel()
-        losses.append(float(loss.detach()))
-        speed = tokens / max(time.perf_counter() - started, 1e-9)
-        done = step + 1
-        if checkpoint is not None and (done % every == 0 or done == steps):
-            save_checkpoint(
-                checkpoint,
-                {
-                    "spec": {k: v for k, v in spec.items() if k != "checkpoint_every"},
-                    "step": done,
-                    "losses": losses,
-                    "student": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(),
-                },
-            )
-        context.report_progress(
-            done / steps,
-            f"step {done}/{steps} loss {losses[-1]:.4f} (kl {float(kl.detach()):.4f} "
-            f"ce {float(ce.detach()):.4f}) {speed:.0f} tokens/s",
-        )
-    model.eval()
-    optimizer.zero_grad(set_to_none=True)
-    context.teacher.to("cpu")
+        context.teacher.to("cpu")
     summary = {
         "steps": steps,
         "resumed_from_step": start,
@@ -214,7 +232,60 @@ def distill(model: torch.nn.Module, context: StepContext) -> StepResult:
         "final_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "masked_layers": len(masks),
         "dataset_windows": int(windows.shape[0]),
-        "autocast": "bf16" if device.type == "cuda" else None,
+        "autocast": "bf16" if cuda else None,
+        "gradient_checkpointing": checkpointing,
     }
     layers = [{"name": name, "sparsity": float(1 - keep.float().mean())} for name, keep in masks.items()]
     return StepResult(layers=layers, summary=summary)
+
+
+def _train(model: torch.nn.Module, run: _Run, start: int, losses: list[float]) -> None:
+    """Steps `start` .. `steps` - 1: loss, backward, masks, clipping, AdamW; `losses` grows by one per step."""
+    spec, optimizer = run.spec, run.optimizer
+    steps, batch_size = int(spec.get("steps", 200)), int(spec.get("batch_size", 8))
+    temperature, alpha = float(spec.get("temperature", 2.0)), float(spec.get("alpha", 0.5))
+    hidden_weight, every = float(spec.get("hidden_mse", 0.0)), int(spec.get("checkpoint_every", 50))
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda")
+    model.train()
+    started, tokens = time.perf_counter(), 0
+    for step in range(start, steps):
+        ids = run.windows[batch_indices(step, run.windows.shape[0], batch_size)].to(run.device)
+        with autocast:
+            with torch.no_grad():
+                t_logits, t_hidden = _forward(run.teacher, ids, hidden_weight > 0)
+            s_logits, s_hidden = _forward(model, ids, hidden_weight > 0)
+        loss, kl, ce = kd_loss(s_logits, t_logits, ids, temperature, alpha)
+        if hidden_weight > 0:
+            loss = loss + hidden_weight * F.mse_loss(s_hidden.float(), t_hidden.float())
+        del t_logits, t_hidden, s_logits, s_hidden  # the graph keeps what backward needs
+        loss.backward()
+        apply_masks_(model, run.masks, grads=True)
+        if spec.get("max_grad_norm") is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, float(spec["max_grad_norm"]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # the gradients go before the next forward, not after it
+        run.scheduler.step()
+        apply_masks_(model, run.masks)
+        tokens += ids.numel()
+        losses.append(float(loss.detach()))
+        speed = tokens / max(time.perf_counter() - started, 1e-9)
+        done = step + 1
+        if run.checkpoint is not None and (done % every == 0 or done == steps):
+            save_checkpoint(
+                run.checkpoint,
+                {
+                    "spec": {k: v for k, v in spec.items() if k != "checkpoint_every"},
+                    "step": done,
+                    "losses": losses,
+                    "student": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": run.scheduler.state_dict(),
+                    "rng": _rng_state(),
+                },
+            )
+        run.context.report_progress(
+            done / steps,
+            f"step {done}/{steps} loss {losses[-1]:.4f} (kl {float(kl.detach()):.4f} "
+            f"ce {float(ce.detach()):.4f}) {speed:.0f} tokens/s",
+        )

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.calibration import HessianAccumulator, LayerPass, decoder_layers, sequential_layers
+from worker.engine.calibration import (
+    HessianAccumulator,
+    LayerPass,
+    decoder_layers,
+    observe_shared,
+    sequential_layers,
+)
 from worker.engine.ct_export import require_compressed_tensors, storage_format, stored_weight_bytes
 from worker.engine.errors import EngineError
 from worker.engine.quant_math import fake_quantize, fake_quantize_tokens, output_error, relative_error, rtn_params
@@ -86,11 +92,11 @@ class InputStats:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        x = x.float()
+        """Add a [tokens, features] batch of inputs in any float dtype (no float32 copy of it is made)."""
         self.hessian.add(x)
         magnitude = x.abs()
-        self.abs_sum += magnitude.sum(dim=0)
-        torch.maximum(self.abs_max, magnitude.amax(dim=0), out=self.abs_max)
+        self.abs_sum += magnitude.sum(dim=0, dtype=torch.float32)
+        torch.maximum(self.abs_max, magnitude.amax(dim=0).float(), out=self.abs_max)
 
     @property
     def gram(self) -> torch.Tensor:
@@ -110,32 +116,9 @@ class InputStats:
 def observe_inputs(step: LayerPass, linears: dict[str, torch.nn.Linear]) -> dict[str, InputStats]:
     """Run the layer over the calibration windows once, collecting each Linear's input statistics. Linears fed
     the very same tensor (q/k/v, gate/up) share one set, computed once."""
-    owned: dict[str, InputStats] = {}
-    alias: dict[str, str] = {}
-    last: dict[str, object] = {"x": None, "owner": None}
-
-    def callback(name: str) -> Callable[[torch.Tensor], None]:
-        def collect(x: torch.Tensor) -> None:
-            seen = last["x"]
-            same = (
-                isinstance(seen, torch.Tensor)
-                and seen.data_ptr() == x.data_ptr()
-                and seen.shape == x.shape
-                and seen.stride() == x.stride()
-            )  # `seen` is kept alive, so its memory cannot have been reused by another tensor
-            if same and name not in owned:
-                alias.setdefault(name, str(last["owner"]))
-                return
-            if name not in owned:
-                owned[name] = InputStats(x.shape[-1], x.device)
-            owned[name].add(x)
-            last["x"], last["owner"] = x, name
-
-        return collect
-
-    step.observe({name: callback(name) for name in linears})
-    last["x"] = None
-    return {name: owned[alias.get(name, name)] for name in linears}
+    return observe_shared(
+        step, list(linears), lambda name: InputStats(linears[name].in_features, linears[name].weight.device)
+    )
 
 
 @dataclass
@@ -208,7 +191,7 @@ def summarize(layers: list[dict], quantized: dict[str, QuantizedWeight], linears
         "max_relative_error": max(errors),
         "mean_output_error": sum(outputs) / len(outputs) if outputs else None,
         "max_output_error": max(outputs) if outputs else None,
-        "targeted_weight_bytes_before": sum(4 * m.weight.numel() for m in linears.values()),
+        "targeted_weight_bytes_before": sum(m.weight.numel() * m.weight.element_size() for m in linears.values()),
         "targeted_weight_bytes_after": sum(stored_weight_bytes(shapes[n], q) for n, q in quantized.items()),
     }
 
@@ -242,6 +225,7 @@ def quantize_layers(
                 prepare(group)
             for name, linear in group.linears.items():
                 run(name, linear, group.stats[name])
+            del group  # this layer's statistics (the down_proj Hessian alone is 0.8 GiB at 8B) go before the next
         for name, linear in outside_layers(model, linears).items():
             run(name, linear, None)
     order = list(linears)

@@ -45,6 +45,7 @@ def smoothquant_step(model: torch.nn.Module, context: StepContext) -> StepResult
         for producer, consumers, _ in fold_groups(group, NORM_FOLDS):
             weights = [group.linears[c].weight for c in consumers]
             s = smoothing_factors(group.stats[consumers[0]].abs_max, weights, alpha)
+            s = s.to(weights[0].dtype).float()  # the factors as folding applies them in the model's dtype
             if fold_checked_(producer, [group.linears[c] for c in consumers], s, None):
                 rescale_inputs_(group, consumers, s)
                 smoothed.update(consumers)
