@@ -43,6 +43,7 @@ from worker.engine.report import library_versions  # noqa: E402
 log = logging.getLogger("quant_quality")
 
 INT4 = {"bits": 4, "group_size": 64, "symmetric": True}
+INT4_ASYM = {**INT4, "symmetric": False}
 ROWS = [  # label, step (None: dense), needs calibration, bound over dense (fraction) from the issue
     ("dense float32", None, False, None),
     ("rtn int8 per channel (W8A16)", {"method": "rtn", "weights": {"bits": 8, "group_size": None}}, False, 0.01),
@@ -52,6 +53,9 @@ ROWS = [  # label, step (None: dense), needs calibration, bound over dense (frac
     ("rtn int4 g64 (W4A16)", {"method": "rtn", "weights": INT4}, False, None),
     ("gptq int4 g64 act-order", {"method": "gptq", "weights": INT4, "act_order": True}, True, 0.12),
     ("awq int4 g64", {"method": "awq", "weights": INT4}, True, 0.12),
+    ("rtn int4 g64 asymmetric", {"method": "rtn", "weights": INT4_ASYM}, False, None),
+    ("gptq int4 g64 act-order asymmetric", {"method": "gptq", "weights": INT4_ASYM, "act_order": True}, True, 0.12),
+    ("awq int4 g64 asymmetric", {"method": "awq", "weights": INT4_ASYM}, True, 0.12),
 ]
 VLLM = {
     "rtn int8 per channel (W8A16)": "pack-quantized int8 weight-only (W8A16, Marlin WNA16 kernels)",
@@ -62,6 +66,7 @@ VLLM = {
     "rtn int4 g64 (W4A16)": "pack-quantized int4 group 64 (CompressedTensorsWNA16, Marlin)",
     "gptq int4 g64 act-order": "pack-quantized int4 group 64, actorder static, no g_idx (CompressedTensorsWNA16)",
     "awq int4 g64": "pack-quantized int4 group 64 (CompressedTensorsWNA16)",
+    "… asymmetric": "pack-quantized int4 group 64 with zero points (CompressedTensorsWNA16, asymmetric)",
 }
 
 
@@ -138,12 +143,15 @@ def table(name: str, rows: list[tuple[str, dict, float | None]]) -> str:
 
 
 def int4_verdicts(rows: list[tuple[str, dict, float | None]]) -> str:
-    by = {label.split()[0] + (" int4" if "int4" in label else ""): r["perplexity"] for label, r, _ in rows}
-    rtn = by["rtn int4"]
-    return ", ".join(
-        f"{m} {'<' if by[m + ' int4'] < rtn else '≥'} rtn int4 ({by[m + ' int4']:.3f} vs {rtn:.3f})"
-        for m in ("gptq", "awq")
-    )
+    """Each int4 method against round-to-nearest of the same symmetry."""
+    ppl = {label: r["perplexity"] for label, r, _ in rows}
+    verdicts = []
+    for suffix in ("", " asymmetric"):
+        rtn = ppl.get(f"rtn int4 g64{' (W4A16)' if not suffix else suffix}")
+        for method in (f"gptq int4 g64 act-order{suffix}", f"awq int4 g64{suffix}"):
+            if rtn is not None and method in ppl:
+                verdicts.append(f"{method} {'<' if ppl[method] < rtn else '≥'} rtn ({ppl[method]:.3f} vs {rtn:.3f})")
+    return ", ".join(verdicts)
 
 
 def benchmark(name, dense, tokenizer, calibration, eval_windows, device, partial=lambda text: None) -> str:
