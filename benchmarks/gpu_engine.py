@@ -386,7 +386,8 @@ def run(args: argparse.Namespace, report: Callable[[str], None] = print) -> dict
         "environment": environment(device),
         "config": {k: getattr(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}
         | {"num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads}
-        | {"vocab_size": config.vocab_size, "dtype": "bfloat16", "weights": "random"},
+        | {"vocab_size": config.vocab_size, "dtype": "bfloat16", "weights": "random"}
+        | {"rope": getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)},
         "calibration": {
             "windows": args.calibration,
             "seq_len": args.seq_len,
