@@ -1,4 +1,4 @@
-"""Evaluate a model: perplexity over token windows, prefill and decode latency, peak memory, generations.
+"""Evaluate a model: perplexity over token windows, prefill and decode speed, peak memory, generations.
 
 Baseline and optimized models go through the same `evaluate` with the same `EvalPlan`, so they are measured on
 the same windows, prompts and device.
@@ -15,13 +15,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.engine.measure import (
-    PeakMemory,
-    count_parameters,
-    device_name,
-    median_ms,
-    tensor_bytes_in_memory,
+from worker.engine.fast_inference import (
+    convert_for_speed_,
+    kernel_counts,
+    measure_speed,
+    release_compiled,
+    speed_copy,
 )
+from worker.engine.measure import PeakMemory, count_parameters, device_name, tensor_bytes_in_memory
+from worker.engine.registry import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -62,45 +64,51 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, device: torch.devi
     return {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens, "windows": len(windows)}
 
 
-@torch.no_grad()
-def prefill_ms(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, repeats: int) -> float:
-    """Median time of one forward pass over a full window (the prompt-processing step)."""
-    ids = ids.to(device)
-    return median_ms(lambda: model(input_ids=ids, use_cache=True), device, repeats)
+# --- Speed, with the harness of fast_inference -----------------------------------------------------------------
+
+SPEED_PROMPT_TOKENS = 128  # decode is timed after a prompt of at most this many of the latency ids
+SERVING_DTYPE = torch.bfloat16  # what both models are timed in on CUDA (tinygemm and rowwise fp8 write bf16)
+CUDA_SPEED_PATH = (
+    "cuda: both models timed in bfloat16 with the harness of worker/engine/fast_inference.py (the benchmark's "
+    "code): the baseline is the uploaded model cast to bfloat16; in the optimized model every quantized (and, "
+    "where all pruned layers are 2:4, every pruned) Linear runs the low-bit kernel listed under `kernels`. "
+    "Embeddings, norms and untargeted Linears stay bfloat16"
+)
+CPU_SPEED_PATH = (
+    "cpu: eager transformers forward on each model as evaluated (float32): the optimized model is the reloaded "
+    "artifact, whose compressed-tensors weights transformers decompresses to float, so no low-bit kernel runs "
+    "and the CPU figures do not show what quantization buys on a GPU"
+)
 
 
-def _decode_loop(
-    model: torch.nn.Module, prompt: torch.Tensor, steps: int
-) -> tuple[Callable[[], None], Callable[[], None]]:
-    """A prefill (untimed) then a closure that decodes `steps` greedy tokens one at a time with the KV cache."""
-    state: dict[str, Any] = {}
-
-    def keep(out: Any) -> None:
-        # transformers >= 5.2x names the KV cache `cache`; earlier versions `past_key_values`
-        state["cache_arg"] = "cache" if "cache" in out else "past_key_values"
-        state["cache"], state["next"] = out[state["cache_arg"]], out.logits[:, -1:].argmax(-1)
-
-    @torch.no_grad()
-    def prefill() -> None:
-        keep(model(input_ids=prompt, use_cache=True))
-
-    @torch.no_grad()
-    def decode() -> None:
-        for _ in range(steps):
-            keep(model(input_ids=state["next"], use_cache=True, **{state["cache_arg"]: state["cache"]}))
-
-    return prefill, decode
+def speed_inputs(model: torch.nn.Module, plan: EvalPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decode prompt, prefill ids) from the plan's latency ids, on the plan's device."""
+    ids = plan.latency_ids.to(plan.device)
+    limit = getattr(model.config, "max_position_embeddings", None) or ids.shape[1] + plan.decode_tokens + 1
+    length = max(1, min(SPEED_PROMPT_TOKENS, ids.shape[1], limit - plan.decode_tokens - 1))
+    return ids[:, :length], ids
 
 
-def decode_ms_per_token(model: torch.nn.Module, prompt: torch.Tensor, device: torch.device, plan: EvalPlan) -> float:
-    """Median over repeats of (time of the per-token decode loop) / tokens; prefill is outside the timing."""
-    prefill, decode = _decode_loop(model, prompt.to(device), plan.decode_tokens)
-    times = []
-    for _ in range(plan.repeats + 1):  # the first run warms up
-        prefill()
-        times.append(median_ms(decode, device, repeats=1, warmup=0))
-    ordered = sorted(times[1:])
-    return ordered[len(ordered) // 2] / plan.decode_tokens
+def measure_model_speed(model: torch.nn.Module, plan: EvalPlan) -> dict:
+    """The harness on `model` as it is (eager on CPU, the decode step compiled on CUDA), batch 1."""
+    prompt, prefill_ids = speed_inputs(model, plan)
+    return measure_speed(model, prompt, prefill_ids, plan.decode_tokens, repeats=plan.repeats)
+
+
+def kernel_speed(
+    model: torch.nn.Module, plan: EvalPlan, quantized: dict[str, QuantizedWeight], sparse_24: set[str]
+) -> dict:
+    """The harness on a bfloat16 copy of `model` whose quantized and 2:4 Linears run the real kernels (the
+    model itself is not changed; the copy shares its quantized float weights until they are converted)."""
+    keep = set(quantized) | set(sparse_24)
+    fast = speed_copy(model, SERVING_DTYPE, keep)
+    try:
+        kernels = convert_for_speed_(fast, quantized, sparse_24, plan.device, SERVING_DTYPE) if keep else {}
+        speed = measure_model_speed(fast, plan)
+    finally:
+        del fast
+        release_compiled(plan.device)
+    return {**speed, "kernels": kernel_counts(kernels)}
 
 
 @torch.no_grad()
@@ -124,8 +132,12 @@ def warm_up_(model: torch.nn.Module, plan: EvalPlan) -> None:
         model(input_ids=plan.latency_ids[:, :8].to(plan.device), use_cache=False)
 
 
-def evaluate(model: torch.nn.Module, tokenizer: Any | None, plan: EvalPlan, progress: Progress) -> dict:
-    """All metrics of one model, except its size on disk (the caller knows how it is stored)."""
+def evaluate(
+    model: torch.nn.Module, tokenizer: Any | None, plan: EvalPlan, progress: Progress, speed: dict | None = None
+) -> dict:
+    """All metrics of one model, except its size on disk (the caller knows how it is stored). `speed`: what the
+    harness measured on this model's serving form (CUDA: see `kernel_speed`); None: measure the model as it is.
+    `prefill_ms` and `decode_ms_per_token` (batch 1) come from it; the result's `speed` holds all of it."""
     warm_up_(model, plan)
     parameters, nonzero = count_parameters(model)
     with PeakMemory(plan.device) as peak:
@@ -134,10 +146,9 @@ def evaluate(model: torch.nn.Module, tokenizer: Any | None, plan: EvalPlan, prog
             ppl = perplexity(
                 model, plan.windows, plan.device, lambda fraction, message: progress(0.7 * fraction, message)
             )
-        progress(0.75, "timing prefill")
-        prefill = prefill_ms(model, plan.latency_ids, plan.device, plan.repeats)
-        progress(0.85, "timing decode")
-        decode = decode_ms_per_token(model, plan.latency_ids[:, :16], plan.device, plan)
+        if speed is None:
+            progress(0.75, "timing prefill and decode")
+            speed = measure_model_speed(model, plan)
     progress(0.9, "generating samples")
     samples = generate_samples(model, tokenizer, plan) if tokenizer is not None else []
     progress(1.0, "evaluated")
@@ -147,10 +158,10 @@ def evaluate(model: torch.nn.Module, tokenizer: Any | None, plan: EvalPlan, prog
             "nonzero_parameters": nonzero,
             "perplexity": ppl["perplexity"] if ppl else None,
             "evaluation_tokens": ppl["tokens"] if ppl else None,
-            "prefill_ms": prefill,
-            "prefill_tokens": int(plan.latency_ids.shape[1]),
-            "decode_ms_per_token": decode,
-            "decode_tokens": plan.decode_tokens,
+            "prefill_ms": speed["prefill"]["ms"],
+            "prefill_tokens": speed["prefill"]["tokens"],
+            "decode_ms_per_token": speed["decode"][0]["ms_per_step"],
+            "decode_tokens": speed["decode"][0]["steps"],
             "peak_memory": {
                 "bytes": peak.bytes,
                 "model_tensor_bytes": tensor_bytes_in_memory(model),
@@ -159,4 +170,5 @@ def evaluate(model: torch.nn.Module, tokenizer: Any | None, plan: EvalPlan, prog
             "device": device_name(plan.device),
         },
         "samples": samples,
+        "speed": speed,
     }

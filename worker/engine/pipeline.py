@@ -26,9 +26,11 @@ from worker.engine.artifact import tar_folder, write_manifest
 from worker.engine.ct_export import save_compressed_
 from worker.engine.data import token_windows
 from worker.engine.errors import EngineError
-from worker.engine.evaluation import EvalPlan, evaluate
+from worker.engine.evaluation import CPU_SPEED_PATH, CUDA_SPEED_PATH, EvalPlan, evaluate, kernel_speed
+from worker.engine.fast_inference import measure_copy_bandwidth
+from worker.engine.kernels import semi_structured_violations
 from worker.engine.loading import LoadedModel, load_model, pick_device, require_tokenizer
-from worker.engine.measure import safetensors_bytes, state_dict_bytes
+from worker.engine.measure import device_name, safetensors_bytes, state_dict_bytes
 from worker.engine.pruning_math import sparsity_of
 from worker.engine.registry import QuantizedWeight, StepContext, get_step, step_key
 from worker.engine.report import build_report, library_versions, merge_samples
@@ -99,16 +101,20 @@ class _Runner:
         output_dir = Path(self.request.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         loaded, plan, evaluation_info, calibration = self.load(self.stage(0))
-        baseline = self.evaluate(loaded, plan, self.stage(1))
+        baseline_speed = self.gpu_speed(loaded.model, plan, {}, set(), self.stage(1))
+        baseline = self.evaluate(loaded, plan, self.stage(1), baseline_speed)
         baseline["metrics"]["size_bytes"] = state_dict_bytes(loaded.model)
         baseline["metrics"]["size_method"] = "tensor bytes save_pretrained writes in float32 (tied tensors once)"
         steps, quantized, pruned = self.run_recipe(loaded.model, calibration)
+        export_stage = self.stage(len(self.stages) - 2)
+        sparse_24 = self._sparse_24(loaded.model, pruned) if self.device.type == "cuda" else set()
+        optimized_speed = self.gpu_speed(loaded.model, plan, quantized, sparse_24, export_stage)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=output_dir))
         try:
-            self.export(loaded, quantized, pruned, staging, output_dir / "model.tar", self.stage(len(self.stages) - 2))
+            self.export(loaded, quantized, pruned, staging, output_dir / "model.tar", export_stage)
             del loaded
             self._free_memory()
-            optimized = self.evaluate_artifact(staging, plan, self.stage(len(self.stages) - 1))
+            optimized = self.evaluate_artifact(staging, plan, self.stage(len(self.stages) - 1), optimized_speed)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         report = build_report(
@@ -123,6 +129,7 @@ class _Runner:
             else {"windows": calibration.shape[0], "seq_len": calibration.shape[1]},
             notes=self.notes,
         )
+        report["speed"] = self.speed_section(baseline["speed"], optimized["speed"])
         (output_dir / "report.json").write_text(json.dumps(report, indent=2))
         return report
 
@@ -173,9 +180,55 @@ class _Runner:
         self.notes.append(f"latency timed on a fixed synthetic sequence of {length} token ids (no evaluation dataset)")
         return (torch.arange(length) % config.vocab_size).unsqueeze(0)
 
-    def evaluate(self, loaded: LoadedModel, plan: EvalPlan, report: Callable[[float, str], None]) -> dict:
+    def evaluate(
+        self, loaded: LoadedModel, plan: EvalPlan, report: Callable[[float, str], None], speed: dict | None
+    ) -> dict:
         report(0.0, "evaluating")
-        return evaluate(loaded.model, loaded.tokenizer, plan, report)
+        return evaluate(loaded.model, loaded.tokenizer, plan, report, speed)
+
+    def gpu_speed(
+        self, model: torch.nn.Module, plan: EvalPlan, quantized: dict, sparse_24: set[str], report
+    ) -> dict | None:
+        """On CUDA: the model's speed on its serving kernels (bfloat16; quantized and 2:4 Linears on their
+        low-bit kernels), measured before export changes anything. None on CPU (evaluate times the model as
+        evaluated), and None with a note when the GPU harness fails (evaluate then times the model as it is)."""
+        if self.device.type != "cuda":
+            return None
+        report(0.0, "timing the model on its GPU kernels")
+        try:
+            return kernel_speed(model, plan, quantized, sparse_24)
+        except Exception as exc:  # the report still needs its timings: say why, then time the model as loaded
+            log.exception("GPU speed harness failed")
+            self.notes.append(
+                f"the GPU speed harness failed ({type(exc).__name__}: {exc}); the model was timed as loaded"
+            )
+            return None
+
+    def _sparse_24(self, model: torch.nn.Module, pruned: set[str]) -> set[str]:
+        """The pruned Linears, when every one of them is 2:4 (then they run the semi-structured kernels)."""
+        modules = dict(model.named_modules())
+        weights = {n: modules[n].weight for n in pruned if isinstance(modules.get(n), torch.nn.Linear)}
+        if not weights:
+            return set()
+        if all(semi_structured_violations(weight) == 0 for weight in weights.values()):
+            return set(weights)
+        self.notes.append("the pruned layers are not all 2:4 sparse: on the GPU they are timed with dense kernels")
+        return set()
+
+    def speed_section(self, baseline: dict, optimized: dict) -> dict:
+        """The report's `speed`: each model's harness result (tokens/s, batch, kernels, method) and the path."""
+        section: dict[str, Any] = {
+            "path": CUDA_SPEED_PATH if self.device.type == "cuda" else CPU_SPEED_PATH,
+            "device": device_name(self.device),
+            "baseline": baseline,
+            "optimized": optimized,
+        }
+        if self.device.type == "cuda":
+            bandwidth = measure_copy_bandwidth(self.device)
+            section["copy_bandwidth"] = bandwidth
+            for result in (baseline, optimized):
+                result["floor_tokens_per_s"] = bandwidth["bytes_per_s"] / result["weight_bytes_per_token"]
+        return section
 
     def run_recipe(self, model: torch.nn.Module, calibration: torch.Tensor | None):
         steps: list[dict[str, Any]] = []
@@ -232,7 +285,12 @@ class _Runner:
             quantization_config = save_compressed_(loaded.model, quantized, folder)
             self.notes.append(
                 "transformers runs compressed-tensors checkpoints by decompressing the weights to float at load: "
-                "the optimized latency and memory are measured on that path (vLLM runs the integer kernels)"
+                + (
+                    "the optimized peak memory is measured on that path, its speed on torch's low-bit kernels "
+                    "(report `speed`)"
+                    if self.device.type == "cuda"
+                    else "the optimized latency and memory are measured on that path (vLLM runs the integer kernels)"
+                )
             )
         else:
             loaded.model.save_pretrained(folder)
@@ -253,10 +311,12 @@ class _Runner:
         tar_folder(folder, archive)
         report(1.0, "exported")
 
-    def evaluate_artifact(self, folder: Path, plan: EvalPlan, report: Callable[[float, str], None]) -> dict:
+    def evaluate_artifact(
+        self, folder: Path, plan: EvalPlan, report: Callable[[float, str], None], speed: dict | None
+    ) -> dict:
         report(0.0, "reloading the artifact with transformers")
         reloaded = load_model(folder, "hf", self.device)
-        result = evaluate(reloaded.model, reloaded.tokenizer, plan, report)
+        result = evaluate(reloaded.model, reloaded.tokenizer, plan, report, speed)
         result["metrics"]["size_bytes"] = safetensors_bytes(folder)
         result["metrics"]["size_method"] = "bytes of the artifact's *.safetensors files on disk"
         return result
