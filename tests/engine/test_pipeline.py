@@ -92,7 +92,14 @@ def test_report_shape(job):
         "evaluation",
         "calibration",
         "notes",
+        "speed",
     }
+    speed = report["speed"]
+    assert speed["path"].startswith("cpu: eager") and "no low-bit kernel" in speed["path"]
+    for side in ("baseline", "optimized"):
+        (decode,) = speed[side]["decode"]
+        assert decode["batch"] == 1 and decode["tokens_per_s"] > 0 and decode["compiled"] is False
+        assert speed[side]["prefill"]["tokens_per_s"] > 0 and "static KV cache" in speed[side]["method"]
     assert set(report["baseline"]) == set(report["optimized"]) == METRIC_KEYS
     assert json.loads((out / "report.json").read_text()) == report
     assert [s["type"] + ":" + s["method"] for s in report["steps"]] == ["prune:magnitude", "quantize:rtn"]
