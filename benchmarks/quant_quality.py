@@ -66,7 +66,8 @@ VLLM = {
     "rtn int4 g64 (W4A16)": "pack-quantized int4 group 64 (CompressedTensorsWNA16, Marlin)",
     "gptq int4 g64 act-order": "pack-quantized int4 group 64, actorder static, no g_idx (CompressedTensorsWNA16)",
     "awq int4 g64": "pack-quantized int4 group 64 (CompressedTensorsWNA16)",
-    "… asymmetric": "pack-quantized int4 group 64 with zero points (CompressedTensorsWNA16, asymmetric)",
+    "… asymmetric": "int-quantized int4 with zero points, one byte per code; vLLM's WNA16 path expects "
+    "pack-quantized: not checked",
 }
 
 
