@@ -111,3 +111,23 @@ def test_distill_refuses_a_missing_dataset(tiny):
     )
     with pytest.raises(EngineError):
         get_step(spec)(tiny.model, context)
+
+
+def test_teacher_snapshot_is_a_frozen_host_copy_with_ties_kept(tiny):
+    from worker.engine.pipeline import cpu_copy
+
+    model = tiny.model
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's are
+    snapshot = cpu_copy(model)
+    originals = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in snapshot.named_parameters(remove_duplicate=False):
+        assert torch.equal(tensor, originals[name]) and tensor.data_ptr() != originals[name].data_ptr(), name
+        assert tensor.device.type == "cpu" and not tensor.requires_grad
+    assert snapshot.lm_head.weight is snapshot.model.embed_tokens.weight
+    for (name, buffer), (_, original) in zip(snapshot.named_buffers(), model.named_buffers(), strict=True):
+        assert torch.equal(buffer, original) and buffer.data_ptr() != original.data_ptr(), name
+    assert not snapshot.training
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(1.0)  # training the student leaves the teacher alone
+    assert not torch.equal(snapshot.model.embed_tokens.weight, model.model.embed_tokens.weight)

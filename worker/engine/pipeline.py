@@ -235,7 +235,7 @@ class _Runner:
         quantized: dict[str, QuantizedWeight] = {}
         pruned: set[str] = set()
         teachers = self._teacher_steps()
-        snapshots = {None: _cpu_copy(model)} if None in teachers else {}
+        snapshots = {None: cpu_copy(model)} if None in teachers else {}
         for i, spec in enumerate(self.recipe):
             report = self.stage(2 + i)
             report(0.0, f"running {step_key(spec)}")
@@ -253,7 +253,7 @@ class _Runner:
             )
             result = get_step(spec)(model, context)
             if i in teachers:
-                snapshots[i] = _cpu_copy(model)
+                snapshots[i] = cpu_copy(model)
             quantized.update(result.quantized)
             pruned.update(result.sparsified)
             self.notes.extend(note for note in result.notes if note not in self.notes)
@@ -327,8 +327,15 @@ class _Runner:
             torch.cuda.empty_cache()
 
 
-def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen CPU copy of the model (a distillation teacher)."""
-    copy = deepcopy(model).to("cpu").eval()
+def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen CPU copy of the model (a distillation teacher), made without a second copy on the GPU: each
+    parameter and buffer is copied straight to host memory (deepcopy's memo hands those copies in, so tied
+    weights stay tied), and only the module structure is deep-copied."""
+    memo: dict[int, object] = {}
+    for tensor in model.parameters():
+        memo[id(tensor)] = torch.nn.Parameter(tensor.detach().to("cpu", copy=True), requires_grad=False)
+    for tensor in model.buffers():
+        memo[id(tensor)] = tensor.detach().to("cpu", copy=True)
+    copy = deepcopy(model, memo).eval()
     copy.requires_grad_(False)
     return copy
