@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from worker.engine.errors import EngineError
-from worker.engine.quant_math import fake_quantize, fp8_fake_quantize, fp8_params, rtn_params
+from worker.engine.quant_math import fake_quantize, fp8_fake_quantize, fp8_params, int_range, rtn_params
 
 MAX_DAMPENING_RETRIES = 6
 
@@ -76,8 +76,6 @@ def gptq_quantize(
         scale, zero = fp8_params(w), None
     else:
         scale, zero = rtn_params(w, bits, group_size, symmetric) if static else (None, None)
-    if group_size is None:
-        scale_groups, zero_groups = scale, zero
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(columns)
     order = order.to(w.device)
     order_host = order.tolist()  # read per column below: one transfer, not one device sync per column
@@ -89,27 +87,84 @@ def gptq_quantize(
         zero = None if symmetric else torch.zeros_like(scale)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
-        block, errors, h_block = w[:, start:end].clone(), torch.zeros_like(w[:, start:end]), h_inv[start:end, start:end]
-        for i in range(end - start):
-            column = order_host[start + i]
-            group = 0 if group_size is None else column // group_size
-            if not static and column % group_size == 0:
-                upcoming = torch.cat([block[:, i:], w[:, end:]], dim=1)[:, :group_size]
-                s, z = rtn_params(upcoming, bits, None, symmetric)
-                scale[:, group] = s[:, 0]
-                if zero is not None:
-                    zero[:, group] = z[:, 0]
-            s = scale[:, group : group + 1] if group_size is not None else scale_groups
-            z = None if zero is None else (zero[:, group : group + 1] if group_size is not None else zero_groups)
-            if kind == "float":
-                q = fp8_fake_quantize(block[:, i : i + 1], s)[:, 0]
-            else:
-                q = fake_quantize(block[:, i : i + 1], s, z, bits, None)[:, 0]
-            quantized[:, start + i] = q
-            error = (block[:, i] - q) / h_block[i, i]
-            block[:, i:] -= error.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
-            errors[:, i] = error
+        block, h_block = w[:, start:end].clone(), h_inv[start:end, start:end]
+        if static:
+            done, errors = _sweep_static(block, h_block, scale, zero, order[start:end], group_size, bits, kind)
+        else:
+            errors = _sweep_dynamic(
+                block, h_block, w[:, end:], scale, zero, order_host[start:end], group_size, bits, symmetric
+            )
+            done = block
+        quantized[:, start:end] = done
         w[:, end:] -= errors @ h_inv[start:end, end:]
     restored = torch.empty_like(quantized)
     restored[:, order] = quantized
     return restored, scale, zero
+
+
+def _sweep_static(
+    block: torch.Tensor,
+    h_block: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    order: torch.Tensor,
+    group_size: int | None,
+    bits: int,
+    kind: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a block's columns left to right with scales fixed up front, each column's error spread over the
+    block's later columns. Returns (quantized block, scaled errors for the columns after the block). In-place
+    ops on column views, no allocation and no host sync per column: this loop is GPTQ's hot path."""
+    groups = torch.zeros_like(order) if group_size is None else order // group_size
+    scales = scale[:, groups].unbind(1)
+    zeros = zero[:, groups].unbind(1) if zero is not None else None
+    qmin, qmax = int_range(bits)
+    quantized, errors = torch.empty_like(block), torch.empty_like(block)
+    q_columns, e_columns = quantized.unbind(1), errors.unbind(1)
+    diagonal, h_rows = h_block.diagonal().unbind(0), h_block.unbind(0)
+    for i, column in enumerate(block.unbind(1)):
+        q = q_columns[i]
+        if kind == "float":
+            q.copy_(fp8_fake_quantize(column, scales[i]))
+        else:  # the operations of quant_math.fake_quantize, in its order
+            torch.div(column, scales[i], out=q)
+            if zeros is not None:
+                q.add_(zeros[i])
+            q.clamp_(qmin, qmax).round_()
+            if zeros is not None:
+                q.sub_(zeros[i])
+            q.mul_(scales[i])
+        torch.sub(column, q, out=e_columns[i]).div_(diagonal[i])
+        block[:, i:].addr_(e_columns[i], h_rows[i][i:], alpha=-1)
+    return quantized, errors
+
+
+def _sweep_dynamic(
+    block: torch.Tensor,
+    h_block: torch.Tensor,
+    rest: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    order: list[int],
+    group_size: int,
+    bits: int,
+    symmetric: bool,
+) -> torch.Tensor:
+    """As `_sweep_static`, but each group's scales are computed when its first column is reached, from the
+    weights as updated so far (GPTQ without act order)."""
+    errors = torch.zeros_like(block)
+    for i, column in enumerate(order):
+        group = column // group_size
+        if column % group_size == 0:
+            upcoming = torch.cat([block[:, i:], rest], dim=1)[:, :group_size]
+            s, z = rtn_params(upcoming, bits, None, symmetric)
+            scale[:, group] = s[:, 0]
+            if zero is not None:
+                zero[:, group] = z[:, 0]
+        z = None if zero is None else zero[:, group : group + 1]
+        q = fake_quantize(block[:, i : i + 1], scale[:, group : group + 1], z, bits, None)[:, 0]
+        error = (block[:, i] - q) / h_block[i, i]
+        block[:, i:] -= error.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
+        block[:, i] = q
+        errors[:, i] = error
+    return errors
