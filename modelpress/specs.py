@@ -203,6 +203,12 @@ class AWQQuantize(_TargetedStep):
     method: Literal["awq"] = "awq"
     weights: WeightQuantArgs = WeightQuantArgs(bits=4, group_size=128)
     grid: int = Field(default=20, ge=2, le=100, description="scale exponents tried per layer group")
+    duo_scaling: bool | Literal["both"] = Field(
+        default=False,
+        description="false: candidate scales mean|x|^α; true: mean|x|^α / mean|Ŵ|^(1−α), Ŵ the weights relative to "
+        "their group's range (AutoAWQ's and llm-compressor's default, worse on SmolLM2 int4 here); \"both\": half "
+        "the grid each",
+    )
 
 
 class SmoothQuant(_TargetedStep):

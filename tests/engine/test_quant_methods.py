@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from tests.engine.test_quantization import logits_in_clean_process
 from worker.engine.awq import FOLDS, NORM_FOLDS, fold_checked_, fold_groups
+from worker.engine.awq_math import candidate_scales, scale_candidates, weight_means
 from worker.engine.ct_export import save_compressed_
 from worker.engine.gptq_math import gptq_quantize
 from worker.engine.quant_math import (
@@ -183,11 +184,36 @@ def test_gptq_step_beats_rtn_in_reported_output_error(tiny_model_dir):
     assert errors["gptq"] < 0.9 * errors["rtn"] and errors["gptq_plain"] < 0.9 * errors["rtn"]
 
 
-def test_awq_step_scales_every_layer_group_and_beats_rtn_proxy(tiny):
-    result = run_step(tiny.model, {"method": "awq", "weights": INT4_G32, "grid": 11}, calibration_windows(tiny.model))
+def test_awq_duo_scales_match_a_hand_computation():
+    # two Linears reading 3 channels, groups of 1 (every |w| / group max is 1) and of 3
+    w1 = torch.tensor([[1.0, -2.0, 4.0], [0.5, 0.5, -1.0]])
+    w2 = torch.tensor([[2.0, 1.0, -1.0]])
+    w_mean = weight_means([w1, w2], 3)
+    # rows relative to their max |w|: [1/4, 1/2, 1], [1/2, 1/2, 1], [1, 1/2, 1/2]; column means over the 3 rows
+    torch.testing.assert_close(w_mean, torch.tensor([7 / 12, 1 / 2, 5 / 6]), rtol=1e-5, atol=0)
+    x_mean = torch.tensor([4.0, 1.0, 0.25])
+    s = candidate_scales(x_mean, 0.5, w_mean)
+    raw = [2 / ((7 / 12) ** 0.5 + 1e-4), 1 / (0.5**0.5 + 1e-4), 0.5 / ((5 / 6) ** 0.5 + 1e-4)]
+    expected = torch.tensor(raw) / (max(raw) * min(raw)) ** 0.5
+    torch.testing.assert_close(s, expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(candidate_scales(x_mean, 0.5), torch.tensor([2.0, 1.0, 0.5]))  # plain: x^α, max·min 1
+    assert candidate_scales(x_mean, 0.0).eq(1).all()  # plain α = 0 is plain rounding; duo α = 0 is not
+    assert scale_candidates(4, True) == [(0.0, True), (0.25, True), (0.5, True), (0.75, True)]  # as the references
+    assert [alpha for alpha, _ in scale_candidates(3, False)] == [0.0, 0.5, 1.0]
+    assert scale_candidates(4, "both") == [(0.0, False), (0.0, True), (0.5, False), (0.5, True)]
+
+
+@pytest.mark.parametrize("duo_scaling", [True, False, "both"])
+def test_awq_step_scales_every_layer_group_and_beats_rtn_proxy(tiny, duo_scaling):
+    step = {"method": "awq", "weights": INT4_G32, "grid": 10, "duo_scaling": duo_scaling}
+    result = run_step(tiny.model, step, calibration_windows(tiny.model))
     layers = {layer["name"]: layer for layer in result.layers}
     assert result.summary["scaled_layers"] == 7 * 2  # q, k, v, o, gate, up, down in both layers
-    assert all(layer["awq_loss_vs_rtn"] <= 1.0 + 1e-6 for layer in layers.values())  # α = 0 is plain rounding
+    ratios = [layer["awq_loss_vs_rtn"] for layer in layers.values()]
+    if duo_scaling is True:  # no duo candidate is plain rounding, yet the best one should rarely lose to it
+        assert sum(ratios) / len(ratios) < 1.0 and {layer["awq_duo"] for layer in layers.values()} == {True}
+    else:  # α = 0 of the plain family is plain rounding
+        assert all(ratio <= 1.0 + 1e-6 for ratio in ratios)
 
 
 @pytest.mark.parametrize("step", [{"method": "gptq", "weights": INT4_G32}, {"method": "fp8", "gptq": True}])

@@ -1,10 +1,12 @@
 """`quantize:awq`: activation-aware weight quantization (Lin et al., 2023), sequential over decoder layers.
 
 In each decoder layer, for each (producer → consumers) pair below whose consumers are all targeted, search
-α ∈ [0, 1] (`grid` points) for per-channel scales s = mean|x|^α that minimize the consumers' output error with
-quantized weights, then fold s into the model (producer outputs ÷ s, consumer input columns × s: the same
-function before quantization). Then each targeted Linear's weight range is clipped per group by a searched
-ratio and rounded to nearest. A targeted Linear outside the decoder layers is rounded to nearest, with a note.
+α ∈ [0, 1] (`grid` points) for per-channel scales s = mean|x|^α (or, with `duo_scaling`, AutoAWQ's and
+llm-compressor's s = mean|x|^α / (mean|Ŵ|^(1−α) + 1e-4), Ŵ the weights relative to their group's range; "both"
+tries both families) that minimize the consumers' output error with quantized weights, then fold s into the
+model (producer outputs ÷ s, consumer input columns × s: the same function before quantization). Then
+each targeted Linear's weight range is clipped per group by a searched ratio and rounded to nearest. A targeted
+Linear outside the decoder layers is rounded to nearest, with a note.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ import logging
 
 import torch
 
-from worker.engine.awq_math import clip_search, expand_scales, fold_scales_, scale_inputs_, search_scales
+from worker.engine.awq_math import (
+    clip_search,
+    expand_scales,
+    fold_scales_,
+    per_producer_channel,
+    scale_candidates,
+    scale_inputs_,
+    search_scales,
+    weight_means,
+)
 from worker.engine.quant_math import fake_quantize
 from worker.engine.quantization import (
     InputStats,
@@ -91,6 +102,8 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
     spec = context.spec
     bits, group_size, symmetric = weight_args(spec, "awq", default=(4, 128))
     grid = int(spec.get("grid", 20))
+    duo_scaling = spec.get("duo_scaling", False)
+    candidates = scale_candidates(grid, duo_scaling)
     require_calibration(context, "awq")
     linears = targeted_linears(model, spec, "awq", group_size)
     chosen: dict[str, dict] = {}
@@ -99,13 +112,13 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
     def prepare(group: LayerGroup) -> None:
         for producer, consumers, head_dim in fold_groups(group):
             stats = group.stats[consumers[0]]
-            abs_mean = stats.abs_mean
-            if head_dim is not None:  # o_proj reads each value head several times: one scale per value channel
-                repeats = abs_mean.numel() // producer.out_features
-                abs_mean = abs_mean.view(-1, repeats, head_dim).mean(dim=1).flatten()
             weights = [group.linears[c].weight for c in consumers]
-            s, alpha, loss, plain = search_scales(
-                weights, stats.gram, abs_mean, grid, bits, group_size, symmetric, head_dim
+            # o_proj may read each value head several times: one scale per value channel
+            features = producer.out_features if head_dim is not None else weights[0].shape[1]
+            x_mean = per_producer_channel(stats.abs_mean, features, head_dim)
+            w_mean = per_producer_channel(weight_means(weights, group_size), features, head_dim)
+            s, alpha, duo, loss, plain = search_scales(
+                weights, stats.gram, x_mean, w_mean, candidates, bits, group_size, symmetric, head_dim
             )
             s = s.to(weights[0].dtype).float()  # the scales as folding applies them in the model's dtype
             if not fold_checked_(producer, [group.linears[c] for c in consumers], s, head_dim):
@@ -113,7 +126,7 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
                 continue
             rescale_inputs_(group, consumers, expand_scales(s, weights[0].shape[1], head_dim))
             for c in consumers:
-                chosen[c] = {"awq_alpha": alpha, "awq_loss_vs_rtn": loss / plain if plain > 0 else None}
+                chosen[c] = {"awq_alpha": alpha, "awq_duo": duo, "awq_loss_vs_rtn": loss / plain if plain > 0 else None}
 
     @torch.no_grad()
     def quantize(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> QuantizedWeight:
@@ -126,7 +139,7 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
 
     result = quantize_layers(model, context, linears, quantize, prepare)
     for layer in result.layers:
-        layer.update(chosen.get(layer["name"], {"awq_alpha": None, "awq_loss_vs_rtn": None}))
-    result.summary.update({"grid": grid, "scaled_layers": len(chosen)})
+        layer.update(chosen.get(layer["name"], {"awq_alpha": None, "awq_duo": None, "awq_loss_vs_rtn": None}))
+    result.summary.update({"grid": grid, "duo_scaling": duo_scaling, "scaled_layers": len(chosen)})
     result.notes.extend(dict.fromkeys(notes))
     return result

@@ -1,5 +1,11 @@
-"""AWQ (Lin et al., 2023) math: per-input-channel scales s = mean|x|^α chosen on calibration data, weight-range
-clipping, and folding a scale into the operation that produces a Linear's input. Pure tensor functions.
+"""AWQ (Lin et al., 2023) math: per-input-channel scales chosen on calibration data, weight-range clipping, and
+folding a scale into the operation that produces a Linear's input. Pure tensor functions.
+
+Candidate scales: plain s = mean|x|^α, α ∈ linspace(0, 1, n) (the default), or AutoAWQ's and llm-compressor's
+"duo scaling" s = mean|x|^α / (mean|Ŵ|^(1−α) + 1e-4), Ŵ each weight divided by the largest |weight| of its
+quantization group, with their α = i / n for i < n. On SmolLM2-135M int4 g64, duo (the references' default) and
+"both" gave a worse artifact perplexity than plain (symmetric "both" aside, within the noise); see
+benchmarks/quant_quality.md.
 
 Losses are output errors over the calibration inputs computed from G ∝ XᵀX: for weights W and scales s the
 quantized layer computes (X / s) · Q(W · s)ᵀ, so the error is ΔGΔᵀ with Δ = Q(W · s) / s − W (no activations
@@ -15,10 +21,33 @@ from worker.engine.quant_math import clipped_params, fake_quantize, grouped, rtn
 CLIP_RATIOS = tuple(1.0 - i / 20 for i in range(10))  # shrink the weight range by up to 45%, as AWQ does
 
 
-def candidate_scales(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
-    """s = mean|x|^α, normalized so that max(s)·min(s) = 1 (α = 0 gives s = 1: plain rounding)."""
-    s = abs_mean.float().clamp(min=1e-4).pow(alpha)
-    return s / (s.max() * s.min()).sqrt()
+def candidate_scales(x_mean: torch.Tensor, alpha: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain s = x_mean^α, or, given w_mean, duo s = x_mean^α / (w_mean^(1−α) + 1e-4); clamped at 1e-4, normalized
+    so that max(s)·min(s) = 1, any non-finite entry set to 1 (as AutoAWQ and llm-compressor do)."""
+    s = x_mean.float().pow(alpha)
+    if w_mean is not None:
+        s = s / (w_mean.float().pow(1 - alpha) + 1e-4)
+    s = s.clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def weight_means(weights: list[torch.Tensor], group_size: int | None) -> torch.Tensor:
+    """Per input channel, the mean over every output row of every weight of |w| / (max |w| of its group + 1e-6):
+    how large a column is relative to the range its groups are quantized with."""
+    magnitude = grouped(torch.cat([w.float() for w in weights]).abs(), group_size)
+    return (magnitude / (magnitude.amax(dim=-1, keepdim=True) + 1e-6)).flatten(1).mean(dim=0)
+
+
+def scale_candidates(grid: int, duo_scaling: bool | str) -> list[tuple[float, bool]]:
+    """(α, duo) pairs tried. Plain: α ∈ linspace(0, 1, grid). Duo and "both" as llm-compressor: α = i / grid for
+    i < grid; with "both", i / (grid // 2) for each of plain and duo, interleaved."""
+    if duo_scaling == "both":
+        n = grid // 2
+        return [(i / n, duo) for i in range(n) for duo in (False, True)]
+    if duo_scaling:
+        return [(i / grid, True) for i in range(grid)]
+    return [(alpha, False) for alpha in torch.linspace(0, 1, grid).tolist()]
 
 
 def quadratic_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
@@ -42,26 +71,26 @@ def scaled_error(
 def search_scales(
     weights: list[torch.Tensor],
     gram: torch.Tensor,
-    abs_mean: torch.Tensor,
-    grid: int,
+    x_mean: torch.Tensor,
+    w_mean: torch.Tensor,
+    candidates: list[tuple[float, bool]],
     bits: int,
     group_size: int | None,
     symmetric: bool,
     head_dim: int | None = None,
-) -> tuple[torch.Tensor, float, float, float]:
-    """(best s, its α, its loss, the loss without scaling) over α ∈ linspace(0, 1, grid). `abs_mean` is over
-    the producer's channels; the consumers may read them repeated per head (see expand_scales)."""
-    best = (None, 0.0, float("inf"))
-    plain = float("nan")
+) -> tuple[torch.Tensor, float, bool, float, float]:
+    """(best s, its α, whether it is a duo scale, its loss, the loss of plain rounding, s = 1) over the (α, duo)
+    candidates. `x_mean` and `w_mean` are over the producer's channels; the consumers may read them repeated per
+    head (see expand_scales)."""
     features = weights[0].shape[1]
-    for alpha in torch.linspace(0, 1, grid).tolist():
-        s = candidate_scales(abs_mean, alpha)
+    plain = scaled_error(weights, gram, torch.ones(features, device=gram.device), bits, group_size, symmetric)
+    best = (None, 0.0, False, float("inf"))
+    for alpha, duo in candidates:
+        s = candidate_scales(x_mean, alpha, w_mean if duo else None)
         loss = scaled_error(weights, gram, expand_scales(s, features, head_dim), bits, group_size, symmetric)
-        if alpha == 0:
-            plain = loss
-        if loss < best[2]:
-            best = (s, alpha, loss)
-    return best[0], best[1], best[2], plain
+        if loss < best[3]:
+            best = (s, alpha, duo, loss)
+    return *best, plain
 
 
 def clip_search(
@@ -110,6 +139,14 @@ def scale_inputs_(consumers: list[torch.nn.Linear], s: torch.Tensor, head_dim: i
     """Multiply the consumers' input columns by s (the consumer half of fold_scales_)."""
     for consumer in consumers:
         consumer.weight.mul_(expand_scales(s.to(consumer.weight.dtype), consumer.in_features, head_dim))
+
+
+def per_producer_channel(values: torch.Tensor, features: int, head_dim: int | None = None) -> torch.Tensor:
+    """The inverse of expand_scales for statistics: values over the consumers' input channels averaged over the
+    copies of each of the producer's `features` channels (unchanged when there are no repeated heads)."""
+    if values.numel() == features:
+        return values
+    return values.view(-1, values.numel() // features, head_dim).mean(dim=1).flatten()
 
 
 def expand_scales(s: torch.Tensor, features: int, head_dim: int | None = None) -> torch.Tensor:
