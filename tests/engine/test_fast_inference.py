@@ -14,9 +14,9 @@ import argparse
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks import gpu_speed
+from tests.utils.factories import tiny_llama
 from worker.engine.fast_inference import (
     convert_for_speed_,
     decode_weight_bytes,
@@ -157,24 +157,7 @@ def test_the_sparse_path_refuses_a_weight_that_is_not_2_4():
         semi_structured_weight(pruned, torch.bfloat16)
 
 
-# --- A tiny Llama ---------------------------------------------------------------------------------------------
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+# --- A tiny Llama, quantized --------------------------------------------------------------------------------
 
 
 def quantize_decoder_(model: torch.nn.Module, bits: int, group_size: int | None) -> dict[str, QuantizedWeight]:
@@ -192,7 +175,7 @@ def quantize_decoder_(model: torch.nn.Module, bits: int, group_size: int | None)
 
 @pytest.mark.skipif(not has_aten_op("_weight_int4pack_mm_for_cpu"), reason="no CPU tinygemm in this torch")
 def test_converted_model_computes_what_the_fake_quantized_model_does():
-    model = tiny_llama()
+    model = tiny_llama(hidden=128, max_positions=256)
     records = quantize_decoder_(model, 4, 64)
     records["model.norm"] = records["model.layers.0.mlp.up_proj"]  # not a Linear: kept, with its reason
     ids = torch.randint(1, 512, (1, 24), generator=torch.Generator().manual_seed(2))
@@ -212,7 +195,7 @@ def test_converted_model_computes_what_the_fake_quantized_model_does():
 
 
 def test_speed_copy_casts_and_shares_only_the_kept_linears():
-    model = tiny_llama()
+    model = tiny_llama(hidden=128, max_positions=256)
     copy = speed_copy(model, torch.bfloat16, {"model.layers.0.self_attn.q_proj"})
     assert copy.model.layers[0].self_attn.q_proj.weight is model.model.layers[0].self_attn.q_proj.weight
     assert copy.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16
@@ -220,7 +203,7 @@ def test_speed_copy_casts_and_shares_only_the_kept_linears():
 
 
 def test_decode_weight_bytes_leaves_out_the_input_embedding_only():
-    model = tiny_llama()
+    model = tiny_llama(hidden=128, max_positions=256)
     everything = sum(p.numel() * p.element_size() for p in model.parameters())
     everything += sum(b.numel() * b.element_size() for b in model.buffers())
     embedding = model.model.embed_tokens.weight
@@ -231,7 +214,7 @@ def test_decode_weight_bytes_leaves_out_the_input_embedding_only():
 
 
 def test_harness_decode_loop_is_greedy_generate():
-    model = tiny_llama()
+    model = tiny_llama(hidden=128, max_positions=256)
     prompt = torch.randint(1, 512, (2, 10), generator=torch.Generator().manual_seed(3))
     tokens = greedy_tokens(model, prompt, 12)
     with torch.no_grad():
@@ -242,7 +225,7 @@ def test_harness_decode_loop_is_greedy_generate():
 def test_decode_step_traces_as_one_graph():
     """fullgraph=True with Dynamo (the eager backend: no code generation), the tracing the CUDA path compiles."""
     torch._dynamo.reset()
-    model = tiny_llama()
+    model = tiny_llama(hidden=128, max_positions=256)
     prompt = torch.randint(1, 512, (1, 8), generator=torch.Generator().manual_seed(4))
     try:
         tokens = greedy_tokens(model, prompt, 6, compiled=True, backend="eager")
@@ -252,7 +235,7 @@ def test_decode_step_traces_as_one_graph():
 
 
 def test_measure_speed_reports_positive_figures_and_its_path():
-    model = tiny_llama()
+    model = tiny_llama(hidden=128, max_positions=256)
     ids = torch.randint(1, 512, (1, 32), generator=torch.Generator().manual_seed(5))
     speed = measure_speed(model, ids[:, :8], ids, 4, batch_sizes=(1, 3), repeats=1)
     assert [d["batch"] for d in speed["decode"]] == [1, 3]

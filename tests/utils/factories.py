@@ -46,13 +46,11 @@ def build_tokenizer(folder: Path, vocab_size: int = 512) -> int:
     return len(fast)
 
 
-def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """A tiny random LlamaForCausalLM saved as safetensors with its tokenizer: a valid HF model folder."""
+def tiny_llama(*, vocab: int = 512, hidden: int = 64, layers: int = 2, max_positions: int = 512, seed: int = 0):
+    """A tiny random LlamaForCausalLM in eval mode (grouped-query attention: 4 heads, 2 key/value heads)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(folder)
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -60,13 +58,20 @@ def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, seed: i
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         bos_token_id=0,
         eos_token_id=0,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random LlamaForCausalLM saved as safetensors with its tokenizer: a valid HF model folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(folder)
+    model = tiny_llama(vocab=vocab, hidden=hidden, layers=layers, seed=seed)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 
