@@ -24,14 +24,14 @@ from worker.engine.registry import QuantizedWeight, StepContext, StepResult, reg
 
 
 @torch.no_grad()
-def fp8_quantize_(linear: torch.nn.Linear, stats: InputStats | None = None, dampening: float = 0.01) -> QuantizedWeight:
+def fp8_quantize_(linear: torch.nn.Linear, stats: InputStats | None = None) -> QuantizedWeight:
     """E4M3 weights in place (per-channel scales; GPTQ rounding when input statistics are given) and per-token
     FP8 inputs from now on."""
     if stats is None:
         scale = fp8_params(linear.weight)
         linear.weight.copy_(fp8_fake_quantize(linear.weight, scale))
     else:
-        weight, scale, _ = gptq_quantize(linear.weight, stats.gram, 8, None, True, dampening=dampening, kind="float")
+        weight, scale, _ = gptq_quantize(linear.weight, stats.gram, 8, None, True, kind="float")
         linear.weight.copy_(weight.to(linear.weight.dtype))
     attach_activation_quant_(linear, "fp8")
     return QuantizedWeight(

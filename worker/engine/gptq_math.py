@@ -78,7 +78,8 @@ def gptq_quantize(
         scale, zero = rtn_params(w, bits, group_size, symmetric) if static else (None, None)
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(columns)
     order = order.to(w.device)
-    order_host = order.tolist()  # read per column below: one transfer, not one device sync per column
+    # the dynamic sweep reads columns on the host: one transfer, not one device sync per column
+    order_host = None if static else order.tolist()
     w, hessian = w[:, order], hessian[order][:, order]
     h_inv = inverse_cholesky(hessian, dampening)
     quantized = torch.zeros_like(w)
