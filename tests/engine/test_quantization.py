@@ -103,6 +103,33 @@ def test_bad_group_size_is_refused(tiny):
     assert info.value.code == "bad_group_size"
 
 
+def test_asymmetric_pack_quantized_loads_only_when_dequantized(tiny, tmp_path, monkeypatch):
+    """Why asymmetric schemes are saved int-quantized: compressed-tensors' own pack-quantized checkpoint, zero
+    points packed, is right (transformers' dequantize option loads it with our exact weights) but a plain
+    from_pretrained refuses it. When that raise goes, switch asymmetric schemes to pack-quantized in
+    storage_format (see ct_export's docstring)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from worker.engine import ct_export
+
+    result = run_rtn(tiny.model, 4, 32, False)
+    expected = {n: tiny.model.get_submodule(n).weight.detach().clone() for n in result.quantized}
+    monkeypatch.setattr(ct_export, "storage_format", lambda q: "pack-quantized")
+    save_compressed_(tiny.model, result.quantized, tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as tensors:
+        for name, weight in expected.items():
+            zero_point = tensors.get_slice(f"{name}.weight_zero_point")
+            assert zero_point.get_dtype() == "I32"
+            assert zero_point.get_shape() == [weight.shape[0] * 4 // 32, weight.shape[1] // 32]  # packed by rows
+
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    dequantized = CompressedTensorsConfig(dequantize=True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True, quantization_config=dequantized)
+    for name, weight in expected.items():
+        assert torch.equal(loaded.get_submodule(name).weight, weight), name
+
+
 LOGITS_IN_CLEAN_PROCESS = textwrap.dedent(
     """
     import json, sys, torch

@@ -6,13 +6,26 @@ attaches a `QuantizationScheme` to each quantized Linear (`apply_quantization_co
 reproduces our weights, and let `ModelCompressor` pack the integers and write `quantization_config`.
 
 Formats: symmetric weight-only int schemes are saved `pack-quantized` (int4 and int8 codes packed into int32,
-as llm-compressor's W4A16 / W8A16 presets). Asymmetric weight-only schemes are saved `int-quantized` (codes in
-int8 with int8 zero points): with compressed-tensors 0.20 and transformers 5, a pack-quantized checkpoint with
-zero points does not load (transformers expects unpacked zero-point shapes; llm-compressor issue #1618), and an
-artifact must load. W8A8 (int8 weights, dynamic per-token int8 activations) is `int-quantized` and FP8 (E4M3
-weights per channel, dynamic per-token activations) is `float-quantized`, as llm-compressor's W8A8 and
-FP8_DYNAMIC presets write them. compressed_tensors is imported here only, lazily: the rest of the engine runs
-without it.
+as llm-compressor's W4A16 / W8A16 presets). W8A8 (int8 weights, dynamic per-token int8 activations) is
+`int-quantized` and FP8 (E4M3 weights per channel, dynamic per-token activations) is `float-quantized`, as
+llm-compressor's W8A8 and FP8_DYNAMIC presets write them.
+
+Asymmetric weight-only schemes are saved `int-quantized` (codes and zero points in int8: 8.62 bits per weight for
+int4 g64, against 4.56 packed), because an artifact must load with a plain `from_pretrained`, and with
+transformers 5.24 and compressed-tensors 0.20.1 a `pack-quantized` checkpoint with zero points does not (checked
+for int4 g32, g64, g128 and per channel, and int8; the symptom of llm-compressor issue #1618).
+compressed-tensors' compressor packs the zero points along the output dimension: (ceil(out * bits / 32), groups)
+int32. Transformers builds the model on the meta device and compresses it there
+(`CompressedTensorsHfQuantizer._process_model_before_weight_loading` calls `compress_model`), where the meta
+branch of `PackedQuantizationCompressor.compress` (compressors/pack_quantized/base.py) leaves `weight_zero_point`
+unpacked, (out, groups) int8; every zero point is then a size mismatch (core_model_loading.py) and loading
+raises "You set `ignore_mismatched_sizes` to `False`". The checkpoint itself is right: loaded with
+`quantization_config=CompressedTensorsConfig(dequantize=True)` it gives exact weights. No checkpoint within the
+format as compressed-tensors writes it avoids this: strategy "block" [1, group] keeps zero points unpacked and
+loads, but declares a strategy that vLLM's WNA16 selection (channel or group) does not take. A test in
+tests/engine/test_quantization.py fails once plain loading works.
+
+compressed_tensors is imported here only, lazily: the rest of the engine runs without it.
 """
 
 from __future__ import annotations
