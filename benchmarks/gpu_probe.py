@@ -1,0 +1,227 @@
+"""Where a batch-1 decode step spends its time (issue 5 diagnosis): single matrix-vector kernels, and the
+kernels of one compiled decode step of a few Llama-3-8B-sized layers.
+
+Part 1, matrix-vector probes: one weight of each Llama-3-8B shape at one row of input, for each way of
+computing it (cuBLAS, Inductor's fused reduction, tinygemm, `_scaled_mm`, ...). Each probe reports the kernel
+time per call from the profiler, the time per call replayed in a CUDA graph of 20 calls (what a compiled
+decode step pays, launch gaps included), and the bandwidth that means for the weight's bytes.
+
+Part 2, decode-step profile: a Llama of `--layers` decoder layers at the 8B width (vocabulary included),
+each variant converted as benchmarks/gpu_speed.py does, its one-token step compiled as the harness compiles it
+(without CUDA graphs, so that the profiler sees each kernel), and the kernels of one step listed by time.
+
+    python benchmarks/gpu_probe.py [--part gemv,step] [--layers 4] [--variants bf16,int8,int4,fp8]
+        [--out benchmarks/gpu_probe.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_speed import LLAMA3_8B, apply_variant, build_model, environment  # noqa: E402
+from worker.engine.fast_inference import BATCH_1_OPTIONS, StaticDecoder, measure_copy_bandwidth  # noqa: E402
+from worker.engine.kernels import kernel_linear, plain_record  # noqa: E402
+
+log = logging.getLogger("gpu_probe")
+
+SHAPES = {  # (out, in) of one decoder layer's weights; q/k/v and gate/up also stacked
+    "down 4096x14336": (4096, 14336),
+    "gate 14336x4096": (14336, 4096),
+    "gate+up 28672x4096": (28672, 4096),
+    "q 4096x4096": (4096, 4096),
+    "k 1024x4096": (1024, 4096),
+    "qkv 6144x4096": (6144, 4096),
+}
+GRAPH_CALLS = 20
+
+
+def profiled_kernel_us(fn: Callable[[], Any], calls: int = 20) -> tuple[float, list[tuple[str, float]]]:
+    """Kernel time per call (µs) from the profiler, and the kernels of one call by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.time_range.elapsed_us() / calls
+    ranked = sorted(kernels.items(), key=lambda item: -item[1])
+    return sum(kernels.values()), [(name[:90], round(us, 2)) for name, us in ranked]
+
+
+def graph_us(fn: Callable[[], Any], calls: int = GRAPH_CALLS, repeats: int = 20) -> float:
+    """Per call, µs, of `calls` calls captured in one CUDA graph and replayed (median of replays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+# --- Candidate matrix-vector forms ------------------------------------------------------------------------------
+
+
+def int4_unpack_gemv(x, packed, scale, group):
+    """int4 codes two a byte (high nibble first) unpacked, scaled per group and reduced: one fused reduction
+    under Inductor, if it manages."""
+    n = packed.shape[0]
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).view(n, -1, group).to(x.dtype) - 8
+    weight = (codes * scale.unsqueeze(-1)).view(n, -1)
+    return F.linear(x, weight)
+
+
+def fp8_gemv(x, weight_fp8, weight_scale):
+    """W8A8 with dynamic per-token E4M3 activations, written as a dequantized matrix-vector product: the
+    same products as _scaled_mm (E4M3 × E4M3, float32 accumulation), fused by Inductor at one row."""
+    x_scale = x.abs().amax(dim=-1, keepdim=True).float() / 448.0
+    x_scale = torch.where(x_scale == 0, torch.finfo(torch.float32).eps, x_scale)
+    x_fp8 = (x.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    out = F.linear(x_fp8.to(x.dtype), weight_fp8.to(x.dtype))
+    return (out.float() * x_scale * weight_scale).to(x.dtype)
+
+
+def gemv_candidates(n: int, k: int, device: torch.device) -> dict[str, tuple[Callable[[], Any], int, bool]]:
+    """{form: (one call, weight bytes it reads, whether to compile it)} for one (out, in) weight shape."""
+    weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
+    x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+    linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    linear.weight.data.copy_(weight)
+    modules = {
+        scheme: kernel_linear(linear, plain_record(weight, scheme), False, torch.bfloat16, check_grid=False)[0]
+        for scheme in ("int8", "int4", "fp8")
+    }
+    fp8 = modules["fp8"]
+    codes = torch.randint(0, 16, (n, k), device=device, dtype=torch.uint8)
+    packed = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
+    scale4 = torch.rand(n, k // 128, device=device, dtype=torch.bfloat16)
+    return {
+        "bf16 cuBLAS (eager F.linear)": (lambda: F.linear(x, weight), n * k * 2, False),
+        "bf16 Inductor reduction": (lambda: F.linear(x, weight), n * k * 2, True),
+        "int8 weight-only module": (lambda: modules["int8"](x), n * k, True),
+        "int4 tinygemm module": (lambda: modules["int4"](x), n * k // 2, False),
+        "int4 unpack in Inductor": (lambda: int4_unpack_gemv(x, packed, scale4, 128), n * k // 2, True),
+        "fp8 _scaled_mm module": (lambda: fp8(x), n * k, True),
+        "fp8 dequantized reduction": (lambda: fp8_gemv(x, fp8.weight_fp8, fp8.weight_scale), n * k, True),
+    }
+
+
+def gemv_probes(device: torch.device) -> list[dict[str, Any]]:
+    compile_options = {"coordinate_descent_tuning": True}
+    rows = []
+    for label, (n, k) in SHAPES.items():
+        candidates = gemv_candidates(n, k, device)
+        for name, (fn, nbytes, compiled) in candidates.items():
+            row: dict[str, Any] = {"shape": label, "form": name, "weight_bytes": nbytes, "compiled": compiled}
+            try:
+                call = torch.compile(fn, fullgraph=True, dynamic=False, options=compile_options) if compiled else fn
+                with torch.no_grad():
+                    call()
+                    torch.cuda.synchronize()
+                    row["kernel_us"], row["kernels"] = profiled_kernel_us(call)
+                    row["graph_us"] = graph_us(call)
+                row["graph_tb_s"] = nbytes / row["graph_us"] / 1e6
+                row["kernels"] = row["kernels"][:4]
+            except Exception as exc:  # noqa: BLE001 - one failing form must not stop the probe
+                row["error"] = f"{type(exc).__name__}: {exc}"[:400]
+            torch._dynamo.reset()
+            log.info("%s | %s: %s", label, name, {k: v for k, v in row.items() if k != "kernels"})
+            rows.append(row)
+    return rows
+
+
+# --- One decode step --------------------------------------------------------------------------------------------
+
+
+def step_profiles(
+    device: torch.device, layers: int, variants: list[str], out: Path | None = None
+) -> list[dict[str, Any]]:
+    shape = {**LLAMA3_8B, "num_hidden_layers": layers}
+    model = build_model(shape, device, torch.bfloat16)
+    prompt = torch.randint(1, shape["vocab_size"], (1, 128), device=device)
+    results = []
+    for name in variants:
+        originals, kernels = apply_variant(model, name, torch.bfloat16)
+        row: dict[str, Any] = {"variant": name, "layers": layers, "kernel_counts": kernels}
+        try:
+            torch._dynamo.reset()
+            decoder = StaticDecoder(model, 1, 256, compiled=False)
+            options = {k: v for k, v in BATCH_1_OPTIONS.items() if k != "triton.cudagraphs"}
+            step = torch.compile(decoder._next, fullgraph=True, dynamic=False, options=options)
+            with torch.no_grad():
+                first = decoder.prefill(prompt)
+                started = time.perf_counter()
+                ids = step(first)
+                torch.cuda.synchronize()
+                row["compile_s"] = time.perf_counter() - started
+                for _ in range(3):
+                    ids = step(ids)
+                total, ranked = profiled_kernel_us(functools.partial(step, first), calls=10)
+            row.update({"kernel_us_per_step": total, "kernels": ranked[:40], "kernel_names": len(ranked)})
+            with torch.no_grad():
+                row["graph_us_per_step"] = graph_us(functools.partial(step, first), calls=1)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("%s step profile failed", name)
+            row["error"] = f"{type(exc).__name__}: {exc}"[:600]
+        finally:
+            from benchmarks.gpu_speed import restore
+
+            restore(model, originals)
+        log.info("%s step: %s", name, {k: v for k, v in row.items() if k != "kernels"})
+        results.append(row)
+        if out is not None:
+            out.write_text(json.dumps({"step": results}, indent=2, default=str))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", default="gemv,step")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--variants", default="bf16,int8,int4,fp8")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "gpu_probe.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    device = torch.device("cuda")
+    result: dict[str, Any] = {"environment": environment(device), "copy_bandwidth": measure_copy_bandwidth(device)}
+    parts = args.part.split(",")
+    if "gemv" in parts:
+        result["gemv"] = gemv_probes(device)
+        args.out.write_text(json.dumps(result, indent=2, default=str))
+    if "step" in parts:
+        steps_out = args.out.with_suffix(".step.json")
+        result["step"] = step_profiles(device, args.layers, args.variants.split(","), steps_out)
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
