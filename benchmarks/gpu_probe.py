@@ -34,7 +34,14 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_speed import LLAMA3_8B, apply_variant, build_model, environment  # noqa: E402
 from worker.engine.fast_inference import BATCH_1_OPTIONS, StaticDecoder, measure_copy_bandwidth  # noqa: E402
-from worker.engine.kernels import kernel_linear, plain_record  # noqa: E402
+from worker.engine.kernels import (  # noqa: E402
+    Int4TinyGemmLinear,
+    int_codes,
+    kernel_linear,
+    plain_record,
+    tinygemm_pack,
+    tinygemm_scales_and_zeros,
+)
 
 log = logging.getLogger("gpu_probe")
 
@@ -91,25 +98,6 @@ def graph_us(fn: Callable[[], Any], calls: int = GRAPH_CALLS, repeats: int = 20)
 # --- Candidate matrix-vector forms ------------------------------------------------------------------------------
 
 
-def int4_unpack_gemv(x, packed, scale, group):
-    """int4 codes two a byte (high nibble first) unpacked, scaled per group and reduced: one fused reduction
-    under Inductor, if it manages."""
-    n = packed.shape[0]
-    codes = torch.stack([packed >> 4, packed & 15], dim=-1).view(n, -1, group).to(x.dtype) - 8
-    weight = (codes * scale.unsqueeze(-1)).view(n, -1)
-    return F.linear(x, weight)
-
-
-def fp8_gemv(x, weight_fp8, weight_scale):
-    """W8A8 with dynamic per-token E4M3 activations, written as a dequantized matrix-vector product: the
-    same products as _scaled_mm (E4M3 × E4M3, float32 accumulation), fused by Inductor at one row."""
-    x_scale = x.abs().amax(dim=-1, keepdim=True).float() / 448.0
-    x_scale = torch.where(x_scale == 0, torch.finfo(torch.float32).eps, x_scale)
-    x_fp8 = (x.float() / x_scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    out = F.linear(x_fp8.to(x.dtype), weight_fp8.to(x.dtype))
-    return (out.float() * x_scale * weight_scale).to(x.dtype)
-
-
 def gemv_candidates(n: int, k: int, device: torch.device) -> dict[str, tuple[Callable[[], Any], int, bool]]:
     """{form: (one call, weight bytes it reads, whether to compile it)} for one (out, in) weight shape."""
     weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5
@@ -120,18 +108,36 @@ def gemv_candidates(n: int, k: int, device: torch.device) -> dict[str, tuple[Cal
         scheme: kernel_linear(linear, plain_record(weight, scheme), False, torch.bfloat16, check_grid=False)[0]
         for scheme in ("int8", "int4", "fp8")
     }
+    w8, s8 = modules["int8"].weight_int8, modules["int8"].scale
+    record4 = plain_record(weight, "int4")
+    codes4 = int_codes(weight, record4, check_grid=False)
+    tinygemm = Int4TinyGemmLinear(
+        tinygemm_pack(codes4, 8), tinygemm_scales_and_zeros(record4.scale, None, torch.bfloat16), 128, (n, k), None,
+        cpu=False,
+    )  # fmt: skip
     fp8 = modules["fp8"]
-    codes = torch.randint(0, 16, (n, k), device=device, dtype=torch.uint8)
-    packed = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
-    scale4 = torch.rand(n, k // 128, device=device, dtype=torch.bfloat16)
+    x_scale = x.abs().amax(dim=-1, keepdim=True).float() / 448.0
+    x_fp8 = (x.float() / x_scale).to(torch.float8_e4m3fn)
     return {
         "bf16 cuBLAS (eager F.linear)": (lambda: F.linear(x, weight), n * k * 2, False),
         "bf16 Inductor reduction": (lambda: F.linear(x, weight), n * k * 2, True),
-        "int8 weight-only module": (lambda: modules["int8"](x), n * k, True),
-        "int4 tinygemm module": (lambda: modules["int4"](x), n * k // 2, False),
-        "int4 unpack in Inductor": (lambda: int4_unpack_gemv(x, packed, scale4, 128), n * k // 2, True),
-        "fp8 _scaled_mm module": (lambda: fp8(x), n * k, True),
-        "fp8 dequantized reduction": (lambda: fp8_gemv(x, fp8.weight_fp8, fp8.weight_scale), n * k, True),
+        "int8 Triton kernel (module)": (lambda: modules["int8"](x), n * k, True),
+        "int8 Inductor F.linear(x, int8->bf16) * s": (lambda: F.linear(x, w8.to(x.dtype)) * s8, n * k, True),
+        "int4 Triton kernel (module)": (lambda: modules["int4"](x), n * k // 2, True),
+        "int4 tinygemm": (lambda: tinygemm(x), n * k // 2, False),
+        "fp8 Triton kernel (module, with act. quant)": (lambda: fp8(x), n * k, True),
+        "fp8 _scaled_mm (activations pre-quantized)": (
+            lambda: torch._scaled_mm(
+                x_fp8,
+                fp8.weight_fp8.t(),
+                scale_a=x_scale,
+                scale_b=fp8.weight_scale,
+                out_dtype=x.dtype,
+                use_fast_accum=True,
+            ),
+            n * k,
+            False,
+        ),  # fmt: skip
     }
 
 

@@ -32,6 +32,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from worker.engine import triton_gemv
 from worker.engine.quant_math import (
     FP8_MAX,
     INT8_HALF_RANGE,
@@ -107,12 +108,18 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
         self.use_int8pack = use_int8pack
+        self.use_triton = triton_gemv.available(codes.device) and not use_int8pack
         self.register_buffer("weight_int8", codes.contiguous())
         self.register_buffer("scale", scale.reshape(-1).contiguous())
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_int8pack:
+        rows = x.numel() // self.in_features
+        if self.use_triton and rows <= triton_gemv.MAX_ROWS:
+            flat = x.reshape(rows, self.in_features)
+            out = triton_gemv.gemv(flat, self.weight_int8, self.scale, kind=triton_gemv.KIND_INT8)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+        elif self.use_int8pack:
             flat = x.reshape(-1, self.in_features).contiguous()
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
             out = out.reshape(*x.shape[:-1], self.out_features)
@@ -182,6 +189,39 @@ class Int4TinyGemmLinear(torch.nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+class Int4PackedLinear(torch.nn.Module):
+    """W4A16 with int4 codes two a byte and per-group scales (and zero points): the Triton matrix-vector kernel
+    for up to triton_gemv.MAX_ROWS input rows (decoding), else the codes dequantized to `dtype` and a
+    matmul (prefill, where the matmul, not the weight read, dominates)."""
+
+    def __init__(self, codes, scale, zero, group_size: int, bias, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group_size = group_size
+        self.register_buffer("weight_int4", triton_gemv.pack_int4(codes))
+        self.register_buffer("scale", scale.to(dtype).contiguous())
+        self.register_buffer("zero", None if zero is None else zero.to(dtype).contiguous())
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        flat = x.reshape(rows, self.in_features)
+        if rows <= triton_gemv.MAX_ROWS:
+            out = triton_gemv.gemv(
+                flat, self.weight_int4, self.scale, self.zero, kind=triton_gemv.KIND_INT4, group=self.group_size
+            )
+        else:
+            out = F.linear(flat, self.dequantized(flat.dtype))
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        codes = triton_gemv.unpack_int4(self.weight_int4).view(self.out_features, -1, self.group_size).to(dtype)
+        if self.zero is not None:
+            codes = codes - self.zero.unsqueeze(-1)
+        return (codes * self.scale.unsqueeze(-1)).view(self.out_features, self.in_features)
+
+
 def _tinygemm_layout(codes: torch.Tensor, group: int, dtype: torch.dtype) -> int:
     """inner_k_tiles for this weight, or KernelUnavailable with the constraint it breaks."""
     n, k = codes.shape
@@ -221,6 +261,7 @@ class Fp8RowwiseLinear(torch.nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight_fp8.shape
         self.fast_accum = fast_accum
+        self.use_triton = triton_gemv.available(weight_fp8.device)
         self.register_buffer("weight_fp8", weight_fp8.contiguous())
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).float().contiguous())
         self.register_buffer("bias", bias)
@@ -229,6 +270,13 @@ class Fp8RowwiseLinear(torch.nn.Module):
         flat = x.reshape(-1, self.in_features)
         x_scale = per_token_scale(flat, FP8_MAX)
         x_fp8 = (flat.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        if self.use_triton and flat.shape[0] <= triton_gemv.MAX_ROWS:
+            out = triton_gemv.gemv(
+                x_fp8, self.weight_fp8, self.weight_scale.reshape(-1), x_scale=x_scale.reshape(-1),
+                kind=triton_gemv.KIND_FP8, out_dtype=x.dtype,
+            )  # fmt: skip
+            out = out.reshape(*x.shape[:-1], self.out_features)
+            return out if self.bias is None else out + self.bias
         out = torch._scaled_mm(
             x_fp8,
             self.weight_fp8.t(),
@@ -309,6 +357,12 @@ def _int_weight_only(linear: torch.nn.Linear, record: QuantizedWeight, dtype, ch
     bias = _bias(linear, dtype)
     if record.bits == 4:
         group = record.group_size or codes.shape[1]  # per channel: one group of the whole row
+        if triton_gemv.available(device) and codes.shape[1] % 2 == 0 and group % 2 == 0:
+            module = Int4PackedLinear(codes, scale, zero, group, bias, dtype)
+            return module, (
+                f"int4 weight-only: Triton matrix-vector kernel (group {group}) up to "
+                f"{triton_gemv.MAX_ROWS} rows, dequantized matmul above"
+            )
         try:
             tiles = _tinygemm_layout(codes, group, dtype)
         except KernelUnavailable as exc:
@@ -329,6 +383,11 @@ def _int_weight_only(linear: torch.nn.Linear, record: QuantizedWeight, dtype, ch
         module = Int8WeightOnlyLinear(codes, scale.to(dtype), bias, use_int8pack=int8pack)
         if int8pack:
             return module, "int8 weight-only: aten._weight_int8pack_mm"
+        if module.use_triton:
+            return module, (
+                f"int8 weight-only: Triton matrix-vector kernel up to {triton_gemv.MAX_ROWS} rows, "
+                "F.linear(x, int8 -> dtype) * scale above"
+            )
         return module, "int8 weight-only: F.linear(x, int8 -> dtype) * scale (fused by torch.compile)"
     else:
         reason = "grouped or asymmetric int8"
@@ -353,6 +412,11 @@ def _fp8_w8a8(linear: torch.nn.Linear, record: QuantizedWeight, dtype):
             raise KernelUnavailable("fp8 matmuls need compute capability 8.9 or newer")
     scale = record.scale.to(weight.device, torch.float32)
     module = Fp8RowwiseLinear(fp8_codes(weight, scale), scale, _bias(linear, dtype), fast_accum=cuda)
+    if module.use_triton:
+        return module, (
+            f"fp8 W8A8 (E4M3 per channel, dynamic per-token): Triton matrix-vector kernel up to "
+            f"{triton_gemv.MAX_ROWS} rows, aten._scaled_mm rowwise above"
+        )
     return module, "fp8 W8A8: aten._scaled_mm, E4M3 rowwise scales, dynamic per-token activations"
 
 

@@ -1,0 +1,114 @@
+"""The Triton low-bit matrix-vector kernel (worker/engine/triton_gemv.py) against plain float products.
+
+On CPU the kernel runs under Triton's interpreter, in a subprocess (TRITON_INTERPRET must be set before Triton
+is imported); on CUDA the kernel modules run compiled, as the decode step runs them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.engine import triton_gemv
+from worker.engine.kernels import Fp8RowwiseLinear, Int4PackedLinear, Int8WeightOnlyLinear
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+INTERPRETED = textwrap.dedent(
+    """
+    import torch
+    from worker.engine import triton_gemv as tg
+    from worker.engine.kernels import Int4PackedLinear
+
+    torch.manual_seed(0)
+    rows, n, k, group = 3, 37, 256, 64  # n not a multiple of any block: the row mask is exercised
+
+    def close(out, ref):
+        worst = float((out.float() - ref).abs().max() / ref.abs().max())
+        assert worst < 1e-2, worst  # bf16 output rounding is 2^-8 of each value
+        return worst
+
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
+    q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    s8 = torch.rand(n) + 0.1
+    print("int8", close(tg.gemv(x, q8, s8, kind=tg.KIND_INT8), (x.float() @ q8.float().T) * s8))
+
+    q4 = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    s4 = torch.rand(n, k // group) + 0.1
+    z4 = torch.randint(-3, 4, (n, k // group)).float()
+    for zero in (None, z4):
+        shifted = q4.float().view(n, -1, group) - (0 if zero is None else zero.unsqueeze(-1))
+        ref = x.float() @ (shifted * s4.unsqueeze(-1)).view(n, k).T
+        out = tg.gemv(x, tg.pack_int4(q4), s4, zero, kind=tg.KIND_INT4, group=group)
+        print("int4", zero is not None, close(out, ref))
+
+    wq = (torch.randn(n, k) * 50).to(torch.float8_e4m3fn)
+    xq = (torch.randn(rows, k) * 20).to(torch.float8_e4m3fn)
+    xs = torch.rand(rows) + 0.5
+    ref = (xq.float() @ wq.float().T) * s8 * xs[:, None]
+    print("fp8", close(tg.gemv(xq, wq, s8, x_scale=xs, kind=tg.KIND_FP8, out_dtype=torch.bfloat16), ref))
+
+    # the module's two paths (kernel up to MAX_ROWS rows, dequantized matmul above) compute the same product
+    module = Int4PackedLinear(q4, s4, z4, group, None, torch.bfloat16)
+    many = torch.randn(tg.MAX_ROWS + 5, k, dtype=torch.bfloat16)
+    assert module.weight_int4.dtype == torch.uint8 and module.weight_int4.shape == (n, k // 2)
+    close(module(many[: tg.MAX_ROWS]), module(many).float()[: tg.MAX_ROWS])
+    print("ok")
+    """
+)
+
+
+@needs_triton
+def test_kernel_matches_float_products_under_the_interpreter():
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok"), done.stdout
+
+
+def test_int4_packing_round_trips_and_puts_the_even_column_high():
+    codes = torch.randint(-8, 8, (5, 64), dtype=torch.int8)
+    packed = triton_gemv.pack_int4(codes)
+    assert packed.shape == (5, 32) and packed.dtype == torch.uint8
+    assert torch.equal(triton_gemv.unpack_int4(packed), codes)
+    assert int(packed[0, 0]) == ((int(codes[0, 0]) + 8) << 4 | (int(codes[0, 1]) + 8))
+
+
+def test_without_triton_or_cuda_the_kernel_is_not_offered(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not triton_gemv.available(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_kernel_modules_compiled_on_cuda_match_their_float_weights(rows):
+    """Each module, compiled as the decode step compiles it, against F.linear with its dequantized weight."""
+    torch.manual_seed(0)
+    n, k, group = 1024, 4096, 128
+    x = torch.randn(1, rows, k, device="cuda", dtype=torch.bfloat16)
+    q8 = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+    s8 = torch.rand(n, device="cuda") / 100
+    q4 = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8)
+    s4 = torch.rand(n, k // group, device="cuda") / 10
+    z4 = torch.randint(-2, 3, (n, k // group), device="cuda").float()
+    w8 = (torch.randn(n, k, device="cuda") * 50).to(torch.float8_e4m3fn)
+    int4 = Int4PackedLinear(q4, s4, z4, group, None, torch.bfloat16)
+    modules = {
+        "int8": (Int8WeightOnlyLinear(q8, s8.bfloat16(), None, use_int8pack=False), (q8.float() * s8[:, None])),
+        "int4": (int4, int4.dequantized(torch.float32)),
+        "fp8": (Fp8RowwiseLinear(w8, s8, None, fast_accum=True), w8.float() * s8[:, None]),
+    }
+    for name, (module, weight) in modules.items():
+        compiled = torch.compile(module, fullgraph=True, options={"coordinate_descent_tuning": True})
+        out = compiled(x).float()
+        ref = torch.nn.functional.linear(x.float(), weight)
+        worst = float((out - ref).norm() / ref.norm())
+        assert worst < (3e-2 if name == "fp8" else 1e-2), (name, worst)  # fp8 also rounds the activations

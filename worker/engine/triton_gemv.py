@@ -1,0 +1,199 @@
+"""Low-bit matrix-vector products for decoding (a few rows of input), in Triton.
+
+Why: at batch 1 a decode step is bound by reading the weights, so a low-bit weight pays off only if the kernel
+streams its bytes at close to the copy bandwidth. On an H200 (benchmarks/gpu.md, `gpu_probe.py`) torch's
+own options did not: tinygemm int4 reads at about 1.6 TB/s, `_scaled_mm` fp8 at 1.1 to 2.4 TB/s, and the int8
+weight-only matmul that Inductor generates at 0.7 to 1.9 TB/s for the 4096-wide inputs of q/k/v/o and gate/up.
+
+One kernel, three weight kinds, each output row a dot product over K accumulated in float32:
+- KIND_INT8: int8 codes (N, K), one scale per output row, y = (x · q) · s;
+- KIND_INT4: int4 codes two a byte (N, K/2; even column in the high nibble, stored as code + 8), scales and
+  optional integer zero points per group of GROUP columns: y = Σ_g s_g · Σ_k∈g x_k (q_k − z_g);
+- KIND_FP8: E4M3 codes (N, K) with one scale per output row, times activations already rounded to E4M3 per
+  token (passed as their values with one scale per row): y = (x_q · q) · s · s_x, W8A8 as `_scaled_mm`
+  computes it.
+The weight's shape is compiled in (a decode step has five distinct shapes). Each program owns BLOCK_N output
+rows of one input row; the input rows are the fastest grid axis, so the programs of one weight slab run
+together and read it from DRAM once (the others hit L2). Block sizes
+are autotuned per shape. Exposed as the custom op `modelpress::lowbit_gemv` (torch.library.triton_op), which
+torch.compile traces into the decode step's graph and CUDA graphs capture.
+
+Triton is imported lazily and is optional: without it (CPU builds) `available()` is False and the kernel
+modules keep torch's own kernels. Tests run the kernel on CPU under Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+KIND_INT8, KIND_INT4, KIND_FP8 = 0, 1, 2
+MAX_ROWS = 16  # more input rows than this: the callers use a matmul (the weight would be re-read per row)
+_CONFIGS = (  # (BLOCK_N, BLOCK_K, warps)
+    (2, 2048, 4),
+    (4, 1024, 4),
+    (8, 512, 4),
+    (8, 1024, 8),
+    (16, 256, 4),
+    (16, 512, 8),
+    (32, 256, 8),
+    (64, 128, 8),
+)
+INTERPRETER_BLOCKS = {"BLOCK_N": 4, "BLOCK_K": 64}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernel can run on `device`: Triton installed and CUDA (or the interpreter, on CPU)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+_KERNELS: dict[str, object] = {}
+
+
+def _kernels():
+    """(plain jit kernel, autotuned kernel), built on first use."""
+    if not _KERNELS:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def lowbit_gemv_kernel(
+            x_ptr, w_ptr, s_ptr, z_ptr, xs_ptr, out_ptr, M,
+            N: tl.constexpr, K: tl.constexpr, GROUPS: tl.constexpr,
+            KIND: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ):  # fmt: skip
+            m = tl.program_id(0)
+            n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < N
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            if KIND == 1:
+                half_k = K // 2
+                for k0 in range(0, K, BLOCK_K):
+                    j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns
+                    j_ok = j < half_k
+                    tile_ok = n_ok[:, None] & j_ok[None, :]
+                    byte = tl.load(w_ptr + n[:, None] * half_k + j[None, :], mask=tile_ok, other=0).to(tl.int32)
+                    x_even = tl.load(x_ptr + m * K + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+                    x_odd = tl.load(x_ptr + m * K + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+                    high = ((byte >> 4) & 15).to(tl.float32) - 8.0
+                    low = (byte & 15).to(tl.float32) - 8.0
+                    group = n[:, None] * GROUPS + (2 * j[None, :]) // GROUP
+                    scale = tl.load(s_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
+                    part = high * x_even[None, :] + low * x_odd[None, :]
+                    if HAS_ZERO:
+                        zero = tl.load(z_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
+                        part = part - zero * (x_even + x_odd)[None, :]
+                    acc += tl.sum(part * scale, axis=1)
+            else:
+                for k0 in range(0, K, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = k < K
+                    tile_ok = n_ok[:, None] & k_ok[None, :]
+                    w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+                    x = tl.load(x_ptr + m * K + k, mask=k_ok, other=0.0).to(tl.float32)
+                    acc += tl.sum(w * x[None, :], axis=1)
+                acc = acc * tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+                if KIND == 2:
+                    acc = acc * tl.load(xs_ptr + m).to(tl.float32)
+            tl.store(out_ptr + m * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+        configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps) for n, k, warps in _CONFIGS]
+        _KERNELS["plain"] = lowbit_gemv_kernel
+        _KERNELS["tuned"] = triton.autotune(configs=configs, key=["M", "N", "K", "KIND", "GROUP"])(lowbit_gemv_kernel)
+    return _KERNELS["plain"], _KERNELS["tuned"]
+
+
+def launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    x_scale: torch.Tensor | None,
+    kind: int,
+    group: int,
+    out: torch.Tensor,
+    wrap=None,
+) -> torch.Tensor:
+    """Run the kernel on x (M, K) into out (M, N). `wrap` is torch.library.wrap_triton inside the custom op."""
+    rows, columns = x.shape
+    plain, tuned = _kernels()
+    kernel = plain if interpreting() else tuned
+    kernel = wrap(kernel) if wrap is not None else kernel
+    groups = scale.shape[1] if kind == KIND_INT4 else 1
+    extra = INTERPRETER_BLOCKS if interpreting() else {}
+
+    def grid(meta):
+        return (rows, -(-weight.shape[0] // meta["BLOCK_N"]))
+
+    kernel[grid](
+        x, weight, scale, scale if zero is None else zero, scale if x_scale is None else x_scale, out,
+        rows, weight.shape[0], columns, groups,
+        KIND=kind, GROUP=group, HAS_ZERO=zero is not None, **extra,
+    )  # fmt: skip
+    return out
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None = None,
+    x_scale: torch.Tensor | None = None,
+    kind: int = KIND_INT8,
+    group: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """y (M, N) in `out_dtype` (default x's) for x (M, K), M ≤ MAX_ROWS; on CUDA through the custom op."""
+    if x.is_cuda:
+        return _op()(x, weight, scale, zero, x_scale, kind, group, out_dtype)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+    return launch(x.contiguous(), weight, scale, zero, x_scale, kind, group, out)
+
+
+_OPS: dict[str, object] = {}
+
+
+def _op():
+    """torch.ops.modelpress.lowbit_gemv, defined on first use (it needs Triton)."""
+    if "op" not in _OPS:
+        from torch.library import triton_op, wrap_triton
+
+        @triton_op("modelpress::lowbit_gemv", mutates_args=())
+        def lowbit_gemv(
+            x: torch.Tensor,
+            weight: torch.Tensor,
+            scale: torch.Tensor,
+            zero: torch.Tensor | None,
+            x_scale: torch.Tensor | None,
+            kind: int,
+            group: int,
+            out_dtype: torch.dtype | None,
+        ) -> torch.Tensor:
+            x = x.contiguous()
+            out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+            return launch(x, weight, scale, zero, x_scale, kind, group, out, wrap=wrap_triton)
+
+        _OPS["op"] = lowbit_gemv
+    return _OPS["op"]
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Signed int4 codes (N, K) as bytes (N, K/2): code + 8, even column in the high nibble."""
+    unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)
+    return (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: signed codes (N, K) as int8."""
+    high = (packed >> 4).to(torch.int8) - 8
+    low = (packed & 15).to(torch.int8) - 8
+    return torch.stack([high, low], dim=-1).view(packed.shape[0], -1)
