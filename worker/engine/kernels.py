@@ -198,6 +198,7 @@ class Int4PackedLinear(torch.nn.Module):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.group_size = group_size
+        self.use_triton = triton_gemv.available(codes.device)
         self.register_buffer("weight_int4", triton_gemv.pack_int4(codes))
         self.register_buffer("scale", scale.to(dtype).contiguous())
         self.register_buffer("zero", None if zero is None else zero.to(dtype).contiguous())
@@ -206,7 +207,7 @@ class Int4PackedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         flat = x.reshape(rows, self.in_features)
-        if rows <= triton_gemv.MAX_ROWS:
+        if self.use_triton and rows <= triton_gemv.MAX_ROWS:
             out = triton_gemv.gemv(
                 flat, self.weight_int4, self.scale, self.zero, kind=triton_gemv.KIND_INT4, group=self.group_size
             )

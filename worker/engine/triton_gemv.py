@@ -49,10 +49,14 @@ def interpreting() -> bool:
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernel can run on `device`: Triton installed and CUDA (or the interpreter, on CPU)."""
+    """Whether the kernel can run on `device`: Triton installed and CUDA (or the interpreter, on CPU). On CUDA
+    this also registers the custom op, which has to exist before torch.compile traces a call to it."""
     if importlib.util.find_spec("triton") is None:
         return False
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+    if device.type == "cuda":
+        _op()
+        return True
+    return device.type == "cpu" and interpreting()
 
 
 _KERNELS: dict[str, object] = {}
@@ -153,8 +157,8 @@ def gemv(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y (M, N) in `out_dtype` (default x's) for x (M, K), M ≤ MAX_ROWS; on CUDA through the custom op."""
-    if x.is_cuda:
-        return _op()(x, weight, scale, zero, x_scale, kind, group, out_dtype)
+    if x.is_cuda:  # registered by available()
+        return torch.ops.modelpress.lowbit_gemv(x, weight, scale, zero, x_scale, kind, group, out_dtype)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     return launch(x.contiguous(), weight, scale, zero, x_scale, kind, group, out)
 
