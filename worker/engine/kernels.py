@@ -358,16 +358,16 @@ def _int_weight_only(linear: torch.nn.Linear, record: QuantizedWeight, dtype, ch
     bias = _bias(linear, dtype)
     if record.bits == 4:
         group = record.group_size or codes.shape[1]  # per channel: one group of the whole row
-        if triton_gemv.available(device) and codes.shape[1] % 2 == 0 and group % 2 == 0:
-            module = Int4PackedLinear(codes, scale, zero, group, bias, dtype)
-            return module, (
-                f"int4 weight-only: Triton matrix-vector kernel (group {group}) up to "
-                f"{triton_gemv.MAX_ROWS} rows, dequantized matmul above"
-            )
         try:
             tiles = _tinygemm_layout(codes, group, dtype)
         except KernelUnavailable as exc:
             reason = str(exc)
+            if triton_gemv.available(device) and codes.shape[1] % 2 == 0 and group % 2 == 0:
+                module = Int4PackedLinear(codes, scale, zero, group, bias, dtype)
+                return module, (
+                    f"int4 weight-only: Triton matrix-vector kernel (group {group}) up to "
+                    f"{triton_gemv.MAX_ROWS} rows, dequantized matmul above ({reason})"
+                )
         else:
             module = Int4TinyGemmLinear(
                 tinygemm_pack(codes, tiles),
