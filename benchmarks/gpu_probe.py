@@ -32,7 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_speed import LLAMA3_8B, apply_variant, build_model, environment  # noqa: E402
+from benchmarks.gpu_speed import LLAMA3_8B, apply_variant, build_model, environment, restore  # noqa: E402
 from worker.engine.fast_inference import BATCH_1_OPTIONS, StaticDecoder, measure_copy_bandwidth  # noqa: E402
 from worker.engine.kernels import (  # noqa: E402
     Int4TinyGemmLinear,
@@ -199,8 +199,6 @@ def step_profiles(
             log.exception("%s step profile failed", name)
             row["error"] = f"{type(exc).__name__}: {exc}"[:600]
         finally:
-            from benchmarks.gpu_speed import restore
-
             restore(model, originals)
         log.info("%s step: %s", name, {k: v for k, v in row.items() if k != "kernels"})
         results.append(row)

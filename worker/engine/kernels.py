@@ -98,6 +98,12 @@ def _bias(linear: torch.nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach().to(dtype)
 
 
+def _output(out: torch.Tensor, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """A kernel's (rows, out_features) result in x's leading shape, plus the module's bias."""
+    out = out.reshape(*x.shape[:-1], module.out_features)
+    return out if module.bias is None else out + module.bias
+
+
 # --- int8 weight-only -----------------------------------------------------------------------------------------
 
 
@@ -114,17 +120,13 @@ class Int8WeightOnlyLinear(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if self.use_triton and rows <= triton_gemv.MAX_ROWS:
-            flat = x.reshape(rows, self.in_features)
-            out = triton_gemv.gemv(flat, self.weight_int8, self.scale, kind=triton_gemv.KIND_INT8)
-            out = out.reshape(*x.shape[:-1], self.out_features)
-        elif self.use_int8pack:
-            flat = x.reshape(-1, self.in_features).contiguous()
-            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
-            out = out.reshape(*x.shape[:-1], self.out_features)
-        else:
-            out = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale
+        flat = x.reshape(-1, self.in_features)
+        if self.use_triton and flat.shape[0] <= triton_gemv.MAX_ROWS:
+            return _output(triton_gemv.gemv(flat, self.weight_int8, self.scale, kind=triton_gemv.KIND_INT8), x, self)
+        if self.use_int8pack:
+            out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scale)
+            return _output(out, x, self)
+        out = F.linear(x, self.weight_int8.to(x.dtype)) * self.scale
         return out if self.bias is None else out + self.bias
 
 
@@ -155,10 +157,9 @@ class IntDequantLinear(torch.nn.Module):
 def tinygemm_pack(codes: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
     """Pack signed int4 codes (N, K) for tinygemm on their device: unsigned q + 8; on CUDA two codes a byte
     (even column in the high nibble) then `_convert_weight_to_int4pack`, on CPU `..._for_cpu` from int32."""
-    unsigned = codes.to(torch.int32) + 8
     if codes.device.type == "cuda":
-        pairs = (unsigned[:, ::2] << 4 | unsigned[:, 1::2]).to(torch.uint8).contiguous()
-        return torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
+        return torch.ops.aten._convert_weight_to_int4pack(triton_gemv.pack_int4(codes), inner_k_tiles)
+    unsigned = codes.to(torch.int32) + 8
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned.contiguous(), inner_k_tiles)
 
 
@@ -184,9 +185,7 @@ class Int4TinyGemmLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).contiguous()
         op = torch.ops.aten._weight_int4pack_mm_for_cpu if self.cpu else torch.ops.aten._weight_int4pack_mm
-        out = op(flat, self.weight_int4pack, self.group_size, self.scales_and_zeros)
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        return _output(op(flat, self.weight_int4pack, self.group_size, self.scales_and_zeros), x, self)
 
 
 class Int4PackedLinear(torch.nn.Module):
@@ -205,22 +204,18 @@ class Int4PackedLinear(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        flat = x.reshape(rows, self.in_features)
-        if self.use_triton and rows <= triton_gemv.MAX_ROWS:
+        flat = x.reshape(-1, self.in_features)
+        if self.use_triton and flat.shape[0] <= triton_gemv.MAX_ROWS:
             out = triton_gemv.gemv(
                 flat, self.weight_int4, self.scale, self.zero, kind=triton_gemv.KIND_INT4, group=self.group_size
             )
         else:
             out = F.linear(flat, self.dequantized(flat.dtype))
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        return _output(out, x, self)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        codes = triton_gemv.unpack_int4(self.weight_int4).view(self.out_features, -1, self.group_size).to(dtype)
-        if self.zero is not None:
-            codes = codes - self.zero.unsqueeze(-1)
-        return (codes * self.scale.unsqueeze(-1)).view(self.out_features, self.in_features)
+        codes = triton_gemv.unpack_int4(self.weight_int4).to(dtype)
+        return dequantize(codes, self.scale, self.zero, self.group_size)
 
 
 def _tinygemm_layout(codes: torch.Tensor, group: int, dtype: torch.dtype) -> int:
@@ -276,18 +271,16 @@ class Fp8RowwiseLinear(torch.nn.Module):
                 x_fp8, self.weight_fp8, self.weight_scale.reshape(-1), x_scale=x_scale.reshape(-1),
                 kind=triton_gemv.KIND_FP8, out_dtype=x.dtype,
             )  # fmt: skip
-            out = out.reshape(*x.shape[:-1], self.out_features)
-            return out if self.bias is None else out + self.bias
-        out = torch._scaled_mm(
-            x_fp8,
-            self.weight_fp8.t(),
-            scale_a=x_scale,
-            scale_b=self.weight_scale,
-            out_dtype=x.dtype,
-            use_fast_accum=self.fast_accum,
-        )
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        else:
+            out = torch._scaled_mm(
+                x_fp8,
+                self.weight_fp8.t(),
+                scale_a=x_scale,
+                scale_b=self.weight_scale,
+                out_dtype=x.dtype,
+                use_fast_accum=self.fast_accum,
+            )
+        return _output(out, x, self)
 
 
 class Int8DynamicLinear(torch.nn.Module):
@@ -308,9 +301,7 @@ class Int8DynamicLinear(torch.nn.Module):
         if x_int8.is_cuda and rows < INT_MM_MIN_ROWS:
             x_int8 = F.pad(x_int8, (0, 0, 0, INT_MM_MIN_ROWS - rows))
         accumulated = torch._int_mm(x_int8, self.weight_int8.t())[:rows]
-        out = (accumulated.float() * x_scale * self.weight_scale).to(x.dtype)
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        return _output((accumulated.float() * x_scale * self.weight_scale).to(x.dtype), x, self)
 
 
 # --- 2:4 semi-structured sparsity -----------------------------------------------------------------------------

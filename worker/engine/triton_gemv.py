@@ -128,11 +128,12 @@ def launch(
     x_scale: torch.Tensor | None,
     kind: int,
     group: int,
-    out: torch.Tensor,
+    out_dtype: torch.dtype | None,
     wrap=None,
 ) -> torch.Tensor:
-    """Run the kernel on x (M, K) into out (M, N). `wrap` is torch.library.wrap_triton inside the custom op."""
+    """Run the kernel on x (M, K), contiguous; y (M, N). `wrap` is torch.library.wrap_triton inside the op."""
     rows, columns = x.shape
+    out = torch.empty(rows, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     plain, tuned = _kernels()
     kernel = plain if interpreting() else tuned
     kernel = wrap(kernel) if wrap is not None else kernel
@@ -163,8 +164,7 @@ def gemv(
     """y (M, N) in `out_dtype` (default x's) for x (M, K), M ≤ MAX_ROWS; on CUDA through the custom op."""
     if x.is_cuda:  # registered by available()
         return torch.ops.modelpress.lowbit_gemv(x, weight, scale, zero, x_scale, kind, group, out_dtype)
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
-    return launch(x.contiguous(), weight, scale, zero, x_scale, kind, group, out)
+    return launch(x.contiguous(), weight, scale, zero, x_scale, kind, group, out_dtype)
 
 
 _OPS: dict[str, object] = {}
@@ -186,9 +186,7 @@ def _op():
             group: int,
             out_dtype: torch.dtype | None,
         ) -> torch.Tensor:
-            x = x.contiguous()
-            out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
-            return launch(x, weight, scale, zero, x_scale, kind, group, out, wrap=wrap_triton)
+            return launch(x.contiguous(), weight, scale, zero, x_scale, kind, group, out_dtype, wrap=wrap_triton)
 
         _OPS["op"] = lowbit_gemv
     return _OPS["op"]
