@@ -7,7 +7,11 @@ default; 128 × 2048 is GPTQ's paper setting (128 segments of 2048 tokens), whic
 wikitext2-valid. Every row of one run shares the dense model, the tokenizer and the evaluation windows.
 
     python benchmarks/quant_sweep.py --device cuda [--gguf FILE] [--data ../shared/data]
-        [--settings 64x512,128x2048,512x512] [--methods gptq,awq] [--dampening 0.01,0.1] [--out FILE.json]
+        [--settings 64x512,128x2048,512x512] [--methods gptq,awq] [--dampening 0.01,0.1]
+        [--variant 'gptq:ts={"true_sequential": true}' ...] [--out FILE.json]
+
+Each `--variant METHOD:LABEL=JSON` adds rows of that method with the JSON's options added to its step (both
+symmetries; for GPTQ at every dampening), next to the method's plain rows.
 """
 
 from __future__ import annotations
@@ -33,18 +37,31 @@ from worker.engine.loading import load_model  # noqa: E402
 log = logging.getLogger("quant_sweep")
 
 
-def steps(methods: list[str], dampening: list[float]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, quantize step) for each method, symmetry and (GPTQ) dampening."""
+def parse_variants(texts: list[str]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """{method: [(label, extra step options)]} from `METHOD:LABEL=JSON` arguments; every method gets ("", {})."""
+    variants: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for text in texts:
+        method, rest = text.split(":", 1)
+        label, options = rest.split("=", 1)
+        variants.setdefault(method, []).append((label, json.loads(options)))
+    return variants
+
+
+def steps(
+    methods: list[str], dampening: list[float], variants: dict[str, list[tuple[str, dict[str, Any]]]] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """(label, quantize step) for each method, symmetry, (GPTQ) dampening and variant."""
+    variants = variants or {}
     found = []
     for weights, symmetry in ((INT4, "sym"), (INT4_ASYM, "asym")):
         if "rtn" in methods:
             found.append((f"rtn {symmetry}", {"method": "rtn", "weights": weights}))
-        if "gptq" in methods:
+        for label, extra in [("", {}), *variants.get("gptq", [])] if "gptq" in methods else []:
             for damp in dampening:
-                step = {"method": "gptq", "weights": weights, "act_order": True, "dampening": damp}
-                found.append((f"gptq act-order {symmetry} damp {damp}", step))
-        if "awq" in methods:
-            found.append((f"awq {symmetry}", {"method": "awq", "weights": weights}))
+                step = {"method": "gptq", "weights": weights, "act_order": True, "dampening": damp, **extra}
+                found.append((f"gptq act-order {symmetry} damp {damp} {label}".rstrip(), step))
+        for label, extra in [("", {}), *variants.get("awq", [])] if "awq" in methods else []:
+            found.append((f"awq {symmetry} {label}".rstrip(), {"method": "awq", "weights": weights, **extra}))
     return found
 
 
@@ -56,6 +73,7 @@ def main() -> None:
     parser.add_argument("--settings", default="64x512,128x2048,512x512")
     parser.add_argument("--methods", default="gptq,awq")
     parser.add_argument("--dampening", default="0.01")
+    parser.add_argument("--variant", action="append", default=[], help="METHOD:LABEL=JSON step options")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "quant_sweep.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -74,7 +92,7 @@ def main() -> None:
         calibration = token_windows(
             loaded.tokenizer, data / "wikitext2-valid.txt", "txt", seq_len, count, "calibration"
         )
-        for label, step in steps(methods, dampening):
+        for label, step in steps(methods, dampening, parse_variants(args.variant)):
             started = time.perf_counter()
             row = run_row(loaded.model, loaded.tokenizer, step, calibration, evaluation, device)
             row.update(

@@ -194,6 +194,23 @@ class GPTQQuantize(_TargetedStep):
     act_order: bool = Field(default=False, description="quantize columns in order of decreasing Hessian diagonal")
     block_size: int = Field(default=128, ge=1, le=4096)
     dampening: float = Field(default=0.01, gt=0.0, le=1.0)
+    true_sequential: bool = Field(
+        default=False,
+        description="inside each decoder layer, quantize q/k/v, o, gate/up and down in turn, each on inputs that "
+        "went through the Linears already quantized (one extra layer forward per stage)",
+    )
+    clip_search: bool = Field(
+        default=False,
+        description="choose each group's range by the Hessian-weighted error of shrinking it (AWQ's clipping) "
+        "instead of the full min..max range",
+    )
+
+
+class AWQLoss(StrEnum):
+    """What AWQ's scale search minimizes for the norm folds (see AWQQuantize.loss)."""
+
+    gram = "gram"
+    block = "block"
 
 
 class AWQQuantize(_TargetedStep):
@@ -208,6 +225,12 @@ class AWQQuantize(_TargetedStep):
         description="false: candidate scales mean|x|^α; true: mean|x|^α / mean|Ŵ|^(1−α), Ŵ the weights relative to "
         "their group's range (AutoAWQ's and llm-compressor's default, worse on SmolLM2 int4 here); \"both\": half "
         "the grid each",
+    )
+    loss: AWQLoss = Field(
+        default=AWQLoss.gram,
+        description="what the scale search of the norm folds (q/k/v, gate/up) minimizes. gram: the consumers' "
+        "output error from their input Gram matrix; block: the output error of self_attn / mlp over the "
+        "calibration windows (AutoAWQ's and llm-compressor's, slower)",
     )
 
 

@@ -90,9 +90,10 @@ class LayerPass:
         self._hidden = []
 
     @torch.no_grad()
-    def observe(self, callbacks: dict[str, Callable[[torch.Tensor], None]]) -> None:
-        """Run the layer over every window; each callback gets the 2-D input [tokens, in_features] of the
-        module with that full name (for example "model.layers.3.mlp.down_proj"). Hooks are removed after."""
+    def observe(self, callbacks: dict[str, Callable[[torch.Tensor], None]], windows: int | None = None) -> None:
+        """Run the layer over every window (or the first `windows`); each callback gets the 2-D input
+        [tokens, in_features] of the module with that full name (for example "model.layers.3.mlp.down_proj").
+        Hooks are removed after."""
         modules = dict(self.layer.named_modules(prefix=self.name))
         missing = sorted(set(callbacks) - set(modules))
         if missing:
@@ -104,7 +105,7 @@ class LayerPass:
             for name, fn in callbacks.items()
         ]
         try:
-            for hidden in self._hidden:
+            for hidden in self._hidden[:windows]:
                 self.layer(hidden, **self.kwargs)
         finally:
             for handle in handles:
@@ -203,10 +204,13 @@ class Statistic(Protocol):
 S = TypeVar("S", bound=Statistic)
 
 
-def observe_shared(step: LayerPass, names: list[str], new_statistic: Callable[[str], S]) -> dict[str, S]:
-    """Run the layer over the calibration windows once, adding each named module's 2-D inputs to a statistic
-    made by `new_statistic(name)`. Modules fed the very same tensor (q/k/v, gate/up) share one statistic,
-    computed once: the result maps each of them to the same object."""
+def observe_shared(
+    step: LayerPass, names: list[str], new_statistic: Callable[[str], S], windows: int | None = None
+) -> dict[str, S]:
+    """Run the layer over the calibration windows once (or the first `windows`), adding each named module's 2-D
+    inputs to a statistic made by `new_statistic(name)`, in the order the layer reads them. Modules fed the very
+    same tensor (q/k/v, gate/up) share one statistic, computed once: the result maps each of them to the same
+    object."""
     owned: dict[str, S] = {}
     alias: dict[str, str] = {}
     last: dict[str, object] = {"x": None, "owner": None}
@@ -230,9 +234,30 @@ def observe_shared(step: LayerPass, names: list[str], new_statistic: Callable[[s
 
         return collect
 
-    step.observe({name: callback(name) for name in names})
+    step.observe({name: callback(name) for name in names}, windows)
     last["x"] = None
     return {name: owned[alias.get(name, name)] for name in names}
+
+
+def input_stages(step: LayerPass, names: list[str]) -> list[list[str]]:
+    """The named modules grouped by shared input (q/k/v, o, gate/up, down), in the order the layer reads them,
+    found by running the layer on one window."""
+    created: list[_Mark] = []
+    marks = observe_shared(step, names, lambda _name: _Mark(created), windows=1)
+    stages: dict[int, list[str]] = {id(mark): [] for mark in created}
+    for name, mark in marks.items():
+        stages[id(mark)].append(name)
+    return list(stages.values())
+
+
+class _Mark:
+    """A statistic that only records when it was first needed (see `input_stages`)."""
+
+    def __init__(self, created: list[_Mark]) -> None:
+        created.append(self)
+
+    def add(self, x: torch.Tensor) -> None:
+        pass
 
 
 class HessianAccumulator:

@@ -27,6 +27,7 @@ def gptq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
     bits, group_size, symmetric = weight_args(spec, "gptq", default=(4, 128))
     act_order = bool(spec.get("act_order", False))
     block_size, dampening = int(spec.get("block_size", 128)), float(spec.get("dampening", 0.01))
+    true_sequential, clip_search = bool(spec.get("true_sequential", False)), bool(spec.get("clip_search", False))
     require_calibration(context, "gptq")
     linears = targeted_linears(model, spec, "gptq", group_size)
     rounded: list[str] = []
@@ -37,7 +38,15 @@ def gptq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
             rounded.append(name)
             return quantize_(linear.weight, bits, group_size, symmetric)
         weight, scale, zero = gptq_quantize(
-            linear.weight, stats.gram, bits, group_size, symmetric, block_size, dampening, act_order
+            linear.weight,
+            stats.gram,
+            bits,
+            group_size,
+            symmetric,
+            block_size,
+            dampening,
+            act_order,
+            clip_search=clip_search,
         )
         linear.weight.copy_(weight.to(linear.weight.dtype))
         return QuantizedWeight(
@@ -49,8 +58,16 @@ def gptq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
             actorder="static" if act_order else None,
         )
 
-    result = quantize_layers(model, context, linears, quantize)
-    result.summary.update({"act_order": act_order, "block_size": block_size, "dampening": dampening})
+    result = quantize_layers(model, context, linears, quantize, true_sequential=true_sequential)
+    result.summary.update(
+        {
+            "act_order": act_order,
+            "block_size": block_size,
+            "dampening": dampening,
+            "true_sequential": true_sequential,
+            "clip_search": clip_search,
+        }
+    )
     if rounded:
         result.notes.append(f"gptq: {', '.join(rounded)} lie outside the decoder layers and were rounded to nearest")
     return result

@@ -9,6 +9,8 @@ Act order (`desc_act`) visits columns by decreasing H_ii. Its groups are *static
 contiguous group of `group_size` input columns are computed from the weights before any update, so the
 artifact stores groups in the natural column order and needs no g_idx (compressed-tensors actorder "static").
 Without act order, a group's scales are computed when its first column is reached, from the updated weights.
+With `clip_search`, each group's range is the shrink ratio that minimizes its Hessian-weighted rounding error
+(`awq_math.clip_search`, AWQ's clipping with H as the Gram matrix) instead of the full min/max range.
 
 The same loop rounds to the FP8 E4M3 grid (`kind="float"`, per-channel scales absmax / 448 fixed up front), as
 llm-compressor's GPTQ does for its FP8 schemes: the error of each rounded column is compensated the same way.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from worker.engine.awq_math import clip_search as searched_params
 from worker.engine.errors import EngineError
 from worker.engine.quant_math import fake_quantize, fp8_fake_quantize, fp8_params, int_range, rtn_params
 
@@ -62,20 +65,23 @@ def gptq_quantize(
     dampening: float = 0.01,
     act_order: bool = False,
     kind: str = "int",
+    clip_search: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(fake-quantized weight, scale (out, groups), zero point or None), in the weight's natural column order.
 
     `kind` "int": integers of `bits` bits; "float": FP8 E4M3 with per-channel scales (bits 8, no groups).
     """
-    if kind == "float" and (bits != 8 or group_size is not None or not symmetric):
-        raise ValueError("FP8 GPTQ takes bits 8, per-channel scales and symmetric weights")
+    if kind == "float" and (bits != 8 or group_size is not None or not symmetric or clip_search):
+        raise ValueError("FP8 GPTQ takes bits 8, per-channel scales, symmetric weights and no clip search")
     hessian, w, _ = prepare_hessian(hessian, weight)
     columns = w.shape[1]
     static = act_order or group_size is None  # scales fixed up front from the (dead-zeroed) weights
     if kind == "float":
         scale, zero = fp8_params(w), None
     else:
-        scale, zero = rtn_params(w, bits, group_size, symmetric) if static else (None, None)
+        scale, zero = (None, None)
+        if static:
+            scale, zero = _group_params(w, hessian, bits, group_size, symmetric, clip_search)
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(columns)
     order = order.to(w.device)
     # the dynamic sweep reads columns on the host: one transfer, not one device sync per column
@@ -93,7 +99,16 @@ def gptq_quantize(
             done, errors = _sweep_static(block, h_block, scale, zero, order[start:end], group_size, bits, kind)
         else:
             errors = _sweep_dynamic(
-                block, h_block, w[:, end:], scale, zero, order_host[start:end], group_size, bits, symmetric
+                block,
+                h_block,
+                w[:, end:],
+                scale,
+                zero,
+                order_host[start:end],
+                group_size,
+                bits,
+                symmetric,
+                hessian if clip_search else None,
             )
             done = block
         quantized[:, start:end] = done
@@ -101,6 +116,20 @@ def gptq_quantize(
     restored = torch.empty_like(quantized)
     restored[:, order] = quantized
     return restored, scale, zero
+
+
+def _group_params(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    clip_search: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zero points of `weight`'s groups: full range, or range shrunk where H says it costs less."""
+    if clip_search:
+        return searched_params(weight, hessian, bits, group_size, symmetric)
+    return rtn_params(weight, bits, group_size, symmetric)
 
 
 def _sweep_static(
@@ -150,15 +179,18 @@ def _sweep_dynamic(
     group_size: int,
     bits: int,
     symmetric: bool,
+    hessian: torch.Tensor | None,
 ) -> torch.Tensor:
     """As `_sweep_static`, but each group's scales are computed when its first column is reached, from the
-    weights as updated so far (GPTQ without act order)."""
+    weights as updated so far (GPTQ without act order); range-searched against the group's block of
+    `hessian` when one is given (columns in natural order here)."""
     errors = torch.zeros_like(block)
     for i, column in enumerate(order):
         group = column // group_size
         if column % group_size == 0:
             upcoming = torch.cat([block[:, i:], rest], dim=1)[:, :group_size]
-            s, z = rtn_params(upcoming, bits, None, symmetric)
+            h_group = None if hessian is None else hessian[column : column + group_size, column : column + group_size]
+            s, z = _group_params(upcoming, h_group, bits, None, symmetric, hessian is not None)
             scale[:, group] = s[:, 0]
             if zero is not None:
                 zero[:, group] = z[:, 0]

@@ -23,6 +23,7 @@ from worker.engine.calibration import (
     HessianAccumulator,
     LayerPass,
     decoder_layers,
+    input_stages,
     observe_shared,
     sequential_layers,
 )
@@ -202,11 +203,18 @@ def quantize_layers(
     linears: dict[str, torch.nn.Linear],
     quantize: LinearQuantizer,
     prepare: Callable[[LayerGroup], None] | None = None,
+    true_sequential: bool = False,
 ) -> StepResult:
     """Quantize each targeted Linear with `quantize(name, linear, stats)` (which changes its weight in place),
     layer by layer over the calibration data when the job has some (stats None otherwise). `prepare(group)`
     runs first on each decoder layer (AWQ and SmoothQuant fold their scales there); errors are measured
-    against the prepared float weights."""
+    against the prepared float weights.
+
+    `true_sequential` (GPTQ's option of that name) also goes stage by stage inside each decoder layer: q/k/v,
+    then o_proj on the outputs of the quantized q/k/v, then gate/up, then down_proj, so each Linear's
+    statistics include the error of the Linears before it. It costs one layer forward per stage."""
+    if true_sequential and prepare is not None:
+        raise ValueError("true_sequential observes stage by stage: it cannot be combined with `prepare`")
     layers, quantized = [], {}
 
     def run(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> None:
@@ -220,17 +228,40 @@ def quantize_layers(
             context.report_progress((i + 1) / len(linears), f"quantized {name}")
     else:
         device = calibration_device(model, context)
-        for group in calibrated_layers(model, linears, context.calibration, device, context.report_progress):
-            if prepare is not None:
-                prepare(group)
-            for name, linear in group.linears.items():
-                run(name, linear, group.stats[name])
-            del group  # this layer's statistics (the down_proj Hessian alone is 0.8 GiB at 8B) go before the next
+        if true_sequential:
+            _quantize_stagewise(model, linears, context, device, run)
+        else:
+            for group in calibrated_layers(model, linears, context.calibration, device, context.report_progress):
+                if prepare is not None:
+                    prepare(group)
+                for name, linear in group.linears.items():
+                    run(name, linear, group.stats[name])
+                del group  # this layer's statistics (the down_proj Hessian alone is 0.8 GiB at 8B) go first
         for name, linear in outside_layers(model, linears).items():
             run(name, linear, None)
     order = list(linears)
     layers.sort(key=lambda layer: order.index(layer["name"]))
     return StepResult(layers=layers, summary=summarize(layers, quantized, linears), quantized=quantized)
+
+
+def _quantize_stagewise(
+    model: torch.nn.Module,
+    linears: dict[str, torch.nn.Linear],
+    context: StepContext,
+    device: torch.device,
+    run: Callable[[str, torch.nn.Linear, InputStats], None],
+) -> None:
+    """`quantize_layers` with `true_sequential`: each stage's statistics are observed after the earlier stages
+    of the same decoder layer were quantized."""
+    for step in sequential_layers(model, context.calibration, device, context.report_progress):
+        inside = {n: m for n, m in linears.items() if n.startswith(step.name + ".")}
+        if not inside:
+            continue
+        for stage in input_stages(step, list(inside)):
+            stats = observe_inputs(step, {n: inside[n] for n in stage})
+            for name in stage:
+                run(name, inside[name], stats[name])
+            del stats
 
 
 # --- quantize:rtn ---------------------------------------------------------------------------------------------
