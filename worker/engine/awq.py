@@ -7,14 +7,20 @@ tries both families) that minimize the consumers' output error with quantized we
 model (producer outputs ÷ s, consumer input columns × s: the same function before quantization). Then
 each targeted Linear's weight range is clipped per group by a searched ratio and rounded to nearest. A targeted
 Linear outside the decoder layers is rounded to nearest, with a note.
+
+The output error is computed from the consumers' input Gram matrix by default (`loss: "gram"`); with
+`loss: "block"` the two norm folds are scored, as AutoAWQ and llm-compressor do, on the output of the module
+holding the consumers (self_attn, mlp) over the cached calibration windows (awq_block.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 
+from worker.engine.awq_block import block_loss, containing_module
 from worker.engine.awq_math import (
     clip_search,
     expand_scales,
@@ -22,9 +28,11 @@ from worker.engine.awq_math import (
     per_producer_channel,
     scale_candidates,
     scale_inputs_,
+    scaled_error,
     search_scales,
     weight_means,
 )
+from worker.engine.errors import EngineError
 from worker.engine.quant_math import fake_quantize
 from worker.engine.quantization import (
     InputStats,
@@ -46,6 +54,7 @@ FOLDS = (  # producer → consumers, by name inside a Llama-style decoder layer,
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
 NORM_FOLDS = (FOLDS[0], FOLDS[2])  # SmoothQuant smooths the inputs of the norms' consumers only
+LOSSES = ("gram", "block")  # what the scale search minimizes; "block" applies to the norm folds (awq_block.py)
 
 
 def fold_groups(group: LayerGroup, folds=FOLDS) -> list[tuple[torch.nn.Module, list[str], int | None]]:
@@ -104,6 +113,10 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
     grid = int(spec.get("grid", 20))
     duo_scaling = spec.get("duo_scaling", False)
     candidates = scale_candidates(grid, duo_scaling)
+    loss_kind = spec.get("loss", "gram")
+    if loss_kind not in LOSSES:
+        raise EngineError("bad_spec", f"quantize:awq loss must be one of {list(LOSSES)}, not {loss_kind!r}")
+    weight_kwargs = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
     require_calibration(context, "awq")
     linears = targeted_linears(model, spec, "awq", group_size)
     chosen: dict[str, dict] = {}
@@ -117,16 +130,26 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
             features = producer.out_features if head_dim is not None else weights[0].shape[1]
             x_mean = per_producer_channel(stats.abs_mean, features, head_dim)
             w_mean = per_producer_channel(weight_means(weights, group_size), features, head_dim)
-            s, alpha, duo, loss, plain = search_scales(
-                weights, stats.gram, x_mean, w_mean, candidates, bits, group_size, symmetric, head_dim
-            )
+            # v → o and up → down: the module holding the one consumer outputs what the Gram loss measures
+            search = "block" if loss_kind == "block" and not isinstance(producer, torch.nn.Linear) else "gram"
+            if search == "block":
+                module = containing_module(group.step, consumers)
+                score = block_loss(group.step, module, [group.linears[c] for c in consumers], **weight_kwargs)
+            else:
+                score = functools.partial(scaled_error, weights, stats.gram, **weight_kwargs)
+            s, alpha, duo, loss, plain = search_scales(score, weights[0].shape[1], x_mean, w_mean, candidates, head_dim)
             s = s.to(weights[0].dtype).float()  # the scales as folding applies them in the model's dtype
             if not fold_checked_(producer, [group.linears[c] for c in consumers], s, head_dim):
                 notes.append(f"awq: {type(producer).__name__} does not scale linearly; its consumers kept s = 1")
                 continue
             rescale_inputs_(group, consumers, expand_scales(s, weights[0].shape[1], head_dim))
             for c in consumers:
-                chosen[c] = {"awq_alpha": alpha, "awq_duo": duo, "awq_loss_vs_rtn": loss / plain if plain > 0 else None}
+                chosen[c] = {
+                    "awq_alpha": alpha,
+                    "awq_duo": duo,
+                    "awq_loss": search,
+                    "awq_loss_vs_rtn": loss / plain if plain > 0 else None,
+                }
 
     @torch.no_grad()
     def quantize(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> QuantizedWeight:
@@ -139,7 +162,8 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
 
     result = quantize_layers(model, context, linears, quantize, prepare)
     for layer in result.layers:
-        layer.update(chosen.get(layer["name"], {"awq_alpha": None, "awq_duo": None, "awq_loss_vs_rtn": None}))
-    result.summary.update({"grid": grid, "duo_scaling": duo_scaling, "scaled_layers": len(chosen)})
+        unscaled = {"awq_alpha": None, "awq_duo": None, "awq_loss": None, "awq_loss_vs_rtn": None}
+        layer.update(chosen.get(layer["name"], unscaled))
+    result.summary.update({"grid": grid, "duo_scaling": duo_scaling, "loss": loss_kind, "scaled_layers": len(chosen)})
     result.notes.extend(dict.fromkeys(notes))
     return result

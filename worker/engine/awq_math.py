@@ -9,10 +9,13 @@ benchmarks/quant_quality.md.
 
 Losses are output errors over the calibration inputs computed from G ∝ XᵀX: for weights W and scales s the
 quantized layer computes (X / s) · Q(W · s)ᵀ, so the error is ΔGΔᵀ with Δ = Q(W · s) / s − W (no activations
-are stored). The loss of a group of Linears that read the same input is the sum over the group.
+are stored). The loss of a group of Linears that read the same input is the sum over the group. The scale
+search takes its loss as a function: awq_block.py has the module-output one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -55,41 +58,42 @@ def quadratic_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
     return float(((delta @ gram) * delta).sum())
 
 
+def scaled_rtn(
+    weight: torch.Tensor, s: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
+) -> torch.Tensor:
+    """Q(W · s) / s in float32: the weights the model computes with once s is folded and W · s rounded to
+    nearest (the producer's ÷ s moved onto the consumer, so the same function of the unscaled input)."""
+    scaled = weight.float() * s
+    scale, zero = rtn_params(scaled, bits, group_size, symmetric)
+    return fake_quantize(scaled, scale, zero, bits, group_size) / s
+
+
 def scaled_error(
     weights: list[torch.Tensor], gram: torch.Tensor, s: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
 ) -> float:
     """Summed output error of round-to-nearest quantizing each W · s and undoing s on the input side."""
-    total = 0.0
-    for weight in weights:
-        scaled = weight.float() * s
-        scale, zero = rtn_params(scaled, bits, group_size, symmetric)
-        total += quadratic_error(fake_quantize(scaled, scale, zero, bits, group_size) / s - weight.float(), gram)
-    return total
+    return sum(quadratic_error(scaled_rtn(w, s, bits, group_size, symmetric) - w.float(), gram) for w in weights)
 
 
 @torch.no_grad()
 def search_scales(
-    weights: list[torch.Tensor],
-    gram: torch.Tensor,
+    loss: Callable[[torch.Tensor], float],
+    features: int,
     x_mean: torch.Tensor,
     w_mean: torch.Tensor,
     candidates: list[tuple[float, bool]],
-    bits: int,
-    group_size: int | None,
-    symmetric: bool,
     head_dim: int | None = None,
 ) -> tuple[torch.Tensor, float, bool, float, float]:
     """(best s, its α, whether it is a duo scale, its loss, the loss of plain rounding, s = 1) over the (α, duo)
-    candidates. `x_mean` and `w_mean` are over the producer's channels; the consumers may read them repeated per
-    head (see expand_scales)."""
-    features = weights[0].shape[1]
-    plain = scaled_error(weights, gram, torch.ones(features, device=gram.device), bits, group_size, symmetric)
+    candidates; `loss` scores scales over the consumers' `features` input channels. `x_mean` and `w_mean` are
+    over the producer's channels; the consumers may read them repeated per head (see expand_scales)."""
+    plain = loss(torch.ones(features, device=x_mean.device))
     best = (None, 0.0, False, float("inf"))
     for alpha, duo in candidates:
         s = candidate_scales(x_mean, alpha, w_mean if duo else None)
-        loss = scaled_error(weights, gram, expand_scales(s, features, head_dim), bits, group_size, symmetric)
-        if loss < best[3]:
-            best = (s, alpha, duo, loss)
+        value = loss(expand_scales(s, features, head_dim))
+        if value < best[3]:
+            best = (s, alpha, duo, value)
     return *best, plain
 
 
