@@ -195,14 +195,15 @@ class GPTQQuantize(_TargetedStep):
     block_size: int = Field(default=128, ge=1, le=4096)
     dampening: float = Field(default=0.01, gt=0.0, le=1.0)
     true_sequential: bool = Field(
-        default=False,
+        default=True,
         description="inside each decoder layer, quantize q/k/v, o, gate/up and down in turn, each on inputs that "
         "went through the Linears already quantized (one extra layer forward per stage)",
     )
     clip_search: bool = Field(
-        default=False,
+        default=True,
         description="choose each group's range by the Hessian-weighted error of shrinking it (AWQ's clipping) "
-        "instead of the full min..max range",
+        "instead of the full min..max range; with true_sequential, SmolLM2 int4 g64 went from +18.5% to +9.8% "
+        "(symmetric) and +12.4% to +6.8% (asymmetric) over dense perplexity",
     )
 
 
