@@ -40,14 +40,29 @@ INTERPRETED = textwrap.dedent(
     s8 = torch.rand(n) + 0.1
     print("int8", close(tg.gemv(x, q8, s8, kind=tg.KIND_INT8), (x.float() @ q8.float().T) * s8))
 
+    def int4_case(rows, k, group, with_zero):
+        x = torch.randn(rows, k, dtype=torch.bfloat16)
+        q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+        s = torch.rand(n, k // group) + 0.1
+        zero = torch.randint(-3, 4, (n, k // group)).float() if with_zero else None
+        shifted = q.float().view(n, -1, group) - (0 if zero is None else zero.unsqueeze(-1))
+        ref = x.float() @ (shifted * s.unsqueeze(-1)).view(n, k).T
+        return close(tg.gemv(x, tg.pack_int4(q), s, zero, kind=tg.KIND_INT4, group=group), ref)
+
+    # (BLOCK_K, rows, K, group, zero points): groups of 32, 64 and 128 with and without zero points, smaller than,
+    # equal to and larger than BLOCK_K; per channel (one group, a K that is no power of two); K not a multiple
+    # of BLOCK_K (the tail chunk is masked)
+    int4_cases = [
+        (64, 3, 256, 64, True), (256, 1, 320, 64, False), (64, 1, 96, 32, False), (256, 1, 96, 32, True),
+        (64, 16, 384, 128, True), (256, 1, 384, 128, False), (64, 3, 96, 96, True),
+    ]  # fmt: skip
+    for block_k, *case in int4_cases:
+        tg.INTERPRETER_BLOCKS["BLOCK_K"] = block_k
+        print("int4", block_k, *case, int4_case(*case))
+    tg.INTERPRETER_BLOCKS["BLOCK_K"] = 64
     q4 = torch.randint(-8, 8, (n, k), dtype=torch.int8)
     s4 = torch.rand(n, k // group) + 0.1
     z4 = torch.randint(-3, 4, (n, k // group)).float()
-    for zero in (None, z4):
-        shifted = q4.float().view(n, -1, group) - (0 if zero is None else zero.unsqueeze(-1))
-        ref = x.float() @ (shifted * s4.unsqueeze(-1)).view(n, k).T
-        out = tg.gemv(x, tg.pack_int4(q4), s4, zero, kind=tg.KIND_INT4, group=group)
-        print("int4", zero is not None, close(out, ref))
 
     wq = (torch.randn(n, k) * 50).to(torch.float8_e4m3fn)
     xq = (torch.randn(rows, k) * 20).to(torch.float8_e4m3fn)
@@ -112,3 +127,23 @@ def test_kernel_modules_compiled_on_cuda_match_their_float_weights(rows):
         ref = torch.nn.functional.linear(x.float(), weight)
         worst = float((out - ref).norm() / ref.norm())
         assert worst < (3e-2 if name == "fp8" else 1e-2), (name, worst)  # fp8 also rounds the activations
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("rows", [1, 16])
+def test_int4_kernel_compiled_on_cuda_handles_each_group_and_width(rows):
+    """The autotuned int4 kernel over the groups the specs allow and per channel, at Llama-3-8B and SmolLM2
+    input widths (576 and 1536 are no multiple of the largest BLOCK_K)."""
+    torch.manual_seed(0)
+    n = 1000  # no multiple of any BLOCK_N
+    cases = [(4096, 32, True), (4096, 64, False), (14336, 128, True), (576, 64, True), (1536, 1536, False)]
+    for k, group, with_zero in cases:
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        q = torch.randint(-8, 8, (n, k), device="cuda", dtype=torch.int8)
+        s = torch.rand(n, k // group, device="cuda") / 10
+        zero = torch.randint(-2, 3, (n, k // group), device="cuda").float() if with_zero else None
+        shifted = q.float().view(n, -1, group) - (0 if zero is None else zero.unsqueeze(-1))
+        ref = x.float() @ (shifted * s.unsqueeze(-1)).view(n, k).T
+        out = triton_gemv.gemv(x, triton_gemv.pack_int4(q), s, zero, kind=triton_gemv.KIND_INT4, group=group)
+        worst = float((out.float() - ref).norm() / ref.norm())
+        assert worst < 1e-2, (k, group, with_zero, worst)

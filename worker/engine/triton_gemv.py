@@ -8,7 +8,8 @@ weight-only matmul that Inductor generates at 0.7 to 1.9 TB/s for the 4096-wide 
 One kernel, three weight kinds, each output row a dot product over K accumulated in float32:
 - KIND_INT8: int8 codes (N, K), one scale per output row, y = (x · q) · s;
 - KIND_INT4: int4 codes two a byte (N, K/2; even column in the high nibble, stored as code + 8), scales and
-  optional integer zero points per group of GROUP columns: y = Σ_g s_g · Σ_k∈g x_k (q_k − z_g);
+  optional integer zero points per group of GROUP columns: y = Σ_g s_g · (Σ_k∈g x_k u_k − (z_g + 8) Σ_k∈g x_k)
+  with u = code + 8 the stored nibble, summed over segments that each lie in one group;
 - KIND_FP8: E4M3 codes (N, K) with one scale per output row, times activations already rounded to E4M3 per
   token (passed as their values with one scale per row): y = (x_q · q) · s · s_x, W8A8 as `_scaled_mm`
   computes it.
@@ -19,8 +20,12 @@ are autotuned per shape. Exposed as the custom op `modelpress::lowbit_gemv` (tor
 torch.compile traces into the decode step's graph and CUDA graphs capture.
 
 Measured on an H200 (benchmarks/gpu.md): for fp8 this kernel beats `_scaled_mm` at one row on most Llama-3-8B
-shapes; for int8 it is on par with Inductor's fused form; for int4 it reads at under 1 TB/s, slower than
-tinygemm, so int4 layers use tinygemm and this kernel only where tinygemm cannot run.
+shapes; for int8 it is on par with Inductor's fused form. For int4 the first version read at under 1 TB/s,
+slower than tinygemm (so int4 layers use tinygemm, and this kernel only where tinygemm cannot run); the int4
+kind has since been restructured (x read once and contiguous, scales and zero points loaded once a segment of a
+group rather than gathered per weight) and is not yet timed with gpu_probe.py. A quick probe of the kernel
+alone (one row, CUDA-graph replay, groups of 32 and 128 and per channel) read 1.1 to 1.9 TB/s on the down and
+gate+up shapes, where the first version read 0.6 to 1.2 TB/s in the same probe.
 
 Triton is imported lazily and is optional: without it (CPU builds) `available()` is False and the kernel
 modules keep torch's own kernels. Tests run the kernel on CPU under Triton's interpreter (TRITON_INTERPRET=1).
@@ -35,14 +40,19 @@ import torch
 
 KIND_INT8, KIND_INT4, KIND_FP8 = 0, 1, 2
 MAX_ROWS = 16  # more input rows than this: the callers use a matmul (the weight would be re-read per row)
-_CONFIGS = (  # (BLOCK_N, BLOCK_K, warps)
+_CONFIGS = (  # (BLOCK_N, BLOCK_K, warps); the wide-K ones suit int4, whose tiles hold half the bytes
     (2, 2048, 4),
     (4, 1024, 4),
+    (4, 2048, 4),
+    (4, 4096, 8),
     (8, 512, 4),
     (8, 1024, 8),
+    (8, 2048, 8),
     (16, 256, 4),
     (16, 512, 8),
+    (16, 1024, 8),
     (32, 256, 8),
+    (32, 512, 8),
     (64, 128, 8),
 )
 INTERPRETER_BLOCKS = {"BLOCK_N": 4, "BLOCK_K": 64}
@@ -76,7 +86,7 @@ def _kernels():
         def lowbit_gemv_kernel(
             x_ptr, w_ptr, s_ptr, z_ptr, xs_ptr, out_ptr, M,
             N: tl.constexpr, K: tl.constexpr, GROUPS: tl.constexpr,
-            KIND: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+            KIND: tl.constexpr, GROUP: tl.constexpr, GROUP_ALIGN: tl.constexpr, HAS_ZERO: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         ):  # fmt: skip
             m = tl.program_id(0)
@@ -84,23 +94,29 @@ def _kernels():
             n_ok = n < N
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             if KIND == 1:
+                # Segments of SEG columns lie inside one group: their partial sums take the group's scale and
+                # zero once, and x is read once, contiguous, then split into the columns of each nibble.
+                SEG: tl.constexpr = min(BLOCK_K, GROUP_ALIGN)
                 half_k = K // 2
                 for k0 in range(0, K, BLOCK_K):
                     j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns
-                    j_ok = j < half_k
-                    tile_ok = n_ok[:, None] & j_ok[None, :]
-                    byte = tl.load(w_ptr + n[:, None] * half_k + j[None, :], mask=tile_ok, other=0).to(tl.int32)
-                    x_even = tl.load(x_ptr + m * K + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
-                    x_odd = tl.load(x_ptr + m * K + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
-                    high = ((byte >> 4) & 15).to(tl.float32) - 8.0
-                    low = (byte & 15).to(tl.float32) - 8.0
-                    group = n[:, None] * GROUPS + (2 * j[None, :]) // GROUP
-                    scale = tl.load(s_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
-                    part = high * x_even[None, :] + low * x_odd[None, :]
+                    tile_ok = n_ok[:, None] & (j < half_k)[None, :]
+                    byte = tl.load(w_ptr + n[:, None] * half_k + j[None, :], mask=tile_ok, other=0)
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)
+                    x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_K // 2, 2]))
+                    # unsigned nibbles (code + 8): the 8 joins the zero point in the per-segment correction
+                    part = (byte >> 4).to(tl.float32) * x_even[None, :] + (byte & 15).to(tl.float32) * x_odd[None, :]
+                    part = tl.sum(tl.reshape(part, [BLOCK_N, BLOCK_K // SEG, SEG // 2]), axis=2)
+                    x_sum = tl.sum(tl.reshape(x_even + x_odd, [BLOCK_K // SEG, SEG // 2]), axis=1)
+                    seg = k0 + SEG * tl.arange(0, BLOCK_K // SEG)
+                    seg_ok = n_ok[:, None] & (seg < K)[None, :]
+                    group = n[:, None] * GROUPS + (seg // GROUP)[None, :]
+                    scale = tl.load(s_ptr + group, mask=seg_ok, other=0.0).to(tl.float32)
+                    zero = 8.0
                     if HAS_ZERO:
-                        zero = tl.load(z_ptr + group, mask=tile_ok, other=0.0).to(tl.float32)
-                        part = part - zero * (x_even + x_odd)[None, :]
-                    acc += tl.sum(part * scale, axis=1)
+                        zero += tl.load(z_ptr + group, mask=seg_ok, other=0.0).to(tl.float32)
+                    acc += tl.sum((part - zero * x_sum[None, :]) * scale, axis=1)
             else:
                 for k0 in range(0, K, BLOCK_K):
                     k = k0 + tl.arange(0, BLOCK_K)
@@ -138,6 +154,8 @@ def launch(
     kernel = plain if interpreting() else tuned
     kernel = wrap(kernel) if wrap is not None else kernel
     groups = scale.shape[1] if kind == KIND_INT4 else 1
+    # the largest power of two that divides the group (one group per row: any, the whole row is one group)
+    align = group & -group if groups > 1 else 1 << (columns - 1).bit_length()
     extra = INTERPRETER_BLOCKS if interpreting() else {}
 
     def grid(meta):
@@ -146,7 +164,7 @@ def launch(
     kernel[grid](
         x, weight, scale, scale if zero is None else zero, scale if x_scale is None else x_scale, out,
         rows, weight.shape[0], columns, groups,
-        KIND=kind, GROUP=group, HAS_ZERO=zero is not None, **extra,
+        KIND=kind, GROUP=group, GROUP_ALIGN=align, HAS_ZERO=zero is not None, **extra,
     )  # fmt: skip
     return out
 
