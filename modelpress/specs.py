@@ -231,7 +231,12 @@ class AWQQuantize(_TargetedStep):
         default=AWQLoss.gram,
         description="what the scale search of the norm folds (q/k/v, gate/up) minimizes. gram: the consumers' "
         "output error from their input Gram matrix; block: the output error of self_attn / mlp over the "
-        "calibration windows (AutoAWQ's and llm-compressor's, slower)",
+        "calibration windows (AutoAWQ's and llm-compressor's; 6-8× slower and worse on SmolLM2 int4 here)",
+    )
+    true_sequential: bool = Field(
+        default=False,
+        description="after every scale is folded, quantize q/k/v, o, gate/up and down in turn, each clipped on "
+        "the outputs of the Linears already quantized (one extra layer forward per stage)",
     )
 
 

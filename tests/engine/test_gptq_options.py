@@ -66,6 +66,36 @@ def test_true_sequential_observes_o_proj_after_q_k_v_are_quantized(tiny_model_di
     torch.testing.assert_close(seen_o_proj_hessian(False), float_gram, rtol=1e-5, atol=1e-6)
 
 
+def test_true_sequential_runs_prepare_once_per_layer_on_the_whole_float_layer(tiny):
+    """AWQ folds every scale before anything is rounded: `prepare` sees all of a layer's Linears, with their
+    float statistics, and only then are the stages quantized in turn."""
+    model = tiny.model
+    linears = select_from_spec(model, {})
+    events = []
+
+    def prepare(group):
+        events.append(("prepare", sorted(group.linears), group.stats[next(iter(group.linears))].hessian.count))
+
+    def rtn(name, linear, stats):
+        events.append(("quantize", name))
+        return quantize_(linear.weight, 4, 32, True)
+
+    context = StepContext(spec={}, calibration=calibration_windows(model), report_progress=lambda f, m: None)
+    quantize_layers(model, context, linears, rtn, prepare, true_sequential=True)
+    layer0 = [n for n in linears if n.startswith("model.layers.0.")]
+    assert events[0] == ("prepare", sorted(layer0), 4 * 48)  # every window's tokens, before any rounding
+    assert [e[1] for e in events[1 : 1 + len(layer0)]] == layer0
+    assert sum(e[0] == "prepare" for e in events) == model.config.num_hidden_layers
+
+
+def test_awq_true_sequential_step_records_the_option(tiny):
+    model = tiny.model
+    step = {"method": "awq", "weights": INT4_G32, "true_sequential": True}
+    result = run_step(model, step, calibration_windows(model, count=8, length=64))
+    assert result.summary["true_sequential"] is True and result.summary["scaled_layers"] > 0
+    assert all(layer["output_error"] is not None and layer["output_error"] < 0.5 for layer in result.layers)
+
+
 def test_true_sequential_step_quantizes_every_linear_once(tiny):
     model = tiny.model
     step = {"method": "gptq", "weights": INT4_G32, "act_order": True, "true_sequential": True}

@@ -116,6 +116,7 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
     loss_kind = spec.get("loss", "gram")
     if loss_kind not in LOSSES:
         raise EngineError("bad_spec", f"quantize:awq loss must be one of {list(LOSSES)}, not {loss_kind!r}")
+    true_sequential = bool(spec.get("true_sequential", False))
     weight_kwargs = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
     require_calibration(context, "awq")
     linears = targeted_linears(model, spec, "awq", group_size)
@@ -160,10 +161,18 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
         linear.weight.copy_(fake_quantize(linear.weight.float(), scale, zero, bits, group_size))
         return QuantizedWeight(scale=scale, zero_point=zero, bits=bits, group_size=group_size, symmetric=symmetric)
 
-    result = quantize_layers(model, context, linears, quantize, prepare)
+    result = quantize_layers(model, context, linears, quantize, prepare, true_sequential=true_sequential)
     for layer in result.layers:
         unscaled = {"awq_alpha": None, "awq_duo": None, "awq_loss": None, "awq_loss_vs_rtn": None}
         layer.update(chosen.get(layer["name"], unscaled))
-    result.summary.update({"grid": grid, "duo_scaling": duo_scaling, "loss": loss_kind, "scaled_layers": len(chosen)})
+    result.summary.update(
+        {
+            "grid": grid,
+            "duo_scaling": duo_scaling,
+            "loss": loss_kind,
+            "true_sequential": true_sequential,
+            "scaled_layers": len(chosen),
+        }
+    )
     result.notes.extend(dict.fromkeys(notes))
     return result

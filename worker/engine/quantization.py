@@ -212,9 +212,8 @@ def quantize_layers(
 
     `true_sequential` (GPTQ's option of that name) also goes stage by stage inside each decoder layer: q/k/v,
     then o_proj on the outputs of the quantized q/k/v, then gate/up, then down_proj, so each Linear's
-    statistics include the error of the Linears before it. It costs one layer forward per stage."""
-    if true_sequential and prepare is not None:
-        raise ValueError("true_sequential observes stage by stage: it cannot be combined with `prepare`")
+    statistics include the error of the Linears before it. It costs one layer forward per stage. `prepare`
+    still runs first, on the whole float layer (AWQ folds every scale before anything is rounded)."""
     layers, quantized = [], {}
 
     def run(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> None:
@@ -229,7 +228,7 @@ def quantize_layers(
     else:
         device = calibration_device(model, context)
         if true_sequential:
-            _quantize_stagewise(model, linears, context, device, run)
+            _quantize_stagewise(model, linears, context, device, run, prepare)
         else:
             for group in calibrated_layers(model, linears, context.calibration, device, context.report_progress):
                 if prepare is not None:
@@ -250,15 +249,26 @@ def _quantize_stagewise(
     context: StepContext,
     device: torch.device,
     run: Callable[[str, torch.nn.Linear, InputStats], None],
+    prepare: Callable[[LayerGroup], None] | None,
 ) -> None:
     """`quantize_layers` with `true_sequential`: each stage's statistics are observed after the earlier stages
-    of the same decoder layer were quantized."""
+    of the same decoder layer were quantized (the first stage's, with `prepare`, are the prepared layer's)."""
     for step in sequential_layers(model, context.calibration, device, context.report_progress):
         inside = {n: m for n, m in linears.items() if n.startswith(step.name + ".")}
         if not inside:
             continue
-        for stage in input_stages(step, list(inside)):
-            stats = observe_inputs(step, {n: inside[n] for n in stage})
+        prepared = None
+        if prepare is not None:
+            group = LayerGroup(step, inside, observe_inputs(step, inside))
+            prepare(group)
+            prepared = group.stats
+            del group
+        for i, stage in enumerate(input_stages(step, list(inside))):
+            if i == 0 and prepared is not None:
+                stats = prepared
+            else:
+                stats = observe_inputs(step, {n: inside[n] for n in stage})
+            prepared = None
             for name in stage:
                 run(name, inside[name], stats[name])
             del stats
