@@ -8,7 +8,7 @@ wikitext2-valid. Every row of one run shares the dense model, the tokenizer and 
 
     python benchmarks/quant_sweep.py --device cuda [--gguf FILE] [--data ../shared/data]
         [--settings 64x512,128x2048,512x512] [--methods gptq,awq] [--dampening 0.01,0.1]
-        [--variant 'gptq:ts={"true_sequential": true}' ...] [--out FILE.json]
+        [--variant 'gptq:ts={"true_sequential": true}' ...] [--variants-only] [--out FILE.json]
 
 Each `--variant METHOD:LABEL=JSON` adds rows of that method with the JSON's options added to its step (both
 symmetries; for GPTQ at every dampening), next to the method's plain rows.
@@ -48,19 +48,24 @@ def parse_variants(texts: list[str]) -> dict[str, list[tuple[str, dict[str, Any]
 
 
 def steps(
-    methods: list[str], dampening: list[float], variants: dict[str, list[tuple[str, dict[str, Any]]]] | None = None
+    methods: list[str],
+    dampening: list[float],
+    variants: dict[str, list[tuple[str, dict[str, Any]]]] | None = None,
+    plain: bool = True,
 ) -> list[tuple[str, dict[str, Any]]]:
-    """(label, quantize step) for each method, symmetry, (GPTQ) dampening and variant."""
+    """(label, quantize step) for each method, symmetry, (GPTQ) dampening and variant; without `plain`, only
+    the variants' rows of the methods that have variants."""
     variants = variants or {}
+    base = [("", {})] if plain else []
     found = []
     for weights, symmetry in ((INT4, "sym"), (INT4_ASYM, "asym")):
         if "rtn" in methods:
             found.append((f"rtn {symmetry}", {"method": "rtn", "weights": weights}))
-        for label, extra in [("", {}), *variants.get("gptq", [])] if "gptq" in methods else []:
+        for label, extra in [*base, *variants.get("gptq", [])] if "gptq" in methods else []:
             for damp in dampening:
                 step = {"method": "gptq", "weights": weights, "act_order": True, "dampening": damp, **extra}
                 found.append((f"gptq act-order {symmetry} damp {damp} {label}".rstrip(), step))
-        for label, extra in [("", {}), *variants.get("awq", [])] if "awq" in methods else []:
+        for label, extra in [*base, *variants.get("awq", [])] if "awq" in methods else []:
             found.append((f"awq {symmetry} {label}".rstrip(), {"method": "awq", "weights": weights, **extra}))
     return found
 
@@ -74,6 +79,7 @@ def main() -> None:
     parser.add_argument("--methods", default="gptq,awq")
     parser.add_argument("--dampening", default="0.01")
     parser.add_argument("--variant", action="append", default=[], help="METHOD:LABEL=JSON step options")
+    parser.add_argument("--variants-only", action="store_true", help="skip the methods' plain rows")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "quant_sweep.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -92,7 +98,7 @@ def main() -> None:
         calibration = token_windows(
             loaded.tokenizer, data / "wikitext2-valid.txt", "txt", seq_len, count, "calibration"
         )
-        for label, step in steps(methods, dampening, parse_variants(args.variant)):
+        for label, step in steps(methods, dampening, parse_variants(args.variant), plain=not args.variants_only):
             started = time.perf_counter()
             row = run_row(loaded.model, loaded.tokenizer, step, calibration, evaluation, device)
             row.update(

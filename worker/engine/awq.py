@@ -117,6 +117,7 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
     if loss_kind not in LOSSES:
         raise EngineError("bad_spec", f"quantize:awq loss must be one of {list(LOSSES)}, not {loss_kind!r}")
     true_sequential = bool(spec.get("true_sequential", False))
+    clipped_search = bool(spec.get("clipped_search", False))
     weight_kwargs = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
     require_calibration(context, "awq")
     linears = targeted_linears(model, spec, "awq", group_size)
@@ -137,7 +138,7 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
                 module = containing_module(group.step, consumers)
                 score = block_loss(group.step, module, [group.linears[c] for c in consumers], **weight_kwargs)
             else:
-                score = functools.partial(scaled_error, weights, stats.gram, **weight_kwargs)
+                score = functools.partial(scaled_error, weights, stats.gram, **weight_kwargs, clipped=clipped_search)
             s, alpha, duo, loss, plain = search_scales(score, weights[0].shape[1], x_mean, w_mean, candidates, head_dim)
             s = s.to(weights[0].dtype).float()  # the scales as folding applies them in the model's dtype
             if not fold_checked_(producer, [group.linears[c] for c in consumers], s, head_dim):
@@ -171,6 +172,7 @@ def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
             "duo_scaling": duo_scaling,
             "loss": loss_kind,
             "true_sequential": true_sequential,
+            "clipped_search": clipped_search,
             "scaled_layers": len(chosen),
         }
     )

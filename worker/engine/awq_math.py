@@ -59,20 +59,40 @@ def quadratic_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
 
 
 def scaled_rtn(
-    weight: torch.Tensor, s: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
+    weight: torch.Tensor,
+    s: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    clip_gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Q(W · s) / s in float32: the weights the model computes with once s is folded and W · s rounded to
-    nearest (the producer's ÷ s moved onto the consumer, so the same function of the unscaled input)."""
+    nearest (the producer's ÷ s moved onto the consumer, so the same function of the unscaled input). Given
+    the unscaled inputs' Gram matrix `clip_gram`, the ranges are clip-searched first, as the final rounding
+    will be (the scaled inputs x / s have Gram G / (s sᵀ))."""
     scaled = weight.float() * s
-    scale, zero = rtn_params(scaled, bits, group_size, symmetric)
+    if clip_gram is None:
+        scale, zero = rtn_params(scaled, bits, group_size, symmetric)
+    else:
+        scale, zero = clip_search(scaled, clip_gram / (s.unsqueeze(0) * s.unsqueeze(1)), bits, group_size, symmetric)
     return fake_quantize(scaled, scale, zero, bits, group_size) / s
 
 
 def scaled_error(
-    weights: list[torch.Tensor], gram: torch.Tensor, s: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
+    weights: list[torch.Tensor],
+    gram: torch.Tensor,
+    s: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    clipped: bool = False,
 ) -> float:
-    """Summed output error of round-to-nearest quantizing each W · s and undoing s on the input side."""
-    return sum(quadratic_error(scaled_rtn(w, s, bits, group_size, symmetric) - w.float(), gram) for w in weights)
+    """Summed output error of quantizing each W · s (to nearest, or with `clipped` ranges) and undoing s on the
+    input side."""
+    clip_gram = gram if clipped else None
+    return sum(
+        quadratic_error(scaled_rtn(w, s, bits, group_size, symmetric, clip_gram) - w.float(), gram) for w in weights
+    )
 
 
 @torch.no_grad()

@@ -1,9 +1,11 @@
-"""GPTQ's `true_sequential` and `clip_search` options: what each changes, checked against a direct computation."""
+"""Options of the calibrated quantizers: GPTQ's `true_sequential` and `clip_search`, AWQ's `true_sequential` and
+`clipped_search`: what each changes, checked against a direct computation."""
 
 import pytest
 import torch
 
 from tests.engine.test_quant_methods import INT4_G32, calibration_windows, correlated_inputs, run_step
+from worker.engine.awq_math import scaled_error
 from worker.engine.calibration import input_stages, sequential_layers
 from worker.engine.gptq_math import gptq_quantize
 from worker.engine.quant_math import fake_quantize, output_error, rtn_params
@@ -130,3 +132,24 @@ def test_clip_search_shrinks_ranges_and_keeps_weights_on_their_grid(act_order, s
 def test_fp8_gptq_refuses_clip_search():
     with pytest.raises(ValueError, match="clip search"):
         gptq_quantize(torch.ones(4, 8), torch.eye(8), 8, None, True, kind="float", clip_search=True)
+
+
+def test_clipped_scale_search_scores_with_the_clipped_quantizer():
+    """With a block-diagonal Gram (here the identity), per-group clipping can only lower the error that the
+    candidate's score measures; with s ≠ 1 the search clips in the scaled space, where the Gram is G / (s sᵀ)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 64, generator=g)
+    w[:, 7] *= 8
+    eye = torch.eye(64)
+    for s in (torch.ones(64), 0.5 + torch.rand(64, generator=g)):
+        rounded = scaled_error([w], eye, s, 4, 32, True)
+        clipped = scaled_error([w], eye, s, 4, 32, True, clipped=True)
+        assert clipped < rounded
+
+
+def test_awq_clipped_search_step_records_the_option(tiny):
+    model = tiny.model
+    step = {"method": "awq", "weights": INT4_G32, "clipped_search": True}
+    result = run_step(model, step, calibration_windows(model, count=8, length=64))
+    assert result.summary["clipped_search"] is True and result.summary["scaled_layers"] > 0
+    assert all(layer["output_error"] is not None and layer["output_error"] < 0.5 for layer in result.layers)
