@@ -90,11 +90,12 @@ def test_true_sequential_runs_prepare_once_per_layer_on_the_whole_float_layer(ti
     assert sum(e[0] == "prepare" for e in events) == model.config.num_hidden_layers
 
 
-def test_awq_true_sequential_step_records_the_option(tiny):
+@pytest.mark.parametrize("option", ["true_sequential", "clipped_search"])
+def test_awq_step_runs_and_records_its_option(tiny, option):
     model = tiny.model
-    step = {"method": "awq", "weights": INT4_G32, "true_sequential": True}
+    step = {"method": "awq", "weights": INT4_G32, option: True}
     result = run_step(model, step, calibration_windows(model, count=8, length=64))
-    assert result.summary["true_sequential"] is True and result.summary["scaled_layers"] > 0
+    assert result.summary[option] is True and result.summary["scaled_layers"] > 0
     assert all(layer["output_error"] is not None and layer["output_error"] < 0.5 for layer in result.layers)
 
 
@@ -145,11 +146,3 @@ def test_clipped_scale_search_scores_with_the_clipped_quantizer():
         rounded = scaled_error([w], eye, s, 4, 32, True)
         clipped = scaled_error([w], eye, s, 4, 32, True, clipped=True)
         assert clipped < rounded
-
-
-def test_awq_clipped_search_step_records_the_option(tiny):
-    model = tiny.model
-    step = {"method": "awq", "weights": INT4_G32, "clipped_search": True}
-    result = run_step(model, step, calibration_windows(model, count=8, length=64))
-    assert result.summary["clipped_search"] is True and result.summary["scaled_layers"] > 0
-    assert all(layer["output_error"] is not None and layer["output_error"] < 0.5 for layer in result.layers)
