@@ -238,6 +238,11 @@ class AWQQuantize(_TargetedStep):
         description="after every scale is folded, quantize q/k/v, o, gate/up and down in turn, each clipped on "
         "the outputs of the Linears already quantized (one extra layer forward per stage)",
     )
+    clipped_search: bool = Field(
+        default=False,
+        description="score each candidate scale with the clip-searched rounding that follows it, instead of "
+        "rounding over the full range",
+    )
 
 
 class SmoothQuant(_TargetedStep):
