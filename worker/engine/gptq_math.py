@@ -81,7 +81,7 @@ def gptq_quantize(
     else:
         scale, zero = (None, None)
         if static:
-            scale, zero = _group_params(w, hessian, bits, group_size, symmetric, clip_search)
+            scale, zero = _group_params(w, hessian if clip_search else None, bits, group_size, symmetric)
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(columns)
     order = order.to(w.device)
     # the dynamic sweep reads columns on the host: one transfer, not one device sync per column
@@ -119,15 +119,11 @@ def gptq_quantize(
 
 
 def _group_params(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    bits: int,
-    group_size: int | None,
-    symmetric: bool,
-    clip_search: bool,
+    weight: torch.Tensor, hessian: torch.Tensor | None, bits: int, group_size: int | None, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales and zero points of `weight`'s groups: full range, or range shrunk where H says it costs less."""
-    if clip_search:
+    """Scales and zero points of `weight`'s groups: full range, or, given H, range shrunk where H says it costs
+    less."""
+    if hessian is not None:
         return searched_params(weight, hessian, bits, group_size, symmetric)
     return rtn_params(weight, bits, group_size, symmetric)
 
@@ -190,7 +186,7 @@ def _sweep_dynamic(
         if column % group_size == 0:
             upcoming = torch.cat([block[:, i:], rest], dim=1)[:, :group_size]
             h_group = None if hessian is None else hessian[column : column + group_size, column : column + group_size]
-            s, z = _group_params(upcoming, h_group, bits, None, symmetric, hessian is not None)
+            s, z = _group_params(upcoming, h_group, bits, None, symmetric)
             scale[:, group] = s[:, 0]
             if zero is not None:
                 zero[:, group] = z[:, 0]
