@@ -72,7 +72,8 @@ CUDA_SPEED_PATH = (
     "cuda: both models timed in bfloat16 with the harness of worker/engine/fast_inference.py (the benchmark's "
     "code): the baseline is the uploaded model cast to bfloat16; in the optimized model every quantized (and, "
     "where all pruned layers are 2:4, every pruned) Linear runs the low-bit kernel listed under `kernels`. "
-    "Embeddings, norms and untargeted Linears stay bfloat16"
+    "In both, each Llama-style attention's q/k/v and MLP's gate/up Linears are fused into one (`kernels` counts "
+    "them). Embeddings, norms and untargeted Linears stay bfloat16"
 )
 CPU_SPEED_PATH = (
     "cpu: eager transformers forward on each model as evaluated (float32): the optimized model is the reloaded "
@@ -96,14 +97,19 @@ def measure_model_speed(model: torch.nn.Module, plan: EvalPlan) -> dict:
 
 
 def kernel_speed(
-    model: torch.nn.Module, plan: EvalPlan, quantized: dict[str, QuantizedWeight], sparse_24: set[str]
+    model: torch.nn.Module,
+    plan: EvalPlan,
+    quantized: dict[str, QuantizedWeight],
+    sparse_24: set[str],
+    fuse: bool = True,
 ) -> dict:
     """The harness on a bfloat16 copy of `model` whose quantized and 2:4 Linears run the real kernels (the
-    model itself is not changed; the copy shares its quantized float weights until they are converted)."""
+    model itself is not changed; the copy shares its quantized float weights until they are converted). With
+    `fuse`, the copy's Llama-style q/k/v and gate/up Linears are fused first (baseline and optimized alike)."""
     keep = set(quantized) | set(sparse_24)
     fast = speed_copy(model, SERVING_DTYPE, keep)
     try:
-        kernels = convert_for_speed_(fast, quantized, sparse_24, plan.device, SERVING_DTYPE) if keep else {}
+        kernels = convert_for_speed_(fast, quantized, sparse_24, plan.device, SERVING_DTYPE, fuse=fuse)
         speed = measure_model_speed(fast, plan)
     finally:
         del fast

@@ -3,7 +3,9 @@
 The job report (evaluation.py) and benchmarks/gpu_speed.py measure with this same code.
 
 - Model preparation: `speed_copy` makes a copy in the serving dtype without doubling the quantized weights, and
-  `convert_for_speed_` swaps quantized / 2:4 Linears for the kernel-backed modules of `kernels.py`.
+  `convert_for_speed_` swaps quantized / 2:4 Linears for the kernel-backed modules of `kernels.py`; with `fuse`
+  it first fuses each Llama-style attention's q/k/v and MLP's gate/up Linears into one (`fused_projections.py`),
+  records included, so a decode step reads each group's weights in one kernel.
 - Decode: greedy, from a fixed prompt, with transformers' own `StaticCache` (so any model whose layers it knows,
   Llama-family included). On CUDA the one-token step — `model(ids, cache=static_cache)` then argmax — is
   compiled with torch.compile (fullgraph, static shapes, CUDA graphs, and at batch 1 coordinate-descent tuning,
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from worker.engine.fused_projections import fuse_projections_
 from worker.engine.kernels import KernelUnavailable, kernel_linear
 from worker.engine.registry import QuantizedWeight
 
@@ -83,14 +86,23 @@ def convert_for_speed_(
     sparse_24: set[str],
     device: torch.device | str,
     dtype: torch.dtype | None = None,
+    fuse: bool = False,
 ) -> dict[str, str]:
     """Swap each quantized or 2:4-sparse Linear of `model` for its kernel-backed module, built on `device` and
     computing in `dtype` (default: the Linear's weight dtype); return {layer: kernel}. A layer no kernel fits
     stays a float Linear (cast to `dtype`) and maps to "unchanged: <reason>". A layer both quantized and sparse
-    runs the quantized kernel (torch has no sparse low-bit matmul). The replaced Linears are not modified."""
+    runs the quantized kernel (torch has no sparse low-bit matmul). The replaced Linears are not modified.
+
+    With `fuse`, q/k/v and gate/up Linears are first fused (`fuse_projections_`, on copies of `quantized` and
+    `sparse_24`, whose member names give way to the fused ones); each attention or MLP module it looked at then
+    maps to "fused q/k/v", "fused gate/up" or "unchanged: <reason>". The fused weights are new tensors (float32
+    ones, for quantized members shared with a float32 model, until their kernel modules replace them)."""
     device = torch.device(device)
-    modules = dict(model.named_modules())
     kernels: dict[str, str] = {}
+    if fuse:
+        quantized, sparse_24 = dict(quantized), set(sparse_24)
+        kernels.update(fuse_projections_(model, quantized, sparse_24))
+    modules = dict(model.named_modules())
     for name in sorted(set(quantized) | set(sparse_24)):
         linear = modules.get(name)
         if not isinstance(linear, torch.nn.Linear):
