@@ -51,7 +51,7 @@ INTERPRETED = textwrap.dedent(
 
     # (BLOCK_K, rows, K, group, zero points): groups of 32, 64 and 128 with and without zero points, smaller than,
     # equal to and larger than BLOCK_K; per channel (one group, a K that is no power of two); K not a multiple
-    # of BLOCK_K (the tail chunk is masked)
+    # of BLOCK_K (the tail chunk is masked). BLOCK_K is the one-row kernel's; more rows run the multi-row kernel
     int4_cases = [
         (64, 3, 256, 64, True), (256, 1, 320, 64, False), (64, 1, 96, 32, False), (256, 1, 96, 32, True),
         (64, 16, 384, 128, True), (256, 1, 384, 128, False), (64, 3, 96, 96, True),
@@ -80,13 +80,105 @@ INTERPRETED = textwrap.dedent(
 )
 
 
-@needs_triton
-def test_kernel_matches_float_products_under_the_interpreter():
+# The multi-row kernel (2 to MAX_ROWS rows, one program for all rows of BLOCK_N outputs, tl.dot on dequantized
+# tiles) against float products and against the one-row kernel run row by row.
+INTERPRETED_ROWS = textwrap.dedent(
+    """
+    import torch
+    from worker.engine import triton_gemv as tg
+
+    torch.manual_seed(0)
+    n = 37  # no multiple of BLOCK_N: the output-row mask is exercised
+    multi = []
+    launch_rows = tg._launch_rows
+    tg._launch_rows = lambda *args: multi.append(1) or launch_rows(*args)
+
+    def close(out, ref):
+        worst = float((out.float() - ref).abs().max() / ref.abs().max())
+        assert worst < 1e-2, worst  # bf16 / fp16 output rounding
+        return worst
+
+    def check(run, x, ref, path_multi=True):
+        before = len(multi)
+        out = run(x)
+        assert len(multi) == before + path_multi, "wrong kernel"
+        close(out, ref)
+        by_row = torch.cat([run(x[i : i + 1]) for i in range(x.shape[0])])  # the one-row kernel
+        assert len(multi) == before + path_multi
+        return close(out, by_row.float())
+
+    for rows in (2, 5, 16):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            x = torch.randn(rows, 80, dtype=dtype)  # K = 80: the last BLOCK_K tile is masked
+            q8 = torch.randint(-128, 128, (n, 80), dtype=torch.int8)
+            s8 = torch.rand(n) + 0.1
+            run = lambda x: tg.gemv(x, q8, s8, kind=tg.KIND_INT8)
+            print("int8", rows, dtype, check(run, x, (x.float() @ q8.float().T) * s8))
+
+        wq = (torch.randn(n, 96) * 50).to(torch.float8_e4m3fn)
+        xq = (torch.randn(rows, 96) * 20).to(torch.float8_e4m3fn)
+        xs = torch.rand(rows) + 0.5
+        ref = (xq.float() @ wq.float().T) * s8 * xs[:, None]
+        before = len(multi)
+        out = tg.gemv(xq, wq, s8, x_scale=xs, kind=tg.KIND_FP8, out_dtype=torch.bfloat16)
+        assert len(multi) == before + 1, "wrong kernel"
+        by_row = torch.cat([
+            tg.gemv(xq[i : i + 1], wq, s8, x_scale=xs[i : i + 1], kind=tg.KIND_FP8, out_dtype=torch.bfloat16)
+            for i in range(rows)
+        ])  # each row with its own activation scale
+        print("fp8", rows, close(out, ref), close(out, by_row.float()))
+
+    def int4_case(rows, k, group, with_zero, dtype=torch.bfloat16, path_multi=True):
+        x = torch.randn(rows, k, dtype=dtype)
+        q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+        s = torch.rand(n, k // group) + 0.1
+        zero = torch.randint(-3, 4, (n, k // group)).float() if with_zero else None
+        shifted = q.float().view(n, -1, group) - (0 if zero is None else zero.unsqueeze(-1))
+        ref = x.float() @ (shifted * s.unsqueeze(-1)).view(n, k).T
+        packed = tg.pack_int4(q)
+        run = lambda x: tg.gemv(x, packed, s, zero, kind=tg.KIND_INT4, group=group)
+        return check(run, x, ref, path_multi)
+
+    # (BLOCK_N, BLOCK_K, rows, K, group, zero points): groups of 32, 64 and 128 with and without zero points,
+    # BLOCK_K capped at the group where it is larger; per channel (one group of the whole row, K no power of
+    # two, its last tile masked)
+    int4_cases = [
+        (16, 64, 2, 128, 32, True), (16, 128, 5, 128, 32, False), (32, 64, 16, 192, 64, True),
+        (16, 128, 2, 192, 64, False), (16, 64, 5, 256, 128, True), (32, 128, 16, 256, 128, False),
+        (16, 64, 5, 96, 96, True), (16, 128, 16, 96, 96, False), (16, 32, 2, 160, 160, True),
+    ]  # fmt: skip
+    for block_n, block_k, *case in int4_cases:
+        tg.INTERPRETER_ROW_BLOCKS.update(BLOCK_N=block_n, BLOCK_K=block_k)
+        print("int4", block_n, block_k, *case, int4_case(*case))
+    tg.INTERPRETER_ROW_BLOCKS.update(BLOCK_N=16, BLOCK_K=64)
+    print("int4 fp16", int4_case(5, 128, 64, True, torch.float16))
+    print("int4 fp32", int4_case(5, 128, 32, True, torch.float32))
+    # groups of 48 (the largest power of two dividing them is 16 < 32): the one-row kernel, row by row
+    print("int4 group 48", int4_case(5, 96, 48, True, path_multi=False))
+    print("ok")
+    """
+)
+
+
+def _interpret(script: str) -> str:
+    """Run `script` in a fresh interpreter with TRITON_INTERPRET=1; its stdout."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("ok"), done.stdout
+    return done.stdout
+
+
+@needs_triton
+def test_kernel_matches_float_products_under_the_interpreter():
+    out = _interpret(INTERPRETED)
+    assert out.strip().endswith("ok"), out
+
+
+@needs_triton
+def test_multi_row_kernel_matches_float_products_and_the_one_row_kernel_under_the_interpreter():
+    out = _interpret(INTERPRETED_ROWS)
+    assert out.strip().endswith("ok"), out
 
 
 def test_int4_packing_round_trips_and_puts_the_even_column_high():

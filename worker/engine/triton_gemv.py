@@ -5,7 +5,7 @@ streams its bytes at close to the copy bandwidth. On an H200 (benchmarks/gpu.md,
 own options did not: tinygemm int4 reads at about 1.6 TB/s, `_scaled_mm` fp8 at 1.1 to 2.4 TB/s, and the int8
 weight-only matmul that Inductor generates at 0.7 to 1.9 TB/s for the 4096-wide inputs of q/k/v/o and gate/up.
 
-One kernel, three weight kinds, each output row a dot product over K accumulated in float32:
+Three weight kinds, each output row a dot product over K accumulated in float32:
 - KIND_INT8: int8 codes (N, K), one scale per output row, y = (x · q) · s;
 - KIND_INT4: int4 codes two a byte (N, K/2; even column in the high nibble, stored as code + 8), scales and
   optional integer zero points per group of GROUP columns: y = Σ_g s_g · (Σ_k∈g x_k u_k − (z_g + 8) Σ_k∈g x_k)
@@ -13,13 +13,21 @@ One kernel, three weight kinds, each output row a dot product over K accumulated
 - KIND_FP8: E4M3 codes (N, K) with one scale per output row, times activations already rounded to E4M3 per
   token (passed as their values with one scale per row): y = (x_q · q) · s · s_x, W8A8 as `_scaled_mm`
   computes it.
-The weight's shape is compiled in (a decode step has five distinct shapes). Each program owns BLOCK_N output
-rows of one input row; the input rows are the fastest grid axis, so the programs of one weight slab run
-together and read it from DRAM once (the others hit L2). Block sizes
-are autotuned per shape. Exposed as the custom op `modelpress::lowbit_gemv` (torch.library.triton_op), which
-torch.compile traces into the decode step's graph and CUDA graphs capture.
+The weight's shape is compiled in (a decode step has five distinct shapes). Two kernels:
+- one input row (`lowbit_gemv_kernel`, tuned): each program owns BLOCK_N output rows of one input row and
+  reduces with elementwise products and sums;
+- 2 to MAX_ROWS rows (`lowbit_rows_kernel`): each program owns BLOCK_N output rows for all input rows
+  (BLOCK_M = 16, the rows beyond M masked), loads each weight tile once, dequantizes it in registers to the
+  activation dtype (bfloat16 for fp8, exact either way) and multiplies with `tl.dot`, accumulating in float32.
+  Why: the one-row kernel with one program per input row re-reads the weight for every row (from L2 at best),
+  and at 16 rows it read only about 0.1 TB/s of effective weight bandwidth on an H200. For int4 each K tile
+  lies in one group (BLOCK_K divides the group, or the group is the whole row), so groups whose largest
+  power-of-two divisor is below 32 keep the one-row kernel, row by row. This kernel is checked under the
+  interpreter and compiles for sm_90, but it is not yet timed on a GPU.
+Block sizes are autotuned per shape. Both are exposed as the custom op `modelpress::lowbit_gemv`
+(torch.library.triton_op), which torch.compile traces into the decode step's graph and CUDA graphs capture.
 
-Measured on an H200 (benchmarks/gpu.md): for fp8 this kernel beats `_scaled_mm` at one row on most Llama-3-8B
+Measured on an H200 (benchmarks/gpu.md): for fp8 the one-row kernel beats `_scaled_mm` at one row on most Llama-3-8B
 shapes; for int8 it is on par with Inductor's fused form. For int4 the first version read at under 1 TB/s,
 slower than tinygemm (so int4 layers use tinygemm, and this kernel only where tinygemm cannot run); the int4
 kind has since been restructured (x read once and contiguous, scales and zero points loaded once a segment of a
@@ -56,6 +64,26 @@ _CONFIGS = (  # (BLOCK_N, BLOCK_K, warps); the wide-K ones suit int4, whose tile
     (64, 128, 8),
 )
 INTERPRETER_BLOCKS = {"BLOCK_N": 4, "BLOCK_K": 64}
+# The multi-row kernel (2 to MAX_ROWS rows): (BLOCK_N, BLOCK_K, warps, stages). BLOCK_K is capped per call by
+# the largest power of two dividing an int4 group (see `_row_kernel`), so each K tile lies in one group.
+_ROW_CONFIGS = (
+    (16, 128, 4, 3),
+    (16, 256, 4, 3),
+    (16, 256, 4, 4),
+    (32, 64, 4, 3),
+    (32, 128, 4, 3),
+    (32, 256, 8, 3),
+    (64, 64, 4, 3),
+    (64, 128, 4, 4),
+    (64, 128, 8, 3),
+    (64, 256, 8, 2),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (128, 128, 8, 4),
+)
+ROW_BLOCK_M = 16  # tl.dot needs every dimension ≥ 16; rows beyond M are masked
+ROW_MIN_INT4_K = 32  # the int4 multi-row tile is split into even and odd columns, each a dot over BLOCK_K/2
+INTERPRETER_ROW_BLOCKS = {"BLOCK_N": 16, "BLOCK_K": 64}
 
 
 def interpreting() -> bool:
@@ -130,10 +158,87 @@ def _kernels():
                     acc = acc * tl.load(xs_ptr + m).to(tl.float32)
             tl.store(out_ptr + m * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
+        @triton.jit
+        def lowbit_rows_kernel(
+            x_ptr, w_ptr, s_ptr, z_ptr, xs_ptr, out_ptr, M,
+            N: tl.constexpr, K: tl.constexpr, GROUPS: tl.constexpr,
+            KIND: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, DOT_F32: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ):  # fmt: skip
+            # One program: BLOCK_N output rows for all (up to BLOCK_M) input rows; each weight tile is read
+            # once, dequantized in registers to the dot's dtype and multiplied on the tensor cores.
+            tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16)
+            r = tl.arange(0, BLOCK_M)
+            r_ok = r < M
+            n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < N
+            if DOT_F32:
+                dot_ty = tl.float32  # under the interpreter, whose bfloat16 dot multiplies bit patterns
+            elif KIND == 2:
+                dot_ty = tl.bfloat16  # E4M3 values (3 mantissa bits) are exact in bfloat16
+            else:
+                dot_ty = x_ptr.dtype.element_ty  # int8 codes and int4 code - zero are exact in it too
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if KIND == 1:
+                # Each K tile lies in one group (BLOCK_K divides GROUP, or one group spans the row): one scale
+                # and zero per output row and tile. x is read as its even and odd columns, one per nibble.
+                tl.static_assert(BLOCK_K // 2 >= 16)
+                half_k = K // 2
+                for k0 in range(0, K, BLOCK_K):
+                    j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte columns
+                    j_ok = j < half_k
+                    w_ok = n_ok[:, None] & j_ok[None, :]
+                    byte = tl.load(w_ptr + n[:, None] * half_k + j[None, :], mask=w_ok, other=0)
+                    x_at = x_ptr + r[:, None] * K + 2 * j[None, :]
+                    x_ok = r_ok[:, None] & j_ok[None, :]
+                    x_even = tl.load(x_at, mask=x_ok, other=0.0).to(dot_ty)
+                    x_odd = tl.load(x_at + 1, mask=x_ok, other=0.0).to(dot_ty)
+                    group = n * GROUPS + k0 // GROUP
+                    shift = tl.full([BLOCK_N], 8.0, tl.float32)  # nibbles are stored as code + 8
+                    if HAS_ZERO:
+                        shift += tl.load(z_ptr + group, mask=n_ok, other=0.0).to(tl.float32)
+                    high = ((byte >> 4).to(tl.float32) - shift[:, None]).to(dot_ty)
+                    low = ((byte & 15).to(tl.float32) - shift[:, None]).to(dot_ty)
+                    part = tl.dot(x_even, tl.trans(high), input_precision="ieee")
+                    part = tl.dot(x_odd, tl.trans(low), part, input_precision="ieee")
+                    acc += part * tl.load(s_ptr + group, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            else:
+                for k0 in range(0, K, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = k < K
+                    w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                    x = tl.load(x_ptr + r[:, None] * K + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                    acc = tl.dot(x.to(dot_ty), tl.trans(w.to(dot_ty)), acc, input_precision="ieee")
+                acc = acc * tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                if KIND == 2:
+                    acc = acc * tl.load(xs_ptr + r, mask=r_ok, other=0.0).to(tl.float32)[:, None]
+            out_ok = r_ok[:, None] & n_ok[None, :]
+            tl.store(out_ptr + r[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+        _KERNELS["rows"] = lowbit_rows_kernel
         configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps) for n, k, warps in _CONFIGS]
         _KERNELS["plain"] = lowbit_gemv_kernel
         _KERNELS["tuned"] = triton.autotune(configs=configs, key=["M", "N", "K", "KIND", "GROUP"])(lowbit_gemv_kernel)
     return _KERNELS["plain"], _KERNELS["tuned"]
+
+
+def _row_kernel(max_block_k: int):
+    """The multi-row kernel: plain under the interpreter, else autotuned over _ROW_CONFIGS with BLOCK_K capped
+    at `max_block_k` (one autotuner per cap, so no config breaks the one-group-a-tile rule)."""
+    _kernels()
+    if interpreting():
+        return _KERNELS["rows"]
+    name = f"rows_tuned_{max_block_k}"
+    if name not in _KERNELS:
+        import triton
+
+        shapes = dict.fromkeys((n, min(k, max_block_k), w, st) for n, k, w, st in _ROW_CONFIGS)
+        configs = [
+            triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+            for n, k, warps, stages in shapes
+        ]
+        _KERNELS[name] = triton.autotune(configs=configs, key=["N", "K", "KIND", "GROUP"])(_KERNELS["rows"])
+    return _KERNELS[name]
 
 
 def launch(
@@ -147,15 +252,20 @@ def launch(
     out_dtype: torch.dtype | None,
     wrap=None,
 ) -> torch.Tensor:
-    """Run the kernel on x (M, K), contiguous; y (M, N). `wrap` is torch.library.wrap_triton inside the op."""
+    """Run a kernel on x (M, K), contiguous; y (M, N). `wrap` is torch.library.wrap_triton inside the op.
+
+    One row: the matrix-vector kernel. More: the multi-row kernel, unless int4 groups are not a multiple of 32
+    (its K tiles must lie in one group and hold at least 32 columns), where the matrix-vector kernel runs per row."""
     rows, columns = x.shape
     out = torch.empty(rows, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
-    plain, tuned = _kernels()
-    kernel = plain if interpreting() else tuned
-    kernel = wrap(kernel) if wrap is not None else kernel
     groups = scale.shape[1] if kind == KIND_INT4 else 1
     # the largest power of two that divides the group (one group per row: any, the whole row is one group)
     align = group & -group if groups > 1 else 1 << (columns - 1).bit_length()
+    if rows > 1 and (kind != KIND_INT4 or align >= ROW_MIN_INT4_K):
+        return _launch_rows(x, weight, scale, zero, x_scale, kind, group, groups, align, out, wrap)
+    plain, tuned = _kernels()
+    kernel = plain if interpreting() else tuned
+    kernel = wrap(kernel) if wrap is not None else kernel
     extra = INTERPRETER_BLOCKS if interpreting() else {}
 
     def grid(meta):
@@ -165,6 +275,26 @@ def launch(
         x, weight, scale, scale if zero is None else zero, scale if x_scale is None else x_scale, out,
         rows, weight.shape[0], columns, groups,
         KIND=kind, GROUP=group, GROUP_ALIGN=align, HAS_ZERO=zero is not None, **extra,
+    )  # fmt: skip
+    return out
+
+
+def _launch_rows(x, weight, scale, zero, x_scale, kind, group, groups, align, out, wrap) -> torch.Tensor:
+    """The multi-row kernel over BLOCK_N output rows a program, all input rows in each (see `launch`)."""
+    max_block_k = min(align, 256) if kind == KIND_INT4 else 256
+    kernel = _row_kernel(max_block_k)
+    kernel = wrap(kernel) if wrap is not None else kernel
+    extra = {}
+    if interpreting():
+        extra = {**INTERPRETER_ROW_BLOCKS, "BLOCK_K": min(INTERPRETER_ROW_BLOCKS["BLOCK_K"], max_block_k)}
+
+    def grid(meta):
+        return (-(-weight.shape[0] // meta["BLOCK_N"]),)
+
+    kernel[grid](
+        x, weight, scale, scale if zero is None else zero, scale if x_scale is None else x_scale, out,
+        x.shape[0], weight.shape[0], x.shape[1], groups,
+        KIND=kind, GROUP=group, HAS_ZERO=zero is not None, DOT_F32=interpreting(), BLOCK_M=ROW_BLOCK_M, **extra,
     )  # fmt: skip
     return out
 
