@@ -3,13 +3,16 @@ of a Llama-3-8B-shaped model in bf16, int8 weight-only, int4 weight-only (g128),
 against the batch-1 decode floor (bytes read per token / device-to-device copy bandwidth).
 
     python benchmarks/gpu_speed.py [--device cuda] [--out benchmarks/gpu_speed.json] [--budget-s 450]
-        [--variants bf16,int8,int4,fp8,sparse24] [--batches 1,16] [--steps 64] [--prompt 128] [--prefill 2048]
+        [--variants bf16,int8,int4,int4t,fp8,sparse24] [--batches 1,16] [--no-fuse] [--steps 64] [--prompt 128]
+        [--prefill 2048]
     python benchmarks/gpu_speed.py --smoke [--device cpu]      # a tiny Llama: every code path in seconds
 
 The model is built from a LlamaConfig directly on the device in bfloat16 with random weights (speed does not
-depend on their values). Every variant quantizes or prunes the 224 decoder Linears itself (round to nearest;
+depend on their values). Every variant quantizes or prunes the decoder Linears itself (round to nearest;
 magnitude 2:4) and swaps them for the engine's kernel modules (worker/engine/kernels.py); the embeddings and
-lm_head stay bf16. Timing is the engine's harness (worker/engine/fast_inference.py), the code a job report on
+lm_head stay bf16. Unless --no-fuse, q/k/v and gate/up are first fused into one Linear each
+(worker/engine/fused_projections.py), as the job report's speed copy is; "int4t" runs int4 on the Triton
+kernel instead of tinygemm. Timing is the engine's harness (worker/engine/fast_inference.py), the code a job report on
 a GPU worker uses: transformers' StaticCache, the decode step compiled with CUDA graphs, prefill eager, CUDA
 events, median of repeats. Each variant is restored to bf16 before the next, so one model build serves all.
 
@@ -45,6 +48,7 @@ from worker.engine.fast_inference import (  # noqa: E402
     measure_prefill,
     release_compiled,
 )
+from worker.engine.fused_projections import fuse_projections_  # noqa: E402
 from worker.engine.kernels import KernelUnavailable, kernel_linear, plain_record, semi_structured_backend  # noqa: E402
 from worker.engine.pruning_math import nm_mask  # noqa: E402
 
@@ -73,12 +77,14 @@ VARIANTS = {  # name: (label, scheme for plain_record or None, 2:4 sparse)
     "bf16": ("bf16 (dense)", None, False),
     "int8": ("int8 weight-only (per channel)", "int8", False),
     "int4": ("int4 weight-only (g128, symmetric)", "int4", False),
+    "int4t": ("int4 weight-only (g128, symmetric), Triton kernel", "int4", False),
     "fp8": ("fp8 W8A8 (E4M3 rowwise, dynamic per-token)", "fp8", False),
     "sparse24": ("2:4 sparse (magnitude, bf16)", None, True),
 }
 TARGETS = {  # batch-1 decode tokens/s over bf16 (issue 5)
     "int8": 1.8,
     "int4": 2.8,
+    "int4t": 2.8,
     "fp8": 1.6,
 }
 BF16_FLOOR_TARGET = 0.8
@@ -148,7 +154,8 @@ def apply_variant(
         source = _pruned_24(linear) if sparse else linear
         record = plain_record(linear.weight, scheme) if scheme else None
         try:
-            replacement, kernel = kernel_linear(source, record, sparse, dtype, check_grid=False)
+            int4 = "triton" if name == "int4t" else "tinygemm"
+            replacement, kernel = kernel_linear(source, record, sparse, dtype, check_grid=False, int4_kernel=int4)
         except KernelUnavailable as exc:
             counts[f"unchanged: {exc}"] = counts.get(f"unchanged: {exc}", 0) + 1
             continue
@@ -251,6 +258,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     save = _saver(args.out, result)
     model = build_model(shape, device, args.dtype)
+    if args.fuse:  # before any variant: every variant, bf16 included, reads q/k/v and gate/up as one product each
+        fused = fuse_projections_(model)
+        result["model"]["fused_projections"] = sum(v.startswith("fused") for v in fused.values())
     generator = torch.Generator(device=device).manual_seed(0)
     vocab = shape["vocab_size"]
     prompts = torch.randint(1, vocab, (max(args.batches), args.prompt), device=device, generator=generator)
@@ -433,6 +443,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=450.0, help="no measurement starts past this (seconds)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
+    parser.add_argument(
+        "--fuse", action=argparse.BooleanOptionalAction, default=True, help="fuse q/k/v and gate/up (default on)"
+    )
     parser.add_argument("--dtype", default="bfloat16", help="model dtype (bfloat16; a CPU smoke run may use float32)")
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from benchmarks import gpu_speed
 from tests.utils.factories import tiny_llama
+from worker.engine import kernels
 from worker.engine.fast_inference import (
     convert_for_speed_,
     decode_weight_bytes,
@@ -27,6 +28,7 @@ from worker.engine.fast_inference import (
     speed_copy,
 )
 from worker.engine.kernels import (
+    Int4PackedLinear,
     KernelUnavailable,
     has_aten_op,
     int_codes,
@@ -90,6 +92,19 @@ def test_int4_tinygemm_matches_symmetric_and_asymmetric(group_size, symmetric):
     assert "tinygemm" in kernel and f"group {group_size or IN}" in kernel  # per channel: one group of the row
     x = inputs()
     assert_matches(module(x), linear(x))
+
+
+@pytest.mark.skipif(not has_aten_op("_weight_int4pack_mm_for_cpu"), reason="no CPU tinygemm in this torch")
+def test_int4_kernel_choice_takes_the_triton_module_where_triton_runs(monkeypatch):
+    linear, record = fake_quantized_linear(4, 64, False)
+    with pytest.raises(ValueError, match="int4_kernel"):
+        kernel_linear(linear, record, False, int4_kernel="marlin")
+    monkeypatch.setattr(kernels.triton_gemv, "available", lambda device: True)
+    module, kernel = kernel_linear(linear, record, False, int4_kernel="triton")
+    assert isinstance(module, Int4PackedLinear) and "Triton matrix-vector kernel (group 64)" in kernel
+    assert torch.equal(module.dequantized(torch.float32), linear.weight.detach())  # same codes, scales and zeros
+    _, kernel = kernel_linear(linear, record, False)
+    assert "tinygemm" in kernel  # the default keeps tinygemm wherever it runs
 
 
 @pytest.mark.parametrize(("group_size", "symmetric"), [(64, True), (None, False)])

@@ -46,6 +46,7 @@ from worker.engine.registry import QuantizedWeight
 log = logging.getLogger(__name__)
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
+INT4_KERNELS = ("tinygemm", "triton")  # tinygemm where it can run (the default), or the Triton kernel
 TINYGEMM_INNER_K_TILES = (8, 4, 2)  # the largest that divides K is used (8: 16-byte loads)
 INT_MM_MIN_ROWS = 32  # aten._int_mm on CUDA needs more than 16 rows (and a multiple of 8)
 GRID_TOLERANCE = 1e-2  # |w / scale + zero - round(...)| allowed when recovering codes from fake-quantized weights
@@ -341,7 +342,7 @@ def semi_structured_backend() -> str:
 # --- Building one replacement ---------------------------------------------------------------------------------
 
 
-def _int_weight_only(linear: torch.nn.Linear, record: QuantizedWeight, dtype, check_grid: bool):
+def _int_weight_only(linear: torch.nn.Linear, record: QuantizedWeight, dtype, check_grid: bool, int4_kernel: str):
     codes = int_codes(linear.weight, record, check_grid)
     device, cpu = codes.device, codes.device.type == "cpu"
     scale = record.scale.to(device, torch.float32)
@@ -350,6 +351,8 @@ def _int_weight_only(linear: torch.nn.Linear, record: QuantizedWeight, dtype, ch
     if record.bits == 4:
         group = record.group_size or codes.shape[1]  # per channel: one group of the whole row
         try:
+            if int4_kernel == "triton" and triton_gemv.available(device):
+                raise KernelUnavailable("the Triton kernel was asked for")
             tiles = _tinygemm_layout(codes, group, dtype)
         except KernelUnavailable as exc:
             reason = str(exc)
@@ -431,9 +434,13 @@ def kernel_linear(
     sparse_24: bool,
     dtype: torch.dtype | None = None,
     check_grid: bool = True,
+    int4_kernel: str = "tinygemm",
 ) -> tuple[torch.nn.Module, str]:
     """The kernel-backed replacement of one Linear (built on its weight's device, computing in `dtype`, by
-    default the weight's), and the kernel it runs; KernelUnavailable when none fits."""
+    default the weight's), and the kernel it runs; KernelUnavailable when none fits. `int4_kernel` "triton"
+    runs int4 weights on the Triton kernel (dequantized matmul above its rows) even where tinygemm could."""
+    if int4_kernel not in INT4_KERNELS:
+        raise ValueError(f"int4_kernel {int4_kernel!r}: known {INT4_KERNELS}")
     dtype = dtype or linear.weight.dtype
     with torch.no_grad():
         if record is None:
@@ -451,7 +458,7 @@ def kernel_linear(
             return _int8_w8a8(linear, record, dtype, check_grid)
         if record.activations is not None:
             raise KernelUnavailable(f"no kernel for {record.kind} weights with {record.activations} activations")
-        return _int_weight_only(linear, record, dtype, check_grid)
+        return _int_weight_only(linear, record, dtype, check_grid, int4_kernel)
 
 
 # --- Quantizing a plain Linear for the benchmark --------------------------------------------------------------
