@@ -46,6 +46,9 @@ from worker.engine.registry import QuantizedWeight
 log = logging.getLogger(__name__)
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
+# fp8 takes the Triton kernel at one input row only: at 16 rows its multi-row path decoded 1665 tok/s on the 8B
+# shape, where _scaled_mm had decoded 2365 (benchmarks/gpu.md, session 5 and session 2)
+FP8_TRITON_MAX_ROWS = 1
 INT4_KERNELS = ("tinygemm", "triton")  # tinygemm where it can run (the default), or the Triton kernel
 TINYGEMM_INNER_K_TILES = (8, 4, 2)  # the largest that divides K is used (8: 16-byte loads)
 INT_MM_MIN_ROWS = 32  # aten._int_mm on CUDA needs more than 16 rows (and a multiple of 8)
@@ -267,7 +270,7 @@ class Fp8RowwiseLinear(torch.nn.Module):
         flat = x.reshape(-1, self.in_features)
         x_scale = per_token_scale(flat, FP8_MAX)
         x_fp8 = (flat.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        if self.use_triton and flat.shape[0] <= triton_gemv.MAX_ROWS:
+        if self.use_triton and flat.shape[0] <= FP8_TRITON_MAX_ROWS:
             out = triton_gemv.gemv(
                 x_fp8, self.weight_fp8, self.weight_scale.reshape(-1), x_scale=x_scale.reshape(-1),
                 kind=triton_gemv.KIND_FP8, out_dtype=x.dtype,
@@ -410,7 +413,7 @@ def _fp8_w8a8(linear: torch.nn.Linear, record: QuantizedWeight, dtype):
     if module.use_triton:
         return module, (
             f"fp8 W8A8 (E4M3 per channel, dynamic per-token): Triton matrix-vector kernel up to "
-            f"{triton_gemv.MAX_ROWS} rows, aten._scaled_mm rowwise above"
+            f"{FP8_TRITON_MAX_ROWS} row, aten._scaled_mm rowwise above"
         )
     return module, "fp8 W8A8: aten._scaled_mm, E4M3 rowwise scales, dynamic per-token activations"
 
