@@ -6,16 +6,18 @@ it used. Here the integer (or FP8) codes are recovered exactly from those weight
 that runs a real low-bit matmul.
 
 What runs where (CUDA; CPU):
-- int8 weight-only, per channel, symmetric: `F.linear(x, w_int8.to(x.dtype)) * scale`, gpt-fast's form, which
-  torch.compile fuses into one matrix-vector kernel at batch 1 (aten._weight_int8pack_mm has a CUDA kernel,
-  but it is one thread per output element reading the weight with a stride of K, so it is not used there);
+- int8 weight-only, per channel, symmetric: the Triton kernel of triton_gemv.py up to 16 input rows (decoding),
+  above that `F.linear(x, w_int8.to(x.dtype)) * scale` (aten._weight_int8pack_mm has a CUDA kernel, but it is
+  one thread per output element reading the weight with a stride of K, so it is not used there);
   CPU: aten._weight_int8pack_mm.
 - int4 weight-only in groups of 32-256: tinygemm, aten._weight_int4pack_mm (bfloat16 only); CPU:
-  aten._weight_int4pack_mm_for_cpu.
+  aten._weight_int4pack_mm_for_cpu. `int4_kernel="triton"` (or a group tinygemm does not take) runs the Triton
+  kernel up to 16 rows and a dequantized matmul above: slower to decode on an H200, much faster to prefill.
 - other int weight-only schemes (grouped int8, zero points, int4 per channel): codes held in int8 and
   dequantized in the forward, which torch.compile fuses into the matrix-vector kernel; CPU: the same, eagerly.
-- fp8 W8A8 (E4M3 weights per channel, dynamic per-token E4M3 activations): aten._scaled_mm with rowwise
-  scales (compute capability 8.9+), bfloat16 out; CPU: aten._scaled_mm where the CPU build has it.
+- fp8 W8A8 (E4M3 weights per channel, dynamic per-token E4M3 activations): the Triton kernel at one input row,
+  aten._scaled_mm with rowwise scales above (compute capability 8.9+), bfloat16 out; CPU: aten._scaled_mm where
+  the CPU build has it.
 - int8 W8A8 (SmoothQuant): aten._int_mm on per-token int8 activations (rows padded past 16 on CUDA); CPU: the
   same op.
 - 2:4 sparse float weights: torch.sparse.to_sparse_semi_structured (cuSPARSELt, else CUTLASS); CUDA only.

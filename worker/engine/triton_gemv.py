@@ -22,18 +22,15 @@ The weight's shape is compiled in (a decode step has five distinct shapes). Two 
   Why: the one-row kernel with one program per input row re-reads the weight for every row (from L2 at best),
   and at 16 rows it read only about 0.1 TB/s of effective weight bandwidth on an H200. For int4 each K tile
   lies in one group (BLOCK_K divides the group, or the group is the whole row), so groups whose largest
-  power-of-two divisor is below 32 keep the one-row kernel, row by row. This kernel is checked under the
-  interpreter and compiles for sm_90, but it is not yet timed on a GPU.
+  power-of-two divisor is below 32 keep the one-row kernel, row by row.
 Block sizes are autotuned per shape. Both are exposed as the custom op `modelpress::lowbit_gemv`
 (torch.library.triton_op), which torch.compile traces into the decode step's graph and CUDA graphs capture.
 
-Measured on an H200 (benchmarks/gpu.md): for fp8 the one-row kernel beats `_scaled_mm` at one row on most Llama-3-8B
-shapes; for int8 it is on par with Inductor's fused form. For int4 the first version read at under 1 TB/s,
-slower than tinygemm (so int4 layers use tinygemm, and this kernel only where tinygemm cannot run); the int4
-kind has since been restructured (x read once and contiguous, scales and zero points loaded once a segment of a
-group rather than gathered per weight) and is not yet timed with gpu_probe.py. A quick probe of the kernel
-alone (one row, CUDA-graph replay, groups of 32 and 128 and per channel) read 1.1 to 1.9 TB/s on the down and
-gate+up shapes, where the first version read 0.6 to 1.2 TB/s in the same probe.
+Measured on an H200, decoding the Llama-3-8B shape (benchmarks/gpu.md, session 5):
+- one row: fp8 decodes at 1.54× bf16 and int8 at 1.38× on this kernel; int4 on it at 1.22×, against 1.53× on
+  tinygemm, so int4 layers use tinygemm and this kernel only where tinygemm cannot run (or when asked for);
+- 16 rows: int8 on the multi-row kernel at 1.10× bf16; fp8 on it at 0.66× against 1.09× on `_scaled_mm`, so
+  fp8 takes this kernel at one row only (kernels.FP8_TRITON_MAX_ROWS); int4 on it at 0.45×.
 
 Triton is imported lazily and is optional: without it (CPU builds) `available()` is False and the kernel
 modules keep torch's own kernels. Tests run the kernel on CPU under Triton's interpreter (TRITON_INTERPRET=1).
