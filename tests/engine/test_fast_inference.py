@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import gpu_speed
-from tests.utils.factories import tiny_llama
+from tests.utils.factories import quantize_decoder_, tiny_llama
 from worker.engine import kernels
 from worker.engine.fast_inference import (
     convert_for_speed_,
@@ -173,19 +173,6 @@ def test_the_sparse_path_refuses_a_weight_that_is_not_2_4():
 
 
 # --- A tiny Llama, quantized --------------------------------------------------------------------------------
-
-
-def quantize_decoder_(model: torch.nn.Module, bits: int, group_size: int | None) -> dict[str, QuantizedWeight]:
-    records = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
-            scale, zero = rtn_params(module.weight.detach(), bits, group_size, True)
-            with torch.no_grad():
-                module.weight.copy_(fake_quantize(module.weight, scale, zero, bits, group_size))
-            records[name] = QuantizedWeight(
-                scale=scale, zero_point=zero, bits=bits, group_size=group_size, symmetric=True
-            )
-    return records
 
 
 @pytest.mark.skipif(not has_aten_op("_weight_int4pack_mm_for_cpu"), reason="no CPU tinygemm in this torch")

@@ -12,11 +12,11 @@ import copy
 import pytest
 import torch
 
-from tests.utils.factories import tiny_llama
+from tests.utils.factories import quantize_decoder_, tiny_llama
 from worker.engine.fast_inference import convert_for_speed_, greedy_tokens, kernel_counts, speed_copy
 from worker.engine.fused_projections import QKV, ColumnSlice, fuse_projections_
 from worker.engine.kernels import kernel_linear
-from worker.engine.quant_math import fake_quantize, rtn_params
+from worker.engine.quant_math import rtn_params
 from worker.engine.registry import QuantizedWeight
 
 TOLERANCE = 1e-5  # of the reference's largest magnitude
@@ -44,20 +44,6 @@ def assert_matches(out: torch.Tensor, reference: torch.Tensor) -> None:
 
 def prompt(batch: int = 2, length: int = 10, seed: int = 3) -> torch.Tensor:
     return torch.randint(1, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def quantize_decoder_(model, bits: int, group_size: int | None, symmetric: bool = True) -> dict:
-    """RTN fake-quantize every decoder Linear in place; their records."""
-    records = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
-            scale, zero = rtn_params(module.weight.detach(), bits, group_size, symmetric)
-            with torch.no_grad():
-                module.weight.copy_(fake_quantize(module.weight, scale, zero, bits, group_size))
-            records[name] = QuantizedWeight(
-                scale=scale, zero_point=zero, bits=bits, group_size=group_size, symmetric=symmetric
-            )
-    return records
 
 
 def test_fused_model_computes_the_same_logits_and_leaves_the_original_alone():

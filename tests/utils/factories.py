@@ -67,6 +67,25 @@ def tiny_llama(*, vocab: int = 512, hidden: int = 64, layers: int = 2, max_posit
     return LlamaForCausalLM(config).eval()
 
 
+def quantize_decoder_(model, bits: int, group_size: int | None, symmetric: bool = True) -> dict:
+    """Round-to-nearest fake-quantize every decoder Linear of `model` in place; {name: its QuantizedWeight}."""
+    import torch
+
+    from worker.engine.quant_math import fake_quantize, rtn_params
+    from worker.engine.registry import QuantizedWeight
+
+    records = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers."):
+            scale, zero = rtn_params(module.weight.detach(), bits, group_size, symmetric)
+            with torch.no_grad():
+                module.weight.copy_(fake_quantize(module.weight, scale, zero, bits, group_size))
+            records[name] = QuantizedWeight(
+                scale=scale, zero_point=zero, bits=bits, group_size=group_size, symmetric=symmetric
+            )
+    return records
+
+
 def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """A tiny random LlamaForCausalLM saved as safetensors with its tokenizer: a valid HF model folder."""
     folder.mkdir(parents=True, exist_ok=True)
