@@ -11,6 +11,15 @@ from tests.utils.factories import build_tiny_model, write_jsonl_dataset, write_t
 from worker.engine.loading import LoadedModel, load_model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The CPU is shared: one thread keeps kernel tests and their timings quick and steady (use per module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -44,13 +44,7 @@ TOLERANCE = 1e-5  # of the reference output's largest magnitude
 IN, OUT = 256, 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPU is shared: one thread keeps these timings and kernels quick and steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_quantized_linear(bits: int, group_size: int | None, symmetric: bool, seed: int = 0):
