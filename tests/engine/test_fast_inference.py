@@ -17,18 +17,10 @@ import torch.nn.functional as F
 
 from benchmarks import gpu_speed
 from tests.utils.factories import quantize_decoder_, tiny_llama
-from worker.engine import kernels
-from worker.engine.fast_inference import (
-    convert_for_speed_,
-    decode_weight_bytes,
-    greedy_tokens,
-    kernel_counts,
-    measure_copy_bandwidth,
-    measure_speed,
-    speed_copy,
-)
+from worker.engine import triton_gemv
+from worker.engine.fast_inference import decode_weight_bytes, greedy_tokens, measure_copy_bandwidth, measure_speed
+from worker.engine.kernel_modules import Int4PackedLinear
 from worker.engine.kernels import (
-    Int4PackedLinear,
     KernelUnavailable,
     has_aten_op,
     int_codes,
@@ -39,6 +31,7 @@ from worker.engine.kernels import (
 from worker.engine.pruning_math import nm_mask
 from worker.engine.quant_math import fake_quantize, fake_quantize_tokens, fp8_fake_quantize, fp8_params, rtn_params
 from worker.engine.registry import QuantizedWeight
+from worker.engine.speed_model import convert_for_speed_, kernel_counts, speed_copy
 
 TOLERANCE = 1e-5  # of the reference output's largest magnitude
 IN, OUT = 256, 128
@@ -93,7 +86,7 @@ def test_int4_kernel_choice_takes_the_triton_module_where_triton_runs(monkeypatc
     linear, record = fake_quantized_linear(4, 64, False)
     with pytest.raises(ValueError, match="int4_kernel"):
         kernel_linear(linear, record, False, int4_kernel="marlin")
-    monkeypatch.setattr(kernels.triton_gemv, "available", lambda device: True)
+    monkeypatch.setattr(triton_gemv, "available", lambda device: True)  # kernels.py and kernel_modules.py both ask it
     module, kernel = kernel_linear(linear, record, False, int4_kernel="triton")
     assert isinstance(module, Int4PackedLinear) and "Triton matrix-vector kernel (group 64)" in kernel
     assert torch.equal(module.dequantized(torch.float32), linear.weight.detach())  # same codes, scales and zeros

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from tests.utils.factories import quantize_decoder_, tiny_llama
-from worker.engine.fast_inference import convert_for_speed_, greedy_tokens, kernel_counts, speed_copy
+from worker.engine.fast_inference import greedy_tokens
 from worker.engine.fused_projections import QKV, ColumnSlice, fuse_projections_
 from worker.engine.kernels import kernel_linear
 from worker.engine.quant_math import rtn_params
 from worker.engine.registry import QuantizedWeight
+from worker.engine.speed_model import convert_for_speed_, kernel_counts, speed_copy
 
 TOLERANCE = 1e-5  # of the reference's largest magnitude
 ATTENTION, MLP = "model.layers.0.self_attn", "model.layers.0.mlp"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from worker.engine import triton_gemv
-from worker.engine.kernels import Fp8RowwiseLinear, Int4PackedLinear, Int8WeightOnlyLinear
+from worker.engine.kernel_modules import Fp8RowwiseLinear, Int4PackedLinear, Int8WeightOnlyLinear
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
@@ -25,7 +25,7 @@ INTERPRETED = textwrap.dedent(
     """
     import torch
     from worker.engine import triton_gemv as tg
-    from worker.engine.kernels import Int4PackedLinear
+    from worker.engine.kernel_modules import Int4PackedLinear
 
     torch.manual_seed(0)
     rows, n, k, group = 3, 37, 256, 64  # n not a multiple of any block: the row mask is exercised

@@ -15,15 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.engine.fast_inference import (
-    convert_for_speed_,
-    kernel_counts,
-    measure_speed,
-    release_compiled,
-    speed_copy,
-)
+from worker.engine.fast_inference import measure_speed, release_compiled
 from worker.engine.measure import PeakMemory, count_parameters, device_name, tensor_bytes_in_memory
 from worker.engine.registry import QuantizedWeight
+from worker.engine.speed_model import convert_for_speed_, kernel_counts, speed_copy
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ Measured on an H200, decoding the Llama-3-8B shape (benchmarks/gpu.md, session 5
 - one row: fp8 decodes at 1.54× bf16 and int8 at 1.38× on this kernel; int4 on it at 1.22×, against 1.53× on
   tinygemm, so int4 layers use tinygemm and this kernel only where tinygemm cannot run (or when asked for);
 - 16 rows: int8 on the multi-row kernel at 1.10× bf16; fp8 on it at 0.66× against 1.09× on `_scaled_mm`, so
-  fp8 takes this kernel at one row only (kernels.FP8_TRITON_MAX_ROWS); int4 on it at 0.45×.
+  fp8 takes this kernel at one row only (kernel_modules.FP8_TRITON_MAX_ROWS); int4 on it at 0.45×.
 
 Triton is imported lazily and is optional: without it (CPU builds) `available()` is False and the kernel
 modules keep torch's own kernels. Tests run the kernel on CPU under Triton's interpreter (TRITON_INTERPRET=1).
