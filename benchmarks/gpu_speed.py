@@ -152,11 +152,11 @@ def apply_variant(
             f"{str(dtype).removeprefix('torch.')} F.linear (cuBLAS on CUDA)": len(decoder_linears(model))
         }
     modules = dict(model.named_modules())
+    int4 = "triton" if name == "int4t" else "tinygemm"
     for layer, linear in decoder_linears(model).items():
         source = _pruned_24(linear) if sparse else linear
         record = plain_record(linear.weight, scheme) if scheme else None
         try:
-            int4 = "triton" if name == "int4t" else "tinygemm"
             replacement, kernel = kernel_linear(source, record, sparse, dtype, check_grid=False, int4_kernel=int4)
         except KernelUnavailable as exc:
             counts[f"unchanged: {exc}"] = counts.get(f"unchanged: {exc}", 0) + 1

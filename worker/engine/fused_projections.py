@@ -186,21 +186,19 @@ def _fused_class(cls: type, group: Group) -> type:
     """The subclass of `cls` (one per class and group) whose forward computes `group` as one product."""
     key = (cls, group.fused)
     if key not in _FUSED_CLASSES:
-        parameters = list(inspect.signature(cls.forward).parameters)
-        attributes = {"_fused_name": group.fused, "_input_name": parameters[1], "__module__": __name__}
+        attributes = {"_fused_name": group.fused, "_input_name": _input_name(cls), "__module__": __name__}
         _FUSED_CLASSES[key] = type(f"Fused{cls.__name__}", (_FusedInput, cls), attributes)
     return _FUSED_CLASSES[key]
 
 
-def _input_name_known(cls: type) -> bool:
+def _input_name(cls: type) -> str | None:
+    """The name of `cls.forward`'s first argument after self, or None when it has no positional one."""
     try:
         parameters = list(inspect.signature(cls.forward).parameters.values())
     except (TypeError, ValueError):
-        return False
-    return len(parameters) >= 2 and parameters[1].kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        inspect.Parameter.POSITIONAL_ONLY,
-    )
+        return None
+    positional = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
+    return parameters[1].name if len(parameters) >= 2 and parameters[1].kind in positional else None
 
 
 def fuse_group_(module: torch.nn.Module, group: Group) -> None:
@@ -242,7 +240,7 @@ def fuse_projections_(
             names = [prefix + member for member in group.members]
             try:
                 check_structure(module, group)
-                if not _input_name_known(type(module)):
+                if _input_name(type(module)) is None:
                     raise FusedRefused(f"{type(module).__name__}.forward has no positional input to fuse")
                 record, sparse = _fused_annotations(names, quantized, sparse_24)
             except FusedRefused as exc:

@@ -170,19 +170,20 @@ def _int_weight_only(linear: torch.nn.Linear, record: QuantizedWeight, dtype, ch
     bias = _bias(linear, dtype)
     if record.bits == 4:
         group = record.group_size or codes.shape[1]  # per channel: one group of the whole row
+        triton_fits = triton_gemv.available(device) and codes.shape[1] % 2 == 0 and group % 2 == 0
         try:
-            if int4_kernel == "triton" and triton_gemv.available(device):
-                raise KernelUnavailable("the Triton kernel was asked for")
             tiles = _tinygemm_layout(codes, group, dtype)
         except KernelUnavailable as exc:
-            reason = str(exc)
-            if triton_gemv.available(device) and codes.shape[1] % 2 == 0 and group % 2 == 0:
-                module = Int4PackedLinear(codes, scale, zero, group, bias, dtype)
-                return module, (
-                    f"int4 weight-only: Triton matrix-vector kernel (group {group}) up to "
-                    f"{triton_gemv.MAX_ROWS} rows, dequantized matmul above ({reason})"
-                )
+            tiles, reason = None, str(exc)
         else:
+            reason = "the Triton kernel was asked for"
+        if triton_fits and (tiles is None or int4_kernel == "triton"):
+            module = Int4PackedLinear(codes, scale, zero, group, bias, dtype)
+            return module, (
+                f"int4 weight-only: Triton matrix-vector kernel (group {group}) up to "
+                f"{triton_gemv.MAX_ROWS} rows, dequantized matmul above ({reason})"
+            )
+        if tiles is not None:
             module = Int4TinyGemmLinear(
                 tinygemm_pack(codes, tiles),
                 tinygemm_scales_and_zeros(scale, zero, dtype),
