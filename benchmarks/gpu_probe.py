@@ -7,11 +7,17 @@ time per call from the profiler, the time per call replayed in a CUDA graph of 2
 decode step pays, launch gaps included), and the bandwidth that means for the weight's bytes.
 
 Part 2, decode-step profile: a Llama of `--layers` decoder layers at the 8B width (vocabulary included),
-each variant converted as benchmarks/gpu_speed.py does, its one-token step compiled as the harness compiles it
-(without CUDA graphs, so that the profiler sees each kernel), and the kernels of one step listed by time.
+q/k/v and gate/up fused as benchmarks/gpu_speed.py fuses them (`--no-fuse` to keep them apart), each
+configuration converted as gpu_speed does, its one-token step compiled as the harness compiles it (without CUDA
+graphs, so that the profiler sees each kernel), and the kernels of one step listed by time. A configuration is
+VARIANT[:ATTENTION[:nocd]]: ATTENTION is `sdpa` (transformers' own), `grouped` (decode_attention.py, the
+default) or `grouped-sdpa` (the same grouping through SDPA's kernel); `nocd` turns
+coordinate-descent tuning off, so one-row products stay cuBLAS calls.
 
-    python benchmarks/gpu_probe.py [--part gemv,step] [--layers 4] [--variants bf16,int8,int4,fp8]
-        [--out benchmarks/gpu_probe.json]
+    python benchmarks/gpu_probe.py [--part gemv,step] [--layers 4] [--configs bf16:sdpa,bf16,int4,...]
+        [--no-fuse] [--out benchmarks/gpu_probe.json]
+
+Part 3 (`--part host`): is the harness's decode step bound by the host? See `host_overheads`.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_speed import LLAMA3_8B, apply_variant, build_model, environment, restore  # noqa: E402
+from worker.engine import decode_attention  # noqa: E402
 from worker.engine.fast_inference import BATCH_1_OPTIONS, StaticDecoder, measure_copy_bandwidth  # noqa: E402
+from worker.engine.fused_projections import fuse_projections_  # noqa: E402
 from worker.engine.kernel_modules import Int4TinyGemmLinear, tinygemm_pack, tinygemm_scales_and_zeros  # noqa: E402
 from worker.engine.kernels import int_codes, kernel_linear, plain_record  # noqa: E402
 
@@ -161,21 +169,62 @@ def gemv_probes(device: torch.device) -> list[dict[str, Any]]:
 
 # --- One decode step --------------------------------------------------------------------------------------------
 
+GROUPED_SDPA = "probe_grouped_sdpa"
 
-def step_profiles(
-    device: torch.device, layers: int, variants: list[str], out: Path | None = None
-) -> list[dict[str, Any]]:
+
+def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """decode_attention's grouping through SDPA's kernel instead of matmul + softmax (measured slower in
+    session 6; kept to compare)."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    if q_len != 1 or kv_heads == heads or (attention_mask is not None and attention_mask.shape[1] != 1):
+        return decode_attention.grouped_decode_attention(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    rows = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def set_attention(model: torch.nn.Module, attention: str) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    decode_attention.register()
+    AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
+    names = {"sdpa": "sdpa", "grouped": decode_attention.GROUPED_DECODE, "grouped-sdpa": GROUPED_SDPA}
+    model.set_attn_implementation(names[attention])
+
+
+def probe_model(device: torch.device, layers: int, fuse: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A bf16 Llama of `layers` layers at the 8B width (q/k/v and gate/up fused when `fuse`), and a 128-token
+    prompt."""
     shape = {**LLAMA3_8B, "num_hidden_layers": layers}
     model = build_model(shape, device, torch.bfloat16)
-    prompt = torch.randint(1, shape["vocab_size"], (1, 128), device=device)
+    if fuse:
+        fuse_projections_(model)
+    return model, torch.randint(1, shape["vocab_size"], (1, 128), device=device)
+
+
+def step_profiles(
+    device: torch.device, layers: int, configs: list[str], fuse: bool, out: Path | None = None
+) -> list[dict[str, Any]]:
+    model, prompt = probe_model(device, layers, fuse)
     results = []
-    for name in variants:
+    for config in configs:
+        name, attention, tuning = (config.split(":") + ["", ""])[:3]
+        attention, tuning = attention or "grouped", tuning or "cd"
         originals, kernels = apply_variant(model, name, torch.bfloat16)
-        row: dict[str, Any] = {"variant": name, "layers": layers, "kernel_counts": kernels}
+        row: dict[str, Any] = {"config": config, "variant": name, "attention": attention, "tuning": tuning}
+        row.update({"layers": layers, "fused": fuse, "kernel_counts": kernels})
         try:
+            set_attention(model, attention)
             torch._dynamo.reset()
             decoder = StaticDecoder(model, 1, 256, compiled=False)
             options = {k: v for k, v in BATCH_1_OPTIONS.items() if k != "triton.cudagraphs"}
+            if tuning == "nocd":
+                options.pop("coordinate_descent_tuning")
             step = torch.compile(decoder._next, fullgraph=True, dynamic=False, options=options)
             with torch.no_grad():
                 first = decoder.prefill(prompt)
@@ -190,22 +239,64 @@ def step_profiles(
             with torch.no_grad():
                 row["graph_us_per_step"] = graph_us(functools.partial(step, first), calls=1)
         except Exception as exc:  # noqa: BLE001
-            log.exception("%s step profile failed", name)
+            log.exception("%s step profile failed", config)
             row["error"] = f"{type(exc).__name__}: {exc}"[:600]
         finally:
             restore(model, originals)
-        log.info("%s step: %s", name, {k: v for k, v in row.items() if k != "kernels"})
+        log.info("%s step: %s", config, {k: v for k, v in row.items() if k != "kernels"})
         results.append(row)
         if out is not None:
             out.write_text(json.dumps({"step": results}, indent=2, default=str))
     return results
 
 
+def host_overheads(device: torch.device, layers: int, configs: list[str], fuse: bool) -> list[dict[str, Any]]:
+    """Is the harness's compiled decode step bound by the host? For each configuration, the step as the harness
+    runs it (torch.compile with CUDA graphs): milliseconds per step by CUDA events, and the host's time to issue
+    the same steps while the GPU is held busy by a sleep kernel (so no step waits for the GPU). When the two
+    agree, the step is bound by the host's per-call work (guards, the CUDA-graph tree's checks), not the GPU."""
+    model, prompt = probe_model(device, layers, fuse)
+    rows = []
+    for config in configs:
+        name, attention = (config.split(":") + [""])[:2]
+        originals, _ = apply_variant(model, name, torch.bfloat16)
+        row: dict[str, Any] = {"config": config, "layers": layers}
+        try:
+            set_attention(model, attention or "grouped")
+            torch._dynamo.reset()
+            decoder = StaticDecoder(model, 1, 256, compiled=True)
+            with torch.no_grad():
+                first = decoder.prefill(prompt)
+                decoder.decode(first, 4)  # compile, record, replay
+                torch.cuda.synchronize()
+                steps = 48
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                decoder.decode(first, steps)
+                end.record()
+                end.synchronize()
+                row["event_ms_per_step"] = start.elapsed_time(end) / steps
+                torch.cuda._sleep(int(3e9))  # about 1.5 s of GPU work ahead of the steps
+                started = time.perf_counter()
+                decoder.decode(first, steps)
+                row["host_ms_per_step"] = (time.perf_counter() - started) * 1000 / steps
+                torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001
+            log.exception("%s host probe failed", config)
+            row["error"] = f"{type(exc).__name__}: {exc}"[:600]
+        finally:
+            restore(model, originals)
+        log.info("host: %s", row)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", default="gemv,step")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--variants", default="bf16,int8,int4,fp8")
+    parser.add_argument("--configs", default="bf16:sdpa,bf16,int8,int4,fp8", help="VARIANT[:ATTENTION[:nocd]],...")
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "gpu_probe.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -217,7 +308,9 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=2, default=str))
     if "step" in parts:
         steps_out = args.out.with_suffix(".step.json")
-        result["step"] = step_profiles(device, args.layers, args.variants.split(","), steps_out)
+        result["step"] = step_profiles(device, args.layers, args.configs.split(","), args.fuse, steps_out)
+    if "host" in parts:
+        result["host"] = host_overheads(device, args.layers, args.configs.split(","), args.fuse)
     args.out.write_text(json.dumps(result, indent=2, default=str))
 
 

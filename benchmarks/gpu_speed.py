@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from worker.engine.decode_attention import GROUPED_DECODE, use_grouped_decode_attention_  # noqa: E402
 from worker.engine.fast_inference import (  # noqa: E402
     decode_weight_bytes,
     harness_method,
@@ -263,6 +264,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.fuse:  # before any variant: every variant, bf16 included, reads q/k/v and gate/up as one product each
         fused = fuse_projections_(model)
         result["model"]["fused_projections"] = sum(v.startswith("fused") for v in fused.values())
+    result["model"]["attention"] = model.config._attn_implementation
+    if args.attention == "grouped" and use_grouped_decode_attention_(model):  # every variant alike
+        result["model"]["attention"] = f"{GROUPED_DECODE} (decode), sdpa (prefill)"
     generator = torch.Generator(device=device).manual_seed(0)
     vocab = shape["vocab_size"]
     prompts = torch.randint(1, vocab, (max(args.batches), args.prompt), device=device, generator=generator)
@@ -380,7 +384,7 @@ def table(result: dict) -> str:
                 _cell(value, entry),
                 _cell(_ratio(value, _number(bf16.get("decode", {}).get(b), "tokens_per_s")), None, "{:.2f}"),
             ]
-        decode_1 = _number(row["decode"].get(batches[0]), "tokens_per_s")
+        decode_1 = _number(row["decode"].get("1"), "tokens_per_s")  # the floor is a batch-1 bound
         cells.append(_cell(_ratio(decode_1, row.get("floor_tokens_per_s")), None, "{:.0%}"))
         prefill = _number(row.get("prefill"), "tokens_per_s")
         cells += [
@@ -447,6 +451,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
     parser.add_argument(
         "--fuse", action=argparse.BooleanOptionalAction, default=True, help="fuse q/k/v and gate/up (default on)"
+    )
+    parser.add_argument(
+        "--attention",
+        choices=("grouped", "sdpa"),
+        default="grouped",
+        help="decode attention: decode_attention.py's copy-free grouped form (default) or transformers' sdpa",
     )
     parser.add_argument("--dtype", default="bfloat16", help="model dtype (bfloat16; a CPU smoke run may use float32)")
     args = parser.parse_args(argv)

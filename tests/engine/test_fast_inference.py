@@ -251,3 +251,19 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
     assert "CUDA only" in rows["sparse24"]["error"]  # recorded, not raised
     assert "| int4 weight-only (g128, symmetric) |" in result["table"] and out.is_file()
     assert result["environment"]["torch"] == torch.__version__
+    assert result["model"]["attention"].startswith("modelpress_grouped_decode")  # the smoke model is grouped-query
+
+
+def test_benchmark_table_gives_the_floor_ratio_for_batch_1_only():
+    row = {"variant": "bf16", "label": "bf16 (dense)", "floor_tokens_per_s": 100.0, "prefill": None}
+    result = {
+        "variants": [{**row, "decode": {"16": {"tokens_per_s": 1500.0}}}],
+        "settings": {"batches": [16]},
+        "copy_bandwidth": {"bytes_per_s": 4e12},
+        "environment": {"device": "GPU", "torch": "2", "transformers": "5", "cuda": "13"},
+    }
+    line = gpu_speed.table(result).splitlines()[4]
+    assert line.startswith("| bf16 (dense) |") and "| 1500.0 | 1.00 | — |" in line
+    result["variants"][0]["decode"]["1"] = {"tokens_per_s": 80.0}
+    result["settings"]["batches"] = [1, 16]
+    assert "| 80% |" in gpu_speed.table(result).splitlines()[4]

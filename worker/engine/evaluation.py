@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker.engine.decode_attention import GROUPED_DECODE, use_grouped_decode_attention_
 from worker.engine.fast_inference import measure_speed, release_compiled
 from worker.engine.measure import PeakMemory, count_parameters, device_name, tensor_bytes_in_memory
 from worker.engine.registry import QuantizedWeight
@@ -68,7 +69,8 @@ CUDA_SPEED_PATH = (
     "code): the baseline is the uploaded model cast to bfloat16; in the optimized model every quantized (and, "
     "where all pruned layers are 2:4, every pruned) Linear runs the low-bit kernel listed under `kernels`. "
     "In both, each Llama-style attention's q/k/v and MLP's gate/up Linears are fused into one (`kernels` counts "
-    "them). Embeddings, norms and untargeted Linears stay bfloat16"
+    "them), and a grouped-query model decodes with the copy-free attention of worker/engine/decode_attention.py "
+    "(`attention`). Embeddings, norms and untargeted Linears stay bfloat16"
 )
 CPU_SPEED_PATH = (
     "cpu: eager transformers forward on each model as evaluated (float32): the optimized model is the reloaded "
@@ -100,16 +102,20 @@ def kernel_speed(
 ) -> dict:
     """The harness on a bfloat16 copy of `model` whose quantized and 2:4 Linears run the real kernels (the
     model itself is not changed; the copy shares its quantized float weights until they are converted). With
-    `fuse`, the copy's Llama-style q/k/v and gate/up Linears are fused first (baseline and optimized alike)."""
+    `fuse`, the copy's Llama-style q/k/v and gate/up Linears are fused first (baseline and optimized alike), and
+    a grouped-query copy decodes with decode_attention's copy-free attention."""
     keep = set(quantized) | set(sparse_24)
     fast = speed_copy(model, SERVING_DTYPE, keep)
     try:
         kernels = convert_for_speed_(fast, quantized, sparse_24, plan.device, SERVING_DTYPE, fuse=fuse)
+        attention = fast.config._attn_implementation
+        if fuse and use_grouped_decode_attention_(fast):
+            attention = f"{GROUPED_DECODE} (decode), sdpa (prefill)"
         speed = measure_model_speed(fast, plan)
     finally:
         del fast
         release_compiled(plan.device)
-    return {**speed, "kernels": kernel_counts(kernels)}
+    return {**speed, "kernels": kernel_counts(kernels), "attention": attention}
 
 
 @torch.no_grad()
