@@ -175,15 +175,13 @@ GROUPED_SDPA = "probe_grouped_sdpa"
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """decode_attention's grouping through SDPA's kernel instead of matmul + softmax (measured slower in
     session 6; kept to compare)."""
-    batch, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    if q_len != 1 or kv_heads == heads or (attention_mask is not None and attention_mask.shape[1] != 1):
+    rows = decode_attention.query_rows(query, key, attention_mask, dropout, kwargs.get("softcap"))
+    if rows is None:
         return decode_attention.grouped_decode_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    rows = query.reshape(batch, kv_heads, heads // kv_heads, dim)
     out = F.scaled_dot_product_attention(rows, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+    return decode_attention.heads_output(out, query.shape[1]), None
 
 
 def set_attention(model: torch.nn.Module, attention: str) -> None:
@@ -195,6 +193,13 @@ def set_attention(model: torch.nn.Module, attention: str) -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
     names = {"sdpa": "sdpa", "grouped": decode_attention.GROUPED_DECODE, "grouped-sdpa": GROUPED_SDPA}
     model.set_attn_implementation(names[attention])
+
+
+def parse_config(config: str) -> tuple[str, str, str]:
+    """VARIANT[:ATTENTION[:nocd]] as (variant, attention, tuning); attention defaults to "grouped", tuning to
+    "cd" (coordinate-descent tuning on)."""
+    name, attention, tuning = (config.split(":") + ["", ""])[:3]
+    return name, attention or "grouped", tuning or "cd"
 
 
 def probe_model(device: torch.device, layers: int, fuse: bool) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -213,8 +218,7 @@ def step_profiles(
     model, prompt = probe_model(device, layers, fuse)
     results = []
     for config in configs:
-        name, attention, tuning = (config.split(":") + ["", ""])[:3]
-        attention, tuning = attention or "grouped", tuning or "cd"
+        name, attention, tuning = parse_config(config)
         originals, kernels = apply_variant(model, name, torch.bfloat16)
         row: dict[str, Any] = {"config": config, "variant": name, "attention": attention, "tuning": tuning}
         row.update({"layers": layers, "fused": fuse, "kernel_counts": kernels})
@@ -258,11 +262,11 @@ def host_overheads(device: torch.device, layers: int, configs: list[str], fuse: 
     model, prompt = probe_model(device, layers, fuse)
     rows = []
     for config in configs:
-        name, attention = (config.split(":") + [""])[:2]
+        name, attention, _ = parse_config(config)
         originals, _ = apply_variant(model, name, torch.bfloat16)
         row: dict[str, Any] = {"config": config, "layers": layers}
         try:
-            set_attention(model, attention or "grouped")
+            set_attention(model, attention)
             torch._dynamo.reset()
             decoder = StaticDecoder(model, 1, 256, compiled=True)
             with torch.no_grad():

@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.engine.decode_attention import GROUPED_DECODE, use_grouped_decode_attention_  # noqa: E402
+from worker.engine.decode_attention import attention_label, use_grouped_decode_attention_  # noqa: E402
 from worker.engine.fast_inference import (  # noqa: E402
     decode_weight_bytes,
     harness_method,
@@ -264,9 +264,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.fuse:  # before any variant: every variant, bf16 included, reads q/k/v and gate/up as one product each
         fused = fuse_projections_(model)
         result["model"]["fused_projections"] = sum(v.startswith("fused") for v in fused.values())
-    result["model"]["attention"] = model.config._attn_implementation
-    if args.attention == "grouped" and use_grouped_decode_attention_(model):  # every variant alike
-        result["model"]["attention"] = f"{GROUPED_DECODE} (decode), sdpa (prefill)"
+    if args.attention == "grouped":  # every variant alike
+        use_grouped_decode_attention_(model)
+    result["model"]["attention"] = attention_label(model)
     generator = torch.Generator(device=device).manual_seed(0)
     vocab = shape["vocab_size"]
     prompts = torch.randint(1, vocab, (max(args.batches), args.prompt), device=device, generator=generator)

@@ -30,6 +30,26 @@ def _sdpa_forward():
     return sdpa_attention_forward
 
 
+def query_rows(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0, softcap=None
+) -> torch.Tensor | None:
+    """A one-token query (batch, heads, 1, dim) as (batch, kv_heads, group, dim): query head h becomes row
+    h % group of key/value head h // group. None where the grouping does not apply: more than one query token,
+    no grouped heads, a per-head mask, dropout or a softcap."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
+    if q_len != 1 or kv_heads == heads or heads % kv_heads or per_head_mask or dropout or softcap:
+        return None
+    return query.reshape(batch, kv_heads, heads // kv_heads, dim)
+
+
+def heads_output(rows_out: torch.Tensor, heads: int) -> torch.Tensor:
+    """The attention output of `query_rows` rows, (batch, kv_heads, group, dim), as transformers' attention
+    functions return it: (batch, 1, heads, dim)."""
+    return rows_out.reshape(rows_out.shape[0], heads, 1, rows_out.shape[-1]).transpose(1, 2).contiguous()
+
+
 def grouped_decode_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -42,20 +62,18 @@ def grouped_decode_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: query (batch, heads, q_len, dim), key and value
     (batch, kv_heads, kv_len, dim); returns (batch, q_len, heads, dim) and no weights."""
-    batch, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
-    if q_len != 1 or kv_heads == heads or heads % kv_heads or per_head_mask or dropout or kwargs.get("softcap"):
+    rows = query_rows(query, key, attention_mask, dropout, kwargs.get("softcap"))
+    if rows is None:
         return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    rows = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # query head h: kv head h // group, row h % group
-    scores = torch.matmul(rows, key.transpose(-1, -2)).float() * (dim**-0.5 if scaling is None else scaling)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(rows, key.transpose(-1, -2)).float() * scale
     if attention_mask is not None:  # sdpa's mask: True where a position may be attended; or an additive one
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
         else:
             scores = scores + attention_mask
     out = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
-    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+    return heads_output(out, query.shape[1]), None
 
 
 def register() -> None:
@@ -83,3 +101,10 @@ def use_grouped_decode_attention_(model: torch.nn.Module) -> bool:
     except (ValueError, AttributeError):  # a model class that does not take registered attention functions
         return False
     return True
+
+
+def attention_label(model: torch.nn.Module) -> str:
+    """What a speed result reports under `attention`: the model's attention implementation, spelt out for
+    GROUPED_DECODE (which prefills with transformers' sdpa)."""
+    name = model.config._attn_implementation
+    return f"{GROUPED_DECODE} (decode), sdpa (prefill)" if name == GROUPED_DECODE else name

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from worker.engine.decode_attention import GROUPED_DECODE, use_grouped_decode_attention_
+from worker.engine.decode_attention import attention_label, use_grouped_decode_attention_
 from worker.engine.fast_inference import measure_speed, release_compiled
 from worker.engine.measure import PeakMemory, count_parameters, device_name, tensor_bytes_in_memory
 from worker.engine.registry import QuantizedWeight
@@ -108,9 +108,9 @@ def kernel_speed(
     fast = speed_copy(model, SERVING_DTYPE, keep)
     try:
         kernels = convert_for_speed_(fast, quantized, sparse_24, plan.device, SERVING_DTYPE, fuse=fuse)
-        attention = fast.config._attn_implementation
-        if fuse and use_grouped_decode_attention_(fast):
-            attention = f"{GROUPED_DECODE} (decode), sdpa (prefill)"
+        if fuse:
+            use_grouped_decode_attention_(fast)
+        attention = attention_label(fast)
         speed = measure_model_speed(fast, plan)
     finally:
         del fast

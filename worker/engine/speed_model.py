@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -94,7 +95,4 @@ def convert_for_speed_(
 
 def kernel_counts(kernels: dict[str, str]) -> dict[str, int]:
     """How many layers run each kernel (each reason for an unchanged layer counted apart)."""
-    counts: dict[str, int] = {}
-    for kernel in kernels.values():
-        counts[kernel] = counts.get(kernel, 0) + 1
-    return counts
+    return dict(Counter(kernels.values()))
