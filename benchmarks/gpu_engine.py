@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from worker.engine.pipeline import cpu_copy  # noqa: E402
-from worker.engine.registry import StepContext, get_step  # noqa: E402
+from worker.engine.steps import StepContext, get_step  # noqa: E402
 
 log = logging.getLogger("gpu_engine")
 

@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_speed import LLAMA3_8B, apply_variant, build_model, environment, restore  # noqa: E402
-from worker.engine import decode_attention  # noqa: E402
-from worker.engine.fast_inference import BATCH_1_OPTIONS, StaticDecoder, measure_copy_bandwidth  # noqa: E402
-from worker.engine.fused_projections import fuse_projections_  # noqa: E402
-from worker.engine.kernel_modules import Int4TinyGemmLinear, tinygemm_pack, tinygemm_scales_and_zeros  # noqa: E402
-from worker.engine.kernels import int_codes, kernel_linear, plain_record  # noqa: E402
+from worker.engine.speed import decode_attention  # noqa: E402
+from worker.engine.speed.fused_projections import fuse_projections_  # noqa: E402
+from worker.engine.speed.harness import BATCH_1_OPTIONS, StaticDecoder, measure_copy_bandwidth  # noqa: E402
+from worker.engine.speed.kernel_modules import Int4TinyGemmLinear, tinygemm_pack, tinygemm_scales_and_zeros  # noqa: E402
+from worker.engine.speed.kernels import int_codes, kernel_linear, plain_record  # noqa: E402
 
 log = logging.getLogger("gpu_probe")
 

@@ -9,10 +9,10 @@ against the batch-1 decode floor (bytes read per token / device-to-device copy b
 
 The model is built from a LlamaConfig directly on the device in bfloat16 with random weights (speed does not
 depend on their values). Every variant quantizes or prunes the decoder Linears itself (round to nearest;
-magnitude 2:4) and swaps them for the engine's kernel modules (worker/engine/kernels.py); the embeddings and
+magnitude 2:4) and swaps them for the engine's kernel modules (worker/engine/speed/kernels.py); the embeddings and
 lm_head stay bf16. Unless --no-fuse, q/k/v and gate/up are first fused into one Linear each
-(worker/engine/fused_projections.py), as the job report's speed copy is; "int4t" runs int4 on the Triton
-kernel instead of tinygemm. Timing is the engine's harness (worker/engine/fast_inference.py), the code a job report on
+(worker/engine/speed/fused_projections.py), as the job report's speed copy is; "int4t" runs int4 on the Triton
+kernel instead of tinygemm. Timing is the engine's harness (worker/engine/speed/harness.py), the code a job report on
 a GPU worker uses: transformers' StaticCache, the decode step compiled with CUDA graphs, prefill eager, CUDA
 events, median of repeats. Each variant is restored to bf16 before the next, so one model build serves all.
 
@@ -40,8 +40,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.engine.decode_attention import attention_label, use_grouped_decode_attention_  # noqa: E402
-from worker.engine.fast_inference import (  # noqa: E402
+from worker.engine.prune.masks import nm_mask  # noqa: E402
+from worker.engine.speed.decode_attention import attention_label, use_grouped_decode_attention_  # noqa: E402
+from worker.engine.speed.fused_projections import fuse_projections_  # noqa: E402
+from worker.engine.speed.harness import (  # noqa: E402
     decode_weight_bytes,
     harness_method,
     measure_copy_bandwidth,
@@ -49,9 +51,7 @@ from worker.engine.fast_inference import (  # noqa: E402
     measure_prefill,
     release_compiled,
 )
-from worker.engine.fused_projections import fuse_projections_  # noqa: E402
-from worker.engine.kernels import KernelUnavailable, kernel_linear, plain_record, semi_structured_backend  # noqa: E402
-from worker.engine.pruning_math import nm_mask  # noqa: E402
+from worker.engine.speed.kernels import KernelUnavailable, kernel_linear, plain_record, semi_structured_backend  # noqa: E402
 
 log = logging.getLogger("gpu_speed")
 

@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.engine import registry  # noqa: E402  (importing worker.engine registers the steps)
-from worker.engine.data import token_windows  # noqa: E402
-from worker.engine.evaluation import perplexity  # noqa: E402
-from worker.engine.loading import load_model  # noqa: E402
-from worker.engine.structured import parameter_bytes, parameter_count  # noqa: E402
+from worker.engine import steps as registry  # noqa: E402  (importing worker.engine registers the steps)
+from worker.engine.calibrate.windows import token_windows  # noqa: E402
+from worker.engine.evaluate.evaluation import perplexity  # noqa: E402
+from worker.engine.load.checkpoint import load_model  # noqa: E402
+from worker.engine.prune.structured import parameter_bytes, parameter_count  # noqa: E402
 
 log = logging.getLogger("prune_quality")
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,12 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import train_small  # noqa: E402
 from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir  # noqa: E402
-from worker.engine.ct_export import save_compressed_  # noqa: E402
-from worker.engine.data import split_windows, token_windows  # noqa: E402
-from worker.engine.evaluation import perplexity  # noqa: E402
-from worker.engine.loading import load_model  # noqa: E402
-from worker.engine.registry import StepContext, get_step  # noqa: E402
-from worker.engine.report import library_versions  # noqa: E402
+from worker.engine.calibrate.windows import split_windows, token_windows  # noqa: E402
+from worker.engine.evaluate.evaluation import perplexity  # noqa: E402
+from worker.engine.evaluate.report import library_versions  # noqa: E402
+from worker.engine.export.compressed import save_compressed_  # noqa: E402
+from worker.engine.load.checkpoint import load_model  # noqa: E402
+from worker.engine.steps import StepContext, get_step  # noqa: E402
 
 log = logging.getLogger("quant_quality")
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quant_quality import INT4, INT4_ASYM, run_row  # noqa: E402
 from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir  # noqa: E402
-from worker.engine.data import token_windows  # noqa: E402
-from worker.engine.loading import load_model  # noqa: E402
+from worker.engine.calibrate.windows import token_windows  # noqa: E402
+from worker.engine.load.checkpoint import load_model  # noqa: E402
 
 log = logging.getLogger("quant_sweep")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from modelpress.models import Artifact, Job, new_id
 from modelpress.storage import LocalStorage
-from worker.engine.artifact import sha256_file
+from worker.engine.export.archive import sha256_file
 
 OUTPUTS = (
     # file the engine writes, artifact kind, media type

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.utils.factories import build_tiny_model, write_jsonl_dataset, write_text_dataset
-from worker.engine.loading import LoadedModel, load_model
+from worker.engine.load.checkpoint import LoadedModel, load_model
 
 
 @pytest.fixture(scope="module")

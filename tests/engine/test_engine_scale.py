@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.engine import quantization, sparsegpt
-from worker.engine.calibration import HessianAccumulator, half_gram_supported, sequential_layers
-from worker.engine.distill import kd_loss
-from worker.engine.pruning_math import prune_count
-from worker.engine.registry import StepContext, get_step
-from worker.engine.sparsegpt import inverse_hessian_factor, sparsegpt_prune_, sparsegpt_prune_shared_, sweep_
+from worker.engine.calibrate.layerwise import HessianAccumulator, half_gram_supported, sequential_layers
+from worker.engine.distill.kd import kd_loss
+from worker.engine.prune import sparsegpt
+from worker.engine.prune.masks import prune_count
+from worker.engine.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune_, sparsegpt_prune_shared_, sweep_
+from worker.engine.quantize import common as quantization
+from worker.engine.steps import StepContext, get_step
 
 INT4_G32 = {"bits": 4, "group_size": 32, "symmetric": True}
 

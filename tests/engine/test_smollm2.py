@@ -8,7 +8,7 @@ import torch
 
 from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir
 from worker.engine import EngineRequest, run_pipeline
-from worker.engine.loading import load_model
+from worker.engine.load.checkpoint import load_model
 
 pytestmark = [
     pytest.mark.slow,

@@ -71,8 +71,8 @@ def quantize_decoder_(model, bits: int, group_size: int | None, symmetric: bool 
     """Round-to-nearest fake-quantize every decoder Linear of `model` in place; {name: its QuantizedWeight}."""
     import torch
 
-    from worker.engine.quant_math import fake_quantize, rtn_params
-    from worker.engine.registry import QuantizedWeight
+    from worker.engine.quantize.quant_math import fake_quantize, rtn_params
+    from worker.engine.steps import QuantizedWeight
 
     records = {}
     for name, module in model.named_modules():

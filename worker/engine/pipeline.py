@@ -22,18 +22,23 @@ from typing import Any
 
 import torch
 
-from worker.engine.artifact import tar_folder, write_manifest
-from worker.engine.ct_export import save_compressed_
-from worker.engine.data import token_windows
-from worker.engine.errors import EngineError
-from worker.engine.evaluation import CPU_SPEED_PATH, CUDA_SPEED_PATH, EvalPlan, evaluate, kernel_speed
-from worker.engine.fast_inference import measure_copy_bandwidth
-from worker.engine.kernels import semi_structured_violations
-from worker.engine.loading import LoadedModel, load_model, pick_device, require_tokenizer
-from worker.engine.measure import device_name, safetensors_bytes, state_dict_bytes
-from worker.engine.pruning_math import sparsity_of
-from worker.engine.registry import QuantizedWeight, StepContext, get_step, step_key
-from worker.engine.report import build_report, library_versions, merge_samples
+from worker.engine.calibrate.windows import token_windows
+from worker.engine.evaluate import (
+    EvalPlan,
+    build_report,
+    device_name,
+    evaluate,
+    kernel_speed,
+    library_versions,
+    merge_samples,
+    safetensors_bytes,
+    state_dict_bytes,
+)
+from worker.engine.export import save_compressed_, tar_folder, write_manifest
+from worker.engine.load.checkpoint import LoadedModel, load_model, pick_device, require_tokenizer
+from worker.engine.prune import sparsity_of
+from worker.engine.speed import CPU_SPEED_PATH, CUDA_SPEED_PATH, measure_copy_bandwidth, semi_structured_violations
+from worker.engine.steps import EngineError, QuantizedWeight, StepContext, get_step, step_key
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.engine.calibrate.targets import matches, select_linears
+from worker.engine.calibrate.windows import read_text, split_windows, token_windows
+from worker.engine.steps import EngineError
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_windows_are_non_overlapping_and_limited():
+    ids = torch.arange(10)
+    assert split_windows(ids, 3, None).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert split_windows(ids, 3, 2).tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_jsonl_and_txt_datasets(tiny, jsonl_dataset, text_dataset):
+    assert "\n\n" in read_text(jsonl_dataset, "jsonl")
+    windows = token_windows(tiny.tokenizer, text_dataset, "txt", 32, 5, "calibration")
+    assert windows.shape == (5, 32) and windows.dtype == torch.long
+    with pytest.raises(EngineError) as info:
+        token_windows(tiny.tokenizer, jsonl_dataset, "jsonl", 10**6, None, "evaluation")
+    assert info.value.code == "dataset_too_short"
+
+
+def test_bad_jsonl_line_is_reported(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    with pytest.raises(EngineError, match="line 2"):
+        read_text(path, "jsonl")
+
+
+def test_patterns(tiny):
+    linear = tiny.model.model.layers[0].self_attn.q_proj
+    assert matches("model.layers.0.self_attn.q_proj", linear, "Linear")
+    assert matches("model.layers.0.self_attn.q_proj", linear, "re:.*q_proj")
+    assert not matches("model.layers.0.self_attn.q_proj", linear, "re:q_proj")  # re.match anchors at the start
+    assert matches("model.layers.0.self_attn.q_proj", linear, "model.layers.0.self_attn.q_proj")
+    names = set(select_linears(tiny.model))
+    assert len(names) == 14 and "lm_head" not in names
+    assert "lm_head" in select_linears(tiny.model, ignore=())
+    assert not select_linears(tiny.model, targets=("Embedding",), ignore=())
+
+
+def test_tied_lm_head_is_never_selected(tiny):
+    model = tiny.model
+    model.lm_head.weight = model.model.embed_tokens.weight
+    assert "lm_head" not in select_linears(model, ignore=())
+
+
+def test_engine_imports_no_service_code():
+    code = (
+        "import sys, worker.engine; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('fastapi', 'celery', 'sqlalchemy', 'pydantic', 'modelpress', 'compressed_tensors')]; print(bad)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]"

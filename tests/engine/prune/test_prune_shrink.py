@@ -1,0 +1,113 @@
+"""Structured width and depth pruning: shapes and config agree, and the saved artifact loads with transformers
+alone (a clean interpreter, no modelpress import) and gives the same logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from worker.engine.calibrate.layerwise import decoder_layers
+from worker.engine.prune.structured import kept_width
+from worker.engine.steps import StepContext, get_step
+
+
+def _calibration(model, n: int = 3, seq: int = 24) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (n, seq), generator=torch.Generator().manual_seed(0))
+
+
+def run_step(model, **spec):
+    step = {"type": "prune", **spec}
+    context = StepContext(spec=step, calibration=_calibration(model), report_progress=lambda f, m: None)
+    return get_step(step)(model, context)
+
+
+def assert_reloads_with_same_logits(model, folder) -> None:
+    model.save_pretrained(folder)
+    ids = _calibration(model, 1, 16)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.float32).eval()
+        ids = torch.tensor({ids.tolist()})
+        with torch.no_grad():
+            torch.save(model(input_ids=ids).logits, {str(folder / "logits.pt")!r})
+        assert not any(name.startswith(("modelpress", "worker")) for name in sys.modules)
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=folder)
+    torch.testing.assert_close(torch.load(folder / "logits.pt"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_kept_width_rounds_to_hardware_friendly_multiples():
+    assert kept_width(1536, 0.25) == 1152  # 18 · 64
+    assert kept_width(128, 0.25) == 96  # 3 · 32
+    assert kept_width(100, 0.5) == 48  # 6 · 8
+    assert kept_width(10, 0.5) == 5
+
+
+def test_structured_shrinks_mlp_and_kv_groups_consistently(tiny, tmp_path):
+    model = tiny.model
+    config = model.config
+    heads, kv, hidden = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    params_before = sum(p.numel() for p in model.parameters())
+    result = run_step(model, method="structured", mlp_sparsity=0.25, attention_sparsity=0.5)
+    keep_mlp, keep_kv = kept_width(2 * hidden, 0.25), kv // 2
+    assert (config.intermediate_size, config.num_key_value_heads) == (keep_mlp, keep_kv)
+    assert config.num_attention_heads == keep_kv * heads // kv and config.head_dim == head_dim
+    for layer in decoder_layers(model)[1]:
+        assert layer.mlp.gate_proj.weight.shape == (keep_mlp, hidden)
+        assert layer.mlp.down_proj.weight.shape == (hidden, keep_mlp)
+        assert layer.self_attn.q_proj.weight.shape == (config.num_attention_heads * head_dim, hidden)
+        assert layer.self_attn.k_proj.weight.shape == (keep_kv * head_dim, hidden)
+        assert layer.self_attn.o_proj.weight.shape == (hidden, config.num_attention_heads * head_dim)
+    assert result.summary["parameters_after"] == sum(p.numel() for p in model.parameters()) < params_before
+    assert 0 < result.summary["size_reduction"] < 1
+    assert_reloads_with_same_logits(model, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["intermediate_size"] == keep_mlp and saved["head_dim"] == head_dim
+
+
+def test_structured_keeps_the_most_active_channels(tiny):
+    model = tiny.model
+    layer = decoder_layers(model)[1][0]
+    with torch.no_grad():
+        layer.mlp.up_proj.weight[7].mul_(100.0)  # channel 7 becomes by far the loudest
+    original = layer.mlp.up_proj.weight[7].clone()
+    run_step(model, method="structured", mlp_sparsity=0.5)
+    assert any(torch.equal(row, original) for row in layer.mlp.up_proj.weight)
+
+
+def test_depth_drops_layers_and_renumbers(tmp_path):
+    from tests.utils.factories import build_tiny_model
+    from worker.engine.load.checkpoint import load_model
+
+    model = load_model(build_tiny_model(tmp_path / "m", layers=5), "hf", torch.device("cpu")).model
+    result = run_step(model, method="depth", num_layers=2)
+    layers = decoder_layers(model)[1]
+    assert len(layers) == model.config.num_hidden_layers == 3
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
+    dropped = result.summary["dropped_layers"]
+    assert len(dropped) == 2 and dropped[1] == dropped[0] + 1 and 4 not in dropped
+    assert len(result.layers) == 5 and all(0 <= d["angular_distance"] <= 1 for d in result.layers)
+    with torch.no_grad():  # the KV cache still works: generation with a cache matches no cache
+        ids = _calibration(model, 1, 8)
+        cached = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
+        plain = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+    assert_reloads_with_same_logits(model, tmp_path / "out")
+
+
+def test_depth_refuses_removing_every_layer(tiny):
+    from worker.engine.steps import EngineError
+
+    with pytest.raises(EngineError):
+        run_step(tiny.model, method="depth", num_layers=2)

@@ -1,0 +1,27 @@
+"""Calibrate: what the data-driven steps share: token windows from a dataset, the layer-by-layer driver that
+passes calibration activations from one decoder layer to the next, input statistics, and target selection."""
+
+from worker.engine.calibrate.layerwise import (
+    HessianAccumulator,
+    LayerPass,
+    decoder_layers,
+    input_stages,
+    observe_shared,
+    sequential_layers,
+)
+from worker.engine.calibrate.targets import matches, select_from_spec, select_linears
+from worker.engine.calibrate.windows import read_text, token_windows
+
+__all__ = [
+    "HessianAccumulator",
+    "LayerPass",
+    "decoder_layers",
+    "input_stages",
+    "matches",
+    "observe_shared",
+    "read_text",
+    "select_from_spec",
+    "select_linears",
+    "sequential_layers",
+    "token_windows",
+]

@@ -1,0 +1,317 @@
+"""Sequential, layer-by-layer calibration shared by GPTQ, AWQ, SmoothQuant, Wanda and SparseGPT.
+
+`sequential_layers` captures what the first decoder layer receives (the embeddings and the keyword arguments
+the model passes every layer: position embeddings, attention mask, position ids), then yields one `LayerPass`
+per decoder layer. The caller observes the layer's Linear inputs, changes its weights, and advances; the
+runner then recomputes that layer's outputs with the changed weights and feeds them to the next layer, so a
+later layer is calibrated on the outputs of the already pruned or quantized earlier ones.
+
+Memory: only one layer's inputs (and, while advancing, its outputs) are held, in the model dtype on `device`:
+for 128 windows of 2048 tokens at hidden size 4096 in bf16, 2 GiB each. The layer runs one window at a time, so
+its intermediate activations (the MLP's 2048 × 14336 per window) are never materialized for all windows at once.
+A model that lives on another device (CPU while `device` is CUDA) is moved there one layer at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from worker.engine.steps import EngineError
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], None]
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The decoder layer stack and its module name: ("model.layers", layers) for Llama-like models."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] == "layers":
+            if count is None or len(module) == count:
+                return name, module
+    raise EngineError(
+        "unsupported_model",
+        "no decoder layer stack ('<...>.layers' ModuleList) found: sequential calibration "
+        "needs a transformers decoder model such as Llama, Mistral or Qwen",
+    )
+
+
+def _layer_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+class _Captured(Exception):
+    """Raised by the stand-in first layer once it has recorded its inputs."""
+
+
+class _Catcher(torch.nn.Module):
+    """Stands in for layer 0 during capture: records its hidden states and keyword arguments, then stops."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: dict[str, Any] | None = None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise EngineError("unsupported_model", "decoder layers called with positional arguments are not supported")
+        self.hidden.append(hidden_states)
+        if self.kwargs is None:
+            self.kwargs = kwargs
+        raise _Captured
+
+
+class LayerPass:
+    """One decoder layer during a sequential pass: its inputs are cached, its weights may be changed."""
+
+    def __init__(
+        self, index: int, name: str, layer: torch.nn.Module, hidden: list[torch.Tensor], kwargs: dict[str, Any]
+    ) -> None:
+        self.index = index
+        self.name = name  # "model.layers.3"
+        self.layer = layer
+        self._hidden = hidden
+        self.kwargs = kwargs  # what the model passes every layer (position_embeddings, attention_mask, ...)
+
+    def inputs(self) -> list[torch.Tensor]:
+        """The layer's input hidden states, one [1, seq, hidden] tensor per calibration window."""
+        return self._hidden
+
+    def release(self) -> None:
+        """Drop the cached inputs (the runner calls this once it has the outputs: whoever still holds this
+        pass must not keep a whole layer's inputs alive while the next layer runs)."""
+        self._hidden = []
+
+    @torch.no_grad()
+    def observe(self, callbacks: dict[str, Callable[[torch.Tensor], None]], windows: int | None = None) -> None:
+        """Run the layer over every window (or the first `windows`); each callback gets the 2-D input
+        [tokens, in_features] of the module with that full name (for example "model.layers.3.mlp.down_proj").
+        Hooks are removed after."""
+        modules = dict(self.layer.named_modules(prefix=self.name))
+        missing = sorted(set(callbacks) - set(modules))
+        if missing:
+            raise EngineError("bad_spec", f"modules {missing} are not inside {self.name}")
+        handles = [
+            modules[name].register_forward_pre_hook(
+                lambda _module, args, fn=fn: fn(args[0].reshape(-1, args[0].shape[-1]))
+            )
+            for name, fn in callbacks.items()
+        ]
+        try:
+            for hidden in self._hidden[:windows]:
+                self.layer(hidden, **self.kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def forward(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The layer's outputs with its current weights, one per window (on `inputs`, or the cached inputs)."""
+        return [_layer_output(self.layer(hidden, **self.kwargs)) for hidden in (inputs or self._hidden)]
+
+    run = forward
+
+
+@torch.no_grad()
+def _capture(model: torch.nn.Module, layers: torch.nn.ModuleList, windows: torch.Tensor, device: torch.device):
+    """Embeddings output and layer keyword arguments for every window, with only the pre-layer modules moved."""
+    moved = [m for m in _pre_layer_modules(model, layers) if _device_of(m) not in (None, device)]
+    homes = [_device_of(m) for m in moved]
+    for module in moved:
+        module.to(device)
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    try:
+        for window in windows:
+            try:
+                model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        layers[0] = catcher.layer
+        for module, home in zip(moved, homes, strict=True):
+            module.to(home)
+    if catcher.kwargs is None:
+        raise EngineError("bad_spec", "no calibration windows: sequential calibration needs at least one")
+    kwargs = {k: v for k, v in catcher.kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
+    kwargs["use_cache"] = False
+    return catcher.hidden, kwargs
+
+
+def _device_of(module: torch.nn.Module) -> torch.device | None:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return None
+
+
+def _pre_layer_modules(model: torch.nn.Module, layers: torch.nn.ModuleList) -> list[torch.nn.Module]:
+    """Modules that run before the layers: embeddings and rotary position embeddings (those with state)."""
+    inside = {id(m) for m in layers.modules()}
+    found = []
+    for name, module in model.named_modules():
+        if id(module) in inside or module is model:
+            continue
+        leaf = name.split(".")[-1]
+        if isinstance(module, torch.nn.Embedding) or "rotary" in leaf:
+            found.append(module)
+    return found
+
+
+def sequential_layers(
+    model: torch.nn.Module, windows: torch.Tensor, device: torch.device | str, progress: ProgressFn | None = None
+) -> Iterator[LayerPass]:
+    """Yield a `LayerPass` per decoder layer, in order; advancing feeds the (modified) layer's outputs onward.
+
+    `windows` is a [n, seq] tensor of token ids. The generator must be run to the end (or closed) to return
+    the moved layers to their home device.
+    """
+    device = torch.device(device)
+    prefix, layers = decoder_layers(model)
+    was_training = model.training
+    model.eval()
+    hidden, kwargs = _capture(model, layers, windows, device)
+    try:
+        for index, layer in enumerate(layers):
+            home = _device_of(layer)
+            if home is not None and home != device:
+                layer.to(device)
+            try:
+                step = LayerPass(index, f"{prefix}.{index}", layer, hidden, kwargs)
+                yield step
+                hidden = step.forward()
+                step.release()
+                del step
+            finally:
+                if home is not None and home != device:
+                    layer.to(home)
+            if progress is not None:
+                progress((index + 1) / len(layers), f"calibrated {prefix}.{index}")
+    finally:
+        model.train(was_training)
+
+
+class Statistic(Protocol):
+    def add(self, x: torch.Tensor) -> None: ...
+
+
+S = TypeVar("S", bound=Statistic)
+
+
+def observe_shared(
+    step: LayerPass, names: list[str], new_statistic: Callable[[str], S], windows: int | None = None
+) -> dict[str, S]:
+    """Run the layer over the calibration windows once (or the first `windows`), adding each named module's 2-D
+    inputs to a statistic made by `new_statistic(name)`, in the order the layer reads them. Modules fed the very
+    same tensor (q/k/v, gate/up) share one statistic, computed once: the result maps each of them to the same
+    object."""
+    owned: dict[str, S] = {}
+    alias: dict[str, str] = {}
+    last: dict[str, object] = {"x": None, "owner": None}
+
+    def callback(name: str) -> Callable[[torch.Tensor], None]:
+        def collect(x: torch.Tensor) -> None:
+            seen = last["x"]
+            same = (
+                isinstance(seen, torch.Tensor)
+                and seen.data_ptr() == x.data_ptr()
+                and seen.shape == x.shape
+                and seen.stride() == x.stride()
+            )  # `seen` is kept alive, so its memory cannot have been reused by another tensor
+            if same and name not in owned:
+                alias.setdefault(name, str(last["owner"]))
+                return
+            if name not in owned:
+                owned[name] = new_statistic(name)
+            owned[name].add(x)
+            last["x"], last["owner"] = x, name
+
+        return collect
+
+    step.observe({name: callback(name) for name in names}, windows)
+    last["x"] = None
+    return {name: owned[alias.get(name, name)] for name in names}
+
+
+def input_stages(step: LayerPass, names: list[str]) -> list[list[str]]:
+    """The named modules grouped by shared input (q/k/v, o, gate/up, down), in the order the layer reads them,
+    found by running the layer on one window."""
+    created: list[_Mark] = []
+    marks = observe_shared(step, names, lambda _name: _Mark(created), windows=1)
+    stages: dict[int, list[str]] = {id(mark): [] for mark in created}
+    for name, mark in marks.items():
+        stages[id(mark)].append(name)
+    return list(stages.values())
+
+
+class _Mark:
+    """A statistic that only records when it was first needed (see `input_stages`)."""
+
+    def __init__(self, created: list[_Mark]) -> None:
+        created.append(self)
+
+    def add(self, x: torch.Tensor) -> None:
+        pass
+
+
+class HessianAccumulator:
+    """H = 2/n · Σ x xᵀ over the rows x of every batch added, as a float32 running mean (GPTQ, SparseGPT).
+
+    The running mean rescales the sum before each addition, so H stays O(|x|²) however many tokens are added.
+    Products are accumulated in float32 whatever the input dtype (see `add_gram_`).
+    """
+
+    def __init__(self, features: int, device: torch.device | str | None = None) -> None:
+        self._hessian = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.count = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(device=self._hessian.device)
+        rows = x.shape[0]
+        if rows == 0:
+            return
+        total = self.count + rows
+        self._hessian.mul_(self.count / total)
+        add_gram_(self._hessian, x, 2.0 / total)
+        self.count = total
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self._hessian
+
+
+@torch.no_grad()
+def add_gram_(out: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
+    """out += alpha · xᵀx, in float32.
+
+    bf16 / fp16 inputs on CUDA are multiplied on the tensor cores with float32 accumulation and output: the
+    product of two half-precision numbers is exact in float32, so this equals the float32 product of the
+    upcast inputs up to summation order, at about ten times the speed (the down_proj Hessian of an 8B model is
+    14336² per window). Everything else is upcast to float32 first."""
+    if x.dtype in (torch.bfloat16, torch.float16) and half_gram_supported(x.device, x.dtype):
+        out.add_(torch.mm(x.T, x, out_dtype=torch.float32), alpha=alpha)
+        return
+    x = x.float()
+    out.addmm_(x.T, x, alpha=alpha)
+
+
+@functools.cache
+def half_gram_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch can multiply `dtype` matrices on `device` into a float32 result (`mm(out_dtype=)`,
+    CUDA only); checked once per device and dtype on a small exact case."""
+    if device.type != "cuda":
+        return False
+    a = torch.tensor([[1.0, 2.0], [3.0, 1 / 256]], dtype=dtype, device=device)
+    try:
+        product = torch.mm(a.T, a, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        log.info("no float32-output half-precision matmul here (%s): Hessians upcast their inputs", exc)
+        return False
+    return product.dtype == torch.float32 and bool(torch.equal(product, a.float().T @ a.float()))

@@ -1,0 +1,107 @@
+"""`prune:depth`: drop whole decoder layers (Gromov et al., 2024, "The Unreasonable Ineffectiveness of the
+Deeper Layers"). For a block of n consecutive layers starting at l, the importance is the angular distance
+arccos(cos(x_l, x_{l+n})) / π between its input and output, averaged over the calibration tokens; the block
+with the smallest distance goes. The last layer is never dropped (it feeds the final norm and head directly).
+Single-layer distances are reported too.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from worker.engine.calibrate.layerwise import decoder_layers
+from worker.engine.prune.structured import parameter_bytes, parameter_count
+from worker.engine.steps import EngineError, StepContext, StepResult, register
+
+log = logging.getLogger(__name__)
+
+
+def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per token arccos(cos(a, b)) / π in [0, 1], in float32; a and b are [..., hidden]."""
+    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1.0, 1.0)
+    return torch.arccos(cos) / torch.pi
+
+
+@torch.no_grad()
+def block_distances(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, span: int) -> torch.Tensor:
+    """Mean angular distance between the input of layer l and the output of layer l + span − 1, for every l."""
+    _, layers = decoder_layers(model)
+    boundaries: list[torch.Tensor] = []
+    hooks = [layers[0].register_forward_pre_hook(lambda _m, args, kwargs: boundaries.append(args[0]), with_kwargs=True)]
+    hooks += [
+        layer.register_forward_hook(lambda _m, _a, out: boundaries.append(out[0] if isinstance(out, tuple) else out))
+        for layer in layers
+    ]
+    totals = torch.zeros(len(layers) - span + 1, dtype=torch.float64)
+    tokens = 0
+    try:
+        for window in windows:
+            boundaries.clear()
+            model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+            for start in range(totals.numel()):
+                totals[start] += angular_distance(boundaries[start], boundaries[start + span]).sum().double().cpu()
+            tokens += window.numel()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return (totals / tokens).float()
+
+
+def drop_layers_(model: torch.nn.Module, drop: list[int]) -> None:
+    """Remove decoder layers in place; renumber the kept ones (layer_idx, for the KV cache) and the config."""
+    prefix, layers = decoder_layers(model)
+    kept = [layer for i, layer in enumerate(layers) if i not in set(drop)]
+    parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
+    setattr(parent, prefix.rsplit(".", 1)[-1], torch.nn.ModuleList(kept))
+    for index, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    config = model.config
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in set(drop)]
+    config.num_hidden_layers = len(kept)
+
+
+@register("prune", "depth")
+def depth_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
+    count = int(context.spec["num_layers"])
+    if context.calibration is None:
+        raise EngineError("missing_dataset", "prune:depth ranks layers on calibration data: add a dataset")
+    _, layers = decoder_layers(model)
+    total = len(layers)
+    if not 1 <= count < total:
+        raise EngineError("bad_spec", f"num_layers={count}: the model has {total} layers and must keep at least 1")
+    device = context.device or next(model.parameters()).device
+    params_before, bytes_before = parameter_count(model), parameter_bytes(model)
+    was_training = model.training
+    model.eval()
+    context.report_progress(0.1, "measuring layer importance (angular distance)")
+    single = block_distances(model, context.calibration, device, 1)
+    blocks = single if count == 1 else block_distances(model, context.calibration, device, count)
+    model.train(was_training)
+    candidates = blocks[: total - count]  # blocks that end before the last layer
+    start = int(candidates.argmin())
+    drop = list(range(start, start + count))
+    drop_layers_(model, drop)
+    params_after, bytes_after = parameter_count(model), parameter_bytes(model)
+    details: list[dict[str, Any]] = [
+        {"name": f"layer {i}", "angular_distance": float(single[i]), "dropped": i in drop} for i in range(total)
+    ]
+    summary = {
+        "dropped_layers": drop,
+        "block_angular_distance": float(blocks[start]),
+        "num_hidden_layers": [total, total - count],
+        "parameters_before": params_before,
+        "parameters_after": params_after,
+        "parameter_reduction": 1 - params_after / params_before,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "size_reduction": 1 - bytes_after / bytes_before,
+        "calibration_windows": int(context.calibration.shape[0]),
+    }
+    context.report_progress(1.0, f"dropped layers {drop}")
+    return StepResult(layers=details, summary=summary)

@@ -1,0 +1,167 @@
+"""`prune:structured`: width pruning that physically shrinks the model (Minitron-style activation importance).
+
+MLP: channel j of a layer scores ‖a_j‖₂ over the calibration tokens, a = act(gate(x)) · up(x) (the input of
+down_proj); the lowest-scoring channels lose their gate/up rows and down_proj column. Attention: a key/value
+group scores the L2 norm of its query heads' slice of the o_proj input; a removed group takes its q heads, its
+k/v head and its o_proj columns along. Channels are ranked per layer, but every layer removes the same count
+(a Hugging Face config has one intermediate_size and one head count for all layers). The kept MLP width is
+rounded to a multiple of 64 (else 32, else 8) so the matrices stay friendly to tensor cores.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from worker.engine.calibrate.layerwise import decoder_layers
+from worker.engine.steps import EngineError, StepContext, StepResult, register
+
+log = logging.getLogger(__name__)
+
+
+# --- math -------------------------------------------------------------------------------------------------
+def kept_width(width: int, sparsity: float) -> int:
+    """How many of `width` channels stay: (1 − sparsity) · width, rounded to the largest of 64, 32 or 8 whose
+    nearest multiple moves the count by at most 5% of the width (else the exact count)."""
+    exact = width - round(sparsity * width)
+    for multiple in (64, 32, 8):
+        rounded = round(exact / multiple) * multiple
+        if 0 < rounded < width and abs(rounded - exact) <= 0.05 * width:
+            return rounded
+    return max(1, exact)
+
+
+def top_indices(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` highest scores, in ascending index order (so the kept channels keep their order)."""
+    return scores.topk(keep).indices.sort().values
+
+
+@torch.no_grad()
+def shrink_linear_(linear: torch.nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Keep only the rows (dim=0, outputs) or columns (dim=1, inputs) at `index`; update the shape fields."""
+    index = index.to(linear.weight.device)
+    linear.weight = torch.nn.Parameter(linear.weight.index_select(dim, index).contiguous())
+    if dim == 0:
+        if linear.bias is not None:
+            linear.bias = torch.nn.Parameter(linear.bias.index_select(0, index).contiguous())
+        linear.out_features = index.numel()
+    else:
+        linear.in_features = index.numel()
+
+
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Row indices of whole heads in a projection laid out head after head."""
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
+# --- importance -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def channel_importance(model: torch.nn.Module, windows: torch.Tensor, device: torch.device):
+    """Per layer: Σ a_j² of the down_proj inputs and of the o_proj inputs over all calibration tokens."""
+    _, layers = decoder_layers(model)
+    mlp = [torch.zeros(layer.mlp.down_proj.in_features, device=device) for layer in layers]
+    attn = [torch.zeros(layer.self_attn.o_proj.in_features, device=device) for layer in layers]
+    handles = []
+    for i, layer in enumerate(layers):
+        for module, store in ((layer.mlp.down_proj, mlp[i]), (layer.self_attn.o_proj, attn[i])):
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda _m, args, s=store: s.add_(args[0].float().square().sum(dim=(0, 1)).to(s.device))
+                )
+            )
+    try:
+        for window in windows:
+            model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [m.sqrt() for m in mlp], [a.sqrt() for a in attn]
+
+
+# --- orchestration -------------------------------------------------------------------------------------------
+def _attention_shape(config: Any) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@register("prune", "structured")
+def structured_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
+    spec, config = context.spec, model.config
+    if context.calibration is None:
+        raise EngineError("missing_dataset", "prune:structured ranks channels on calibration data: add a dataset")
+    mlp_sparsity, attn_sparsity = float(spec.get("mlp_sparsity", 0.0)), float(spec.get("attention_sparsity", 0.0))
+    heads, kv_heads, head_dim = _attention_shape(config)
+    group = heads // kv_heads
+    params_before, bytes_before = parameter_count(model), parameter_bytes(model)
+    device = context.device or next(model.parameters()).device
+    context.report_progress(0.05, "measuring channel importance on the calibration data")
+    was_training = model.training
+    model.eval()
+    mlp_scores, attn_scores = channel_importance(model, context.calibration, device)
+    model.train(was_training)
+    _, layers = decoder_layers(model)
+    width = layers[0].mlp.down_proj.in_features
+    keep_mlp = kept_width(width, mlp_sparsity) if mlp_sparsity > 0 else width
+    keep_groups = max(1, kv_heads - round(attn_sparsity * kv_heads)) if attn_sparsity > 0 else kv_heads
+    details = []
+    for i, layer in enumerate(layers):
+        entry: dict[str, Any] = {"name": f"layer {i}"}
+        if keep_mlp < width:
+            kept = top_indices(mlp_scores[i], keep_mlp)
+            shrink_linear_(layer.mlp.gate_proj, kept, 0)
+            shrink_linear_(layer.mlp.up_proj, kept, 0)
+            shrink_linear_(layer.mlp.down_proj, kept, 1)
+            entry["mlp_channels"] = [width, keep_mlp]
+        if keep_groups < kv_heads:
+            group_scores = attn_scores[i].view(kv_heads, group * head_dim).norm(dim=1)
+            kept_groups = top_indices(group_scores, keep_groups)
+            q_heads = (kept_groups.unsqueeze(1) * group + torch.arange(group, device=kept_groups.device)).flatten()
+            attn = layer.self_attn
+            shrink_linear_(attn.q_proj, head_rows(q_heads, head_dim), 0)
+            shrink_linear_(attn.k_proj, head_rows(kept_groups, head_dim), 0)
+            shrink_linear_(attn.v_proj, head_rows(kept_groups, head_dim), 0)
+            shrink_linear_(attn.o_proj, head_rows(q_heads, head_dim), 1)
+            entry["kv_groups_kept"] = kept_groups.tolist()
+            entry["attention_heads"] = [heads, keep_groups * group]
+        details.append(entry)
+        context.report_progress(0.5 + 0.5 * (i + 1) / len(layers), f"shrank layer {i}")
+    config.intermediate_size = keep_mlp
+    config.num_attention_heads = keep_groups * group
+    config.num_key_value_heads = keep_groups
+    config.head_dim = head_dim  # explicit: hidden_size // heads no longer gives it
+    for layer in layers:
+        if hasattr(layer.self_attn, "num_key_value_groups"):
+            layer.self_attn.num_key_value_groups = group
+    params_after, bytes_after = parameter_count(model), parameter_bytes(model)
+    summary = {
+        "intermediate_size": [width, keep_mlp],
+        "num_attention_heads": [heads, keep_groups * group],
+        "num_key_value_heads": [kv_heads, keep_groups],
+        "head_dim": head_dim,
+        "parameters_before": params_before,
+        "parameters_after": params_after,
+        "parameter_reduction": 1 - params_after / params_before,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "size_reduction": 1 - bytes_after / bytes_before,
+        "calibration_windows": int(context.calibration.shape[0]),
+    }
+    notes = []
+    if keep_mlp < width and keep_mlp != width - round(mlp_sparsity * width):
+        notes.append(
+            f"prune:structured kept {keep_mlp} of {width} MLP channels (rounded from "
+            f"{width - round(mlp_sparsity * width)} to a multiple of 64/32/8 for efficient matrix shapes)"
+        )
+    return StepResult(layers=details, summary=summary, notes=notes)

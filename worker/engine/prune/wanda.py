@@ -1,0 +1,54 @@
+"""`prune:wanda` (Sun et al., 2023): score |W_ij| · ‖X_j‖₂ and drop the lowest scores of each output row
+(or keep the N highest of every M consecutive inputs). Activations come layer by layer, sequentially."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from worker.engine.prune.masks import score_mask
+from worker.engine.prune.sequential import prune_sequentially
+from worker.engine.steps import StepContext, StepResult, register
+
+
+class ColumnNorms:
+    """Running Σ x_j² of every input feature j, in float32."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        self.squares = torch.zeros(features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.to(self.squares.device, torch.float32)
+        self.squares += x.square().sum(0)
+        self.tokens += x.shape[0]
+
+    @property
+    def norms(self) -> torch.Tensor:
+        return self.squares.sqrt()
+
+
+def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
+    """|W| · ‖X_j‖₂, broadcast over the output rows."""
+    return weight.detach().float().abs() * input_norms.to(weight.device).unsqueeze(0)
+
+
+@torch.no_grad()
+def wanda_prune_linear_(
+    linear: torch.nn.Linear, norms: ColumnNorms, sparsity: float, pattern: tuple[int, int] | None
+) -> dict[str, Any]:
+    keep = score_mask(wanda_scores(linear.weight, norms.norms), sparsity, pattern)
+    linear.weight.mul_(keep.to(linear.weight.dtype))
+    return {"tokens": norms.tokens}
+
+
+@register("prune", "wanda")
+def wanda_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
+    return prune_sequentially(
+        model,
+        context,
+        lambda linear: ColumnNorms(linear.in_features, linear.weight.device),
+        wanda_prune_linear_,
+    )

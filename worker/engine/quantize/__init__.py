@@ -1,0 +1,28 @@
+"""Quantize: one module per method (rtn, gptq, awq, smoothquant, fp8), their pure math (`quant_math`,
+`gptq_math`, `awq_math`) and the plumbing they share (`common`). Importing the room registers its steps.
+
+The number formats come first: export and speed read them through this package while it is still loading.
+"""
+
+from worker.engine.quantize.quant_math import (  # isort: skip  (the formats before the steps; see above)
+    FP8_MAX,
+    INT8_HALF_RANGE,
+    dequantize,
+    fake_quantize,
+    fp8_fake_quantize,
+    fp8_params,
+    quantize,
+    rtn_params,
+)
+from worker.engine.quantize import awq, fp8, gptq, rtn, smoothquant  # noqa: F401, E402  (registers the steps)
+
+__all__ = [
+    "FP8_MAX",
+    "INT8_HALF_RANGE",
+    "dequantize",
+    "fake_quantize",
+    "fp8_fake_quantize",
+    "fp8_params",
+    "quantize",
+    "rtn_params",
+]

@@ -1,0 +1,179 @@
+"""`quantize:awq`: activation-aware weight quantization (Lin et al., 2023), sequential over decoder layers.
+
+In each decoder layer, for each (producer → consumers) pair below whose consumers are all targeted, search
+α ∈ [0, 1] (`grid` points) for per-channel scales s = mean|x|^α (or, with `duo_scaling`, AutoAWQ's and
+llm-compressor's s = mean|x|^α / (mean|Ŵ|^(1−α) + 1e-4), Ŵ the weights relative to their group's range; "both"
+tries both families) that minimize the consumers' output error with quantized weights, then fold s into the
+model (producer outputs ÷ s, consumer input columns × s: the same function before quantization). Then
+each targeted Linear's weight range is clipped per group by a searched ratio and rounded to nearest. A targeted
+Linear outside the decoder layers is rounded to nearest, with a note.
+
+The output error is computed from the consumers' input Gram matrix by default (`loss: "gram"`); with
+`loss: "block"` the two norm folds are scored, as AutoAWQ and llm-compressor do, on the output of the module
+holding the consumers (self_attn, mlp) over the cached calibration windows (awq_block.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from worker.engine.quantize.awq_block import block_loss, containing_module
+from worker.engine.quantize.awq_math import (
+    clip_search,
+    expand_scales,
+    fold_scales_,
+    per_producer_channel,
+    scale_candidates,
+    scale_inputs_,
+    scaled_error,
+    search_scales,
+    weight_means,
+)
+from worker.engine.quantize.common import (
+    InputStats,
+    LayerGroup,
+    quantize_,
+    quantize_layers,
+    require_calibration,
+    targeted_linears,
+    weight_args,
+)
+from worker.engine.quantize.quant_math import fake_quantize
+from worker.engine.steps import EngineError, QuantizedWeight, StepContext, StepResult, register
+
+log = logging.getLogger(__name__)
+
+FOLDS = (  # producer → consumers, by name inside a Llama-style decoder layer, in AWQ's order
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+NORM_FOLDS = (FOLDS[0], FOLDS[2])  # SmoothQuant smooths the inputs of the norms' consumers only
+LOSSES = ("gram", "block")  # what the scale search minimizes; "block" applies to the norm folds (awq_block.py)
+
+
+def fold_groups(group: LayerGroup, folds=FOLDS) -> list[tuple[torch.nn.Module, list[str], int | None]]:
+    """(producer module, full consumer names, head size when the consumers read repeated heads) for each fold
+    that applies here: every module exists, every consumer is targeted, and the shapes line up."""
+    found = []
+    for producer_name, consumer_names in folds:
+        try:
+            producer = group.step.layer.get_submodule(producer_name)
+        except AttributeError:
+            continue
+        consumers = [f"{group.step.name}.{c}" for c in consumer_names]
+        if not all(c in group.linears for c in consumers):
+            continue
+        head_dim = None
+        if isinstance(producer, torch.nn.Linear):
+            features, width = producer.out_features, group.linears[consumers[0]].in_features
+            if width != features:
+                head_dim = getattr(group.step.layer.get_submodule(producer_name.rsplit(".", 1)[0]), "head_dim", None)
+                if head_dim is None or width % features or features % head_dim:
+                    continue
+        found.append((producer, consumers, head_dim))
+    return found
+
+
+@torch.no_grad()
+def fold_checked_(producer: torch.nn.Module, consumers: list[torch.nn.Linear], s: torch.Tensor, head_dim) -> bool:
+    """Fold s; for a norm, first check on a random input that its output really scales by 1/s (a norm that
+    computes x · (1 + weight) would not), and leave everything untouched when it does not. The check allows
+    the rounding of the norm's dtype (bf16 models)."""
+    if not isinstance(producer, torch.nn.Linear):
+        dtype = producer.weight.dtype
+        probe = torch.randn(4, s.numel(), dtype=dtype, device=producer.weight.device)
+        before = producer(probe).float()
+        fold_scales_(producer, [], s)
+        rtol = max(1e-4, 4 * torch.finfo(dtype).eps)  # bf16 weights and outputs are rounded: 2⁻⁸ each
+        if not torch.allclose((producer(probe) * s).float(), before, rtol=rtol, atol=1e-5):
+            fold_scales_(producer, [], 1 / s)
+            return False
+        scale_inputs_(consumers, s, head_dim)
+        return True
+    fold_scales_(producer, consumers, s, head_dim)
+    return True
+
+
+def rescale_inputs_(group: LayerGroup, consumers: list[str], factors: torch.Tensor) -> None:
+    """The consumers now read x / factors: update their (possibly shared) statistics once each."""
+    for stats in {id(group.stats[c]): group.stats[c] for c in consumers}.values():
+        stats.rescale_(factors)
+
+
+@register("quantize", "awq")
+def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
+    spec = context.spec
+    bits, group_size, symmetric = weight_args(spec, "awq", default=(4, 128))
+    grid = int(spec.get("grid", 20))
+    duo_scaling = spec.get("duo_scaling", False)
+    candidates = scale_candidates(grid, duo_scaling)
+    loss_kind = spec.get("loss", "gram")
+    if loss_kind not in LOSSES:
+        raise EngineError("bad_spec", f"quantize:awq loss must be one of {list(LOSSES)}, not {loss_kind!r}")
+    true_sequential = bool(spec.get("true_sequential", False))
+    clipped_search = bool(spec.get("clipped_search", False))
+    weight_kwargs = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
+    require_calibration(context, "awq")
+    linears = targeted_linears(model, spec, "awq", group_size)
+    chosen: dict[str, dict] = {}
+    notes: list[str] = []
+
+    def prepare(group: LayerGroup) -> None:
+        for producer, consumers, head_dim in fold_groups(group):
+            stats = group.stats[consumers[0]]
+            weights = [group.linears[c].weight for c in consumers]
+            # o_proj may read each value head several times: one scale per value channel
+            features = producer.out_features if head_dim is not None else weights[0].shape[1]
+            x_mean = per_producer_channel(stats.abs_mean, features, head_dim)
+            w_mean = per_producer_channel(weight_means(weights, group_size), features, head_dim)
+            # v → o and up → down: the module holding the one consumer outputs what the Gram loss measures
+            search = "block" if loss_kind == "block" and not isinstance(producer, torch.nn.Linear) else "gram"
+            if search == "block":
+                module = containing_module(group.step, consumers)
+                score = block_loss(group.step, module, [group.linears[c] for c in consumers], **weight_kwargs)
+            else:
+                score = functools.partial(scaled_error, weights, stats.gram, **weight_kwargs, clipped=clipped_search)
+            s, alpha, duo, loss, plain = search_scales(score, weights[0].shape[1], x_mean, w_mean, candidates, head_dim)
+            s = s.to(weights[0].dtype).float()  # the scales as folding applies them in the model's dtype
+            if not fold_checked_(producer, [group.linears[c] for c in consumers], s, head_dim):
+                notes.append(f"awq: {type(producer).__name__} does not scale linearly; its consumers kept s = 1")
+                continue
+            rescale_inputs_(group, consumers, expand_scales(s, weights[0].shape[1], head_dim))
+            for c in consumers:
+                chosen[c] = {
+                    "awq_alpha": alpha,
+                    "awq_duo": duo,
+                    "awq_loss": search,
+                    "awq_loss_vs_rtn": loss / plain if plain > 0 else None,
+                }
+
+    @torch.no_grad()
+    def quantize(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> QuantizedWeight:
+        if stats is None:
+            notes.append(f"awq: {name} lies outside the decoder layers and was rounded to nearest")
+            return quantize_(linear.weight, bits, group_size, symmetric)
+        scale, zero = clip_search(linear.weight, stats.gram, bits, group_size, symmetric)
+        linear.weight.copy_(fake_quantize(linear.weight.float(), scale, zero, bits, group_size))
+        return QuantizedWeight(scale=scale, zero_point=zero, bits=bits, group_size=group_size, symmetric=symmetric)
+
+    result = quantize_layers(model, context, linears, quantize, prepare, true_sequential=true_sequential)
+    for layer in result.layers:
+        unscaled = {"awq_alpha": None, "awq_duo": None, "awq_loss": None, "awq_loss_vs_rtn": None}
+        layer.update(chosen.get(layer["name"], unscaled))
+    result.summary.update(
+        {
+            "grid": grid,
+            "duo_scaling": duo_scaling,
+            "loss": loss_kind,
+            "true_sequential": true_sequential,
+            "clipped_search": clipped_search,
+            "scaled_layers": len(chosen),
+        }
+    )
+    result.notes.extend(dict.fromkeys(notes))
+    return result

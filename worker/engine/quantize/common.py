@@ -1,0 +1,287 @@
+"""Quantize steps: what they share (weight arguments, target checks, calibration statistics, per-layer records),
+the plumbing the methods build on.
+
+Every quantize step leaves fake-quantized float weights in the model (what the quantized layer computes with)
+and returns each layer's scales; export writes the integers (or FP8 codes) with them (see ct_export). Steps
+with dynamic activation quantization also attach a forward pre-hook that fake-quantizes each targeted Linear's
+input per token, so the in-memory model computes what the saved checkpoint computes when loaded.
+
+Per layer the report gives `relative_error` (‖W − Ŵ‖/‖W‖) and, when the job has calibration data,
+`output_error` (‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ over the layer's calibration inputs X, computed from XᵀX; X comes from the
+already quantized earlier decoder layers, as in sequential GPTQ).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from worker.engine.calibrate.layerwise import (
+    HessianAccumulator,
+    LayerPass,
+    decoder_layers,
+    input_stages,
+    observe_shared,
+    sequential_layers,
+)
+from worker.engine.calibrate.targets import select_from_spec
+from worker.engine.export import require_compressed_tensors, storage_format, stored_weight_bytes
+from worker.engine.quantize.quant_math import (
+    fake_quantize,
+    fake_quantize_tokens,
+    output_error,
+    relative_error,
+    rtn_params,
+)
+from worker.engine.steps import EngineError, QuantizedWeight, StepContext, StepResult
+
+log = logging.getLogger(__name__)
+
+BITS = (4, 8)
+LinearQuantizer = Callable[[str, torch.nn.Linear, "InputStats | None"], QuantizedWeight]
+
+
+# --- Spec and targets -----------------------------------------------------------------------------------------
+
+
+def weight_args(spec: dict, method: str, default: tuple[int, int | None] = (8, None)) -> tuple[int, int | None, bool]:
+    """(bits, group_size, symmetric) from the step's `weights` (the spec's defaults when absent)."""
+    weights = spec.get("weights") or {}
+    bits = int(weights.get("bits", default[0]))
+    group_size = weights.get("group_size", default[1])
+    if bits not in BITS:
+        raise EngineError("bad_spec", f"quantize:{method} supports bits {BITS}, got {bits}")
+    return bits, (int(group_size) if group_size is not None else None), bool(weights.get("symmetric", True))
+
+
+def targeted_linears(
+    model: torch.nn.Module, spec: dict, method: str, group_size: int | None = None
+) -> dict[str, torch.nn.Linear]:
+    """The Linears the step quantizes; refuses no match and a group size that does not divide an input width."""
+    require_compressed_tensors()  # the artifact cannot be written without it: fail before the work
+    linears = select_from_spec(model, spec)
+    if not linears:
+        raise EngineError("no_targets", f"quantize:{method} matched no Linear layer: check 'targets' and 'ignore'")
+    for name, linear in linears.items():
+        if group_size is not None and linear.in_features % group_size:
+            raise EngineError(
+                "bad_group_size",
+                f"group_size {group_size} does not divide the input width {linear.in_features} of {name}: "
+                "choose a group size that divides it, or ignore that layer",
+            )
+    return linears
+
+
+def require_calibration(context: StepContext, method: str) -> torch.Tensor:
+    if context.calibration is None:
+        raise EngineError("missing_calibration", f"quantize:{method} learns from calibration text: add `calibration`")
+    return context.calibration
+
+
+def calibration_device(model: torch.nn.Module, context: StepContext) -> torch.device:
+    return context.device or next(model.parameters()).device
+
+
+# --- Calibration statistics -----------------------------------------------------------------------------------
+
+
+class InputStats:
+    """Statistics of one Linear's calibration inputs: H = 2/n XᵀX, mean |x| and max |x| per input channel."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        self.hessian = HessianAccumulator(features, device)
+        self.abs_sum = torch.zeros(features, dtype=torch.float32, device=device)
+        self.abs_max = torch.zeros(features, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Add a [tokens, features] batch of inputs in any float dtype (no float32 copy of it is made)."""
+        self.hessian.add(x)
+        magnitude = x.abs()
+        self.abs_sum += magnitude.sum(dim=0, dtype=torch.float32)
+        torch.maximum(self.abs_max, magnitude.amax(dim=0).float(), out=self.abs_max)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return self.hessian.hessian
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.hessian.count, 1)
+
+    def rescale_(self, factors: torch.Tensor) -> None:
+        """The statistics of x / factors (after a scale was folded into the operation that produces x)."""
+        self.hessian.hessian.div_(factors.unsqueeze(0) * factors.unsqueeze(1))
+        self.abs_sum.div_(factors)
+        self.abs_max.div_(factors)
+
+
+def observe_inputs(step: LayerPass, linears: dict[str, torch.nn.Linear]) -> dict[str, InputStats]:
+    """Run the layer over the calibration windows once, collecting each Linear's input statistics. Linears fed
+    the very same tensor (q/k/v, gate/up) share one set, computed once."""
+    return observe_shared(
+        step, list(linears), lambda name: InputStats(linears[name].in_features, linears[name].weight.device)
+    )
+
+
+@dataclass
+class LayerGroup:
+    """One decoder layer during a sequential quantization pass, with its targeted Linears' input statistics."""
+
+    step: LayerPass
+    linears: dict[str, torch.nn.Linear]
+    stats: dict[str, InputStats]
+
+
+def calibrated_layers(
+    model: torch.nn.Module, linears: dict[str, torch.nn.Linear], windows: torch.Tensor, device, progress
+) -> Iterator[LayerGroup]:
+    """For each decoder layer holding targeted Linears: their statistics on inputs that went through the already
+    quantized earlier layers. Change the weights before asking for the next one."""
+    for step in sequential_layers(model, windows, device, progress):
+        inside = {n: m for n, m in linears.items() if n.startswith(step.name + ".")}
+        if inside:
+            yield LayerGroup(step, inside, observe_inputs(step, inside))
+
+
+def outside_layers(model: torch.nn.Module, linears: dict[str, torch.nn.Linear]) -> dict[str, torch.nn.Linear]:
+    """Targeted Linears outside the decoder layers (an untied lm_head asked for): no calibration inputs."""
+    prefix, _ = decoder_layers(model)
+    return {n: m for n, m in linears.items() if not n.startswith(prefix + ".")}
+
+
+# --- Activation quantization in memory ------------------------------------------------------------------------
+
+
+def attach_activation_quant_(linear: torch.nn.Linear, kind: str) -> None:
+    """Fake-quantize the Linear's input per token on every forward (what compressed-tensors does at run time)."""
+    linear.register_forward_pre_hook(lambda _module, args: (fake_quantize_tokens(args[0], kind), *args[1:]))
+
+
+# --- Records --------------------------------------------------------------------------------------------------
+
+
+def layer_record(
+    name: str, original: torch.Tensor, linear: torch.nn.Linear, q: QuantizedWeight, stats: InputStats | None
+) -> dict:
+    return {
+        "name": name,
+        "shape": list(original.shape),
+        "bits": q.bits,
+        "group_size": q.group_size,
+        "symmetric": q.symmetric,
+        "format": storage_format(q),
+        "relative_error": relative_error(original, linear.weight),
+        "output_error": None if stats is None else output_error(original, linear.weight, stats.gram),
+    }
+
+
+def summarize(layers: list[dict], quantized: dict[str, QuantizedWeight], linears: dict[str, torch.nn.Linear]) -> dict:
+    first = next(iter(quantized.values()))
+    errors = [layer["relative_error"] for layer in layers]
+    outputs = [layer["output_error"] for layer in layers if layer["output_error"] is not None]
+    shapes = {layer["name"]: tuple(layer["shape"]) for layer in layers}
+    return {
+        "bits": first.bits,
+        "group_size": first.group_size,
+        "symmetric": first.symmetric,
+        "format": storage_format(first),
+        "weights": first.kind,
+        "activations": first.activations,
+        "layers": len(layers),
+        "targeted_parameters": sum(m.weight.numel() for m in linears.values()),
+        "mean_relative_error": sum(errors) / len(errors),
+        "max_relative_error": max(errors),
+        "mean_output_error": sum(outputs) / len(outputs) if outputs else None,
+        "max_output_error": max(outputs) if outputs else None,
+        "targeted_weight_bytes_before": sum(m.weight.numel() * m.weight.element_size() for m in linears.values()),
+        "targeted_weight_bytes_after": sum(stored_weight_bytes(shapes[n], q) for n, q in quantized.items()),
+    }
+
+
+def quantize_layers(
+    model: torch.nn.Module,
+    context: StepContext,
+    linears: dict[str, torch.nn.Linear],
+    quantize: LinearQuantizer,
+    prepare: Callable[[LayerGroup], None] | None = None,
+    true_sequential: bool = False,
+) -> StepResult:
+    """Quantize each targeted Linear with `quantize(name, linear, stats)` (which changes its weight in place),
+    layer by layer over the calibration data when the job has some (stats None otherwise). `prepare(group)`
+    runs first on each decoder layer (AWQ and SmoothQuant fold their scales there); errors are measured
+    against the prepared float weights.
+
+    `true_sequential` (GPTQ's option of that name) also goes stage by stage inside each decoder layer: q/k/v,
+    then o_proj on the outputs of the quantized q/k/v, then gate/up, then down_proj, so each Linear's
+    statistics include the error of the Linears before it. It costs one layer forward per stage. `prepare`
+    still runs first, on the whole float layer (AWQ folds every scale before anything is rounded)."""
+    layers, quantized = [], {}
+
+    def run(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> None:
+        original = linear.weight.detach().clone()
+        quantized[name] = quantize(name, linear, stats)
+        layers.append(layer_record(name, original, linear, quantized[name], stats))
+
+    if context.calibration is None:
+        for i, (name, linear) in enumerate(linears.items()):
+            run(name, linear, None)
+            context.report_progress((i + 1) / len(linears), f"quantized {name}")
+    else:
+        device = calibration_device(model, context)
+        if true_sequential:
+            _quantize_stagewise(model, linears, context, device, run, prepare)
+        else:
+            for group in calibrated_layers(model, linears, context.calibration, device, context.report_progress):
+                if prepare is not None:
+                    prepare(group)
+                for name, linear in group.linears.items():
+                    run(name, linear, group.stats[name])
+                del group  # this layer's statistics (the down_proj Hessian alone is 0.8 GiB at 8B) go first
+        for name, linear in outside_layers(model, linears).items():
+            run(name, linear, None)
+    order = list(linears)
+    layers.sort(key=lambda layer: order.index(layer["name"]))
+    return StepResult(layers=layers, summary=summarize(layers, quantized, linears), quantized=quantized)
+
+
+def _quantize_stagewise(
+    model: torch.nn.Module,
+    linears: dict[str, torch.nn.Linear],
+    context: StepContext,
+    device: torch.device,
+    run: Callable[[str, torch.nn.Linear, InputStats], None],
+    prepare: Callable[[LayerGroup], None] | None,
+) -> None:
+    """`quantize_layers` with `true_sequential`: each stage's statistics are observed after the earlier stages
+    of the same decoder layer were quantized (the first stage's, with `prepare`, are the prepared layer's)."""
+    for step in sequential_layers(model, context.calibration, device, context.report_progress):
+        inside = {n: m for n, m in linears.items() if n.startswith(step.name + ".")}
+        if not inside:
+            continue
+        prepared = None
+        if prepare is not None:
+            group = LayerGroup(step, inside, observe_inputs(step, inside))
+            prepare(group)
+            prepared = group.stats
+            del group
+        for i, stage in enumerate(input_stages(step, list(inside))):
+            if i == 0 and prepared is not None:
+                stats = prepared
+            else:
+                stats = observe_inputs(step, {n: inside[n] for n in stage})
+            prepared = None
+            for name in stage:
+                run(name, inside[name], stats[name])
+            del stats
+
+
+@torch.no_grad()
+def quantize_(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> QuantizedWeight:
+    """Replace `weight` in place by its round-to-nearest quantized values; return the scales used."""
+    scale, zero_point = rtn_params(weight, bits, group_size, symmetric)
+    weight.copy_(fake_quantize(weight, scale, zero_point, bits, group_size))
+    return QuantizedWeight(scale=scale, zero_point=zero_point, bits=bits, group_size=group_size, symmetric=symmetric)

@@ -1,0 +1,199 @@
+"""GPTQ (Frantar et al., 2022): quantize a Linear column by column, compensating each column's rounding error on
+the columns not yet quantized, weighted by the inverse of the layer Hessian H = 2/n Σ x xᵀ.
+
+Pure tensor functions. Numerics: everything in float32; dead input channels (H_ii = 0, the input was always
+zero on the calibration data) get H_ii = 1 and zero weights, as in the reference code; dampening adds
+`dampening · mean(diag H)` to the diagonal and is raised tenfold while the Cholesky factorization fails.
+
+Act order (`desc_act`) visits columns by decreasing H_ii. Its groups are *static*: the scales of each
+contiguous group of `group_size` input columns are computed from the weights before any update, so the
+artifact stores groups in the natural column order and needs no g_idx (compressed-tensors actorder "static").
+Without act order, a group's scales are computed when its first column is reached, from the updated weights.
+With `clip_search`, each group's range is the shrink ratio that minimizes its Hessian-weighted rounding error
+(`awq_math.clip_search`, AWQ's clipping with H as the Gram matrix) instead of the full min/max range.
+
+The same loop rounds to the FP8 E4M3 grid (`kind="float"`, per-channel scales absmax / 448 fixed up front), as
+llm-compressor's GPTQ does for its FP8 schemes: the error of each rounded column is compensated the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from worker.engine.quantize.awq_math import clip_search as searched_params
+from worker.engine.quantize.quant_math import fake_quantize, fp8_fake_quantize, fp8_params, int_range, rtn_params
+from worker.engine.steps import EngineError
+
+MAX_DAMPENING_RETRIES = 6
+
+
+def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(H with dead channels set to 1, weight with dead columns zeroed, dead mask), all float32 copies."""
+    hessian, weight = hessian.float().clone(), weight.float().clone()
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    return hessian, weight, dead
+
+
+def inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening · mean(diag H), raising λ while H is not PD."""
+    mean_diag = torch.diag(hessian).mean()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for attempt in range(MAX_DAMPENING_RETRIES):
+        damped = hessian + (dampening * 10**attempt) * mean_diag * eye
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return upper
+    raise EngineError(
+        "numerical_error",
+        "the layer Hessian is not positive definite even with strong dampening: use more calibration samples",
+    )
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    act_order: bool = False,
+    kind: str = "int",
+    clip_search: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(fake-quantized weight, scale (out, groups), zero point or None), in the weight's natural column order.
+
+    `kind` "int": integers of `bits` bits; "float": FP8 E4M3 with per-channel scales (bits 8, no groups).
+    """
+    if kind == "float" and (bits != 8 or group_size is not None or not symmetric or clip_search):
+        raise ValueError("FP8 GPTQ takes bits 8, per-channel scales, symmetric weights and no clip search")
+    hessian, w, _ = prepare_hessian(hessian, weight)
+    columns = w.shape[1]
+    static = act_order or group_size is None  # scales fixed up front from the (dead-zeroed) weights
+    if kind == "float":
+        scale, zero = fp8_params(w), None
+    else:
+        scale, zero = (None, None)
+        if static:
+            scale, zero = _group_params(w, hessian if clip_search else None, bits, group_size, symmetric)
+    order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(columns)
+    order = order.to(w.device)
+    # the dynamic sweep reads columns on the host: one transfer, not one device sync per column
+    order_host = None if static else order.tolist()
+    w, hessian = w[:, order], hessian[order][:, order]
+    h_inv = inverse_cholesky(hessian, dampening)
+    quantized = torch.zeros_like(w)
+    if not static:
+        scale = torch.zeros(w.shape[0], columns // group_size, dtype=w.dtype, device=w.device)
+        zero = None if symmetric else torch.zeros_like(scale)
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        block, h_block = w[:, start:end].clone(), h_inv[start:end, start:end]
+        if static:
+            done, errors = _sweep_static(block, h_block, scale, zero, order[start:end], group_size, bits, kind)
+        else:
+            errors = _sweep_dynamic(
+                block,
+                h_block,
+                w[:, end:],
+                scale,
+                zero,
+                order_host[start:end],
+                group_size,
+                bits,
+                symmetric,
+                hessian if clip_search else None,
+            )
+            done = block
+        quantized[:, start:end] = done
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    restored = torch.empty_like(quantized)
+    restored[:, order] = quantized
+    return restored, scale, zero
+
+
+def _group_params(
+    weight: torch.Tensor, hessian: torch.Tensor | None, bits: int, group_size: int | None, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zero points of `weight`'s groups: full range, or, given H, range shrunk where H says it costs
+    less."""
+    if hessian is not None:
+        return searched_params(weight, hessian, bits, group_size, symmetric)
+    return rtn_params(weight, bits, group_size, symmetric)
+
+
+def _sweep_static(
+    block: torch.Tensor,
+    h_block: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    order: torch.Tensor,
+    group_size: int | None,
+    bits: int,
+    kind: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a block's columns left to right with scales fixed up front, each column's error spread over the
+    block's later columns. Returns (quantized block, scaled errors for the columns after the block). In-place
+    ops on column views, no allocation and no host sync per column: this loop is GPTQ's hot path."""
+    groups = torch.zeros_like(order) if group_size is None else order // group_size
+    scales = scale[:, groups].unbind(1)
+    zeros = zero[:, groups].unbind(1) if zero is not None else None
+    qmin, qmax = int_range(bits)
+    quantized, errors = torch.empty_like(block), torch.empty_like(block)
+    q_columns, e_columns = quantized.unbind(1), errors.unbind(1)
+    diagonal, h_rows = h_block.diagonal().unbind(0), h_block.unbind(0)
+    for i, column in enumerate(block.unbind(1)):
+        q = q_columns[i]
+        if kind == "float":
+            q.copy_(fp8_fake_quantize(column, scales[i]))
+        else:  # the operations of quant_math.fake_quantize, in its order
+            torch.div(column, scales[i], out=q)
+            if zeros is not None:
+                q.add_(zeros[i])
+            q.clamp_(qmin, qmax).round_()
+            if zeros is not None:
+                q.sub_(zeros[i])
+            q.mul_(scales[i])
+        torch.sub(column, q, out=e_columns[i]).div_(diagonal[i])
+        block[:, i:].addr_(e_columns[i], h_rows[i][i:], alpha=-1)
+    return quantized, errors
+
+
+def _sweep_dynamic(
+    block: torch.Tensor,
+    h_block: torch.Tensor,
+    rest: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    order: list[int],
+    group_size: int,
+    bits: int,
+    symmetric: bool,
+    hessian: torch.Tensor | None,
+) -> torch.Tensor:
+    """As `_sweep_static`, but each group's scales are computed when its first column is reached, from the
+    weights as updated so far (GPTQ without act order); range-searched against the group's block of
+    `hessian` when one is given (columns in natural order here)."""
+    errors = torch.zeros_like(block)
+    for i, column in enumerate(order):
+        group = column // group_size
+        if column % group_size == 0:
+            upcoming = torch.cat([block[:, i:], rest], dim=1)[:, :group_size]
+            h_group = None if hessian is None else hessian[column : column + group_size, column : column + group_size]
+            s, z = _group_params(upcoming, h_group, bits, None, symmetric)
+            scale[:, group] = s[:, 0]
+            if zero is not None:
+                zero[:, group] = z[:, 0]
+        z = None if zero is None else zero[:, group : group + 1]
+        q = fake_quantize(block[:, i : i + 1], scale[:, group : group + 1], z, bits, None)[:, 0]
+        error = (block[:, i] - q) / h_block[i, i]
+        block[:, i:] -= error.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
+        block[:, i] = q
+        errors[:, i] = error
+    return errors
