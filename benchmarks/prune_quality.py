@@ -28,7 +28,7 @@ from worker.engine import steps as registry  # noqa: E402  (importing worker.eng
 from worker.engine.calibrate.windows import token_windows  # noqa: E402
 from worker.engine.evaluate.evaluation import perplexity  # noqa: E402
 from worker.engine.load.checkpoint import load_model  # noqa: E402
-from worker.engine.prune.structured import parameter_bytes, parameter_count  # noqa: E402
+from worker.engine.prune.size import parameter_bytes, parameter_count  # noqa: E402
 
 log = logging.getLogger("prune_quality")
 ROOT = Path(__file__).resolve().parents[1]

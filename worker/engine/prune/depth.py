@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from worker.engine.calibrate.layerwise import decoder_layers
-from worker.engine.prune.structured import parameter_bytes, parameter_count
+from worker.engine.prune.size import model_size, size_summary
 from worker.engine.steps import EngineError, StepContext, StepResult, register
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def depth_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
     if not 1 <= count < total:
         raise EngineError("bad_spec", f"num_layers={count}: the model has {total} layers and must keep at least 1")
     device = context.device or next(model.parameters()).device
-    params_before, bytes_before = parameter_count(model), parameter_bytes(model)
+    before = model_size(model)
     was_training = model.training
     model.eval()
     context.report_progress(0.1, "measuring layer importance (angular distance)")
@@ -87,7 +87,6 @@ def depth_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
     start = int(candidates.argmin())
     drop = list(range(start, start + count))
     drop_layers_(model, drop)
-    params_after, bytes_after = parameter_count(model), parameter_bytes(model)
     details: list[dict[str, Any]] = [
         {"name": f"layer {i}", "angular_distance": float(single[i]), "dropped": i in drop} for i in range(total)
     ]
@@ -95,13 +94,7 @@ def depth_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
         "dropped_layers": drop,
         "block_angular_distance": float(blocks[start]),
         "num_hidden_layers": [total, total - count],
-        "parameters_before": params_before,
-        "parameters_after": params_after,
-        "parameter_reduction": 1 - params_after / params_before,
-        "bytes_before": bytes_before,
-        "bytes_after": bytes_after,
-        "size_reduction": 1 - bytes_after / bytes_before,
-        "calibration_windows": int(context.calibration.shape[0]),
+        **size_summary(before, model, context.calibration),
     }
     context.report_progress(1.0, f"dropped layers {drop}")
     return StepResult(layers=details, summary=summary)

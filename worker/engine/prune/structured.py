@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from worker.engine.calibrate.layerwise import decoder_layers
+from worker.engine.prune.size import model_size, size_summary
 from worker.engine.steps import EngineError, StepContext, StepResult, register
 
 log = logging.getLogger(__name__)
@@ -88,14 +89,6 @@ def _attention_shape(config: Any) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def parameter_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-
-
 @register("prune", "structured")
 def structured_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
     spec, config = context.spec, model.config
@@ -104,7 +97,7 @@ def structured_prune(model: torch.nn.Module, context: StepContext) -> StepResult
     mlp_sparsity, attn_sparsity = float(spec.get("mlp_sparsity", 0.0)), float(spec.get("attention_sparsity", 0.0))
     heads, kv_heads, head_dim = _attention_shape(config)
     group = heads // kv_heads
-    params_before, bytes_before = parameter_count(model), parameter_bytes(model)
+    before = model_size(model)
     device = context.device or next(model.parameters()).device
     context.report_progress(0.05, "measuring channel importance on the calibration data")
     was_training = model.training
@@ -144,19 +137,12 @@ def structured_prune(model: torch.nn.Module, context: StepContext) -> StepResult
     for layer in layers:
         if hasattr(layer.self_attn, "num_key_value_groups"):
             layer.self_attn.num_key_value_groups = group
-    params_after, bytes_after = parameter_count(model), parameter_bytes(model)
     summary = {
         "intermediate_size": [width, keep_mlp],
         "num_attention_heads": [heads, keep_groups * group],
         "num_key_value_heads": [kv_heads, keep_groups],
         "head_dim": head_dim,
-        "parameters_before": params_before,
-        "parameters_after": params_after,
-        "parameter_reduction": 1 - params_after / params_before,
-        "bytes_before": bytes_before,
-        "bytes_after": bytes_after,
-        "size_reduction": 1 - bytes_after / bytes_before,
-        "calibration_windows": int(context.calibration.shape[0]),
+        **size_summary(before, model, context.calibration),
     }
     notes = []
     if keep_mlp < width and keep_mlp != width - round(mlp_sparsity * width):

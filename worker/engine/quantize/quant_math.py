@@ -38,16 +38,27 @@ def grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
 def rtn_params(
     weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales (out, groups) and, when asymmetric, integer-valued zero points (out, groups).
+    """Scales (out, groups) and, when asymmetric, integer-valued zero points (out, groups), over each group's
+    whole range: `clipped_params` with ratio 1."""
+    return clipped_params(weight, bits, group_size, symmetric, 1.0)
 
-    Symmetric: `symmetric_scale` of the group's range, zero point 0. Asymmetric: the range [min, max] (widened
-    to hold 0) spread over all 2**bits levels, zero point = round(qmin - min / scale). All-zero groups get
-    scale 1.
+
+def clipped_params(
+    weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, ratio: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zero points (out, groups) for each group's range [min, max] (widened to hold 0) shrunk by
+    `ratio` (a float, or (out, groups) ratios per group).
+
+    Symmetric: `symmetric_scale` of the range, zero point 0. Asymmetric: the range spread over all 2**bits
+    levels, zero point = round(qmin - min / scale). All-zero groups get scale 1.
     """
     qmin, qmax = int_range(bits)
     groups = grouped(weight, group_size)
     low = groups.amin(dim=-1).clamp(max=0)
     high = groups.amax(dim=-1).clamp(min=0)
+    if isinstance(ratio, torch.Tensor) or ratio != 1.0:  # a ratio of 1 changes nothing: skip the products
+        ratio = torch.as_tensor(ratio, dtype=weight.dtype, device=weight.device)
+        low, high = low * ratio, high * ratio
     if symmetric:
         return symmetric_scale(low, high, bits), None
     scale = (high - low) / (qmax - qmin)
@@ -145,20 +156,3 @@ def output_error(weight: torch.Tensor, approximation: torch.Tensor, gram: torch.
     error = torch.einsum("oi,ij,oj->", delta, gram, delta).clamp(min=0)
     reference = torch.einsum("oi,ij,oj->", weight, gram, weight).clamp(min=0)
     return float((error / reference).sqrt()) if reference > 0 else float(error.sqrt())
-
-
-def clipped_params(
-    weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, ratio: torch.Tensor | float
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`rtn_params` of the weight range shrunk by `ratio` (a float, or (out, groups) ratios per group)."""
-    qmin, qmax = int_range(bits)
-    groups = grouped(weight, group_size)
-    ratio = torch.as_tensor(ratio, dtype=weight.dtype, device=weight.device)
-    low = groups.amin(dim=-1).clamp(max=0) * ratio
-    high = groups.amax(dim=-1).clamp(min=0) * ratio
-    if symmetric:
-        return symmetric_scale(low, high, bits), None
-    scale = (high - low) / (qmax - qmin)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero_point = torch.round(qmin - low / scale).clamp(qmin, qmax)
-    return scale, zero_point

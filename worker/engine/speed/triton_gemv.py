@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -238,62 +239,20 @@ def _row_kernel(max_block_k: int):
     return _KERNELS[name]
 
 
-def launch(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor | None,
-    x_scale: torch.Tensor | None,
-    kind: int,
-    group: int,
-    out_dtype: torch.dtype | None,
-    wrap=None,
-) -> torch.Tensor:
-    """Run a kernel on x (M, K), contiguous; y (M, N). `wrap` is torch.library.wrap_triton inside the op.
+class _Operands(NamedTuple):
+    """What both kernels take first: the pointers (an absent zero or activation scale passes `scale`, which
+    the kernel then never reads) and the sizes."""
 
-    One row: the matrix-vector kernel. More: the multi-row kernel, unless int4 groups are not a multiple of 32
-    (its K tiles must lie in one group and hold at least 32 columns), where the matrix-vector kernel runs per row."""
-    rows, columns = x.shape
-    out = torch.empty(rows, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
-    groups = scale.shape[1] if kind == KIND_INT4 else 1
-    # the largest power of two that divides the group (one group per row: any, the whole row is one group)
-    align = group & -group if groups > 1 else 1 << (columns - 1).bit_length()
-    if rows > 1 and (kind != KIND_INT4 or align >= ROW_MIN_INT4_K):
-        return _launch_rows(x, weight, scale, zero, x_scale, kind, group, groups, align, out, wrap)
-    plain, tuned = _kernels()
-    kernel = plain if interpreting() else tuned
-    kernel = wrap(kernel) if wrap is not None else kernel
-    extra = INTERPRETER_BLOCKS if interpreting() else {}
-
-    def grid(meta):
-        return (rows, -(-weight.shape[0] // meta["BLOCK_N"]))
-
-    kernel[grid](
-        x, weight, scale, scale if zero is None else zero, scale if x_scale is None else x_scale, out,
-        rows, weight.shape[0], columns, groups,
-        KIND=kind, GROUP=group, GROUP_ALIGN=align, HAS_ZERO=zero is not None, **extra,
-    )  # fmt: skip
-    return out
-
-
-def _launch_rows(x, weight, scale, zero, x_scale, kind, group, groups, align, out, wrap) -> torch.Tensor:
-    """The multi-row kernel over BLOCK_N output rows a program, all input rows in each (see `launch`)."""
-    max_block_k = min(align, 256) if kind == KIND_INT4 else 256
-    kernel = _row_kernel(max_block_k)
-    kernel = wrap(kernel) if wrap is not None else kernel
-    extra = {}
-    if interpreting():
-        extra = {**INTERPRETER_ROW_BLOCKS, "BLOCK_K": min(INTERPRETER_ROW_BLOCKS["BLOCK_K"], max_block_k)}
-
-    def grid(meta):
-        return (-(-weight.shape[0] // meta["BLOCK_N"]),)
-
-    kernel[grid](
-        x, weight, scale, scale if zero is None else zero, scale if x_scale is None else x_scale, out,
-        x.shape[0], weight.shape[0], x.shape[1], groups,
-        KIND=kind, GROUP=group, HAS_ZERO=zero is not None, DOT_F32=interpreting(), BLOCK_M=ROW_BLOCK_M, **extra,
-    )  # fmt: skip
-    return out
+    x: torch.Tensor
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    x_scale: torch.Tensor
+    out: torch.Tensor
+    M: int
+    N: int
+    K: int
+    GROUPS: int
 
 
 def gemv(
@@ -305,11 +264,54 @@ def gemv(
     kind: int = KIND_INT8,
     group: int = 0,
     out_dtype: torch.dtype | None = None,
+    *,
+    wrap=None,
 ) -> torch.Tensor:
-    """y (M, N) in `out_dtype` (default x's) for x (M, K), M ≤ MAX_ROWS; on CUDA through the custom op."""
-    if x.is_cuda:  # registered by available()
+    """y (M, N) in `out_dtype` (default x's) for x (M, K), M ≤ MAX_ROWS; on CUDA through the custom op, whose
+    body calls this again with `wrap` = torch.library.wrap_triton.
+
+    One row: the matrix-vector kernel. More: the multi-row kernel, unless int4 groups are not a multiple of 32
+    (its K tiles must lie in one group and hold at least 32 columns), where the matrix-vector kernel runs per row."""
+    if x.is_cuda and wrap is None:  # the op is registered by available()
         return torch.ops.modelpress.lowbit_gemv(x, weight, scale, zero, x_scale, kind, group, out_dtype)
-    return launch(x.contiguous(), weight, scale, zero, x_scale, kind, group, out_dtype)
+    x = x.contiguous()
+    rows, columns = x.shape
+    out = torch.empty(rows, weight.shape[0], dtype=out_dtype or x.dtype, device=x.device)
+    groups = scale.shape[1] if kind == KIND_INT4 else 1
+    # the largest power of two that divides the group (one group per row: any, the whole row is one group)
+    align = group & -group if groups > 1 else 1 << (columns - 1).bit_length()
+    operands = _Operands(
+        x, weight, scale, scale if zero is None else zero, scale if x_scale is None else x_scale, out,
+        rows, weight.shape[0], columns, groups,
+    )  # fmt: skip
+    options = {"KIND": kind, "GROUP": group, "HAS_ZERO": zero is not None}
+    if rows > 1 and (kind != KIND_INT4 or align >= ROW_MIN_INT4_K):
+        return _launch_rows(operands, options, min(align, 256) if kind == KIND_INT4 else 256, wrap)
+    plain, tuned = _kernels()
+    kernel = plain if interpreting() else tuned
+    kernel = wrap(kernel) if wrap is not None else kernel
+    extra = INTERPRETER_BLOCKS if interpreting() else {}
+
+    def grid(meta):
+        return (rows, -(-operands.N // meta["BLOCK_N"]))
+
+    kernel[grid](*operands, **options, GROUP_ALIGN=align, **extra)
+    return out
+
+
+def _launch_rows(operands: _Operands, options: dict[str, int | bool], max_block_k: int, wrap) -> torch.Tensor:
+    """The multi-row kernel over BLOCK_N output rows a program, all input rows in each (see `gemv`)."""
+    kernel = _row_kernel(max_block_k)
+    kernel = wrap(kernel) if wrap is not None else kernel
+    extra = {}
+    if interpreting():
+        extra = {**INTERPRETER_ROW_BLOCKS, "BLOCK_K": min(INTERPRETER_ROW_BLOCKS["BLOCK_K"], max_block_k)}
+
+    def grid(meta):
+        return (-(-operands.N // meta["BLOCK_N"]),)
+
+    kernel[grid](*operands, **options, DOT_F32=interpreting(), BLOCK_M=ROW_BLOCK_M, **extra)
+    return operands.out
 
 
 _OPS: dict[str, object] = {}
@@ -331,7 +333,7 @@ def _op():
             group: int,
             out_dtype: torch.dtype | None,
         ) -> torch.Tensor:
-            return launch(x.contiguous(), weight, scale, zero, x_scale, kind, group, out_dtype, wrap=wrap_triton)
+            return gemv(x, weight, scale, zero, x_scale, kind, group, out_dtype, wrap=wrap_triton)
 
         _OPS["op"] = lowbit_gemv
     return _OPS["op"]
