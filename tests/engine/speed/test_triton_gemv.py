@@ -159,6 +159,27 @@ INTERPRETED_ROWS = textwrap.dedent(
     """
 )
 
+# The custom op that CUDA calls goes through torch.library.wrap_triton; on CPU its body runs the same kernels.
+INTERPRETED_OP = textwrap.dedent(
+    """
+    import torch
+    from worker.engine.speed import triton_gemv as tg
+
+    tg._op()
+    torch.manual_seed(0)
+    n, k = 37, 128
+    q8, s8 = torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n) + 0.1
+    q4, s4, z4 = torch.randint(-8, 8, (n, k), dtype=torch.int8), torch.rand(n, k // 32) + 0.1, torch.ones(n, k // 32)
+    for rows in (1, 5):  # the one-row and the multi-row kernel
+        x = torch.randn(rows, k, dtype=torch.bfloat16)
+        for args in ((q8, s8, None, None, tg.KIND_INT8, 0), (tg.pack_int4(q4), s4, z4, None, tg.KIND_INT4, 32)):
+            direct = tg.gemv(x, *args)
+            via_op = torch.ops.modelpress.lowbit_gemv(x, *args, None)
+            assert via_op.shape == (rows, n) and torch.equal(direct, via_op), (rows, args[-2])
+    print("ok")
+    """
+)
+
 
 def _interpret(script: str) -> str:
     """Run `script` in a fresh interpreter with TRITON_INTERPRET=1; its stdout."""
@@ -178,6 +199,12 @@ def test_kernel_matches_float_products_under_the_interpreter():
 @needs_triton
 def test_multi_row_kernel_matches_float_products_and_the_one_row_kernel_under_the_interpreter():
     out = _interpret(INTERPRETED_ROWS)
+    assert out.strip().endswith("ok"), out
+
+
+@needs_triton
+def test_custom_op_body_runs_the_kernels_as_gemv_does_under_the_interpreter():
+    out = _interpret(INTERPRETED_OP)
     assert out.strip().endswith("ok"), out
 
 
