@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from worker.engine.calibrate.targets import select_linears
 from worker.engine.export.compressed import save_compressed_
-from worker.engine.quantize.quant_math import fake_quantize, int_range, quantize, rtn_params
+from worker.engine.quantize.quant_math import clipped_params, fake_quantize, int_range, quantize, rtn_params
 from worker.engine.steps import StepContext, get_step
 
 SCHEMES = [  # bits, group_size, symmetric, bound on the mean relative weight error
@@ -210,3 +210,17 @@ def test_artifact_loads_alone_and_matches(rtn_artifacts, bits, group_size, symme
         assert ratio < 0.35
     if bits == 4 and symmetric:
         assert ratio < 0.2
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clipped_params_scale_the_range_per_group_and_ratio_one_is_rtn(symmetric):
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    full_scale, full_zero = rtn_params(w, 4, 32, symmetric)
+    ones_scale, ones_zero = clipped_params(w, 4, 32, symmetric, torch.ones(8, 2))  # the tensor path, no shortcut
+    assert torch.equal(ones_scale, full_scale)
+    assert (ones_zero is None and full_zero is None) or torch.equal(ones_zero, full_zero)
+    ratio = torch.tensor([0.5, 0.8]).expand(8, 2)  # each group shrinks by its own ratio
+    scale, _ = clipped_params(w, 4, 32, symmetric, ratio)
+    torch.testing.assert_close(scale, full_scale * ratio)
+    half_scale, _ = clipped_params(w, 4, 32, symmetric, 0.5)
+    torch.testing.assert_close(half_scale, full_scale * 0.5)
