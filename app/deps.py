@@ -58,6 +58,13 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from `modelpress 
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
+def _count_against_key(
+    credentials: HTTPAuthorizationCredentials, settings: Settings, bucket: str, per_minute: int
+) -> None:
+    """One more request in the key's `bucket` (429 with `Retry-After` past `per_minute`)."""
+    enforce(settings.redis_url, bucket, hash_key(credentials.credentials), per_minute, settings.rate_limit_window_s)
+
+
 def get_tenant(credentials: CredentialsDep, settings: SettingsDep) -> str:
     """The tenant of the presented API key; 401 with `WWW-Authenticate: Bearer` when it is missing or unknown.
 
@@ -78,13 +85,7 @@ def get_tenant(credentials: CredentialsDep, settings: SettingsDep) -> str:
             "invalid or revoked API key: check the key in 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
-    enforce(
-        settings.redis_url,
-        "requests",
-        hash_key(credentials.credentials),
-        settings.rate_limit_per_minute,
-        settings.rate_limit_window_s,
-    )
+    _count_against_key(credentials, settings, "requests", settings.rate_limit_per_minute)
     return tenant
 
 
@@ -94,13 +95,7 @@ TenantDep = Annotated[str, Depends(get_tenant)]
 def get_uploader(tenant: TenantDep, credentials: CredentialsDep, settings: SettingsDep) -> str:
     """`get_tenant`, and the upload also counts against the key's (lower) upload limit."""
     assert credentials is not None  # get_tenant has answered 401 otherwise
-    enforce(
-        settings.redis_url,
-        "uploads",
-        hash_key(credentials.credentials),
-        settings.upload_rate_limit_per_minute,
-        settings.rate_limit_window_s,
-    )
+    _count_against_key(credentials, settings, "uploads", settings.upload_rate_limit_per_minute)
     return tenant
 
 

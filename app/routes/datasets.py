@@ -6,7 +6,7 @@ import logging
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from sqlalchemy import select
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from app.deps import (
     ACTIVE_STATUSES,
@@ -18,11 +18,11 @@ from app.deps import (
     StorageDep,
     TenantDep,
     UploaderDep,
-    newest_page,
 )
+from app.resources import delete_unless_used, list_page, receive_and_store
 from app.schemas import DatasetPublic, DatasetsPublic
 from app.text_datasets import DatasetError, count_records, dataset_format
-from app.uploads import MULTIPART_OPENAPI, Upload, commit_or_remove, receive_upload, upload_name
+from app.uploads import MULTIPART_OPENAPI, Upload, commit_or_remove, upload_name
 from modelpress.models import Dataset, Job, new_id
 from modelpress.specs import JobSpec
 from modelpress.storage import LocalStorage
@@ -55,6 +55,14 @@ def _store_dataset(upload: Upload, tenant: str, storage: LocalStorage) -> Datase
     return row
 
 
+def _jobs_using(session: Session, dataset: Dataset) -> list[str]:
+    """Ids of the tenant's queued or running jobs that calibrate, evaluate or distill on this dataset."""
+    query = select(Job).where(Job.tenant == dataset.tenant, Job.status.in_(ACTIVE_STATUSES))
+    return [
+        job.id for job in session.scalars(query).all() if dataset.id in JobSpec.model_validate(job.spec).dataset_ids()
+    ]
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -66,11 +74,7 @@ def _store_dataset(upload: Upload, tenant: str, storage: LocalStorage) -> Datase
 async def upload_dataset(
     request: Request, tenant: UploaderDep, storage: StorageDep, settings: SettingsDep
 ) -> DatasetPublic:
-    upload = await receive_upload(request, storage.scratch_dir(), settings.max_upload_bytes)
-    try:
-        row = await run_in_threadpool(_store_dataset, upload, tenant, storage)
-    finally:
-        upload.discard()
+    row = await receive_and_store(request, storage, settings, lambda upload: _store_dataset(upload, tenant, storage))
     return DatasetPublic.of(row)
 
 
@@ -81,8 +85,7 @@ def list_datasets(
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> DatasetsPublic:
-    rows, count = newest_page(session, Dataset, tenant, limit, offset)
-    return DatasetsPublic(data=[DatasetPublic.of(r) for r in rows], count=count)
+    return list_page(session, Dataset, tenant, limit, offset, DatasetPublic.of, DatasetsPublic)
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses={404: {"description": "no such dataset"}})
@@ -96,18 +99,4 @@ def get_dataset(dataset: DatasetDep) -> DatasetPublic:
     responses={404: {"description": "no such dataset"}, 409: {"description": "a queued or running job uses it"}},
 )
 def delete_dataset(dataset: DatasetDep, session: SessionDep, storage: StorageDep) -> Response:
-    locked = session.scalar(select(Dataset).where(Dataset.id == dataset.id).with_for_update())
-    if locked is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset.id} not found")
-    active = session.scalars(select(Job).where(Job.tenant == dataset.tenant, Job.status.in_(ACTIVE_STATUSES))).all()
-    users = [job.id for job in active if dataset.id in JobSpec.model_validate(job.spec).dataset_ids()]
-    if users:
-        session.rollback()
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"dataset {dataset.id} is used by queued or running job(s) {', '.join(users[:5])}; cancel them or wait",
-        )
-    session.delete(locked)
-    session.commit()
-    storage.delete(f"datasets/{dataset.id}")
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return delete_unless_used(session, storage, dataset, _jobs_using)

@@ -15,8 +15,9 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.deps import JobDep, Limit, Offset, SessionDep, TenantDep, newest_page
+from app.deps import JobDep, Limit, Offset, SessionDep, TenantDep
 from app.json_body import read_json
+from app.resources import list_page
 from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
 from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, utcnow
 from modelpress.queue import enqueue_job
@@ -170,8 +171,7 @@ def list_jobs(
     offset: Offset = 0,
 ) -> JobsPublic:
     where = [Job.status == status_filter.value] if status_filter else []
-    rows, count = newest_page(session, Job, tenant, limit, offset, *where)
-    return JobsPublic(data=[JobPublic.of(r) for r in rows], count=count)
+    return list_page(session, Job, tenant, limit, offset, JobPublic.of, JobsPublic, *where)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={404: {"description": "no such job"}})

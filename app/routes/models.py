@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from sqlalchemy import select
-from starlette.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
 
 from app.archives import ArchiveError, Kind, Limits, TooLarge, detect_kind, extract, model_root
 from app.deps import (
@@ -20,12 +20,12 @@ from app.deps import (
     StorageDep,
     TenantDep,
     UploaderDep,
-    newest_page,
 )
 from app.gguf_inspection import inspect_gguf
 from app.inspection import Inspected, inspect_hf_folder
+from app.resources import delete_unless_used, list_page, receive_and_store
 from app.schemas import ModelPublic, ModelsPublic
-from app.uploads import MULTIPART_OPENAPI, Upload, commit_or_remove, receive_upload, upload_name
+from app.uploads import MULTIPART_OPENAPI, Upload, commit_or_remove, upload_name
 from modelpress.models import Job, Model, new_id
 from modelpress.settings import Settings
 from modelpress.storage import LocalStorage
@@ -87,6 +87,12 @@ def _store_model(upload: Upload, tenant: str, storage: LocalStorage, settings: S
     return row
 
 
+def _jobs_using(session: Session, model: Model) -> list[str]:
+    """Ids of queued or running jobs of this model (at most five: the 409 names no more)."""
+    query = select(Job.id).where(Job.model_id == model.id, Job.status.in_(ACTIVE_STATUSES)).limit(5)
+    return list(session.scalars(query).all())
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -98,11 +104,9 @@ def _store_model(upload: Upload, tenant: str, storage: LocalStorage, settings: S
 async def upload_model(
     request: Request, tenant: UploaderDep, storage: StorageDep, settings: SettingsDep
 ) -> ModelPublic:
-    upload = await receive_upload(request, storage.scratch_dir(), settings.max_upload_bytes)
-    try:
-        row = await run_in_threadpool(_store_model, upload, tenant, storage, settings)
-    finally:
-        upload.discard()
+    row = await receive_and_store(
+        request, storage, settings, lambda upload: _store_model(upload, tenant, storage, settings)
+    )
     return ModelPublic.of(row)
 
 
@@ -113,8 +117,7 @@ def list_models(
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> ModelsPublic:
-    rows, count = newest_page(session, Model, tenant, limit, offset)
-    return ModelsPublic(data=[ModelPublic.of(r) for r in rows], count=count)
+    return list_page(session, Model, tenant, limit, offset, ModelPublic.of, ModelsPublic)
 
 
 @router.get("/{model_id}", response_model=ModelPublic, responses={404: {"description": "no such model"}})
@@ -128,19 +131,4 @@ def get_model(model: ModelDep) -> ModelPublic:
     responses={404: {"description": "no such model"}, 409: {"description": "a queued or running job uses it"}},
 )
 def delete_model(model: ModelDep, session: SessionDep, storage: StorageDep) -> Response:
-    locked = session.scalar(select(Model).where(Model.id == model.id).with_for_update())
-    if locked is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model.id} not found")
-    active = session.scalars(
-        select(Job.id).where(Job.model_id == model.id, Job.status.in_(ACTIVE_STATUSES)).limit(5)
-    ).all()
-    if active:
-        session.rollback()
-        raise HTTPException(
-            status.HTTP_409_CONFLICT,
-            f"model {model.id} is used by queued or running job(s) {', '.join(active)}; cancel them or wait",
-        )
-    session.delete(locked)
-    session.commit()
-    storage.delete(f"models/{model.id}")
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return delete_unless_used(session, storage, model, _jobs_using)
