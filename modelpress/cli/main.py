@@ -9,7 +9,7 @@ from __future__ import annotations
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +25,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TransferSpeedColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 from modelpress.cli import render
@@ -170,6 +171,11 @@ def _upload(kind: str, path: Path, name: str | None, url: str, api_key: str | No
             return client.upload(kind, path, name=name, filename=filename, on_read=lambda n: progress.advance(task, n))
 
 
+def _show_uploaded(noun: str, table: Callable[[list[dict[str, Any]]], Table], row: dict[str, Any]) -> None:
+    console.print(table([row]))
+    console.print(f"{noun} id: {row.get('id')}", highlight=False)
+
+
 @upload_app.command("model")
 def upload_model(
     path: Annotated[Path, typer.Argument(help="A model folder, a .zip/.tar/.tar.gz of one, or a .gguf file.")],
@@ -178,9 +184,7 @@ def upload_model(
     api_key: ApiKey = None,
 ) -> None:
     """Upload a model checkpoint; a folder is packed into a .tar first (in a temporary folder)."""
-    model = _upload("models", path, name, url, api_key)
-    console.print(render.models_table([model]))
-    console.print(f"model id: {model.get('id')}", highlight=False)
+    _show_uploaded("model", render.models_table, _upload("models", path, name, url, api_key))
 
 
 @upload_app.command("dataset")
@@ -191,42 +195,44 @@ def upload_dataset(
     api_key: ApiKey = None,
 ) -> None:
     """Upload text for calibration and evaluation."""
-    dataset = _upload("datasets", path, name, url, api_key)
-    console.print(render.datasets_table([dataset]))
-    console.print(f"dataset id: {dataset.get('id')}", highlight=False)
+    _show_uploaded("dataset", render.datasets_table, _upload("datasets", path, name, url, api_key))
 
 
 # listings ------------------------------------------------------------------------------------------------------
 
 
-@models_app.command("list")
-def models_list(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """Your uploaded models."""
-    with api(url, api_key) as client:
-        console.print(render.models_table(client.list("models")))
+def _add_listing_commands(
+    group: typer.Typer, path: str, noun: str, table: Callable[[list[dict[str, Any]]], Table], helps: tuple[str, str]
+) -> None:
+    """`list` and `delete` for one uploaded resource (`path` under /v1/), with their help texts `helps`."""
+
+    def list_rows(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+        with api(url, api_key) as client:
+            console.print(table(client.list(path)))
+
+    def delete_row(
+        row_id: str = typer.Argument(..., metavar=f"{noun}_id", show_default=False),
+        url: Url = DEFAULT_URL,
+        api_key: ApiKey = None,
+    ) -> None:
+        with api(url, api_key) as client:
+            client.request("DELETE", f"/v1/{path}/{row_id}")
+        console.print(f"deleted {noun} {row_id}", highlight=False)
+
+    group.command("list", help=helps[0])(list_rows)
+    group.command("delete", help=helps[1])(delete_row)
 
 
-@models_app.command("delete")
-def models_delete(model_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """Delete a model and its stored checkpoint."""
-    with api(url, api_key) as client:
-        client.request("DELETE", f"/v1/models/{model_id}")
-    console.print(f"deleted model {model_id}", highlight=False)
-
-
-@datasets_app.command("list")
-def datasets_list(url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """Your uploaded datasets."""
-    with api(url, api_key) as client:
-        console.print(render.datasets_table(client.list("datasets")))
-
-
-@datasets_app.command("delete")
-def datasets_delete(dataset_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """Delete a dataset."""
-    with api(url, api_key) as client:
-        client.request("DELETE", f"/v1/datasets/{dataset_id}")
-    console.print(f"deleted dataset {dataset_id}", highlight=False)
+_add_listing_commands(
+    models_app,
+    "models",
+    "model",
+    render.models_table,
+    ("Your uploaded models.", "Delete a model and its stored checkpoint."),
+)
+_add_listing_commands(
+    datasets_app, "datasets", "dataset", render.datasets_table, ("Your uploaded datasets.", "Delete a dataset.")
+)
 
 
 @jobs_app.command("list")

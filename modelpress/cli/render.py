@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console, Group
@@ -73,36 +74,52 @@ def _when(value: Any) -> str:
     return str(value).replace("T", " ")[:19] if value else ""
 
 
-def models_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="models")
-    for column in ("id", "name", "format", "architecture", "parameters", "size", "created"):
+def _table(
+    title: str, columns: tuple[str, ...], rows: list[dict[str, Any]], cells: Callable[[dict[str, Any]], tuple]
+) -> Table:
+    """A listing: one folding column per name, one line per row with the cells `cells` gives it."""
+    table = Table(title=title)
+    for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(
-            str(row.get("id", "")),
-            str(row.get("name", "")),
-            str(row.get("format", "")),
-            str(row.get("architecture", "")),
+        table.add_row(*cells(row))
+    return table
+
+
+def _text(row: dict[str, Any], key: str) -> str:
+    return str(row.get(key, ""))
+
+
+def models_table(rows: list[dict[str, Any]]) -> Table:
+    return _table(
+        "models",
+        ("id", "name", "format", "architecture", "parameters", "size", "created"),
+        rows,
+        lambda row: (
+            _text(row, "id"),
+            _text(row, "name"),
+            _text(row, "format"),
+            _text(row, "architecture"),
             format_value("parameters", row.get("parameters")),
             format_value("size_bytes", row.get("size_bytes")),
             _when(row.get("created_at")),
-        )
-    return table
+        ),
+    )
 
 
 def datasets_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="datasets")
-    for column in ("id", "name", "records", "size", "created"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(
-            str(row.get("id", "")),
-            str(row.get("name", "")),
+    return _table(
+        "datasets",
+        ("id", "name", "records", "size", "created"),
+        rows,
+        lambda row: (
+            _text(row, "id"),
+            _text(row, "name"),
             format_value("records", row.get("records")),
             format_value("size_bytes", row.get("size_bytes")),
             _when(row.get("created_at")),
-        )
-    return table
+        ),
+    )
 
 
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red", "cancelled": "magenta"}
@@ -123,34 +140,32 @@ def progress_text(job: dict[str, Any]) -> str:
 
 
 def jobs_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="jobs")
-    for column in ("id", "status", "model", "progress", "created", "finished"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        status = str(row.get("status", ""))
-        table.add_row(
-            str(row.get("id", "")),
+    def cells(row: dict[str, Any]) -> tuple:
+        status = _text(row, "status")
+        return (
+            _text(row, "id"),
             Text(status, style=STATUS_STYLE.get(status, "")),
             str(row.get("model_id") or (row.get("spec") or {}).get("model_id") or ""),
             progress_text(row),
             _when(row.get("created_at")),
             _when(row.get("finished_at")),
         )
-    return table
+
+    return _table("jobs", ("id", "status", "model", "progress", "created", "finished"), rows, cells)
 
 
 def artifacts_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="artifacts")
-    for column in ("name", "kind", "size", "sha256"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(
-            str(row.get("name", "")),
-            str(row.get("kind", "")),
+    return _table(
+        "artifacts",
+        ("name", "kind", "size", "sha256"),
+        rows,
+        lambda row: (
+            _text(row, "name"),
+            _text(row, "kind"),
             format_value("size_bytes", row.get("size_bytes")),
-            str(row.get("sha256", ""))[:16] + "…",
-        )
-    return table
+            _text(row, "sha256")[:16] + "…",
+        ),
+    )
 
 
 def metrics_table(report: dict[str, Any]) -> Table:

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import storage_root
+from tests.utils.factories import insert_artifact
 
 CONTENT = os.urandom(3 * 1024 * 1024 + 17)
 
@@ -16,9 +17,6 @@ CONTENT = os.urandom(3 * 1024 * 1024 + 17)
 @pytest.fixture(scope="module")
 def artifact(client: httpx.Client, model: dict, migrated: dict) -> dict:
     """A job of `acme` with one artifact: a row and a file written directly, as the worker would."""
-    from modelpress.db import session_scope
-    from modelpress.models import Artifact
-
     job = client.post(
         "/v1/jobs",
         json={"model_id": model["id"], "recipe": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]},
@@ -27,20 +25,9 @@ def artifact(client: httpx.Client, model: dict, migrated: dict) -> dict:
     path = storage_root(migrated) / key
     path.parent.mkdir(parents=True)
     path.write_bytes(CONTENT)
-    with session_scope() as session:
-        row = Artifact(
-            tenant="acme",
-            job_id=job["id"],
-            name="optimized model ü.tar",
-            kind="model",
-            media_type="application/x-tar",
-            size_bytes=len(CONTENT),
-            sha256=hashlib.sha256(CONTENT).hexdigest(),
-            storage_key=key,
-        )
-        session.add(row)
-        session.flush()
-        artifact_id = row.id
+    artifact_id = insert_artifact(
+        job["id"], "optimized model ü.tar", CONTENT, key, kind="model", media_type="application/x-tar"
+    )
     return {"id": artifact_id, "job_id": job["id"]}
 
 
@@ -105,23 +92,9 @@ SECRET = b"root:x:0:0:not for download\n"
 
 def forge_artifact(job_id: str, storage_key: str) -> str:
     """An artifact row of `acme` whose storage key was tampered with (the worker never writes such keys)."""
-    from modelpress.db import session_scope
-    from modelpress.models import Artifact
-
-    with session_scope() as session:
-        row = Artifact(
-            tenant="acme",
-            job_id=job_id,
-            name="forged.bin",
-            kind="model",
-            media_type="application/octet-stream",
-            size_bytes=len(SECRET),
-            sha256=hashlib.sha256(SECRET).hexdigest(),
-            storage_key=storage_key,
-        )
-        session.add(row)
-        session.flush()
-        return row.id
+    return insert_artifact(
+        job_id, "forged.bin", SECRET, storage_key, kind="model", media_type="application/octet-stream"
+    )
 
 
 @pytest.mark.parametrize(

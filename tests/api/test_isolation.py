@@ -10,30 +10,18 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from tests.utils.factories import insert_artifact
+
 PRUNE = {"type": "prune", "method": "magnitude", "sparsity": 0.5}
 
 
 @pytest.fixture(scope="module")
 def owned(client: httpx.Client, model: dict, dataset: dict, migrated: dict) -> dict:
     """One of each resource owned by `acme`, an artifact included."""
-    from modelpress.db import session_scope
-    from modelpress.models import Artifact
-
     job = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": [PRUNE]}).json()
-    with session_scope() as session:
-        row = Artifact(
-            tenant="acme",
-            job_id=job["id"],
-            name="r.json",
-            kind="report",
-            media_type="application/json",
-            size_bytes=2,
-            sha256=hashlib.sha256(b"{}").hexdigest(),
-            storage_key=f"jobs/{job['id']}/r.json",
-        )
-        session.add(row)
-        session.flush()
-        artifact_id = row.id
+    artifact_id = insert_artifact(
+        job["id"], "r.json", b"{}", f"jobs/{job['id']}/r.json", kind="report", media_type="application/json"
+    )
     return {"model": model["id"], "dataset": dataset["id"], "job": job["id"], "artifact": artifact_id}
 
 

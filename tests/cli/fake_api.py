@@ -64,9 +64,16 @@ class FakeApi:
             return httpx.Response(401, json={"detail": "missing or unknown API key"})
         if method == "POST" and path in ("/v1/models", "/v1/datasets"):
             return self._upload(request, path.rsplit("/", 1)[1])
-        if method == "GET" and path == "/v1/models":
-            rows = [{k: v for k, v in u.items() if k != "data"} for u in self.uploads if u["kind"] == "models"]
+        if method == "GET" and path in ("/v1/models", "/v1/datasets"):
+            kind = path.rsplit("/", 1)[1]
+            rows = [{k: v for k, v in u.items() if k != "data"} for u in self.uploads if u["kind"] == kind]
             return httpx.Response(200, json={"data": rows, "count": len(rows)})
+        if method == "DELETE" and (match := re.fullmatch(r"/v1/(models|datasets)/([^/]+)", path)):
+            kept = [u for u in self.uploads if (u["kind"], u["id"]) != (match[1], match[2])]
+            if len(kept) == len(self.uploads):
+                return httpx.Response(404, json={"detail": f"{match[1][:-1]} {match[2]} not found"})
+            self.uploads[:] = kept
+            return httpx.Response(204)
         if method == "POST" and path == "/v1/jobs":
             body = json.loads(request.content)
             self.job_bodies.append((body, request.headers.get("idempotency-key")))

@@ -82,6 +82,22 @@ def test_models_list_reads_the_data_envelope(fake: FakeApi, tmp_path: Path) -> N
     assert "m.gguf" in result.output
 
 
+@pytest.mark.parametrize("kind,noun,filename", [("models", "model", "m.gguf"), ("datasets", "dataset", "wiki.txt")])
+def test_list_and_delete_commands_of_each_resource(fake: FakeApi, tmp_path: Path, kind, noun, filename) -> None:
+    (tmp_path / filename).write_bytes(b"GGUF" if kind == "models" else b"hello\n")
+    assert invoke("upload", noun, str(tmp_path / filename)).exit_code == 0
+    row_id = fake.uploads[0]["id"]
+    listed = invoke(kind, "list")
+    assert listed.exit_code == 0 and filename in listed.output and kind in listed.output  # the table's title
+    deleted = invoke(kind, "delete", row_id)
+    assert deleted.exit_code == 0, deleted.output
+    assert f"deleted {noun} {row_id}" in deleted.output
+    assert (fake.requests[-1].method, fake.requests[-1].url.path) == ("DELETE", f"/v1/{kind}/{row_id}")
+    assert filename not in invoke(kind, "list").output
+    missing = invoke(kind, "delete", row_id)
+    assert missing.exit_code == 1 and f"{noun} {row_id} not found" in missing.output
+
+
 def test_submit_sends_recipe_options_and_idempotency_key(fake: FakeApi, tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("- type: prune\n  method: magnitude\n  sparsity: 0.5\n")

@@ -13,16 +13,14 @@ import pytest
 
 from tests.conftest import REPO, LiveProcess
 from tests.utils.factories import build_tiny_model, write_text_dataset
-from tests.utils.stack import Stack, open_stack
+from tests.utils.stack import Stack, running_stack
 
 pytestmark = pytest.mark.skipif(not (REPO / "app" / "main.py").exists(), reason="needs the API (app/main.py)")
 
 
 @pytest.fixture(scope="module")
 def cli_stack(migrated: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with open_stack(migrated, tmp_path_factory.mktemp("cli-stack")) as stack:
-        stack.start_api()
-        stack.start_worker()
+    with running_stack(migrated, tmp_path_factory.mktemp("cli-stack")) as stack:
         yield stack
 
 

