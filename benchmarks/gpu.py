@@ -1,11 +1,12 @@
-"""Issue 5 in one command: how fast the engine optimizes an 8B-shaped model (benchmarks/gpu_engine.py) and how
-fast the optimized models run (benchmarks/gpu_speed.py), on one GPU, one after the other in one process.
+"""The GPU benchmark in one command: how fast the engine optimizes an 8B-shaped model (benchmarks/gpu_engine.py)
+and how fast the optimized models run (benchmarks/gpu_speed.py), on one GPU, one after the other in one process.
 
     python benchmarks/gpu.py [--part engine,speed] [--out-dir DIR] [--engine-budget S] [--speed-budget S] [--smoke]
 
 Each part frees its models before the next. The two parts together need about 12 minutes on one H200; where a
-lent machine allows 10 minutes a call, run `--part engine` and `--part speed` as two calls (benchmarks/gpu.md
-says how its figures were taken). Writes gpu_engine.json and gpu_speed.json in the output folder.
+machine limits a command to 10 minutes, run `--part engine` and `--part speed` as two commands
+(benchmarks/gpu.md says how its figures were taken). Writes gpu_engine_steps_DATE.json and gpu_speed_DATE.json
+in the output folder.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import gc
 import logging
 import sys
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -38,13 +40,14 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     smoke = ["--smoke"] if args.smoke else []
     if "engine" in parts:
-        engine_args = ["--device", args.device, "--out", str(args.out_dir / "gpu_engine.json"), *smoke]
+        engine_out = args.out_dir / f"gpu_engine_steps_{date.today()}.json"
+        engine_args = ["--device", args.device, "--out", str(engine_out), *smoke]
         gpu_engine.run(gpu_engine.parse_args([*engine_args, "--budget", str(args.engine_budget)]))
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if "speed" in parts:
-        speed_args = ["--device", args.device, "--out", str(args.out_dir / "gpu_speed.json"), *smoke]
+        speed_args = ["--device", args.device, "--out", str(args.out_dir / f"gpu_speed_{date.today()}.json"), *smoke]
         result = gpu_speed.run(gpu_speed.parse_args([*speed_args, "--budget-s", str(args.speed_budget)]))
         print(result.get("table", "no measurement"), flush=True)
 

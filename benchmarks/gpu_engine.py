@@ -1,4 +1,4 @@
-"""How fast modelpress optimizes (issue 5, part 1): the engine's steps on a Llama-3-8B-shaped model, one GPU.
+"""How fast modelpress optimizes: the engine's steps on a Llama-3-8B-shaped model, one GPU.
 
 The model is built from a `LlamaConfig` (hidden 4096, MLP 14336, 32 layers, 32 heads, 8 key/value heads, vocab
 128256, rope θ 500000) directly on the device in bfloat16, with random weights, and rebuilt before each step
@@ -21,7 +21,7 @@ extrapolated from their median. It runs the lean memory mode (`offload: true`: t
 gradients in host memory); `--distill-fast` runs the fast mode (`offload: false`: all of it on the GPU) instead.
 
     python benchmarks/gpu_engine.py [--device cuda] [--calibration 128] [--seq-len 2048] [--only gptq,awq]
-        [--cap gptq=90] [--no-caps] [--distill-steps 3] [--distill-fast] [--out benchmarks/gpu_engine.json]
+        [--cap gptq=90] [--no-caps] [--distill-steps 3] [--distill-fast] [--out benchmarks/gpu_engine_steps_DATE.json]
     python benchmarks/gpu_engine.py --smoke --device cpu     # tiny Llama, seconds: every code path
 
 `run(args) -> dict` is what a combined benchmark calls (args from `parse_args`).
@@ -41,6 +41,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -432,7 +433,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--distill-fast", action="store_true", help="distill in the fast memory mode (offload: false), not the lean"
     )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu_engine.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / f"gpu_engine_steps_{date.today()}.json"))
     args = parser.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(args.only) - set(STEPS))

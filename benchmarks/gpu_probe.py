@@ -1,4 +1,4 @@
-"""Where a batch-1 decode step spends its time (issue 5 diagnosis): single matrix-vector kernels, and the
+"""Where a batch-1 decode step spends its time: single matrix-vector kernels, and the
 kernels of one compiled decode step of a few Llama-3-8B-sized layers.
 
 Part 1, matrix-vector probes: one weight of each Llama-3-8B shape at one row of input, for each way of
@@ -15,7 +15,7 @@ default) or `grouped-sdpa` (the same grouping through SDPA's kernel); `nocd` tur
 coordinate-descent tuning off, so one-row products stay cuBLAS calls.
 
     python benchmarks/gpu_probe.py [--part gemv,step] [--layers 4] [--configs bf16:sdpa,bf16,int4,...]
-        [--no-fuse] [--out benchmarks/gpu_probe.json]
+        [--no-fuse] [--out benchmarks/gpu_probe_DATE.json]
 
 Part 3 (`--part host`): is the harness's decode step bound by the host? See `host_overheads`.
 """
@@ -29,6 +29,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +174,8 @@ GROUPED_SDPA = "probe_grouped_sdpa"
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """decode_attention's grouping through SDPA's kernel instead of matmul + softmax (measured slower in
-    session 6; kept to compare)."""
+    """decode_attention's grouping through SDPA's kernel instead of matmul + softmax (measured slower on
+    an H200, benchmarks/gpu.md; kept to compare)."""
     rows = decode_attention.query_rows(query, key, attention_mask, dropout, kwargs.get("softcap"))
     if rows is None:
         return decode_attention.grouped_decode_attention(
@@ -301,7 +302,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--configs", default="bf16:sdpa,bf16,int8,int4,fp8", help="VARIANT[:ATTENTION[:nocd]],...")
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "gpu_probe.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / f"gpu_probe_{date.today()}.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = torch.device("cuda")

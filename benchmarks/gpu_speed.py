@@ -1,8 +1,8 @@
-"""How fast the optimized models run (issue 5, part 2): decode tokens/s at batch 1 and 16 and prefill tokens/s
+"""How fast the optimized models run: decode tokens/s at batch 1 and 16 and prefill tokens/s
 of a Llama-3-8B-shaped model in bf16, int8 weight-only, int4 weight-only (g128), fp8 W8A8 and 2:4 sparse,
 against the batch-1 decode floor (bytes read per token / device-to-device copy bandwidth).
 
-    python benchmarks/gpu_speed.py [--device cuda] [--out benchmarks/gpu_speed.json] [--budget-s 450]
+    python benchmarks/gpu_speed.py [--device cuda] [--out benchmarks/gpu_speed_DATE.json] [--budget-s 450]
         [--variants bf16,int8,int4,fp8,sparse24 (or int4t)] [--batches 1,16] [--no-fuse] [--steps 64] [--prompt 128]
         [--prefill 2048]
     python benchmarks/gpu_speed.py --smoke [--device cpu]      # a tiny Llama: every code path in seconds
@@ -82,9 +82,9 @@ VARIANTS = {  # name: (label, scheme for plain_record or None, 2:4 sparse)
     "fp8": ("fp8 W8A8 (E4M3 rowwise, dynamic per-token)", "fp8", False),
     "sparse24": ("2:4 sparse (magnitude, bf16)", None, True),
 }
-# the issue's five; "int4t" (int4 on the Triton kernel) is opt-in: tinygemm decoded faster (gpu.md, session 5)
+# the five variants; "int4t" (int4 on the Triton kernel) is opt-in: tinygemm decodes faster (benchmarks/gpu.md)
 DEFAULT_VARIANTS = ("bf16", "int8", "int4", "fp8", "sparse24")
-TARGETS = {  # batch-1 decode tokens/s over bf16 (issue 5)
+TARGETS = {  # batch-1 decode tokens/s over bf16: the speed-up each variant is held to
     "int8": 1.8,
     "int4": 2.8,
     "int4t": 2.8,
@@ -343,7 +343,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def verdict(name: str, row: dict, bf16: dict) -> tuple[str, bool | None]:
-    """The issue's target for this variant and whether it was met (None: not measured)."""
+    """The target for this variant and whether it was met (None: not measured)."""
     decode = _number(row["decode"].get("1"), "tokens_per_s")
     base = _number(bf16.get("decode", {}).get("1"), "tokens_per_s") if bf16 else None
     if name == "bf16":
@@ -359,7 +359,7 @@ def verdict(name: str, row: dict, bf16: dict) -> tuple[str, bool | None]:
 
 
 def table(result: dict) -> str:
-    """A markdown table of every figure, its ratio to bf16 and to the floor, against the issue's targets."""
+    """A markdown table of every figure, its ratio to bf16 and to the floor, against the targets."""
     rows = {row["variant"]: row for row in result["variants"]}
     bf16 = rows.get("bf16", {})
     batches = [str(b) for b in result["settings"]["batches"]]
@@ -440,7 +440,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="a tiny Llama: every code path in seconds")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/gpu_speed.json)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/gpu_speed_DATE.json)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     parser.add_argument("--batches", default="1,16", help="decode batch sizes; the first is timed for all first")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps (default 64; smoke 8)")
@@ -473,7 +473,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.prompt = args.prompt or (16 if small else 128)
     args.prefill = args.prefill or (64 if small else 2048)
     if args.out is None and not small:
-        args.out = ROOT / "benchmarks" / "gpu_speed.json"
+        args.out = ROOT / "benchmarks" / f"gpu_speed_{datetime.date.today()}.json"
     return args
 
 

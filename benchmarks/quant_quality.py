@@ -44,7 +44,7 @@ log = logging.getLogger("quant_quality")
 
 INT4 = {"bits": 4, "group_size": 64, "symmetric": True}
 INT4_ASYM = {**INT4, "symmetric": False}
-ROWS = [  # label, step (None: dense), needs calibration, bound over dense (fraction) from the issue
+ROWS = [  # label, step (None: dense), needs calibration, bound over dense (fraction) it is held to
     ("dense float32", None, False, None),
     ("rtn int8 per channel (W8A16)", {"method": "rtn", "weights": {"bits": 8, "group_size": None}}, False, 0.01),
     ("fp8 E4M3 W8A8 dynamic", {"method": "fp8"}, False, 0.02),

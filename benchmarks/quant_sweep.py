@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import time
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--dampening", default="0.01")
     parser.add_argument("--variant", action="append", default=[], help="METHOD:LABEL=JSON step options")
     parser.add_argument("--variants-only", action="store_true", help="skip the methods' plain rows")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "quant_sweep.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / f"quant_sweep_{date.today()}.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = torch.device(args.device)

@@ -51,7 +51,7 @@ def pg_database() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def service_env(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment variables that point the API, the worker and the CLI at this session's resources."""
+    """Environment variables that point the API, the worker and the CLI at this test session's resources."""
     data_dir = tmp_path_factory.mktemp("data")
     return {
         "MODELPRESS_ENV": "test",
@@ -154,7 +154,7 @@ def start_api(env: dict[str, str], log: Path) -> LiveProcess:
 
 
 def start_worker(env: dict[str, str], log: Path) -> LiveProcess:
-    """Run a real Celery worker process on this session's queue."""
+    """Run a real Celery worker process on this test session's queue."""
     handle = log.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "worker", "--loglevel", "INFO"],
@@ -186,7 +186,7 @@ def other_key(migrated: dict[str, str]) -> str:
 
 
 def make_key(tenant: str, database_url: str | None = None) -> str:
-    """Create an API key in this session's database (or the one at `database_url`); returns the secret."""
+    """Create an API key in this test session's database (or the one at `database_url`); returns the secret."""
     from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 

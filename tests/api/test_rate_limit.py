@@ -1,6 +1,6 @@
 """Per-key rate limits, counted in the real Redis: 429 with Retry-After past the limit, per key, for a window.
 
-A second API process runs with tiny limits and a short window; the session API keeps its defaults.
+A second API process runs with tiny limits and a short window; the test session's API keeps its defaults.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """An in-memory stand-in for the modelpress API behind httpx.MockTransport, for fast client tests.
 
-It mimics only the shapes the CLI relies on (the issue's contract); the live tests check the real server.
+It mimics only the shapes the CLI relies on (the API's contract); the live tests check the real server.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Engine fixtures: one tiny random Llama folder and text datasets per session; fresh model copies per test."""
+"""Engine fixtures: one tiny random Llama folder and text datasets per test session; fresh model copies per test."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A whole modelpress stack for tests: its own database and queue, an API, workers, optionally its own Redis.
 
 A worker's reconciler acts on every queued job of its deployment (its database), so every test that runs a
-worker gets a database of its own; only the API-only tests share the session's.
+worker gets a database of its own; only the API-only tests share the test session's.
 """
 
 from __future__ import annotations

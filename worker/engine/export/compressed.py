@@ -1,8 +1,8 @@
 """Save an RTN-quantized model in the compressed-tensors format, the way llm-compressor does.
 
 Our step has already put fake-quantized weights in the model and kept their scales; here compressed-tensors
-attaches a `QuantizationScheme` to each quantized Linear (`apply_quantization_config`), we set its
-`weight_scale` / `weight_zero_point` to our values, check that compressed-tensors' own quantize-dequantize
+attaches a `QuantizationScheme` to each quantized Linear (`apply_quantization_config`), its `weight_scale` /
+`weight_zero_point` are set to the step's values, check that compressed-tensors' own quantize-dequantize
 reproduces our weights, and let `ModelCompressor` pack the integers and write `quantization_config`.
 
 Formats: symmetric weight-only int schemes are saved `pack-quantized` (int4 and int8 codes packed into int32,
@@ -13,7 +13,8 @@ llm-compressor's W8A8 and FP8_DYNAMIC presets write them.
 Asymmetric weight-only schemes are saved `int-quantized` (codes and zero points in int8: 8.62 bits per weight for
 int4 g64, against 4.56 packed), because an artifact must load with a plain `from_pretrained`, and with
 transformers 5.24 and compressed-tensors 0.20.1 a `pack-quantized` checkpoint with zero points does not (checked
-for int4 g32, g64, g128 and per channel, and int8; the symptom of llm-compressor issue #1618).
+for int4 g32, g64, g128 and per channel, and int8; the symptom reported at
+https://github.com/vllm-project/llm-compressor/issues/1618).
 compressed-tensors' compressor packs the zero points along the output dimension: (ceil(out * bits / 32), groups)
 int32. Transformers builds the model on the meta device and compresses it there
 (`CompressedTensorsHfQuantizer._process_model_before_weight_loading` calls `compress_model`), where the meta

@@ -5,7 +5,7 @@ Candidate scales: plain s = mean|x|^α, α ∈ linspace(0, 1, n) (the default), 
 "duo scaling" s = mean|x|^α / (mean|Ŵ|^(1−α) + 1e-4), Ŵ each weight divided by the largest |weight| of its
 quantization group, with their α = i / n for i < n. On SmolLM2-135M int4 g64, duo (the references' default) and
 "both" gave a worse artifact perplexity than plain (symmetric "both" aside, within the noise); see
-benchmarks/quant_quality.md.
+docs/quantization.md.
 
 Losses are output errors over the calibration inputs computed from G ∝ XᵀX: for weights W and scales s the
 quantized layer computes (X / s) · Q(W · s)ᵀ, so the error is ΔGΔᵀ with Δ = Q(W · s) / s − W (no activations

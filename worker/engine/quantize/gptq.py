@@ -4,7 +4,7 @@ Each decoder layer's Hessians come from inputs that went through the already qua
 `true_sequential` (default), the already quantized earlier Linears of the same layer. `clip_search` (default)
 picks each group's range by its Hessian-weighted rounding error. Both on took SmolLM2-135M int4 g64 act-order
 from +18.5% / +12.4% (symmetric / asymmetric) over dense perplexity to +9.8% / +6.8% (benchmarks/quant_sweep.py
-on an H200; see benchmarks/quant_quality.md). A
+on one H200; see docs/quantization.md). A
 targeted Linear outside the decoder layers (an untied lm_head) has no calibration inputs here and is rounded
 to nearest instead, with a note.
 """

@@ -2,7 +2,7 @@
 
 The operations mirror compressed-tensors' own (divide by the scale, add the zero point, clamp to the signed
 range, round half to even; dequantize as (q - zero_point) * scale), so that the artifact it writes from our
-scales holds exactly the weights we evaluated in memory.
+scales holds exactly the weights the engine evaluated in memory.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def symmetric_scale(low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.T
     The positive end lands on qmax and the negative end on qmin (-8 for int4), so all 2**bits levels can be
     used. absmax / qmax leaves qmin unused (15 levels); compressed-tensors' absmax / 7.5 clips the largest
     positive weights. On SmolLM2 int4 g64 round-to-nearest this form measured lower perplexity than either
-    (benchmarks/quant_quality.md). The artifact stores the scale, so loaders need no convention of their own.
+    (docs/quantization.md). The artifact stores the scale, so loaders need no convention of their own.
     """
     qmin, qmax = int_range(bits)
     scale = torch.maximum(high.clamp(min=0) / qmax, low.clamp(max=0) / qmin)

@@ -3,14 +3,14 @@
 transformers' sdpa attention serves a grouped-query model (Llama-3: 32 query heads on 8 key/value heads) under
 torch.compile by `repeat_kv`: every layer, every step, it copies its whole static cache to one key/value head
 per query head before calling SDPA (its copy-free path, `pack_gqa`, is switched off while compiling). On the
-8B shape that copy and SDPA's kernel took about 20 µs a layer of a 110 µs int4 layer (benchmarks/gpu.md).
+8B shape that copy and SDPA's kernel took about 20 µs a layer of a 110 µs int4 layer (docs/speed.md).
 
 With one query token the copy is not needed: the query heads that share a key/value head become that head's
 query rows, (batch, kv_heads, group, dim), each attended to the shared keys and values; the mask of the one
 token broadcasts over the rows. It is written as matmul, masked float32 softmax, matmul (the arithmetic of
 transformers' eager attention), which Inductor turns into two small cuBLAS products and one fused softmax: on
 the 8B shape that measured 9 µs a layer less than the same grouping through SDPA's kernel, and 11 µs less than
-transformers' sdpa with its copy (`python benchmarks/gpu_probe.py --part step`, benchmarks/gpu.md, session 6).
+transformers' sdpa with its copy (`python benchmarks/gpu_probe.py --part step` on one H200, docs/speed.md).
 Anything else (prefill, a model without grouped heads, a per-head mask) goes to transformers' own sdpa.
 
 `use_grouped_decode_attention_(model)` switches a loaded model to it; the speed measurement (evaluation.py and

@@ -13,7 +13,7 @@ from worker.engine.quantize import FP8_MAX, INT8_HALF_RANGE, dequantize
 from worker.engine.speed import triton_gemv
 
 # fp8 takes the Triton kernel at one input row only: at 16 rows its multi-row path decoded 1665 tok/s on the 8B
-# shape, where _scaled_mm had decoded 2365 (benchmarks/gpu.md, session 5 and session 2)
+# shape, where _scaled_mm decoded 2791 (one H200, docs/speed.md)
 FP8_TRITON_MAX_ROWS = 1
 INT_MM_MIN_ROWS = 32  # aten._int_mm on CUDA needs more than 16 rows (and a multiple of 8)
 

@@ -1,7 +1,7 @@
 """Low-bit matrix-vector products for decoding (a few rows of input), in Triton.
 
 Why: at batch 1 a decode step is bound by reading the weights, so a low-bit weight pays off only if the kernel
-streams its bytes at close to the copy bandwidth. On an H200 (benchmarks/gpu.md, `gpu_probe.py`) torch's
+streams its bytes at close to the copy bandwidth. On an H200 (docs/speed.md, `gpu_probe.py`) torch's
 own options did not: tinygemm int4 reads at about 1.6 TB/s, `_scaled_mm` fp8 at 1.1 to 2.4 TB/s, and the int8
 weight-only matmul that Inductor generates at 0.7 to 1.9 TB/s for the 4096-wide inputs of q/k/v/o and gate/up.
 
@@ -26,7 +26,7 @@ The weight's shape is compiled in (a decode step has five distinct shapes). Two 
 Block sizes are autotuned per shape. Both are exposed as the custom op `modelpress::lowbit_gemv`
 (torch.library.triton_op), which torch.compile traces into the decode step's graph and CUDA graphs capture.
 
-Measured on an H200, decoding the Llama-3-8B shape (benchmarks/gpu.md, session 5):
+Measured on one H200, decoding the Llama-3-8B shape with transformers' sdpa attention (docs/speed.md):
 - one row: fp8 decodes at 1.54× bf16 and int8 at 1.38× on this kernel; int4 on it at 1.22×, against 1.53× on
   tinygemm, so int4 layers use tinygemm and this kernel only where tinygemm cannot run (or when asked for);
 - 16 rows: int8 on the multi-row kernel at 1.10× bf16; fp8 on it at 0.66× against 1.09× on `_scaled_mm`, so
