@@ -3,7 +3,8 @@ who-did-what. History belongs in git; a page, a comment or a file name that tell
 
 Every git-tracked text file is read (binary files are skipped) and each line is matched against precise patterns.
 "session" alone is legitimate here (SQLAlchemy's Session, `requests.Session`, a test session, a process session),
-so only its history senses are matched, and the few legitimate lines that look like one are allow-listed below.
+so only its history senses are matched, and its technical senses are allow-listed explicitly (LEGITIMATE). Only
+tracked files are read: a new file counts once it is added.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ FORBIDDEN = [
         "a work period",
         re.compile(r"\b(?:this|that|previous|next|last|earlier|later|same) session\b", re.IGNORECASE),
     ),
-    ("a work period", re.compile(r"\bin session\b(?![.(\w])", re.IGNORECASE)),
+    ("a work period", re.compile(r"\bin session\b", re.IGNORECASE)),
     ("how a machine was borrowed", re.compile(r"\b(?:lent|lending|borrowed)\b", re.IGNORECASE)),
     ("how a machine was borrowed", re.compile(r"\bdevice (?:time|tool|calls?|minutes|budget)\b", re.IGNORECASE)),
     ("how a machine was borrowed", re.compile(r"\bbudget_left")),
@@ -40,8 +41,12 @@ FORBIDDEN = [
     ("who did what", re.compile(r"\ba helper's\b", re.IGNORECASE)),
 ]
 
-# (path, text on the line) pairs that match a pattern in a legitimate sense
-ALLOWED: list[tuple[str, str]] = []
+# technical senses of the same words, removed from a line before it is matched
+LEGITIMATE = re.compile(
+    r"\b(?:test|pytest|browser|database|SQLAlchemy|HTTP|requests|process|its own|a new) session\b"
+    r"|\bsession_scope\b|scope=\"session\"|\bstart_new_session\b|\bsession\.\w+",
+    re.IGNORECASE,
+)
 
 BAD_NAME = re.compile(r"(?:^|[_\-.])(?:s\d+|sessions?_?\d+|rounds?_?\d+)(?:[_\-.]|$)", re.IGNORECASE)
 
@@ -69,10 +74,9 @@ def history_hits(name: str, text: str) -> list[str]:
     """`file:line: what — the line` for every forbidden pattern on every line that is not allow-listed."""
     hits = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if any(name == path and snippet in line for path, snippet in ALLOWED):
-            continue
+        prose = LEGITIMATE.sub("", line)
         for what, pattern in FORBIDDEN:
-            if pattern.search(line):
+            if pattern.search(prose):
                 hits.append(f"{name}:{number}: {what} — {line.strip()[:160]}")
                 break
     return hits
@@ -121,14 +125,16 @@ def test_each_history_sense_is_caught(line):
     [
         "with session_scope() as session:",
         "SessionDep = Annotated[Session, Depends(get_session)]",
-        "@pytest.fixture(scope=\"session\")",
+        '@pytest.fixture(scope="session")',
         "in this test session's database",
         "requests.Session() keeps the connection",
         "start_new_session=True",
         "the child led its own session",
+        "the same browser session keeps the cookie",
+        "for job in session.scalars(stale):",
+        "the job is added in session.add(job) before the commit",
         "round(0.5 * 45)",
         "triton-lang/triton#11584",
-        "for job in session.scalars(stale):",
         "https://github.com/vllm-project/llm-compressor/issues/1618",
         "one NVIDIA H200, 141 GB",
         "a known issue of transformers 5.24",
@@ -146,4 +152,3 @@ def test_work_period_file_names_are_caught(name):
 @pytest.mark.parametrize("name", ["gpu_speed_b1_2026-11-29.json", "sessions.py", "gpu_speed_b16_2026-11-29.json"])
 def test_content_file_names_pass(name):
     assert not BAD_NAME.search(name)
-
