@@ -25,11 +25,18 @@ poll the job, and download the optimized model and its metric report.
 
 Every `/v1` call needs `Authorization: Bearer <key>` (create one with `modelpress keys create --tenant <name>`).
 Each key has a rate limit: past it, a call answers 429 with `Retry-After` (seconds).
-Errors answer `{"detail": "<what to fix>"}`."""
+Every 4xx answers the `Error` schema: `{"detail": "<what to fix>"}`, and for a 422 from request validation also
+`errors`, one `{loc, msg, type}` per problem. A method a path does not serve answers 405 with `Allow`."""
 
 V1_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "missing or invalid API key"},
-    429: {"description": "this API key is over its rate limit; retry after `Retry-After` seconds"},
+    401: {
+        "description": "missing or invalid API key",
+        "headers": {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    },
+    429: {
+        "description": "this API key is over its rate limit; retry after `Retry-After` seconds",
+        "headers": {"Retry-After": {"description": "seconds until the window ends", "schema": {"type": "integer"}}},
+    },
 }
 
 
@@ -50,7 +57,8 @@ async def _on_os_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """The generated schema, plus `JobCreate` (the jobs route parses its body itself, with bounds)."""
+    """The generated schema, plus `JobCreate` (the jobs route parses its body itself, with bounds), with every 4xx
+    declared as `Error`."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -59,6 +67,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     for name, definition in job_create.pop("$defs", {}).items():
         components.setdefault(name, definition)
     components["JobCreate"] = job_create
+    errors.declare_errors(schema)
     app.openapi_schema = schema
     return schema
 

@@ -48,14 +48,22 @@ MULTIPART_OPENAPI = {
                     "required": ["file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        "name": {"type": "string", "maxLength": 255},
+                        "name": {"type": "string", "maxLength": 255, "pattern": "^[^\\u0000-\\u001f\\u007f]*$"},
                     },
+                    "additionalProperties": False,
                 }
             }
         },
     }
 }
 """The request body declared for /docs, since the handler parses the stream itself."""
+
+UPLOAD_RESPONSES: dict[int | str, dict] = {
+    400: {"description": "a malformed multipart body: no `file` part, two of them, too many parts, a field too long"},
+    413: {"description": "the upload (or, for an archive, its expanded contents) passes a size limit"},
+    415: {"description": "the body is not `multipart/form-data` with a boundary"},
+}
+"""What `receive_upload` refuses, for the upload routes' `responses=`; each route adds its 422."""
 
 
 @dataclass

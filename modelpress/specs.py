@@ -25,10 +25,25 @@ from pydantic import (
 DEFAULT_IGNORE = ("lm_head",)
 
 
+def _step_selectors_required(schema: dict[str, Any]) -> None:
+    """In a step's JSON schema, `type` and `method` are required (`method` not where its type has a default one).
+
+    `step_key` picks the step's class by them before any class default applies, so a step without them is
+    refused; with them required, the schema's union of steps accepts exactly what validation accepts.
+    """
+    properties = schema.get("properties", {})
+    if "type" not in properties or "method" not in properties:
+        return
+    selectors = ["type"] if properties["type"].get("const") in DEFAULT_METHODS else ["type", "method"]
+    schema["required"] = [*selectors, *(name for name in schema.get("required", []) if name not in selectors)]
+
+
 class Spec(BaseModel):
     """Base for every spec: immutable, strict about unknown keys, no NaN or infinity."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", allow_inf_nan=False, json_schema_extra=_step_selectors_required
+    )
 
 
 class StepType(StrEnum):

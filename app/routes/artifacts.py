@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+ARTIFACT_CONTENT = {"application/x-tar": {}, "application/json": {}}
+"""The media types of the files a job stores: the model as a tar, the report as JSON."""
 
 
 class Unsatisfiable(Exception):
@@ -82,10 +84,13 @@ def content_disposition(name: str) -> str:
     "/{artifact_id}",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "the whole file"},
-        206: {"content": {"application/octet-stream": {}}, "description": "the requested byte range"},
+        200: {"content": ARTIFACT_CONTENT, "description": "the whole file"},
+        206: {"content": ARTIFACT_CONTENT, "description": "the requested byte range"},
         404: {"description": "no such artifact"},
-        416: {"description": "the range starts past the end of the file"},
+        416: {
+            "description": "the range selects no byte of the file (it starts past the end, or is `bytes=-0`)",
+            "headers": {"Content-Range": {"description": "`bytes */<size>`", "schema": {"type": "string"}}},
+        },
     },
 )
 def download_artifact(
@@ -101,11 +106,12 @@ def download_artifact(
     }
     try:
         span = parse_range(range_header, size)
-    except Unsatisfiable:
-        return Response(
-            status_code=status.HTTP_416_REQUESTED_RANGE_NOT_SATISFIABLE,
+    except Unsatisfiable as exc:
+        raise HTTPException(
+            status.HTTP_416_REQUESTED_RANGE_NOT_SATISFIABLE,
+            f"the range {range_header!r} selects no byte of the file, which has {size} bytes; send a range inside it",
             headers={**headers, "Content-Range": f"bytes */{size}"},
-        )
+        ) from exc
     if span is None:
         body = storage.open_range(artifact.storage_key, 0, None)
         return StreamingResponse(body, media_type=artifact.media_type, headers={**headers, "Content-Length": str(size)})

@@ -22,7 +22,7 @@ from app.deps import (
 from app.resources import delete_unless_used, list_page, receive_and_store
 from app.schemas import DatasetPublic, DatasetsPublic
 from app.text_datasets import DatasetError, count_records, dataset_format
-from app.uploads import MULTIPART_OPENAPI, Upload, commit_or_remove, upload_name
+from app.uploads import MULTIPART_OPENAPI, UPLOAD_RESPONSES, Upload, commit_or_remove, upload_name
 from modelpress.models import Dataset, Job, new_id
 from modelpress.specs import JobSpec
 from modelpress.storage import LocalStorage
@@ -68,7 +68,13 @@ def _jobs_using(session: Session, dataset: Dataset) -> list[str]:
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetPublic,
     openapi_extra=MULTIPART_OPENAPI,
-    responses={413: {"description": "the upload passes the size limit"}, 422: {"description": "not usable text"}},
+    responses={
+        **UPLOAD_RESPONSES,
+        422: {
+            "description": "not usable text: a file name other than .txt or .jsonl, text that is not UTF-8, a .jsonl "
+            'line without a string "text" field, no text at all; or `name` has control characters'
+        },
+    },
     summary='Upload text: a UTF-8 .txt file, or .jsonl with a string "text" field per line',
 )
 async def upload_dataset(

@@ -124,7 +124,21 @@ def _answer(job: Job, response: Response, replayed: bool = False) -> JobPublic:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobPublic,
     openapi_extra=JOB_BODY_OPENAPI,
-    responses={404: {"description": "the model or a dataset does not exist"}, 422: {"description": "invalid spec"}},
+    responses={
+        404: {"description": "the model or a dataset does not exist"},
+        413: {"description": "the JSON body is larger than 1 MiB"},
+        415: {"description": "the body is not `application/json`"},
+        422: {
+            "description": "the body is not a job this service can run. Besides what the `JobCreate` schema says: "
+            "`sparsity` or `pattern` (not a sparsity that contradicts the pattern, and a pattern only with `scope` "
+            '"row"); structured pruning with some sparsity above 0; `targets`/`ignore` patterns that are not empty '
+            "and compile after `re:`; a `calibration` section for the steps that learn from data; quantization as "
+            "the last step, once; a `teacher_step` earlier than its step; "
+            "a `group_size` that divides every Linear input width of the model; fewer layers dropped than "
+            "the model has; a model with a tokenizer when datasets are used; no NaN, Infinity, U+0000 or JSON "
+            "nested deeper than 32; an `Idempotency-Key` reused only with the same body"
+        },
+    },
 )
 def create_job(
     tenant: TenantDep,

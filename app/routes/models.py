@@ -25,7 +25,7 @@ from app.gguf_inspection import inspect_gguf
 from app.inspection import Inspected, inspect_hf_folder
 from app.resources import delete_unless_used, list_page, receive_and_store
 from app.schemas import ModelPublic, ModelsPublic
-from app.uploads import MULTIPART_OPENAPI, Upload, commit_or_remove, upload_name
+from app.uploads import MULTIPART_OPENAPI, UPLOAD_RESPONSES, Upload, commit_or_remove, upload_name
 from modelpress.models import Job, Model, new_id
 from modelpress.settings import Settings
 from modelpress.storage import LocalStorage
@@ -34,9 +34,12 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
 NAME_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".gguf")
 ERRORS = {
-    401: {"description": "missing or invalid API key"},
-    413: {"description": "the upload or its expanded contents pass a size limit"},
-    422: {"description": "the upload is not an accepted model; the detail says what to fix"},
+    **UPLOAD_RESPONSES,
+    422: {
+        "description": "the upload is not an accepted model (not a .zip/.tar/.tar.gz of a Hugging Face folder with "
+        "config.json and safetensors weights, nor a .gguf file; an architecture the engine cannot run; an unsafe "
+        "archive member), or `name` has control characters; the detail says what to fix"
+    },
 }
 
 
