@@ -1,57 +1,213 @@
-"""Schemathesis against the API's OpenAPI schema: a bounded, deterministic run per operation, and no 5xx.
+"""The OpenAPI schema tells the truth: `schemathesis run --checks all` against the live API, and one test per
+disagreement it found, each checking the answer against what the schema declares.
 
-The schema is the one the live API serves (checked equal); the cases go to the live uvicorn on 127.0.0.1 with
-a valid key of a tenant of their own, so the random uploads and jobs stay out of the other tests' listings, and a
-fresh key every 400 requests, so the run stays under the default per-key rate limit (600 a minute).
-It is built from `create_app()` at collection time because `schemathesis.pytest.from_fixture` does not work
-with pytest 9 (it reads `request.node._nodeid`).
+The schema is the one the live API serves (checked equal). The run is bounded (examples per operation, deterministic
+generation, a time limit on the process) and talks to the live uvicorn on 127.0.0.1 with keys of a tenant of its own
+(`schemathesis_hooks.py`), after a model, a dataset and a queued job of that tenant exist for it to reach.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import httpx
+import jsonschema_rs
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, settings
-from schemathesis.checks import not_a_server_error
 
 from app.main import create_app
-from tests.conftest import LiveProcess, make_key
+from tests.api.conftest import storage_root
+from tests.conftest import REPO, LiveProcess, make_key
+from tests.utils.factories import write_text_dataset
 
 OPENAPI = create_app().openapi()
-schema = schemathesis.openapi.from_dict(OPENAPI, config=schemathesis.Config.from_dict({"seed": 0}))
+HERE = Path(__file__).parent
+MAX_EXAMPLES = 20
+RUN_LIMIT_S = 480
 
 
-class FuzzKeys:
-    """Keys of the `fuzz` tenant, a new one every `per_key` requests: under the default per-key rate limit."""
+def validator(schema: dict[str, Any]) -> Any:
+    """A JSON Schema validator for `schema`, its `$ref`s resolved against the OpenAPI components."""
+    return jsonschema_rs.Draft202012Validator({**schema, "components": OPENAPI["components"]})
 
-    def __init__(self, per_key: int = 400) -> None:
-        self.per_key = per_key
-        self.sent = 0
-        self.key = ""
 
-    def next(self) -> str:
-        if self.sent % self.per_key == 0:
-            self.key = make_key("fuzz")
-        self.sent += 1
-        return self.key
+def declared(path: str, method: str, status: int) -> dict[str, Any]:
+    """The response the schema declares for this operation and status (KeyError when it declares none)."""
+    return OPENAPI["paths"][path][method]["responses"][str(status)]
+
+
+def assert_declared_error(response: httpx.Response, path: str, method: str) -> None:
+    """The status is declared for the operation and the body is valid against the schema declared for it."""
+    entry = declared(path, method, response.status_code)
+    body_schema = entry["content"]["application/json"]["schema"]
+    errors = [e.message for e in validator(body_schema).iter_errors(response.json())]
+    assert not errors, (response.status_code, response.text, errors)
 
 
 @pytest.fixture(scope="module")
-def fuzz_keys(migrated: dict) -> FuzzKeys:
-    return FuzzKeys()
+def fuzz(live_api: LiveProcess) -> Iterator[httpx.Client]:
+    """A client of the `fuzz` tenant."""
+    with httpx.Client(
+        base_url=live_api.url, headers={"Authorization": f"Bearer {make_key('fuzz')}"}, timeout=60
+    ) as client:
+        yield client
 
 
 def test_live_api_serves_this_schema(live_api: LiveProcess) -> None:
     assert httpx.get(f"{live_api.url}/openapi.json").json() == OPENAPI
 
 
-@schema.parametrize()
-@settings(max_examples=25, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_server_errors(case, live_api: LiveProcess, fuzz_keys: FuzzKeys) -> None:
-    case.call_and_validate(
-        base_url=live_api.url,
-        headers={"Authorization": f"Bearer {fuzz_keys.next()}"},
-        checks=[not_a_server_error],
-        timeout=30,
-    )
+def test_every_4xx_declares_the_error_schema() -> None:
+    components = OPENAPI["components"]["schemas"]
+    assert "HTTPValidationError" not in components and components["Error"]["properties"]["detail"]["type"] == "string"
+    seen = 0
+    for path, operations in OPENAPI["paths"].items():
+        for method, operation in operations.items():
+            for code, response in operation["responses"].items():
+                if code.startswith("4"):
+                    seen += 1
+                    assert response["content"] == {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                    }, (method, path, code)
+    assert seen >= 40
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [("/v1/models", "offset=-1"), ("/v1/datasets", "limit=0"), ("/v1/jobs", "status=null"), ("/v1/jobs", "limit=x")],
+)
+def test_a_422_body_matches_the_declared_error(fuzz: httpx.Client, path: str, query: str) -> None:
+    response = fuzz.get(f"{path}?{query}")
+    assert response.status_code == 422
+    assert_declared_error(response, path, "get")
+    body = response.json()
+    assert query.split("=")[0] in body["detail"] and body["errors"][0]["loc"] == ["query", query.split("=")[0]]
+
+
+@pytest.mark.parametrize("resource", ["models", "datasets"])
+def test_405_allows_every_method_of_the_path(fuzz: httpx.Client, resource: str) -> None:
+    response = fuzz.options(f"/v1/{resource}/0")
+    assert response.status_code == 405
+    documented = {m.upper() for m in OPENAPI["paths"][f"/v1/{resource}/{{{resource[:-1]}_id}}"]}
+    assert documented == {"GET", "DELETE"}
+    assert {m.strip() for m in response.headers["allow"].split(",")} == documented
+    assert "GET or DELETE" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("resource", ["models", "datasets"])
+def test_upload_refusals_are_declared(fuzz: httpx.Client, resource: str) -> None:
+    path = f"/v1/{resource}"
+    not_multipart = fuzz.post(path, json={"file": "model.tar"})
+    assert not_multipart.status_code == 415
+    assert_declared_error(not_multipart, path, "post")
+    no_file = fuzz.post(path, files={"name": (None, "x")})
+    assert no_file.status_code == 400 and "no 'file' field" in no_file.json()["detail"]
+    assert_declared_error(no_file, path, "post")
+    picture = fuzz.post(path, files={"file": ("cat.png", b"\x89PNG\r\n\x1a\n" + bytes(64))})
+    assert picture.status_code == 422
+    assert_declared_error(picture, path, "post")
+
+
+def test_job_body_refusals_are_declared(fuzz: httpx.Client) -> None:
+    not_json = fuzz.post("/v1/jobs", content=b"model_id=x", headers={"Content-Type": "text/plain"})
+    assert not_json.status_code == 415
+    assert_declared_error(not_json, "/v1/jobs", "post")
+
+
+def test_recipe_step_schema_is_as_strict_as_validation(fuzz: httpx.Client) -> None:
+    """A step without `type` or `method` is refused, so the schema's union of steps refuses it too."""
+    job_schema = validator({"$ref": "#/components/schemas/JobCreate"})
+    good = {"model_id": "m", "recipe": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]}
+    assert job_schema.is_valid(good)
+    assert job_schema.is_valid({"model_id": "m", "recipe": [{"type": "distill", "dataset_id": "d"}]})
+    for step in ({"sparsity": 0.5}, {"method": "magnitude", "sparsity": 0.5}, {"type": "prune", "sparsity": 0.5}):
+        body = {"model_id": "m", "recipe": [step]}
+        assert not job_schema.is_valid(body), step
+        response = fuzz.post("/v1/jobs", json=body)
+        assert response.status_code == 422 and "unknown recipe step" in response.json()["detail"], response.text
+
+
+@pytest.fixture(scope="module")
+def fuzz_resources(
+    fuzz: httpx.Client, tiny_tar: Path, tmp_path_factory: pytest.TempPathFactory, migrated: dict[str, str]
+) -> dict[str, str]:
+    """A model, a dataset, a queued job and an artifact of the `fuzz` tenant, by the names the run's config reads."""
+    with tiny_tar.open("rb") as handle:
+        model = fuzz.post("/v1/models", files={"file": ("tiny-llama.tar", handle)})
+    assert model.status_code == 201, model.text
+    text = write_text_dataset(tmp_path_factory.mktemp("fuzz") / "fuzz.txt", lines=20)
+    with text.open("rb") as handle:
+        dataset = fuzz.post("/v1/datasets", files={"file": ("fuzz.txt", handle)})
+    assert dataset.status_code == 201, dataset.text
+    recipe = [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]
+    job = fuzz.post("/v1/jobs", json={"model_id": model.json()["id"], "recipe": recipe})
+    assert job.status_code == 202, job.text
+    return {
+        "MODELPRESS_FUZZ_MODEL_ID": model.json()["id"],
+        "MODELPRESS_FUZZ_DATASET_ID": dataset.json()["id"],
+        "MODELPRESS_FUZZ_JOB_ID": job.json()["id"],
+        "MODELPRESS_FUZZ_ARTIFACT_ID": store_report_artifact(job.json()["id"], migrated),
+    }
+
+
+def store_report_artifact(job_id: str, env: dict[str, str]) -> str:
+    """A report artifact of the job, its row and file written directly as the worker would; returns its id."""
+    from modelpress.db import session_scope
+    from modelpress.models import Artifact
+
+    content = json.dumps({"ratios": {"size": 0.5}}).encode()
+    key = f"jobs/{job_id}/report.json"
+    path = storage_root(env) / key
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with session_scope() as session:
+        row = Artifact(
+            tenant="fuzz",
+            job_id=job_id,
+            name="report.json",
+            kind="report",
+            media_type="application/json",
+            size_bytes=len(content),
+            sha256=hashlib.sha256(content).hexdigest(),
+            storage_key=key,
+        )
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def test_schemathesis_all_checks(live_api: LiveProcess, fuzz_resources: dict[str, str]) -> None:
+    """Every phase (examples, coverage, fuzzing, stateful) with every check; the report names each failure."""
+    command = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "--config-file",
+        str(HERE / "schemathesis.toml"),
+        "--no-color",
+        "run",
+        f"{live_api.url}/openapi.json",
+        "--checks",
+        "all",
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--generation-deterministic",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "30",
+    ]
+    env = {
+        **os.environ,
+        **fuzz_resources,
+        "SCHEMATHESIS_HOOKS": "tests.api.schemathesis_hooks",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_LIMIT_S)
+    assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
+    operations = sum(len(methods) for methods in OPENAPI["paths"].values())
+    assert f"Tested: {operations}\n" in run.stdout, run.stdout[-5000:]
