@@ -74,6 +74,7 @@ def test_unsatisfiable(client: httpx.Client, artifact: dict, header: str) -> Non
     response = client.get(f"/v1/artifacts/{artifact['id']}", headers={"Range": header})
     assert response.status_code == 416
     assert response.headers["content-range"] == f"bytes */{len(CONTENT)}"
+    assert f"selects no byte of the file, which has {len(CONTENT)} bytes" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("header", ["bytes=0-1,5-6", "lines=1-2", "bytes=9-2"])
