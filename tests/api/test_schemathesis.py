@@ -8,7 +8,6 @@ generation, a time limit on the process) and talks to the live uvicorn on 127.0.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 from app.main import create_app
 from tests.api.conftest import storage_root
 from tests.conftest import REPO, LiveProcess, make_key
-from tests.utils.factories import write_text_dataset
+from tests.utils.factories import insert_artifact, write_text_dataset
 
 OPENAPI = create_app().openapi()
 HERE = Path(__file__).parent
@@ -157,29 +156,15 @@ def fuzz_resources(
 
 
 def store_report_artifact(job_id: str, env: dict[str, str]) -> str:
-    """A report artifact of the job, its row and file written directly as the worker would; returns its id."""
-    from modelpress.db import session_scope
-    from modelpress.models import Artifact
-
+    """A report artifact of the job, its file and row written directly as the worker would; returns its id."""
     content = json.dumps({"ratios": {"size": 0.5}}).encode()
     key = f"jobs/{job_id}/report.json"
     path = storage_root(env) / key
     path.parent.mkdir(parents=True)
     path.write_bytes(content)
-    with session_scope() as session:
-        row = Artifact(
-            tenant="fuzz",
-            job_id=job_id,
-            name="report.json",
-            kind="report",
-            media_type="application/json",
-            size_bytes=len(content),
-            sha256=hashlib.sha256(content).hexdigest(),
-            storage_key=key,
-        )
-        session.add(row)
-        session.flush()
-        return row.id
+    return insert_artifact(
+        job_id, "report.json", content, key, kind="report", media_type="application/json", tenant="fuzz"
+    )
 
 
 def test_schemathesis_all_checks(live_api: LiveProcess, fuzz_resources: dict[str, str]) -> None:
