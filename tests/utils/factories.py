@@ -68,6 +68,27 @@ def tiny_llama(*, vocab: int = 512, hidden: int = 64, layers: int = 2, max_posit
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_qwen2(*, vocab: int = 512, hidden: int = 64, layers: int = 2, seed: int = 0):
+    """A tiny random Qwen2ForCausalLM in eval mode: as `tiny_llama`, with biases on q/k/v."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).eval()
+
+
 def quantize_decoder_(model, bits: int, group_size: int | None, symmetric: bool = True) -> dict:
     """Round-to-nearest fake-quantize every decoder Linear of `model` in place; {name: its QuantizedWeight}."""
     import torch
@@ -87,11 +108,15 @@ def quantize_decoder_(model, bits: int, group_size: int | None, symmetric: bool 
     return records
 
 
-def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """A tiny random LlamaForCausalLM saved as safetensors with its tokenizer: a valid HF model folder."""
+def build_tiny_model(
+    folder: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0, architecture: str = "llama"
+) -> Path:
+    """A tiny random LlamaForCausalLM (or, with architecture "qwen2", Qwen2ForCausalLM) saved as safetensors
+    with its tokenizer: a valid HF model folder."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(folder)
-    model = tiny_llama(vocab=vocab, hidden=hidden, layers=layers, seed=seed)
+    build = {"llama": tiny_llama, "qwen2": tiny_qwen2}[architecture]
+    model = build(vocab=vocab, hidden=hidden, layers=layers, seed=seed)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -1,0 +1,146 @@
+"""Quantizing a pruned model keeps its zeros: every pruned weight of the reloaded artifact is exactly zero and an
+N:M pattern holds in every group, for every quantize method. The artifact is reloaded by transformers alone
+(compressed-tensors decompresses it), so the check covers each scheme's grid and the export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+from tests.utils.checks import unpack
+from tests.utils.factories import build_tiny_model
+from worker.engine import EngineRequest, pipeline, run_pipeline
+from worker.engine.load.checkpoint import load_model
+from worker.engine.steps import StepContext, get_step
+
+PRUNES = {
+    "magnitude-50%": {"type": "prune", "method": "magnitude", "sparsity": 0.5},
+    "2:4": {"type": "prune", "method": "magnitude", "pattern": "2:4"},
+}
+G32 = {"bits": 4, "group_size": 32}
+QUANTIZERS = {
+    "rtn-int8": {"method": "rtn", "weights": {"bits": 8, "group_size": None, "symmetric": True}},
+    "rtn-int4-g32-asym": {"method": "rtn", "weights": {**G32, "symmetric": False}},
+    "gptq-int4-g32-sym": {"method": "gptq", "weights": {**G32, "symmetric": True}},
+    "gptq-int4-g32-asym": {"method": "gptq", "weights": {**G32, "symmetric": False}},
+    "gptq-int4-g32-act-order": {"method": "gptq", "weights": {**G32, "symmetric": False}, "act_order": True},
+    "awq-int4-g32-sym": {"method": "awq", "weights": {**G32, "symmetric": True}},
+    "awq-int4-g32-asym": {"method": "awq", "weights": {**G32, "symmetric": False}},
+    "smoothquant": {"method": "smoothquant"},
+    "fp8": {"method": "fp8"},
+    "fp8-gptq": {"method": "fp8", "gptq": True},
+}
+CALIBRATION = {"dataset_id": "d1", "samples": 4, "seq_len": 64}
+UNTIMED = {"prefill": {"ms": 0.0, "tokens": 0}, "decode": [{"ms_per_step": 0.0, "steps": 0}]}
+
+
+@pytest.fixture(autouse=True)
+def untimed(monkeypatch):
+    """Skip the speed harness and sample generation (most of a CPU run, and not what these tests check)."""
+    real = pipeline.evaluate
+    monkeypatch.setattr(
+        pipeline, "evaluate", lambda model, _tokenizer, plan, report, _speed: real(model, None, plan, report, UNTIMED)
+    )
+
+
+@pytest.fixture(scope="module")
+def qwen2_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("qwen2") / "model", architecture="qwen2")
+
+
+def pruned_positions(model_dir, prune: dict) -> dict[str, torch.Tensor]:
+    """{Linear name: where the prune step alone leaves zeros} (the step is deterministic, as in the pipeline)."""
+    model = load_model(model_dir, "hf", torch.device("cpu")).model
+    get_step(prune)(model, StepContext(spec=prune, calibration=None, report_progress=lambda f, m: None))
+    return {n: m.weight == 0 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+
+
+def run_recipe(model_dir, recipe: list[dict], text_dataset, out, datasets=None) -> tuple[dict, dict]:
+    """Run `recipe` through the pipeline; (report, {Linear name: weight} of the artifact dequantized on reload)."""
+    spec = {"model_id": "m1", "recipe": recipe, "calibration": CALIBRATION, "evaluation": None}
+    request = EngineRequest(
+        model_path=model_dir,
+        model_format="hf",
+        spec=spec,
+        calibration_path=text_dataset,
+        calibration_format="txt",
+        evaluation_path=None,
+        evaluation_format=None,
+        output_dir=out,
+        device="cpu",
+        datasets=datasets or {},
+    )
+    report = run_pipeline(request, lambda event: None)
+    folder = unpack(out / "model.tar", out / "artifact")
+    quantized = "quantization_config" in json.loads((folder / "config.json").read_text())
+    dequantized = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if quantized else {}
+    loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **dequantized)
+    weights = {n: m.weight.detach() for n, m in loaded.named_modules() if isinstance(m, torch.nn.Linear)}
+    return report, weights
+
+
+def assert_zeros_kept(weights: dict, pruned: dict, pattern: bool) -> None:
+    for name, zero in pruned.items():
+        weight = weights[name]
+        assert zero.float().mean() >= 0.5, f"{name}: the prune step itself left too few zeros"
+        moved = int((weight[zero] != 0).sum())
+        assert moved == 0, f"{name}: {moved} of {int(zero.sum())} pruned weights are no longer zero"
+        if pattern:
+            zeros_per_group = (weight == 0).reshape(weight.shape[0], -1, 4).sum(dim=-1)
+            assert int(zeros_per_group.min()) >= 2, f"{name}: a group of 4 holds fewer than 2 zeros"
+
+
+def assert_reported(report: dict, weights: dict, pruned: dict) -> None:
+    quant = report["steps"][-1]["summary"]
+    assert quant["sparsity_kept"] is True
+    zeros = sum(int((weights[n] == 0).sum()) for n in pruned)
+    total = sum(weights[n].numel() for n in pruned)
+    assert quant["sparsity_before"] == pytest.approx(sum(int(z.sum()) for z in pruned.values()) / total)
+    assert quant["sparsity_after"] == pytest.approx(zeros / total)
+    assert quant["sparsity_after"] >= quant["sparsity_before"] >= 0.5
+
+
+@pytest.mark.parametrize("prune", list(PRUNES))
+@pytest.mark.parametrize("quantizer", list(QUANTIZERS))
+def test_quantizing_keeps_the_pruned_zeros(quantizer, prune, tiny_model_dir, text_dataset, tmp_path):
+    pruned = pruned_positions(tiny_model_dir, PRUNES[prune])
+    recipe = [PRUNES[prune], {"type": "quantize", **QUANTIZERS[quantizer]}]
+    report, weights = run_recipe(tiny_model_dir, recipe, text_dataset, tmp_path)
+    assert_zeros_kept(weights, pruned, pattern=prune == "2:4")
+    assert_reported(report, weights, pruned)
+
+
+@pytest.mark.parametrize("quantizer", ["gptq-int4-g32-sym", "awq-int4-g32-asym", "fp8-gptq"])
+def test_quantizing_keeps_the_wanda_zeros_of_a_qwen2_model(quantizer, qwen2_model_dir, text_dataset, tmp_path):
+    """The recipe first found to lose zeros: wanda 50% then int4 GPTQ, on a model with q/k/v biases."""
+    wanda = {"type": "prune", "method": "wanda", "sparsity": 0.5}
+    _, pruned_weights = run_recipe(qwen2_model_dir, [wanda], text_dataset, tmp_path / "pruned")
+    pruned = {n: w == 0 for n, w in pruned_weights.items() if n != "lm_head"}
+    recipe = [wanda, {"type": "quantize", **QUANTIZERS[quantizer]}]
+    report, weights = run_recipe(qwen2_model_dir, recipe, text_dataset, tmp_path / "quantized")
+    assert_zeros_kept(weights, pruned, pattern=False)
+    assert_reported(report, weights, pruned)
+
+
+@pytest.mark.parametrize("quantizer", ["rtn-int4-g32-asym", "gptq-int4-g32-sym"])
+def test_distillation_then_quantization_keeps_the_2_4_pattern(quantizer, tiny_model_dir, text_dataset, tmp_path):
+    distill = {
+        "type": "distill",
+        "method": "kd",
+        "dataset_id": "text",
+        "steps": 4,
+        "batch_size": 2,
+        "seq_len": 32,
+        "learning_rate": 1e-3,
+        "warmup_steps": 1,
+    }
+    pruned = pruned_positions(tiny_model_dir, PRUNES["2:4"])
+    recipe = [PRUNES["2:4"], distill, {"type": "quantize", **QUANTIZERS[quantizer]}]
+    datasets = {"text": (text_dataset, "txt")}
+    report, weights = run_recipe(tiny_model_dir, recipe, text_dataset, tmp_path, datasets)
+    assert_zeros_kept(weights, pruned, pattern=True)
+    assert_reported(report, weights, pruned)
