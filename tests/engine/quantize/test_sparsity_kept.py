@@ -11,11 +11,23 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+from tests.engine.quantize.test_quant_methods import correlated_inputs
 from tests.utils.checks import unpack
 from tests.utils.factories import build_tiny_model
 from worker.engine import EngineRequest, pipeline, run_pipeline
 from worker.engine.load.checkpoint import load_model
-from worker.engine.steps import StepContext, get_step
+from worker.engine.prune.masks import nm_mask
+from worker.engine.quantize.common import quantize_layers
+from worker.engine.quantize.gptq_math import gptq_quantize
+from worker.engine.quantize.quant_math import (
+    clipped_params,
+    fake_quantize,
+    fp8_fake_quantize,
+    fp8_params,
+    output_error,
+    rtn_params,
+)
+from worker.engine.steps import QuantizedWeight, StepContext, get_step
 
 PRUNES = {
     "magnitude-50%": {"type": "prune", "method": "magnitude", "sparsity": 0.5},
@@ -144,3 +156,76 @@ def test_distillation_then_quantization_keeps_the_2_4_pattern(quantizer, tiny_mo
     report, weights = run_recipe(tiny_model_dir, recipe, text_dataset, tmp_path, datasets)
     assert_zeros_kept(weights, pruned, pattern=True)
     assert_reported(report, weights, pruned)
+
+
+# --- the math: GPTQ's sweep under a mask, and zero on every grid ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bits,group_size,symmetric,act_order,kind",
+    [
+        (4, 32, True, False, "int"),
+        (4, 32, False, False, "int"),
+        (4, 32, False, True, "int"),
+        (4, None, True, False, "int"),
+        (8, None, True, False, "float"),
+    ],
+)
+def test_gptq_keeps_a_2_4_pattern_and_still_beats_rounding_to_nearest(bits, group_size, symmetric, act_order, kind):
+    x = correlated_inputs()
+    hessian = 2 / x.shape[0] * x.T @ x
+    dense = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)) * 0.05
+    w = dense * nm_mask(dense.abs(), 2, 4)
+    q, scale, zero = gptq_quantize(
+        w, hessian, bits, group_size, symmetric, block_size=48, act_order=act_order, kind=kind
+    )
+    assert torch.equal(q[w == 0], torch.zeros(int((w == 0).sum())))
+    assert int((q == 0).reshape(64, -1, 4).sum(dim=-1).min()) >= 2
+    if kind == "float":
+        assert torch.equal(fp8_fake_quantize(q, scale), q)
+        rtn = fp8_fake_quantize(w, fp8_params(w))
+    else:
+        assert torch.equal(fake_quantize(q, scale, zero, bits, group_size), q)  # on the grid its scales describe
+        rtn = fake_quantize(w, *rtn_params(w, bits, group_size, symmetric), bits, group_size)
+    assert output_error(w, q, hessian) < 0.8 * output_error(w, rtn, hessian)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.8, 0.55])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, None), (8, None), (8, 32)])
+def test_zero_is_a_code_of_every_integer_grid(bits, group_size, ratio):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 64, generator=g) * torch.rand(16, 1, generator=g) + torch.randn(16, 1, generator=g)
+    w[0] = w[0].abs() + 0.1  # a row of positive weights and one of negative: 0 sits at an end of the range
+    w[1] = -w[1].abs() - 0.1
+    w[:, ::3] = 0
+    for symmetric in (True, False):
+        scale, zero = clipped_params(w, bits, group_size, symmetric, ratio)
+        if zero is not None:
+            assert torch.equal(zero, zero.round())  # integer zero points, as the artifact stores them
+        assert not bool(fake_quantize(w, scale, zero, bits, group_size)[:, ::3].any())
+    assert not bool(fp8_fake_quantize(w, fp8_params(w))[:, ::3].any())
+
+
+def test_the_summary_tells_when_quantization_lost_the_zeros(tiny):
+    """A quantizer that moves pruned weights off zero is reported, per layer, in the summary and in a note."""
+    model = tiny.model
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    first = next(iter(linears))
+    with torch.no_grad():
+        linears[first].weight.mul_(nm_mask(linears[first].weight.abs(), 2, 4))
+
+    def shift(_name, linear, _stats):
+        with torch.no_grad():
+            linear.weight.add_(1e-3)
+        return QuantizedWeight(
+            scale=torch.ones(linear.out_features, 1), zero_point=None, bits=8, group_size=None, symmetric=True
+        )
+
+    context = StepContext(spec={}, calibration=None, report_progress=lambda f, m: None)
+    result = quantize_layers(model, context, linears, shift)
+    layer = next(layer for layer in result.layers if layer["name"] == first)
+    assert layer["sparsity_before"] == 0.5 and layer["sparsity_after"] == 0.0 and layer["sparsity_kept"] is False
+    assert all("sparsity_kept" not in other for other in result.layers if other["name"] != first)  # dense
+    assert result.summary["sparsity_kept"] is False and result.summary["pruned_layers"] == 1
+    assert result.summary["sparsity_before"] == 0.5 and result.summary["sparsity_after"] == 0.0
+    assert any(first in note and "sparsity is lost" in note for note in result.notes)

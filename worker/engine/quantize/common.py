@@ -9,6 +9,10 @@ input per token, so the in-memory model computes what the saved checkpoint compu
 Per layer the report gives `relative_error` (‖W − Ŵ‖/‖W‖) and, when the job has calibration data,
 `output_error` (‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ over the layer's calibration inputs X, computed from XᵀX; X comes from the
 already quantized earlier decoder layers, as in sequential GPTQ).
+
+On pruned layers (at least `PRUNED_SHARE` of the weights exactly zero) every method keeps each zero exactly
+zero (0 is a code of every grid; GPTQ forces pruned entries to 0 in its sweep). The layer records and the
+summary say so, measured on the quantized weights: `sparsity_before`, `sparsity_after` and `sparsity_kept`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from worker.engine.steps import EngineError, QuantizedWeight, StepContext, StepR
 log = logging.getLogger(__name__)
 
 BITS = (4, 8)
+PRUNED_SHARE = 0.01  # a dense weight holds almost no exact zeros; a pruned one far more than this
 LinearQuantizer = Callable[[str, torch.nn.Linear, "InputStats | None"], QuantizedWeight]
 
 
@@ -164,6 +169,36 @@ def attach_activation_quant_(linear: torch.nn.Linear, kind: str) -> None:
 # --- Records --------------------------------------------------------------------------------------------------
 
 
+def sparsity_record(original: torch.Tensor, quantized: torch.Tensor) -> dict:
+    """For a pruned weight: its share of exact zeros before and after quantization, and whether every weight
+    that was zero still is. Empty for a dense weight."""
+    zero = original == 0
+    before = float(zero.sum()) / zero.numel()
+    if before < PRUNED_SHARE:
+        return {}
+    return {
+        "sparsity_before": before,
+        "sparsity_after": float((quantized == 0).sum()) / quantized.numel(),
+        "sparsity_kept": not bool(quantized[zero].any()),
+    }
+
+
+def summarize_sparsity(layers: list[dict]) -> dict:
+    """Over the pruned layers: shares of exact zeros before and after quantization (weighted by size) and
+    whether every zero was kept. Empty when no targeted layer was pruned."""
+    pruned = [layer for layer in layers if "sparsity_kept" in layer]
+    if not pruned:
+        return {}
+    sizes = [layer["shape"][0] * layer["shape"][1] for layer in pruned]
+    total = sum(sizes)
+    return {
+        "sparsity_kept": all(layer["sparsity_kept"] for layer in pruned),
+        "sparsity_before": sum(s * layer["sparsity_before"] for s, layer in zip(sizes, pruned, strict=True)) / total,
+        "sparsity_after": sum(s * layer["sparsity_after"] for s, layer in zip(sizes, pruned, strict=True)) / total,
+        "pruned_layers": len(pruned),
+    }
+
+
 def layer_record(
     name: str, original: torch.Tensor, linear: torch.nn.Linear, q: QuantizedWeight, stats: InputStats | None
 ) -> dict:
@@ -176,6 +211,7 @@ def layer_record(
         "format": storage_format(q),
         "relative_error": relative_error(original, linear.weight),
         "output_error": None if stats is None else output_error(original, linear.weight, stats.gram),
+        **sparsity_record(original, linear.weight),
     }
 
 
@@ -199,6 +235,7 @@ def summarize(layers: list[dict], quantized: dict[str, QuantizedWeight], linears
         "max_output_error": max(outputs) if outputs else None,
         "targeted_weight_bytes_before": sum(m.weight.numel() * m.weight.element_size() for m in linears.values()),
         "targeted_weight_bytes_after": sum(stored_weight_bytes(shapes[n], q) for n, q in quantized.items()),
+        **summarize_sparsity(layers),
     }
 
 
@@ -245,7 +282,11 @@ def quantize_layers(
             run(name, linear, None)
     order = list(linears)
     layers.sort(key=lambda layer: order.index(layer["name"]))
-    return StepResult(layers=layers, summary=summarize(layers, quantized, linears), quantized=quantized)
+    result = StepResult(layers=layers, summary=summarize(layers, quantized, linears), quantized=quantized)
+    lost = [layer["name"] for layer in layers if layer.get("sparsity_kept") is False]
+    if lost:
+        result.notes.append(f"quantization moved pruned weights off zero in {', '.join(lost)}: their sparsity is lost")
+    return result
 
 
 def _quantize_stagewise(
