@@ -11,23 +11,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from app.architectures import GGUF_ARCHITECTURES, REFUSED, supported_list
 from app.inspection import Inspected, InspectionError
 
 logger = logging.getLogger(__name__)
-
-GGUF_ARCHITECTURES: dict[str, tuple[str, str]] = {
-    "llama": ("LlamaForCausalLM", "llama"),
-    "mistral": ("MistralForCausalLM", "mistral"),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
-    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
-    "gemma": ("GemmaForCausalLM", "gemma"),
-    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
-    "phi3": ("Phi3ForCausalLM", "phi3"),
-    "gpt2": ("GPT2LMHeadModel", "gpt2"),
-    "falcon": ("FalconForCausalLM", "falcon"),
-}
-"""`general.architecture` → (transformers class, model_type): the GGUF families transformers can dequantize
-and the engine supports."""
 
 
 def _value(reader: Any, key: str) -> Any:
@@ -60,8 +47,10 @@ def inspect_gguf(path: Path) -> Inspected:
         raise InspectionError(f"the file starts like GGUF but cannot be read ({exc}); upload an intact .gguf") from exc
     arch = _value(reader, "general.architecture")
     if arch not in GGUF_ARCHITECTURES:
+        reason = f": {REFUSED[arch]}" if isinstance(arch, str) and arch in REFUSED else ""
         raise InspectionError(
-            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
+            f"GGUF architecture {arch!r} is not supported{reason}; supported in GGUF files: "
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))} (model types {supported_list()} as Hugging Face folders)"
         )
     architecture, model_type = GGUF_ARCHITECTURES[arch]
     hidden = _positive(reader, f"{arch}.embedding_length")

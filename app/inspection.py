@@ -16,6 +16,7 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
+from app.architectures import SUPPORTED_ARCHITECTURES, refusal
 from app.archives import ArchiveError
 from app.weight_shapes import check_weight_shapes
 
@@ -23,24 +24,6 @@ MAX_JSON_BYTES = 8 * 1024 * 1024
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-
-SUPPORTED_ARCHITECTURES: dict[str, frozenset[str]] = {
-    "llama": frozenset({"LlamaForCausalLM"}),
-    "mistral": frozenset({"MistralForCausalLM"}),
-    "qwen2": frozenset({"Qwen2ForCausalLM"}),
-    "qwen3": frozenset({"Qwen3ForCausalLM"}),
-    "gemma": frozenset({"GemmaForCausalLM"}),
-    "gemma2": frozenset({"Gemma2ForCausalLM"}),
-    "phi3": frozenset({"Phi3ForCausalLM"}),
-    "gpt2": frozenset({"GPT2LMHeadModel", "GPT2ForCausalLM"}),
-    "opt": frozenset({"OPTForCausalLM"}),
-    "falcon": frozenset({"FalconForCausalLM"}),
-}
-"""The allow-list of `model_type` → accepted `architectures` (decoder-only causal LMs the engine supports).
-
-An explicit list rather than asking transformers (which the API must not import): llama, mistral, qwen2,
-qwen3, gemma, gemma2, phi3, gpt2, opt and falcon. Anything else is refused before it reaches a worker.
-"""
 
 SAFETENSORS_DTYPES = {
     "F64": ("float64", 8),
@@ -108,9 +91,7 @@ def check_config(config: Any) -> tuple[str, str]:
     architecture = architectures[0]
     allowed = SUPPORTED_ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
     if allowed is None:
-        raise InspectionError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
+        raise InspectionError(refusal(model_type))
     if architecture not in allowed:
         raise InspectionError(
             f"architecture {architecture!r} is not supported for model_type {model_type!r}; "

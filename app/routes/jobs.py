@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.architectures import unsupported_step
 from app.deps import JobDep, Limit, Offset, SessionDep, TenantDep
 from app.json_body import read_json
 from app.resources import list_page
@@ -93,7 +94,11 @@ def _check_references(session: Session, tenant: str, spec: JobSpec) -> None:
 
 
 def _check_fits_model(spec: JobSpec, model: Model) -> None:
-    """Recipe values that depend on the model's shape: group sizes, and layers left after depth pruning."""
+    """Recipe values that depend on the model: its architecture runs every step, group sizes fit its widths,
+    layers are left after depth pruning."""
+    refused = unsupported_step(model.details.get("model_type"), [step_key(step) for step in spec.recipe])
+    if refused:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, refused)
     layers = model.details.get("num_hidden_layers")
     dropped = sum(getattr(step, "num_layers", 0) for step in spec.recipe if step_key(step) == "prune:depth")
     if layers and dropped >= layers:

@@ -1,4 +1,5 @@
-"""Factories for tests: a tiny random Llama with a real (locally trained) tokenizer, and text datasets.
+"""Factories for tests: tiny random models (Llama, or any listed architecture) with a real (locally trained)
+tokenizer, and text datasets.
 
 Nothing here touches a model hub: the tokenizer is trained in memory on generated text.
 """
@@ -118,6 +119,43 @@ def build_tiny_model(
     build = {"llama": tiny_llama, "qwen2": tiny_qwen2}[architecture]
     model = build(vocab=vocab, hidden=hidden, layers=layers, seed=seed)
     model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+_HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": {**_HEADS, "intermediate_size": 128},
+    "mistral": {**_HEADS, "intermediate_size": 128},
+    "qwen2": {**_HEADS, "intermediate_size": 128},
+    "qwen3": {**_HEADS, "intermediate_size": 128},
+    "gemma": {**_HEADS, "intermediate_size": 128},
+    "gemma2": {**_HEADS, "intermediate_size": 128},
+    "phi3": {**_HEADS, "intermediate_size": 128, "pad_token_id": 0},
+    "opt": {"num_attention_heads": 4, "ffn_dim": 128, "word_embed_proj_dim": 64, "pad_token_id": 1},
+    "gpt2": {"n_embd": 64, "n_inner": 128, "n_layer": 2, "n_head": 4, "n_positions": 512},
+    "falcon": {"num_attention_heads": 4, "new_decoder_architecture": False, "multi_query": True},
+}
+"""Sizes of a tiny model per `model_type` (hidden 64, 2 layers), under the names each family's config uses."""
+
+
+def build_tiny_model_of(folder: Path, model_type: str, *, seed: int = 0) -> Path:
+    """A tiny random causal LM of `model_type`, built from a transformers config (no hub), with a tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(folder)
+    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "max_position_embeddings": 512}
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        **{**sizes, **TINY_CONFIGS[model_type]},
+    )
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(folder, safe_serialization=True)
     return folder
 
 
