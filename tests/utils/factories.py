@@ -220,3 +220,22 @@ def insert_artifact(
         session.add(row)
         session.flush()
         return row.id
+
+
+def write_tiny_gguf(path: Path, architecture: str, *, hidden: int = 64, vocab: int = 32) -> Path:
+    """A metadata-valid GGUF file of `architecture` (sizes and a token embedding only): enough to be inspected."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_embedding_length(hidden)
+    writer.add_head_count(4)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(2 * hidden)
+    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    writer.add_tensor("token_embd.weight", np.zeros((vocab, hidden), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
