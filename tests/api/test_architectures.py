@@ -13,6 +13,8 @@ from app.gguf_inspection import inspect_gguf
 from app.inspection import InspectionError
 from tests.utils.factories import build_tiny_model_of, tar_folder, write_tiny_gguf
 
+MAGNITUDE = {"type": "prune", "method": "magnitude", "sparsity": 0.5}
+
 
 def upload(client: httpx.Client, path: Path) -> httpx.Response:
     with path.open("rb") as handle:
@@ -75,5 +77,25 @@ def test_listed_family_is_accepted_and_runs_only_its_steps(client, dataset, tmp_
         else:
             assert job.status_code == 202, job.text
             assert client.post(f"/v1/jobs/{job.json()['id']}/cancel").status_code == 200
+    finally:
+        assert client.delete(f"/v1/models/{model['id']}").status_code == 204
+
+
+def test_job_on_a_model_of_a_refused_family_is_422(client, tiny_tar: Path) -> None:
+    """A GPT-2 model stored before the list was narrowed gets a 422 at submission, not a failure at run time."""
+    from sqlalchemy import update
+
+    from modelpress.db import session_scope
+    from modelpress.models import Model
+
+    with tiny_tar.open("rb") as handle:
+        model = client.post("/v1/models", files={"file": ("tiny.tar", handle)}).json()
+    details = {**model["details"], "model_type": "gpt2"}
+    with session_scope() as session:
+        session.execute(update(Model).where(Model.id == model["id"]).values(details=details))
+    try:
+        job = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": [MAGNITUDE]})
+        assert job.status_code == 422, job.text
+        assert "'gpt2' is not supported" in job.json()["detail"] and names_every_supported_type(job.json()["detail"])
     finally:
         assert client.delete(f"/v1/models/{model['id']}").status_code == 204
