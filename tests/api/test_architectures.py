@@ -82,7 +82,7 @@ def test_listed_family_is_accepted_and_runs_only_its_steps(client, dataset, tmp_
 
 
 def test_job_on_a_model_of_a_refused_family_is_422(client, tiny_tar: Path) -> None:
-    """A GPT-2 model stored before the list was narrowed gets a 422 at submission, not a failure at run time."""
+    """A stored model whose model_type is off the list gets a 422 at submission, not a failure at run time."""
     from sqlalchemy import update
 
     from modelpress.db import session_scope
