@@ -1,16 +1,20 @@
 """Job specs: the one JSON shape that is the request body, the task payload and the artifact manifest.
 
-Imported by the API and the worker alike, so it must never import torch. Every recipe step is a frozen
-pydantic model with `extra="forbid"` (a typo is a 422, never a silent default), selected by its
-`type` and `method` pair. The engine looks up the code for a step by that same pair in its registry.
+Imported by the API, the worker and the engine alike, so it must never import torch. Every recipe step is a
+frozen pydantic model with `extra="forbid"` (a typo is a 422, never a silent default), selected by its
+`type` and `method` pair. Each step class says once what the rest of the service needs to know about it: its
+registry key, whether it learns from calibration text and whether it must close the recipe. The engine
+registers its code under the class itself and receives the validated object, so every default lives here.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -52,6 +56,31 @@ class StepType(StrEnum):
     distill = "distill"
 
 
+class StepSpec(Spec):
+    """Base for every recipe step. A concrete step declares `type` and `method` literals; its class then carries:
+
+    - `key`: `<type>:<method>`, derived from those literals (the registry and error messages use it);
+    - `learns_from_data`: the step always needs the job's `calibration` text (see `needs_calibration`);
+    - `final`: the step must be the recipe's last (quantization: later steps would undo its grid).
+    """
+
+    key: ClassVar[str] = ""
+    learns_from_data: ClassVar[bool] = False
+    final: ClassVar[bool] = False
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        step_type, method = cls.model_fields.get("type"), cls.model_fields.get("method")
+        if step_type is not None and method is not None:
+            cls.key = f"{step_type.default}:{method.default}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether this step, with its options, learns from calibration text."""
+        return self.learns_from_data
+
+
 class MagnitudeScope(StrEnum):
     """Where magnitude pruning compares weights: within each output row, a whole layer, or all layers."""
 
@@ -60,7 +89,7 @@ class MagnitudeScope(StrEnum):
     global_ = "global"
 
 
-class _TargetedStep(Spec):
+class TargetedStep(StepSpec):
     """Targets and exclusions by module name, as llm-compressor names them.
 
     A pattern is either an exact module name, a module class name such as `Linear`, or a regular
@@ -97,7 +126,7 @@ class SparsityPattern(StrEnum):
         return int(n), int(m)
 
 
-class _UnstructuredPrune(_TargetedStep):
+class _UnstructuredPrune(TargetedStep):
     """Pruning that zeroes single weights: either a `sparsity` fraction or an N:M `pattern` (sparsity 1 − N/M)."""
 
     type: Literal[StepType.prune] = StepType.prune
@@ -143,19 +172,25 @@ class MagnitudePrune(_UnstructuredPrune):
 class WandaPrune(_UnstructuredPrune):
     """Wanda (Sun et al., 2023): score |W| · ‖X‖₂ per input channel, compared within each output row."""
 
+    learns_from_data: ClassVar[bool] = True
+
     method: Literal["wanda"] = "wanda"
 
 
 class SparseGPTPrune(_UnstructuredPrune):
     """SparseGPT (Frantar & Alistarh, 2023): OBS pruning with weight reconstruction from the layer Hessian."""
 
+    learns_from_data: ClassVar[bool] = True
+
     method: Literal["sparsegpt"] = "sparsegpt"
     block_size: int = Field(default=128, ge=1, le=4096)
     dampening: float = Field(default=0.01, gt=0.0, le=1.0, description="fraction of the mean Hessian diagonal")
 
 
-class StructuredPrune(Spec):
+class StructuredPrune(StepSpec):
     """Width pruning that physically shrinks the model: MLP channels and attention KV groups, by importance."""
+
+    learns_from_data: ClassVar[bool] = True
 
     type: Literal[StepType.prune] = StepType.prune
     method: Literal["structured"] = "structured"
@@ -175,13 +210,23 @@ class DepthImportance(StrEnum):
     angular = "angular"
 
 
-class DepthPrune(Spec):
+class DepthPrune(StepSpec):
     """Drop whole decoder layers, the least important first (angular distance of a block's input and output)."""
+
+    learns_from_data: ClassVar[bool] = True
 
     type: Literal[StepType.prune] = StepType.prune
     method: Literal["depth"] = "depth"
     num_layers: int = Field(ge=1, le=1024, description="how many decoder layers to remove")
     importance: DepthImportance = DepthImportance.angular
+
+
+class _QuantizeStep(TargetedStep):
+    """A quantize step: the recipe's last (a later step would move weights off the quantization grid)."""
+
+    final: ClassVar[bool] = True
+
+    type: Literal[StepType.quantize] = StepType.quantize
 
 
 class WeightQuantArgs(Spec):
@@ -192,18 +237,18 @@ class WeightQuantArgs(Spec):
     symmetric: bool = True
 
 
-class RTNQuantize(_TargetedStep):
+class RTNQuantize(_QuantizeStep):
     """Round-to-nearest weight-only quantization; stored as integers with their scales."""
 
-    type: Literal[StepType.quantize] = StepType.quantize
     method: Literal["rtn"] = "rtn"
     weights: WeightQuantArgs = WeightQuantArgs()
 
 
-class GPTQQuantize(_TargetedStep):
+class GPTQQuantize(_QuantizeStep):
     """GPTQ (Frantar et al., 2022): weight-only, error-compensating updates from the layer Hessian."""
 
-    type: Literal[StepType.quantize] = StepType.quantize
+    learns_from_data: ClassVar[bool] = True
+
     method: Literal["gptq"] = "gptq"
     weights: WeightQuantArgs = WeightQuantArgs(bits=4, group_size=128)
     act_order: bool = Field(default=False, description="quantize columns in order of decreasing Hessian diagonal")
@@ -217,8 +262,7 @@ class GPTQQuantize(_TargetedStep):
     clip_search: bool = Field(
         default=True,
         description="choose each group's range by the Hessian-weighted error of shrinking it (AWQ's clipping) "
-        "instead of the full min..max range; with true_sequential, SmolLM2 int4 g64 went from +18.5% to +9.8% "
-        "(symmetric) and +12.4% to +6.8% (asymmetric) over dense perplexity",
+        "instead of the full min..max range; costs a search per group, usually lowers the output error",
     )
 
 
@@ -229,24 +273,24 @@ class AWQLoss(StrEnum):
     block = "block"
 
 
-class AWQQuantize(_TargetedStep):
+class AWQQuantize(_QuantizeStep):
     """AWQ (Lin et al., 2023): activation-aware per-channel scales folded into the preceding operation."""
 
-    type: Literal[StepType.quantize] = StepType.quantize
+    learns_from_data: ClassVar[bool] = True
+
     method: Literal["awq"] = "awq"
     weights: WeightQuantArgs = WeightQuantArgs(bits=4, group_size=128)
     grid: int = Field(default=20, ge=2, le=100, description="scale exponents tried per layer group")
     duo_scaling: bool | Literal["both"] = Field(
         default=False,
         description="false: candidate scales mean|x|^α; true: mean|x|^α / mean|Ŵ|^(1−α), Ŵ the weights relative to "
-        "their group's range (AutoAWQ's and llm-compressor's default, worse on SmolLM2 int4 here); \"both\": half "
-        "the grid each",
+        "their group's range (the form AutoAWQ and llm-compressor use by default); \"both\": half the grid each",
     )
     loss: AWQLoss = Field(
         default=AWQLoss.gram,
         description="what the scale search of the norm folds (q/k/v, gate/up) minimizes. gram: the consumers' "
         "output error from their input Gram matrix; block: the output error of self_attn / mlp over the "
-        "calibration windows (AutoAWQ's and llm-compressor's; 6-8× slower and worse on SmolLM2 int4 here)",
+        "calibration windows (the loss AutoAWQ and llm-compressor use; several times slower than gram)",
     )
     true_sequential: bool = Field(
         default=False,
@@ -260,18 +304,18 @@ class AWQQuantize(_TargetedStep):
     )
 
 
-class SmoothQuant(_TargetedStep):
+class SmoothQuant(_QuantizeStep):
     """SmoothQuant W8A8 (Xiao et al., 2022): migrate activation outliers into the weights, then int8 both."""
 
-    type: Literal[StepType.quantize] = StepType.quantize
+    learns_from_data: ClassVar[bool] = True
+
     method: Literal["smoothquant"] = "smoothquant"
     alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="migration strength")
 
 
-class FP8Quantize(_TargetedStep):
+class FP8Quantize(_QuantizeStep):
     """FP8 E4M3 weights per output channel with dynamic per-token activation scales."""
 
-    type: Literal[StepType.quantize] = StepType.quantize
     method: Literal["fp8"] = "fp8"
     gptq: bool = Field(
         default=False,
@@ -279,8 +323,13 @@ class FP8Quantize(_TargetedStep):
         "to nearest (needs `calibration`)",
     )
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Only the GPTQ rounding learns from data; rounding to nearest needs none."""
+        return self.gptq
 
-class KnowledgeDistill(Spec):
+
+class KnowledgeDistill(StepSpec):
     """Logit distillation: the model as uploaded (or after step `teacher_step`) teaches the current model.
 
     Loss: alpha · T² · KL(teacher_T ‖ student_T) + (1 − alpha) · cross-entropy, plus `hidden_mse` times the
@@ -323,7 +372,9 @@ DEFAULT_METHODS = {StepType.distill: "kd"}
 
 
 def step_key(value: Any) -> str | None:
-    """The registry key of a step, `<type>:<method>`, from a dict or a spec object."""
+    """The registry key of a step, `<type>:<method>`, from a JSON object or a spec object (None when unnamed)."""
+    if isinstance(value, StepSpec):
+        return value.key
     if isinstance(value, dict):
         step_type, method = value.get("type"), value.get("method")
     else:
@@ -335,52 +386,30 @@ def step_key(value: Any) -> str | None:
     return f"{step_type}:{method}"
 
 
-STEP_SPECS: dict[str, type[Spec]] = {
-    "prune:magnitude": MagnitudePrune,
-    "prune:wanda": WandaPrune,
-    "prune:sparsegpt": SparseGPTPrune,
-    "prune:structured": StructuredPrune,
-    "prune:depth": DepthPrune,
-    "quantize:rtn": RTNQuantize,
-    "quantize:gptq": GPTQQuantize,
-    "quantize:awq": AWQQuantize,
-    "quantize:smoothquant": SmoothQuant,
-    "quantize:fp8": FP8Quantize,
-    "distill:kd": KnowledgeDistill,
-}
-"""Every recipe step the service accepts, by registry key. The engine registers code for each key."""
-
-NEEDS_CALIBRATION = frozenset(
-    {
-        "prune:wanda",
-        "prune:sparsegpt",
-        "prune:structured",
-        "prune:depth",
-        "quantize:gptq",
-        "quantize:awq",
-        "quantize:smoothquant",
-    }
+STEP_CLASSES: tuple[type[StepSpec], ...] = (
+    MagnitudePrune,
+    WandaPrune,
+    SparseGPTPrune,
+    StructuredPrune,
+    DepthPrune,
+    RTNQuantize,
+    GPTQQuantize,
+    AWQQuantize,
+    SmoothQuant,
+    FP8Quantize,
+    KnowledgeDistill,
 )
-"""Steps that always learn from the job's calibration text."""
+"""Every recipe step the service accepts. The engine registers code for each class."""
 
+STEP_SPECS: dict[str, type[StepSpec]] = {cls.key: cls for cls in STEP_CLASSES}
+"""The same classes by registry key (`<type>:<method>`)."""
 
-def needs_calibration(step: Spec) -> bool:
-    """Whether this step, with its options, learns from calibration text (fp8 only when `gptq` is on)."""
-    return step_key(step) in NEEDS_CALIBRATION or bool(getattr(step, "gptq", False))
+NEEDS_CALIBRATION = frozenset(cls.key for cls in STEP_CLASSES if cls.learns_from_data)
+"""Steps that always learn from the job's calibration text (others may, by option: `needs_calibration`)."""
 
 
 Step = Annotated[
-    Annotated[MagnitudePrune, Tag("prune:magnitude")]
-    | Annotated[WandaPrune, Tag("prune:wanda")]
-    | Annotated[SparseGPTPrune, Tag("prune:sparsegpt")]
-    | Annotated[StructuredPrune, Tag("prune:structured")]
-    | Annotated[DepthPrune, Tag("prune:depth")]
-    | Annotated[RTNQuantize, Tag("quantize:rtn")]
-    | Annotated[GPTQQuantize, Tag("quantize:gptq")]
-    | Annotated[AWQQuantize, Tag("quantize:awq")]
-    | Annotated[SmoothQuant, Tag("quantize:smoothquant")]
-    | Annotated[FP8Quantize, Tag("quantize:fp8")]
-    | Annotated[KnowledgeDistill, Tag("distill:kd")],
+    Union[tuple(Annotated[cls, Tag(cls.key)] for cls in STEP_CLASSES)],  # noqa: UP007  (built from the classes)
     Discriminator(
         step_key,
         custom_error_type="unknown_step",
@@ -433,18 +462,19 @@ class JobSpec(Spec):
 
     @model_validator(mode="after")
     def _recipe_is_coherent(self) -> JobSpec:
-        quantized_at = None
+        final_at = None
         for index, step in enumerate(self.recipe):
-            key = step_key(step)
-            if needs_calibration(step) and self.calibration is None:
-                raise ValueError(f"recipe.{index} ({key}) learns from calibration text: add a `calibration` section")
-            if quantized_at is not None:
+            if step.needs_calibration and self.calibration is None:
                 raise ValueError(
-                    f"recipe.{index} ({key}) comes after the quantization step recipe.{quantized_at}; quantization "
+                    f"recipe.{index} ({step.key}) learns from calibration text: add a `calibration` section"
+                )
+            if final_at is not None:
+                raise ValueError(
+                    f"recipe.{index} ({step.key}) comes after the quantization step recipe.{final_at}; quantization "
                     "must be the last step (prune and distill first, then quantize once)"
                 )
-            if step.type == StepType.quantize:
-                quantized_at = index
+            if step.final:
+                final_at = index
             if isinstance(step, KnowledgeDistill) and step.teacher_step is not None and step.teacher_step >= index:
                 raise ValueError(
                     f"recipe.{index}.teacher_step is {step.teacher_step}, but a teacher must be an earlier step "
@@ -453,14 +483,102 @@ class JobSpec(Spec):
         return self
 
 
-def group_sizes(spec: JobSpec) -> set[int]:
-    """Quantization group sizes a recipe asks for (the API checks they divide the model's widths)."""
-    sizes = set()
-    for step in spec.recipe:
-        weights = getattr(step, "weights", None)
-        if weights is not None and weights.group_size is not None:
-            sizes.add(weights.group_size)
-    return sizes
+# --- Fit to a model --------------------------------------------------------------------------------------------
+
+LinearShapes = Mapping[str, tuple[int, int]]
+"""A model's Linear layers by module name: (out_features, in_features)."""
+
+
+@dataclass(frozen=True)
+class FitProblem:
+    """Why a step does not fit the model: a stable `code` (no_targets, bad_group_size, bad_spec) and a message."""
+
+    code: str
+    message: str
+
+
+def matches(name: str, class_name: str, pattern: str) -> bool:
+    """True when a pattern names this module exactly, by class name, or by `re:` regex matched from the start."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return pattern == name or pattern == class_name
+
+
+def selected(layers: Iterable[tuple[str, str]], targets: Iterable[str], ignore: Iterable[str]) -> list[str]:
+    """Names of the (name, class name) layers that a target pattern matches and no ignore pattern does, in order."""
+    targets, ignore = tuple(targets), tuple(ignore)
+    return [
+        name
+        for name, class_name in layers
+        if any(matches(name, class_name, p) for p in targets) and not any(matches(name, class_name, p) for p in ignore)
+    ]
+
+
+def _width_divisors(step: StepSpec) -> list[tuple[str, int, str, str]]:
+    """(what, divisor, code, advice) for every option of a step that must divide each targeted input width."""
+    divisors = []
+    weights = getattr(step, "weights", None)
+    if isinstance(weights, WeightQuantArgs) and weights.group_size is not None:
+        divisors.append(
+            (
+                f"group_size {weights.group_size}",
+                weights.group_size,
+                "bad_group_size",
+                "choose a group size that divides it (or null for per-channel scales), or ignore that layer",
+            )
+        )
+    if isinstance(step, _UnstructuredPrune) and step.pattern is not None:
+        m = step.pattern.ratio[1]
+        divisors.append((f"pattern {step.pattern.value} (M={m})", m, "bad_spec", "ignore that layer"))
+    return divisors
+
+
+def check_fit(
+    spec: StepSpec | JobSpec, linears: LinearShapes, classes: Mapping[str, str] | None = None
+) -> list[FitProblem]:
+    """What in a recipe, or in one step, does not fit a model's Linear layers (an empty list when all fits).
+
+    - a step's `targets` minus `ignore` must select at least one Linear layer;
+    - a quantization `group_size` must divide the input width of every Linear the step targets;
+    - an N:M `pattern` must fit: M divides the input width of every Linear the step targets.
+
+    `linears` are the Linear layers a step may touch, `classes` their class names for class-name patterns
+    (`Linear` when not given). The engine calls this on the loaded model before each step, so a step sees the
+    shapes the earlier steps left; the API calls it on the shapes read from the upload's safetensors headers,
+    the model as uploaded. Where the API has no per-layer shapes (GGUF uploads) it cannot call this, and the
+    engine's check is the one that refuses.
+    """
+    steps = list(enumerate(spec.recipe)) if isinstance(spec, JobSpec) else [(None, spec)]
+    problems: list[FitProblem] = []
+    for index, step in steps:
+        if not isinstance(step, TargetedStep):
+            continue
+        label = step.key if index is None else f"recipe.{index} ({step.key})"
+        names = selected(((n, (classes or {}).get(n, "Linear")) for n in linears), step.targets, step.ignore)
+        if not names:
+            sample = ", ".join(list(linears)[:4]) or "none"
+            problems.append(
+                FitProblem(
+                    "no_targets",
+                    f"{label} matched no Linear layer: targets {list(step.targets)} and ignore {list(step.ignore)} "
+                    f"select none of the model's {len(linears)} Linear layers (e.g. {sample}); check 'targets' "
+                    "and 'ignore'",
+                )
+            )
+            continue
+        for what, divisor, code, advice in _width_divisors(step):
+            misfits = [name for name in names if linears[name][1] % divisor]
+            if misfits:
+                name, more = misfits[0], len(misfits) - 1
+                problems.append(
+                    FitProblem(
+                        code,
+                        f"{label}: {what} does not divide the input width {linears[name][1]} of {name}"
+                        + (f" (nor that of {more} more targeted Linear layers)" if more else "")
+                        + f": {advice}",
+                    )
+                )
+    return problems
 
 
 def is_finite_json(value: Any) -> bool:

@@ -195,7 +195,7 @@ def _engine_request(job: Job, storage: LocalStorage, output_dir: Path, settings:
     return EngineRequest(
         model_path=storage.path(model.storage_key),
         model_format=model.format,
-        spec=job.spec,
+        spec=spec,
         calibration_path=calibration_file[0],
         calibration_format=calibration_file[1],
         evaluation_path=evaluation_file[0],

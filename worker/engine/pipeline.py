@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from modelpress.specs import CalibrationSpec, EvaluationSpec, JobSpec, KnowledgeDistill, StepSpec
 from worker.engine.calibrate.windows import token_windows
 from worker.engine.evaluate import (
     EvalPlan,
@@ -38,7 +39,7 @@ from worker.engine.export import save_compressed_, tar_folder, write_manifest
 from worker.engine.load.checkpoint import LoadedModel, load_model, pick_device, require_tokenizer
 from worker.engine.prune import sparsity_of
 from worker.engine.speed import CPU_SPEED_PATH, CUDA_SPEED_PATH, measure_copy_bandwidth, semi_structured_violations
-from worker.engine.steps import EngineError, QuantizedWeight, StepContext, get_step, step_key
+from worker.engine.steps import EngineError, QuantizedWeight, StepContext, get_step, run_step
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ ProgressFn = Callable[[ProgressEvent], None]
 class EngineRequest:
     model_path: Path
     model_format: str
-    spec: dict
+    spec: JobSpec
     calibration_path: Path | None
     calibration_format: str | None
     evaluation_path: Path | None
@@ -83,12 +84,12 @@ class _Runner:
     def __init__(self, request: EngineRequest, progress: ProgressFn) -> None:
         self.request = request
         self.progress = progress
-        self.recipe: list[dict[str, Any]] = list(request.spec.get("recipe") or [])
+        self.recipe: list[StepSpec] = list(request.spec.recipe)
         if not self.recipe:
             raise EngineError("bad_spec", "the recipe has no steps")
         for step in self.recipe:
             get_step(step)  # unknown steps fail before any work
-        self.stages = ["load", "evaluate baseline", *(step_key(s) for s in self.recipe), "export", "evaluate optimized"]
+        self.stages = ["load", "evaluate baseline", *(s.key for s in self.recipe), "export", "evaluate optimized"]
         self.device = pick_device(request.device)
         self.notes: list[str] = []
         self.tokenizer: Any | None = None
@@ -145,20 +146,20 @@ class _Runner:
         self.tokenizer = loaded.tokenizer
         report(0.6, "model loaded")
         windows = calibration = evaluation_info = None
-        if spec.get("evaluation"):
+        if spec.evaluation is not None:
             windows = self._windows(
-                loaded, spec["evaluation"], request.evaluation_path, request.evaluation_format, "evaluation"
+                loaded, spec.evaluation, request.evaluation_path, request.evaluation_format, "evaluation"
             )
             evaluation_info = {
                 "seq_len": windows.shape[1],
                 "windows": windows.shape[0],
-                "max_windows": spec["evaluation"].get("max_windows"),
+                "max_windows": spec.evaluation.max_windows,
             }
         else:
             self.notes.append("no evaluation dataset: perplexity was not measured (null)")
-        if spec.get("calibration"):
+        if spec.calibration is not None:
             calibration = self._windows(
-                loaded, spec["calibration"], request.calibration_path, request.calibration_format, "calibration"
+                loaded, spec.calibration, request.calibration_path, request.calibration_format, "calibration"
             )
         report(0.9, "datasets tokenized")
         plan = EvalPlan(device=self.device, windows=windows, latency_ids=self._latency_ids(loaded, windows))
@@ -167,13 +168,19 @@ class _Runner:
         report(1.0, "loaded")
         return loaded, plan, evaluation_info, calibration
 
-    def _windows(self, loaded: LoadedModel, data_spec: dict, path: Path | None, data_format: str | None, purpose: str):
+    def _windows(
+        self,
+        loaded: LoadedModel,
+        data_spec: CalibrationSpec | EvaluationSpec,
+        path: Path | None,
+        data_format: str | None,
+        purpose: str,
+    ):
         if path is None or data_format is None:
             raise EngineError("missing_dataset", f"the job asks for {purpose} but no {purpose} dataset file was given")
         tokenizer = require_tokenizer(loaded.tokenizer, purpose)
-        limit = data_spec.get("samples") if purpose == "calibration" else data_spec.get("max_windows")
-        seq_len = int(data_spec.get("seq_len", 512))
-        return token_windows(tokenizer, Path(path), data_format, seq_len, limit, purpose)
+        limit = data_spec.samples if isinstance(data_spec, CalibrationSpec) else data_spec.max_windows
+        return token_windows(tokenizer, Path(path), data_format, data_spec.seq_len, limit, purpose)
 
     def _latency_ids(self, loaded: LoadedModel, windows: torch.Tensor | None) -> torch.Tensor:
         if windows is not None:
@@ -243,20 +250,19 @@ class _Runner:
         snapshots = {None: cpu_copy(model)} if None in teachers else {}
         for i, spec in enumerate(self.recipe):
             report = self.stage(2 + i)
-            report(0.0, f"running {step_key(spec)}")
+            report(0.0, f"running {spec.key}")
             started = time.perf_counter()
             checkpoint_dir = self.request.checkpoint_dir
             context = StepContext(
-                spec=spec,
                 calibration=calibration,
                 report_progress=report,
                 device=self.device,
                 tokenizer=self.tokenizer,
                 datasets=dict(self.request.datasets),
-                teacher=snapshots.get(spec.get("teacher_step")) if spec.get("type") == "distill" else None,
+                teacher=snapshots.get(spec.teacher_step) if isinstance(spec, KnowledgeDistill) else None,
                 checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / f"step-{i}",
             )
-            result = get_step(spec)(model, context)
+            result = run_step(model, spec, context)
             if i in teachers:
                 snapshots[i] = cpu_copy(model)
             quantized.update(result.quantized)
@@ -265,9 +271,9 @@ class _Runner:
             steps.append(
                 {
                     "index": i,
-                    "type": spec.get("type"),
-                    "method": spec.get("method"),
-                    "spec": spec,
+                    "type": spec.type.value,
+                    "method": spec.method,
+                    "spec": spec.model_dump(mode="json"),
                     "duration_s": time.perf_counter() - started,
                     "layers": result.layers,
                     "summary": result.summary,
@@ -277,7 +283,7 @@ class _Runner:
 
     def _teacher_steps(self) -> set[int | None]:
         """The snapshots distill steps ask for: None = as uploaded, i = after recipe step i."""
-        return {spec.get("teacher_step") for spec in self.recipe if spec.get("type") == "distill"}
+        return {spec.teacher_step for spec in self.recipe if isinstance(spec, KnowledgeDistill)}
 
     def export(
         self, loaded: LoadedModel, quantized: dict, pruned: set[str], folder: Path, archive: Path, report
@@ -305,7 +311,7 @@ class _Runner:
         write_manifest(
             folder,
             {
-                "job": self.request.spec,
+                "job": self.request.spec.model_dump(mode="json"),
                 "libraries": library_versions(),
                 "source_format": self.request.model_format,
                 "sparsity": {"layers": sparsity} if sparsity else None,

@@ -1,9 +1,9 @@
 """The contract between the pipeline and every recipe step: the registry, what a step receives and returns,
 and the one error a user can act on.
 
-Recipe steps are found by `<type>:<method>` (the keys of `modelpress.specs.STEP_SPECS`).
-
-A step is a function `(model, context) -> StepResult`. It changes the model in place and reports what it did;
+Recipe steps are registered under their spec class (`modelpress.specs.STEP_CLASSES`) and named
+`<type>_<method>`. A step is a function `(model, spec, context) -> StepResult` that receives its own validated
+spec, so every default lives once, on the spec class. It changes the model in place and reports what it did;
 any state it needs (masks, scales) lives in its locals or in the result it returns.
 """
 
@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from pydantic import TypeAdapter, ValidationError
+
+from modelpress.specs import Step, StepSpec
 
 
 class EngineError(Exception):
@@ -45,10 +48,9 @@ class QuantizedWeight:
 
 @dataclass
 class StepContext:
-    """What a step may use: its spec, calibration windows (or None), a progress callback, and for the steps that
-    need them the device, tokenizer, datasets (id -> (path, format)), teacher snapshot and checkpoint folder."""
+    """What a step may use besides its spec: calibration windows (or None), a progress callback, and for the steps
+    that need them the device, tokenizer, datasets (id -> (path, format)), teacher snapshot and checkpoint folder."""
 
-    spec: dict[str, Any]
     calibration: torch.Tensor | None
     report_progress: Callable[[float, str], None]
     device: torch.device | None = None
@@ -67,37 +69,52 @@ class StepResult:
     notes: list[str] = field(default_factory=list)
 
 
-StepFn = Callable[[torch.nn.Module, StepContext], StepResult]
+StepFn = Callable[[torch.nn.Module, Any, StepContext], StepResult]
+F = TypeVar("F", bound=StepFn)
 
-_STEPS: dict[str, StepFn] = {}
+_STEPS: dict[type[StepSpec], StepFn] = {}
+_STEP_ADAPTER: TypeAdapter[StepSpec] = TypeAdapter(Step)
 
 
-def register(step_type: str, method: str) -> Callable[[StepFn], StepFn]:
-    """Register a step function under `<step_type>:<method>`."""
-    key = f"{step_type}:{method}"
+def register(spec_class: type[StepSpec]) -> Callable[[F], F]:
+    """Register a step function for the recipe steps of `spec_class` (it is called with such a spec)."""
 
-    def decorator(fn: StepFn) -> StepFn:
-        if key in _STEPS:
-            raise ValueError(f"recipe step {key!r} is registered twice")
-        _STEPS[key] = fn
+    def decorator(fn: F) -> F:
+        if spec_class in _STEPS:
+            raise ValueError(f"recipe step {spec_class.key!r} is registered twice")
+        _STEPS[spec_class] = fn
         return fn
 
     return decorator
 
 
-def step_key(step: dict[str, Any]) -> str:
-    return f"{step.get('type')}:{step.get('method')}"
-
-
-def get_step(step: dict[str, Any]) -> StepFn:
-    key = step_key(step)
+def get_step(spec: StepSpec) -> StepFn:
+    """The function registered for this spec's class; an EngineError for a step this engine does not know."""
     try:
-        return _STEPS[key]
+        return _STEPS[type(spec)]
     except KeyError:
-        known = ", ".join(sorted(_STEPS))
-        raise EngineError("unknown_step", f"recipe step {key!r} is not known to this engine; known: {known}") from None
+        known = ", ".join(registered_steps())
+        raise EngineError(
+            "unknown_step", f"recipe step {spec.key!r} is not known to this engine; known: {known}"
+        ) from None
+
+
+def run_step(model: torch.nn.Module, spec: StepSpec, context: StepContext) -> StepResult:
+    """Run one recipe step on the model (the pipeline's call, and the one for scripts that run a single step)."""
+    return get_step(spec)(model, spec, context)
+
+
+def step_spec(data: dict[str, Any] | StepSpec) -> StepSpec:
+    """A recipe step as its spec class, for callers that hold its JSON (scripts, tests): invalid JSON is an
+    EngineError `bad_spec` that names the problem."""
+    if isinstance(data, StepSpec):
+        return data
+    try:
+        return _STEP_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise EngineError("bad_spec", f"invalid recipe step: {exc}") from exc
 
 
 def registered_steps() -> list[str]:
     """The registry keys this engine can run (the step modules must be imported first: see __init__)."""
-    return sorted(_STEPS)
+    return sorted(cls.key for cls in _STEPS)

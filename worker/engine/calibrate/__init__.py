@@ -9,19 +9,20 @@ from worker.engine.calibrate.layerwise import (
     observe_shared,
     sequential_layers,
 )
-from worker.engine.calibrate.targets import matches, select_from_spec, select_linears
+from worker.engine.calibrate.targets import fitted_linears, matches, select_linears, untied_linears
 from worker.engine.calibrate.windows import read_text, token_windows
 
 __all__ = [
     "HessianAccumulator",
     "LayerPass",
     "decoder_layers",
+    "fitted_linears",
     "input_stages",
     "matches",
     "observe_shared",
     "read_text",
-    "select_from_spec",
     "select_linears",
     "sequential_layers",
     "token_windows",
+    "untied_linears",
 ]

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute
 
+from modelpress.specs import KnowledgeDistill
 from worker.engine.calibrate.windows import token_windows
 from worker.engine.distill.modes import Mode, choose_offload, fast_mode, lean_mode
 from worker.engine.load.checkpoint import require_tokenizer
@@ -145,10 +146,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def checkpoint_key(spec: dict[str, Any], offload: bool) -> dict[str, Any]:
+def checkpoint_key(spec: KnowledgeDistill, offload: bool) -> dict[str, Any]:
     """What a checkpoint must have been written for: the spec (less `checkpoint_every`) and the memory mode that
     ran, since the two modes' optimizers differ (host buffers and no kernel options in the lean one)."""
-    return {k: v for k, v in spec.items() if k != "checkpoint_every"} | {"offload": offload}
+    return spec.model_dump(mode="json", exclude={"checkpoint_every"}) | {"offload": offload}
 
 
 def load_checkpoint(path: Path | None, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -175,8 +176,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --- orchestration -------------------------------------------------------------------------------------------
-def _windows(context: StepContext, seq_len: int) -> torch.Tensor:
-    dataset_id = context.spec["dataset_id"]
+def _windows(spec: KnowledgeDistill, context: StepContext) -> torch.Tensor:
+    dataset_id, seq_len = spec.dataset_id, spec.seq_len
     if dataset_id not in context.datasets:
         raise EngineError("missing_dataset", f"distill dataset {dataset_id!r} was not given to the engine")
     path, data_format = context.datasets[dataset_id]
@@ -198,7 +199,7 @@ def _forward(model: torch.nn.Module, ids: torch.Tensor, hidden: bool, split: boo
 class _Run:
     """What the training loop needs besides the model: one distill step's state (dies with it)."""
 
-    spec: dict[str, Any]
+    spec: KnowledgeDistill
     context: StepContext
     mode: Mode
     windows: torch.Tensor
@@ -208,24 +209,23 @@ class _Run:
     key: dict[str, Any]
 
 
-@register("distill", "kd")
-def distill(model: torch.nn.Module, context: StepContext) -> StepResult:
-    spec = context.spec
+@register(KnowledgeDistill)
+def distill_kd(model: torch.nn.Module, spec: KnowledgeDistill, context: StepContext) -> StepResult:
     if context.teacher is None:
         raise EngineError("bad_spec", "distill:kd has no teacher snapshot (the pipeline keeps one per teacher_step)")
-    steps, batch_size, seq_len = int(spec.get("steps", 200)), int(spec.get("batch_size", 8)), int(spec["seq_len"])
+    steps, batch_size, seq_len = spec.steps, spec.batch_size, spec.seq_len
     device = torch.device(context.device) if context.device is not None else next(model.parameters()).device
     cuda = device.type == "cuda"
-    windows = _windows(context, seq_len)
-    offload, reason = choose_offload(spec.get("offload", "auto"), model, context.teacher, device, batch_size, seq_len)
+    windows = _windows(spec, context)
+    offload, reason = choose_offload(spec.offload, model, context.teacher, device, batch_size, seq_len)
     log.info("distill: %s mode (%s)", "lean" if offload else "fast", reason)
     with contextlib.ExitStack() as cleanup:
         mode = (
-            lean_mode(model, context, device, windows, cleanup)
+            lean_mode(model, spec, context, device, windows, cleanup)
             if offload
-            else fast_mode(model, context, device, cleanup)
+            else fast_mode(model, spec, context, device, cleanup)
         )
-        warmup = int(spec.get("warmup_steps", 20))
+        warmup = spec.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(mode.optimizer, lambda s: lr_factor(s, warmup, steps))
         checkpoint = None if context.checkpoint_dir is None else Path(context.checkpoint_dir) / CHECKPOINT
         run = _Run(spec, context, mode, windows, device, scheduler, checkpoint, checkpoint_key(spec, offload))
@@ -289,9 +289,8 @@ def _batch_loss(
 def _train(model: torch.nn.Module, run: _Run, start: int, losses: list[float]) -> None:
     """Steps `start` .. `steps` - 1: loss, backward, masks, clipping, AdamW; `losses` grows by one per step."""
     spec = run.spec
-    steps, batch_size = int(spec.get("steps", 200)), int(spec.get("batch_size", 8))
-    temperature, alpha = float(spec.get("temperature", 2.0)), float(spec.get("alpha", 0.5))
-    hidden_weight, every = float(spec.get("hidden_mse", 0.0)), int(spec.get("checkpoint_every", 50))
+    steps, batch_size = spec.steps, spec.batch_size
+    temperature, alpha, hidden_weight, every = spec.temperature, spec.alpha, spec.hidden_mse, spec.checkpoint_every
     model.train()
     started, tokens = time.perf_counter(), 0
     for step in range(start, steps):

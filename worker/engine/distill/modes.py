@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from modelpress.specs import KnowledgeDistill
 from worker.engine.distill.host_adamw import HostAdamW
 from worker.engine.distill.offload import StreamedLayers, host_like, pack_mask
 from worker.engine.steps import EngineError, StepContext
@@ -125,10 +126,14 @@ class Mode:
 
 
 def fast_mode(
-    model: torch.nn.Module, context: StepContext, device: torch.device, cleanup: contextlib.ExitStack
+    model: torch.nn.Module,
+    spec: KnowledgeDistill,
+    context: StepContext,
+    device: torch.device,
+    cleanup: contextlib.ExitStack,
 ) -> Mode:
     """Everything on the device: the teacher moved there whole, AdamW's fused kernel on CUDA."""
-    cuda, spec = device.type == "cuda", context.spec
+    cuda = device.type == "cuda"
     cleanup.callback(context.teacher.to, "cpu")
     teacher = context.teacher.to(device).eval()
     if cuda:
@@ -136,13 +141,12 @@ def fast_mode(
     masks = sparsity_masks(model)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=float(spec.get("learning_rate", 1e-4)),
+        lr=spec.learning_rate,
         weight_decay=0.0,
         **({"fused": True} if cuda else {"foreach": False}),
     )
     cleanup.callback(optimizer.zero_grad, set_to_none=True)
-    max_norm = spec.get("max_grad_norm")
-    update = functools.partial(_fast_update, model, optimizer, masks, None if max_norm is None else float(max_norm))
+    update = functools.partial(_fast_update, model, optimizer, masks, spec.max_grad_norm)
     layers = [{"name": name, "sparsity": float(1 - keep.float().mean())} for name, keep in masks.items()]
     return Mode(teacher, optimizer, update, None, "whole batch", layers)
 
@@ -160,6 +164,7 @@ def _fast_update(
 
 def lean_mode(
     model: torch.nn.Module,
+    spec: KnowledgeDistill,
     context: StepContext,
     device: torch.device,
     windows: torch.Tensor,
@@ -167,7 +172,7 @@ def lean_mode(
 ) -> Mode:
     """Teacher streamed from host memory layer by layer, AdamW's state and the gradients in host memory, masks
     bit-packed on the host, and where exact for the model the logits made one sequence at a time."""
-    cuda, spec = device.type == "cuda", context.spec
+    cuda = device.type == "cuda"
     if cuda:
         _parameters_to_bf16_(context.teacher)
     try:
@@ -180,13 +185,12 @@ def lean_mode(
         ) from exc
     teacher = cleanup.enter_context(streamed)
     masks, layers = packed_sparsity_masks(model, pin=cuda)
-    max_norm = spec.get("max_grad_norm")
     optimizer = HostAdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=float(spec.get("learning_rate", 1e-4)),
+        lr=spec.learning_rate,
         device=device,
         masks=masks,
-        max_grad_norm=None if max_norm is None else float(max_norm),
+        max_grad_norm=spec.max_grad_norm,
     )
     cleanup.callback(optimizer.close)
     update = functools.partial(_lean_update, optimizer)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from modelpress.specs import DepthPrune
 from worker.engine.calibrate.layerwise import decoder_layers
 from worker.engine.prune.size import model_size, size_summary
 from worker.engine.steps import EngineError, StepContext, StepResult, register
@@ -66,9 +67,9 @@ def drop_layers_(model: torch.nn.Module, drop: list[int]) -> None:
     config.num_hidden_layers = len(kept)
 
 
-@register("prune", "depth")
-def depth_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
-    count = int(context.spec["num_layers"])
+@register(DepthPrune)
+def prune_depth(model: torch.nn.Module, spec: DepthPrune, context: StepContext) -> StepResult:
+    count = spec.num_layers
     if context.calibration is None:
         raise EngineError("missing_dataset", "prune:depth ranks layers on calibration data: add a dataset")
     _, layers = decoder_layers(model)

@@ -7,17 +7,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from worker.engine.calibrate.targets import select_from_spec
-from worker.engine.prune.masks import (
-    global_masks,
-    layer_mask,
-    nm_mask,
-    parse_pattern,
-    row_mask,
-    sparsity_of,
-    target_sparsity,
-)
-from worker.engine.steps import EngineError, StepContext, StepResult, register
+from modelpress.specs import MagnitudePrune
+from worker.engine.calibrate.targets import fitted_linears
+from worker.engine.prune.masks import global_masks, layer_mask, nm_mask, row_mask, sparsity_of
+from worker.engine.steps import StepContext, StepResult, register
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +29,11 @@ def prune_(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return weight.mul_(keep.to(weight.dtype))
 
 
-@register("prune", "magnitude")
-def magnitude_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
-    spec = context.spec
-    pattern, scope = parse_pattern(spec.get("pattern")), spec.get("scope", "row")
-    sparsity = target_sparsity(spec)
-    if pattern is not None and scope != "row":
-        raise EngineError("bad_spec", 'an N:M pattern is chosen within each row: leave "scope" at "row"')
-    if not 0.0 < sparsity < 1.0:
-        raise EngineError("bad_spec", f"sparsity must be in (0, 1), got {sparsity}")
-    if scope not in SCOPES:
-        raise EngineError("bad_spec", f"scope {scope!r} is not one of {sorted(SCOPES)}")
-    linears = select_from_spec(model, spec)
-    if not linears:
-        raise EngineError("no_targets", "prune:magnitude matched no Linear layer: check 'targets' and 'ignore'")
+@register(MagnitudePrune)
+def prune_magnitude(model: torch.nn.Module, spec: MagnitudePrune, context: StepContext) -> StepResult:
+    pattern = spec.pattern.ratio if spec.pattern is not None else None
+    scope, sparsity = spec.scope.value, spec.target_sparsity
+    linears = fitted_linears(model, spec)
     names = list(linears)
     with torch.no_grad():
         weights = [linears[n].weight for n in names]
@@ -68,7 +52,7 @@ def magnitude_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
     dense_bytes = sum(linears[n].weight.numel() * linears[n].weight.element_size() for n in names)
     summary = {
         "scope": scope,
-        "pattern": spec.get("pattern"),
+        "pattern": spec.pattern.value if spec.pattern is not None else None,
         "target_sparsity": sparsity,
         "layers": len(names),
         "targeted_parameters": total,

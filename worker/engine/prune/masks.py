@@ -79,18 +79,3 @@ def score_mask(scores: torch.Tensor, sparsity: float | None, pattern: tuple[int,
         return nm_mask(scores, *pattern)
     return smallest_mask(scores, prune_count(scores.shape[1], float(sparsity)))
 
-
-def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
-    """ "2:4" -> (2, 4); None stays None."""
-    if pattern is None:
-        return None
-    n, m = (int(part) for part in str(pattern).split(":"))
-    return n, m
-
-
-def target_sparsity(spec: dict) -> float:
-    """A step's target sparsity: 1 - N/M for a pattern, else its `sparsity`."""
-    pattern = parse_pattern(spec.get("pattern"))
-    if pattern is not None:
-        return 1 - pattern[0] / pattern[1]
-    return float(spec["sparsity"])

@@ -13,9 +13,10 @@ from typing import Any, Protocol
 
 import torch
 
+from modelpress.specs import SparseGPTPrune, WandaPrune
 from worker.engine.calibrate.layerwise import observe_shared, sequential_layers
-from worker.engine.calibrate.targets import select_from_spec
-from worker.engine.prune.masks import parse_pattern, sparsity_of, target_sparsity
+from worker.engine.calibrate.targets import fitted_linears
+from worker.engine.prune.masks import sparsity_of
 from worker.engine.steps import EngineError, StepContext, StepResult
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def model_device(model: torch.nn.Module, context: StepContext) -> torch.device:
 
 def prune_sequentially(
     model: torch.nn.Module,
+    spec: WandaPrune | SparseGPTPrune,
     context: StepContext,
     new_statistic: NewStatistic,
     prune_linear_: PruneLinear | None = None,
@@ -52,18 +54,11 @@ def prune_sequentially(
         if prune_linear_ is None:
             raise ValueError("prune_sequentially needs prune_linear_ or prune_shared_")
         prune_shared_ = _one_by_one(prune_linear_)
-    spec, method = context.spec, context.spec.get("method")
     if context.calibration is None:
-        raise EngineError("missing_dataset", f"prune:{method} needs calibration data: add a calibration dataset")
-    pattern, sparsity = parse_pattern(spec.get("pattern")), target_sparsity(spec)
-    linears = select_from_spec(model, spec)
-    if not linears:
-        raise EngineError("no_targets", f"prune:{method} matched no Linear layer: check 'targets' and 'ignore'")
-    for name, linear in linears.items():
-        if pattern is not None and linear.in_features % pattern[1]:
-            raise EngineError(
-                "bad_spec", f"{name} has {linear.in_features} inputs, not a multiple of M={pattern[1]}: ignore it"
-            )
+        raise EngineError("missing_dataset", f"{spec.key} needs calibration data: add a calibration dataset")
+    pattern = spec.pattern.ratio if spec.pattern is not None else None
+    sparsity = spec.target_sparsity
+    linears = fitted_linears(model, spec)
     layers: list[dict[str, Any]] = []
     seen: set[str] = set()
     for step in sequential_layers(model, context.calibration, model_device(model, context), context.report_progress):
@@ -83,12 +78,12 @@ def prune_sequentially(
     outside = sorted(set(linears) - seen)
     notes = []
     if outside:
-        notes.append(f"prune:{method} prunes Linears inside decoder layers only; left dense: {', '.join(outside)}")
+        notes.append(f"{spec.key} prunes Linears inside decoder layers only; left dense: {', '.join(outside)}")
     total = sum(linears[n].weight.numel() for n in seen)
     zeros = sum(int((linears[n].weight == 0).sum()) for n in seen)
     summary = {
         "target_sparsity": sparsity,
-        "pattern": spec.get("pattern"),
+        "pattern": spec.pattern.value if spec.pattern is not None else None,
         "layers": len(seen),
         "targeted_parameters": total,
         "sparsity": zeros / total if total else 0.0,

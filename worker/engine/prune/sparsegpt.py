@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from modelpress.specs import SparseGPTPrune
 from worker.engine.calibrate.layerwise import HessianAccumulator
 from worker.engine.prune.masks import prune_count
 from worker.engine.prune.sequential import prune_sequentially
@@ -115,10 +116,9 @@ def sparsegpt_prune_(
     return sparsegpt_prune_shared_([weight], hessian, sparsity, pattern, block_size, dampening)[0]
 
 
-@register("prune", "sparsegpt")
-def sparsegpt_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
-    block_size = int(context.spec.get("block_size", 128))
-    dampening = float(context.spec.get("dampening", 0.01))
+@register(SparseGPTPrune)
+def prune_sparsegpt(model: torch.nn.Module, spec: SparseGPTPrune, context: StepContext) -> StepResult:
+    block_size, dampening = spec.block_size, spec.dampening
 
     def prune_shared_(linears: list[torch.nn.Linear], stat: HessianAccumulator, sparsity, pattern) -> list[dict]:
         weights = [linear.weight for linear in linears]
@@ -127,6 +127,7 @@ def sparsegpt_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
 
     return prune_sequentially(
         model,
+        spec,
         context,
         lambda linear: HessianAccumulator(linear.in_features, linear.weight.device),
         prune_shared_=prune_shared_,

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from modelpress.specs import StructuredPrune
 from worker.engine.calibrate.layerwise import decoder_layers
 from worker.engine.prune.size import model_size, size_summary
 from worker.engine.steps import EngineError, StepContext, StepResult, register
@@ -89,12 +90,12 @@ def _attention_shape(config: Any) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
-@register("prune", "structured")
-def structured_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
-    spec, config = context.spec, model.config
+@register(StructuredPrune)
+def prune_structured(model: torch.nn.Module, spec: StructuredPrune, context: StepContext) -> StepResult:
+    config = model.config
     if context.calibration is None:
         raise EngineError("missing_dataset", "prune:structured ranks channels on calibration data: add a dataset")
-    mlp_sparsity, attn_sparsity = float(spec.get("mlp_sparsity", 0.0)), float(spec.get("attention_sparsity", 0.0))
+    mlp_sparsity, attn_sparsity = spec.mlp_sparsity, spec.attention_sparsity
     heads, kv_heads, head_dim = _attention_shape(config)
     group = heads // kv_heads
     before = model_size(model)

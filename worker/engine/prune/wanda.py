@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from modelpress.specs import WandaPrune
 from worker.engine.prune.masks import score_mask
 from worker.engine.prune.sequential import prune_sequentially
 from worker.engine.steps import StepContext, StepResult, register
@@ -44,10 +45,11 @@ def wanda_prune_linear_(
     return {"tokens": norms.tokens}
 
 
-@register("prune", "wanda")
-def wanda_prune(model: torch.nn.Module, context: StepContext) -> StepResult:
+@register(WandaPrune)
+def prune_wanda(model: torch.nn.Module, spec: WandaPrune, context: StepContext) -> StepResult:
     return prune_sequentially(
         model,
+        spec,
         context,
         lambda linear: ColumnNorms(linear.in_features, linear.weight.device),
         wanda_prune_linear_,

@@ -20,6 +20,7 @@ import logging
 
 import torch
 
+from modelpress.specs import AWQQuantize
 from worker.engine.quantize.awq_block import block_loss, containing_module
 from worker.engine.quantize.awq_math import (
     clip_search,
@@ -39,10 +40,9 @@ from worker.engine.quantize.common import (
     quantize_layers,
     require_calibration,
     targeted_linears,
-    weight_args,
 )
 from worker.engine.quantize.quant_math import fake_quantize
-from worker.engine.steps import EngineError, QuantizedWeight, StepContext, StepResult, register
+from worker.engine.steps import QuantizedWeight, StepContext, StepResult, register
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ FOLDS = (  # producer → consumers, by name inside a Llama-style decoder layer,
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
 NORM_FOLDS = (FOLDS[0], FOLDS[2])  # SmoothQuant smooths the inputs of the norms' consumers only
-LOSSES = ("gram", "block")  # what the scale search minimizes; "block" applies to the norm folds (awq_block.py)
 
 
 def fold_groups(group: LayerGroup, folds=FOLDS) -> list[tuple[torch.nn.Module, list[str], int | None]]:
@@ -105,21 +104,15 @@ def rescale_inputs_(group: LayerGroup, consumers: list[str], factors: torch.Tens
         stats.rescale_(factors)
 
 
-@register("quantize", "awq")
-def awq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
-    spec = context.spec
-    bits, group_size, symmetric = weight_args(spec, "awq", default=(4, 128))
-    grid = int(spec.get("grid", 20))
-    duo_scaling = spec.get("duo_scaling", False)
+@register(AWQQuantize)
+def quantize_awq(model: torch.nn.Module, spec: AWQQuantize, context: StepContext) -> StepResult:
+    bits, group_size, symmetric = spec.weights.bits, spec.weights.group_size, spec.weights.symmetric
+    grid, duo_scaling, loss_kind = spec.grid, spec.duo_scaling, spec.loss.value
     candidates = scale_candidates(grid, duo_scaling)
-    loss_kind = spec.get("loss", "gram")
-    if loss_kind not in LOSSES:
-        raise EngineError("bad_spec", f"quantize:awq loss must be one of {list(LOSSES)}, not {loss_kind!r}")
-    true_sequential = bool(spec.get("true_sequential", False))
-    clipped_search = bool(spec.get("clipped_search", False))
+    true_sequential, clipped_search = spec.true_sequential, spec.clipped_search
     weight_kwargs = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
-    require_calibration(context, "awq")
-    linears = targeted_linears(model, spec, "awq", group_size)
+    require_calibration(context, spec.key)
+    linears = targeted_linears(model, spec)
     chosen: dict[str, dict] = {}
     notes: list[str] = []
 

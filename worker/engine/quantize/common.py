@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from modelpress.specs import TargetedStep
 from worker.engine.calibrate.layerwise import (
     HessianAccumulator,
     LayerPass,
@@ -31,7 +32,7 @@ from worker.engine.calibrate.layerwise import (
     observe_shared,
     sequential_layers,
 )
-from worker.engine.calibrate.targets import select_from_spec
+from worker.engine.calibrate.targets import fitted_linears
 from worker.engine.export import require_compressed_tensors, storage_format, stored_weight_bytes
 from worker.engine.quantize.quant_math import (
     fake_quantize,
@@ -44,7 +45,6 @@ from worker.engine.steps import EngineError, QuantizedWeight, StepContext, StepR
 
 log = logging.getLogger(__name__)
 
-BITS = (4, 8)
 PRUNED_SHARE = 0.01  # a dense weight holds almost no exact zeros; a pruned one far more than this
 LinearQuantizer = Callable[[str, torch.nn.Linear, "InputStats | None"], QuantizedWeight]
 
@@ -52,37 +52,16 @@ LinearQuantizer = Callable[[str, torch.nn.Linear, "InputStats | None"], Quantize
 # --- Spec and targets -----------------------------------------------------------------------------------------
 
 
-def weight_args(spec: dict, method: str, default: tuple[int, int | None] = (8, None)) -> tuple[int, int | None, bool]:
-    """(bits, group_size, symmetric) from the step's `weights` (the spec's defaults when absent)."""
-    weights = spec.get("weights") or {}
-    bits = int(weights.get("bits", default[0]))
-    group_size = weights.get("group_size", default[1])
-    if bits not in BITS:
-        raise EngineError("bad_spec", f"quantize:{method} supports bits {BITS}, got {bits}")
-    return bits, (int(group_size) if group_size is not None else None), bool(weights.get("symmetric", True))
-
-
-def targeted_linears(
-    model: torch.nn.Module, spec: dict, method: str, group_size: int | None = None
-) -> dict[str, torch.nn.Linear]:
-    """The Linears the step quantizes; refuses no match and a group size that does not divide an input width."""
+def targeted_linears(model: torch.nn.Module, spec: TargetedStep) -> dict[str, torch.nn.Linear]:
+    """The Linears the step quantizes, refused when they do not fit it (`fitted_linears`)."""
     require_compressed_tensors()  # the artifact cannot be written without it: fail before the work
-    linears = select_from_spec(model, spec)
-    if not linears:
-        raise EngineError("no_targets", f"quantize:{method} matched no Linear layer: check 'targets' and 'ignore'")
-    for name, linear in linears.items():
-        if group_size is not None and linear.in_features % group_size:
-            raise EngineError(
-                "bad_group_size",
-                f"group_size {group_size} does not divide the input width {linear.in_features} of {name}: "
-                "choose a group size that divides it, or ignore that layer",
-            )
-    return linears
+    return fitted_linears(model, spec)
 
 
-def require_calibration(context: StepContext, method: str) -> torch.Tensor:
+def require_calibration(context: StepContext, step: str) -> torch.Tensor:
+    """The calibration windows, or an EngineError naming the step (`quantize:gptq`) that needs them."""
     if context.calibration is None:
-        raise EngineError("missing_calibration", f"quantize:{method} learns from calibration text: add `calibration`")
+        raise EngineError("missing_calibration", f"{step} learns from calibration text: add `calibration`")
     return context.calibration
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from modelpress.specs import FP8Quantize
 from worker.engine.quantize.common import (
     InputStats,
     attach_activation_quant_,
@@ -39,12 +40,12 @@ def fp8_quantize_(linear: torch.nn.Linear, stats: InputStats | None = None) -> Q
     )
 
 
-@register("quantize", "fp8")
-def fp8_quantize(model: torch.nn.Module, context: StepContext) -> StepResult:
-    use_gptq = bool(context.spec.get("gptq", False))
+@register(FP8Quantize)
+def quantize_fp8(model: torch.nn.Module, spec: FP8Quantize, context: StepContext) -> StepResult:
+    use_gptq = spec.gptq
     if use_gptq:
-        require_calibration(context, "fp8 with gptq")
-    linears = targeted_linears(model, context.spec, "fp8")
+        require_calibration(context, f"{spec.key} with gptq")
+    linears = targeted_linears(model, spec)
     rounded: list[str] = []
 
     def quantize(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> QuantizedWeight:

@@ -13,27 +13,25 @@ from __future__ import annotations
 
 import torch
 
+from modelpress.specs import GPTQQuantize
 from worker.engine.quantize.common import (
     InputStats,
     quantize_,
     quantize_layers,
     require_calibration,
     targeted_linears,
-    weight_args,
 )
 from worker.engine.quantize.gptq_math import gptq_quantize
 from worker.engine.steps import QuantizedWeight, StepContext, StepResult, register
 
 
-@register("quantize", "gptq")
-def gptq_step(model: torch.nn.Module, context: StepContext) -> StepResult:
-    spec = context.spec
-    bits, group_size, symmetric = weight_args(spec, "gptq", default=(4, 128))
-    act_order = bool(spec.get("act_order", False))
-    block_size, dampening = int(spec.get("block_size", 128)), float(spec.get("dampening", 0.01))
-    true_sequential, clip_search = bool(spec.get("true_sequential", True)), bool(spec.get("clip_search", True))
-    require_calibration(context, "gptq")
-    linears = targeted_linears(model, spec, "gptq", group_size)
+@register(GPTQQuantize)
+def quantize_gptq(model: torch.nn.Module, spec: GPTQQuantize, context: StepContext) -> StepResult:
+    bits, group_size, symmetric = spec.weights.bits, spec.weights.group_size, spec.weights.symmetric
+    act_order, block_size, dampening = spec.act_order, spec.block_size, spec.dampening
+    true_sequential, clip_search = spec.true_sequential, spec.clip_search
+    require_calibration(context, spec.key)
+    linears = targeted_linears(model, spec)
     rounded: list[str] = []
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from modelpress.specs import SmoothQuant
 from worker.engine.quantize.awq import NORM_FOLDS, fold_checked_, fold_groups, rescale_inputs_
 from worker.engine.quantize.common import (
     InputStats,
@@ -34,11 +35,11 @@ def smoothing_factors(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha
     return torch.where(dead, torch.ones_like(s), s.clamp(min=MIN_SCALE))
 
 
-@register("quantize", "smoothquant")
-def smoothquant_step(model: torch.nn.Module, context: StepContext) -> StepResult:
-    alpha = float(context.spec.get("alpha", 0.5))
-    require_calibration(context, "smoothquant")
-    linears = targeted_linears(model, context.spec, "smoothquant")
+@register(SmoothQuant)
+def quantize_smoothquant(model: torch.nn.Module, spec: SmoothQuant, context: StepContext) -> StepResult:
+    alpha = spec.alpha
+    require_calibration(context, spec.key)
+    linears = targeted_linears(model, spec)
     smoothed: set[str] = set()
 
     def prepare(group: LayerGroup) -> None:
