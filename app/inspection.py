@@ -18,7 +18,7 @@ from typing import Any
 
 from app.architectures import SUPPORTED_ARCHITECTURES, refusal
 from app.archives import ArchiveError
-from app.weight_shapes import check_weight_shapes
+from app.weight_shapes import FLOAT_DTYPES, check_weight_shapes
 
 MAX_JSON_BYTES = 8 * 1024 * 1024
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
@@ -41,6 +41,7 @@ SAFETENSORS_DTYPES = {
 }
 
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+POSITION_EMBEDDING_SUFFIXES = ("embed_positions.weight", "wpe.weight")
 
 
 class InspectionError(ArchiveError):
@@ -204,12 +205,28 @@ def inspect_hf_folder(root: Path) -> Inspected:
     counts: Counter[str] = Counter()
     for entry in tensors.values():
         counts[entry["dtype"]] += prod(entry["shape"])
+    details["linears"] = linear_shapes(tensors)
     details.update(
         dtype=SAFETENSORS_DTYPES[counts.most_common(1)[0][0]][0],
         has_tokenizer=any((root / name).is_file() for name in TOKENIZER_FILES),
         files=[p.relative_to(root).as_posix() for p in files],
     )
     return Inspected(architecture=architecture, parameters=sum(counts.values()), details=details)
+
+
+def linear_shapes(tensors: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
+    """The Linear layers a recipe can target, from the safetensors headers: a 2-D float `<module>.weight` that is
+    not an embedding counts as a Linear named `<module>`, [out_features, in_features] (what `check_fit` reads).
+    Every accepted architecture (app.architectures) holds its projections in `torch.nn.Linear` modules."""
+    skipped = EMBEDDING_SUFFIXES + POSITION_EMBEDDING_SUFFIXES
+    return {
+        name.removesuffix(".weight"): entry["shape"]
+        for name, entry in sorted(tensors.items())
+        if name.endswith(".weight")
+        and len(entry["shape"]) == 2
+        and entry["dtype"] in FLOAT_DTYPES
+        and not name.endswith(skipped)
+    }
 
 
 def _check_embedding(tensors: dict[str, dict[str, Any]], config: dict[str, Any], details: dict[str, Any]) -> None:

@@ -284,7 +284,7 @@ class AWQQuantize(_QuantizeStep):
     duo_scaling: bool | Literal["both"] = Field(
         default=False,
         description="false: candidate scales mean|x|^α; true: mean|x|^α / mean|Ŵ|^(1−α), Ŵ the weights relative to "
-        "their group's range (the form AutoAWQ and llm-compressor use by default); \"both\": half the grid each",
+        'their group\'s range (the form AutoAWQ and llm-compressor use by default); "both": half the grid each',
     )
     loss: AWQLoss = Field(
         default=AWQLoss.gram,

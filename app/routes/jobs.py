@@ -22,7 +22,7 @@ from app.resources import list_page
 from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
 from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, utcnow
 from modelpress.queue import enqueue_job
-from modelpress.specs import JobSpec, group_sizes, step_key
+from modelpress.specs import DepthPrune, JobSpec, WeightQuantArgs, check_fit
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -94,20 +94,37 @@ def _check_references(session: Session, tenant: str, spec: JobSpec) -> None:
 
 
 def _check_fits_model(spec: JobSpec, model: Model) -> None:
-    """Recipe values that depend on the model: its architecture runs every step, group sizes fit its widths,
-    layers are left after depth pruning."""
-    refused = unsupported_step(model.details.get("model_type"), [step_key(step) for step in spec.recipe])
+    """Recipe values that depend on the model: its architecture runs every step, layers are left after depth
+    pruning, and `check_fit` (targets that match a Linear layer, group sizes and N:M patterns that divide the
+    targeted input widths) against the Linear layers read from the upload's safetensors headers, as uploaded.
+
+    Where the upload has no per-layer table (GGUF files, models inspected before the table was recorded) only
+    group sizes are checked, against every Linear input width the config implies; the engine runs `check_fit` on
+    the loaded model before each step either way, and refuses there what this misses.
+    """
+    refused = unsupported_step(model.details.get("model_type"), [step.key for step in spec.recipe])
     if refused:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, refused)
     layers = model.details.get("num_hidden_layers")
-    dropped = sum(getattr(step, "num_layers", 0) for step in spec.recipe if step_key(step) == "prune:depth")
+    dropped = sum(step.num_layers for step in spec.recipe if isinstance(step, DepthPrune))
     if layers and dropped >= layers:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_ENTITY,
             f"the recipe drops {dropped} decoder layers but the model has {layers}; keep at least one",
         )
+    linears = model.details.get("linears")
+    if linears is not None:
+        problems = check_fit(spec, {name: (shape[0], shape[1]) for name, shape in linears.items()})
+        if problems:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "; ".join(p.message for p in problems))
+        return
     widths = model.details.get("linear_in_features") or []
-    for size in sorted(group_sizes(spec)):
+    sizes = {
+        step.weights.group_size
+        for step in spec.recipe
+        if isinstance(getattr(step, "weights", None), WeightQuantArgs) and step.weights.group_size is not None
+    }
+    for size in sorted(sizes):
         for width in widths:
             if width % size:
                 raise HTTPException(

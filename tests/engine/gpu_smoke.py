@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from modelpress.specs import JobSpec
 from tests.utils.factories import build_tiny_model, write_text_dataset
 from worker.engine import EngineRequest, run_pipeline
 
@@ -37,19 +38,23 @@ def tiny_job(root: Path) -> dict:
         recipe.append(
             {"type": "quantize", "method": "rtn", "weights": {"bits": 4, "group_size": 32, "symmetric": True}}
         )
-    spec = {"model_id": "m", "recipe": recipe, "evaluation": {"dataset_id": "d", "seq_len": 64, "max_windows": 4}}
+    spec = JobSpec.model_validate(
+        {"model_id": "m", "recipe": recipe, "evaluation": {"dataset_id": "d", "seq_len": 64, "max_windows": 4}}
+    )
     report = run_pipeline(EngineRequest(model, "hf", spec, None, None, data, "txt", root / "out"), lambda e: None)
     assert report["environment"]["device"] != "cpu" or not torch.cuda.is_available()
     return {k: report.get(k) for k in KEYS}
 
 
 def smollm2_job(root: Path, gguf: Path, data: Path, recipe: str, windows: int) -> dict:
-    spec = {
-        "model_id": "smollm2",
-        "recipe": [RECIPES[recipe]],
-        "calibration": {"dataset_id": "valid", "samples": 64, "seq_len": 512},
-        "evaluation": {"dataset_id": "test", "seq_len": 512, "max_windows": windows},
-    }
+    spec = JobSpec.model_validate(
+        {
+            "model_id": "smollm2",
+            "recipe": [RECIPES[recipe]],
+            "calibration": {"dataset_id": "valid", "samples": 64, "seq_len": 512},
+            "evaluation": {"dataset_id": "test", "seq_len": 512, "max_windows": windows},
+        }
+    )
     request = EngineRequest(
         gguf,
         "gguf",

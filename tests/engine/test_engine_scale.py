@@ -16,7 +16,7 @@ from worker.engine.prune import sparsegpt
 from worker.engine.prune.masks import prune_count
 from worker.engine.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune_, sparsegpt_prune_shared_, sweep_
 from worker.engine.quantize import common as quantization
-from worker.engine.steps import StepContext, get_step
+from worker.engine.steps import StepContext, run_step, step_spec
 
 INT4_G32 = {"bits": 4, "group_size": 32, "symmetric": True}
 
@@ -80,8 +80,8 @@ def test_quantizers_hold_one_layer_of_statistics_at_a_time(tiny, monkeypatch):
 
     monkeypatch.setattr(quantization, "InputStats", Tracked)
     spec = {"type": "quantize", "method": "rtn", "weights": INT4_G32}
-    context = StepContext(spec=spec, calibration=windows(tiny.model), report_progress=lambda f, m: None)
-    get_step(spec)(tiny.model, context)
+    context = StepContext(calibration=windows(tiny.model), report_progress=lambda f, m: None)
+    run_step(tiny.model, step_spec(spec), context)
     assert len(most) == 4 * tiny.model.config.num_hidden_layers  # q/k/v, o, gate/up, down: shared inputs once
     assert max(most) == 4  # the previous layer's (a 0.8 GiB down_proj Hessian at 8B) are gone before the next
 
@@ -96,8 +96,8 @@ def test_sparsegpt_accumulates_one_hessian_per_distinct_input(tiny, monkeypatch)
 
     monkeypatch.setattr(sparsegpt, "HessianAccumulator", Counting)
     spec = {"type": "prune", "method": "sparsegpt", "sparsity": 0.5}
-    context = StepContext(spec=spec, calibration=windows(tiny.model), report_progress=lambda f, m: None)
-    result = get_step(spec)(tiny.model, context)
+    context = StepContext(calibration=windows(tiny.model), report_progress=lambda f, m: None)
+    result = run_step(tiny.model, step_spec(spec), context)
     layers = tiny.model.config.num_hidden_layers
     assert len(made) == 4 * layers  # q/k/v, o, gate/up, down
     assert len(result.layers) == 7 * layers and all(r["sparsity"] == 0.5 for r in result.layers)
@@ -181,8 +181,8 @@ def test_calibrated_steps_run_on_a_bf16_model(tiny, spec):
     ids = windows(model)
     with torch.no_grad():
         before = model(input_ids=ids[:1]).logits.float()
-    context = StepContext(spec=spec, calibration=ids, report_progress=lambda f, m: None)
-    result = get_step(spec)(model, context)
+    context = StepContext(calibration=ids, report_progress=lambda f, m: None)
+    result = run_step(model, step_spec(spec), context)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         after = model(input_ids=ids[:1]).logits.float()

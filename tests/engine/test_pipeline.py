@@ -3,11 +3,13 @@ import json
 import math
 import shutil
 import tarfile
+from typing import Literal
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from modelpress.specs import JobSpec, StepType, TargetedStep
 from worker.engine import EngineError, EngineRequest, ProgressEvent, registered_steps, run_pipeline
 
 SEQ_LEN, WINDOWS = 64, 8
@@ -39,19 +41,21 @@ METRIC_KEYS = {
 
 
 def spec(recipe=RECIPE, evaluation=True):
-    return {
+    """The job as the API stores it and the manifest records it: the validated spec's JSON."""
+    data = {
         "model_id": "m1",
         "recipe": recipe,
         "calibration": None,
         "evaluation": {"dataset_id": "d1", "seq_len": SEQ_LEN, "max_windows": WINDOWS} if evaluation else None,
     }
+    return JobSpec.model_validate(data).model_dump(mode="json")
 
 
 def request(model_dir, out, text_dataset, **overrides):
     fields = {
         "model_path": model_dir,
         "model_format": "hf",
-        "spec": spec(),
+        "spec": JobSpec.model_validate(spec()),
         "calibration_path": None,
         "calibration_format": None,
         "evaluation_path": text_dataset,
@@ -60,6 +64,8 @@ def request(model_dir, out, text_dataset, **overrides):
         "device": "cpu",
     }
     fields.update(overrides)
+    if isinstance(fields["spec"], dict):
+        fields["spec"] = JobSpec.model_validate(fields["spec"])
     return EngineRequest(**fields)
 
 
@@ -195,7 +201,13 @@ def test_evaluation_without_tokenizer_is_a_clear_error(tiny_model_dir, text_data
 
 def test_unknown_step_fails_before_any_work(tiny_model_dir, text_dataset, tmp_path):
     events = []
-    bad = spec([{"type": "prune", "method": "no-such-method", "sparsity": 0.5}])  # (wanda is registered now)
+
+    class NoSuchPrune(TargetedStep):  # a step the specs could name but this engine has no code for
+        type: Literal[StepType.prune] = StepType.prune
+        method: Literal["no-such-method"] = "no-such-method"
+        sparsity: float = 0.5
+
+    bad = JobSpec.model_construct(model_id="m1", recipe=[NoSuchPrune()], calibration=None, evaluation=None)
     with pytest.raises(EngineError) as info:
         run_pipeline(request(tiny_model_dir, tmp_path, text_dataset, spec=bad), events.append)
     assert info.value.code == "unknown_step" and events == []

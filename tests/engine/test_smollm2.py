@@ -6,6 +6,7 @@ import tarfile
 import pytest
 import torch
 
+from modelpress.specs import JobSpec
 from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir, smollm2_marks
 from worker.engine import EngineRequest, run_pipeline
 from worker.engine.load.checkpoint import load_model
@@ -37,7 +38,7 @@ def test_prune_and_int8_pipeline(tmp_path):
     request = EngineRequest(
         model_path=smollm2_dir() / SMOLLM2_GGUF,
         model_format="gguf",
-        spec=spec,
+        spec=JobSpec.model_validate(spec),
         calibration_path=None,
         calibration_format=None,
         evaluation_path=SHARED_DATA / "wikitext2-test.txt",

@@ -21,7 +21,7 @@ import torch
 from tests.utils.factories import build_tiny_model, write_text_dataset
 from worker.engine.load.checkpoint import load_model
 from worker.engine.pipeline import cpu_copy
-from worker.engine.steps import StepContext, get_step
+from worker.engine.steps import StepContext, run_step, step_spec
 
 DEVICE = torch.device("cuda")
 
@@ -47,13 +47,12 @@ def spec(offload: bool) -> dict:
     }
 
 
-def distill(model, teacher, tokenizer, dataset, step_spec, checkpoints=None, crash_at=None):
+def distill(model, teacher, tokenizer, dataset, step, checkpoints=None, crash_at=None):
     def progress(fraction: float, message: str) -> None:
         if crash_at is not None and message.startswith(f"step {crash_at}/"):
             raise Crash
 
     context = StepContext(
-        spec=step_spec,
         calibration=None,
         report_progress=progress,
         device=DEVICE,
@@ -62,7 +61,7 @@ def distill(model, teacher, tokenizer, dataset, step_spec, checkpoints=None, cra
         teacher=teacher,
         checkpoint_dir=checkpoints,
     )
-    return get_step(step_spec)(model, context)
+    return run_step(model, step_spec(step), context)
 
 
 @torch.no_grad()
@@ -80,7 +79,7 @@ def main() -> None:
     dataset = write_text_dataset(root / "text.txt")
     student = tiny.model.to(torch.bfloat16)
     prune = {"type": "prune", "method": "magnitude", "pattern": "2:4"}
-    get_step(prune)(student, StepContext(spec=prune, calibration=None, report_progress=lambda f, m: None))
+    run_step(student, step_spec(prune), StepContext(calibration=None, report_progress=lambda f, m: None))
     zeros = {n: m.weight == 0 for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     teacher_model = copy.deepcopy(student)
     with torch.no_grad():

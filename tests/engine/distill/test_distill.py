@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from worker.engine.distill.kd import batch_indices, kd_loss, lr_factor
-from worker.engine.steps import StepContext, get_step
+from worker.engine.steps import StepContext, run_step, step_spec
 
 
 class Crash(Exception):
@@ -42,7 +42,6 @@ def run_distill(model, teacher, tokenizer, dataset, spec, checkpoint_dir=None, c
             raise Crash
 
     context = StepContext(
-        spec=spec,
         calibration=None,
         report_progress=progress,
         device=torch.device("cpu"),
@@ -51,7 +50,7 @@ def run_distill(model, teacher, tokenizer, dataset, spec, checkpoint_dir=None, c
         teacher=teacher,
         checkpoint_dir=checkpoint_dir,
     )
-    return get_step(spec)(model, context)
+    return run_step(model, step_spec(spec), context)
 
 
 def test_kd_loss_is_zero_kl_for_identical_logits():
@@ -71,7 +70,7 @@ def test_schedule_and_batches_are_pure_functions_of_the_step():
 def test_pruned_weights_stay_exactly_zero(tiny, text_dataset):
     model, teacher = tiny.model, copy.deepcopy(tiny.model)
     prune = {"type": "prune", "method": "magnitude", "pattern": "2:4"}
-    get_step(prune)(model, StepContext(spec=prune, calibration=None, report_progress=lambda f, m: None))
+    run_step(model, step_spec(prune), StepContext(calibration=None, report_progress=lambda f, m: None))
     zeros = {n: m.weight == 0 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     before = {n: model.get_submodule(n).weight.detach().clone() for n in zeros}
     result = run_distill(model, teacher, tiny.tokenizer, text_dataset, distill_spec())
@@ -107,10 +106,10 @@ def test_distill_refuses_a_missing_dataset(tiny):
 
     spec = distill_spec(dataset_id="absent")
     context = StepContext(
-        spec=spec, calibration=None, report_progress=lambda f, m: None, tokenizer=tiny.tokenizer, teacher=tiny.model
+        calibration=None, report_progress=lambda f, m: None, tokenizer=tiny.tokenizer, teacher=tiny.model
     )
     with pytest.raises(EngineError):
-        get_step(spec)(tiny.model, context)
+        run_step(tiny.model, step_spec(spec), context)
 
 
 def test_teacher_snapshot_is_a_frozen_host_copy_with_ties_kept(tiny):

@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 from modelpress.specs import JobSpec, KnowledgeDistill
 from tests.engine.distill.test_distill import Crash, distill_spec, run_distill
 from worker.engine.distill.modes import choose_offload, logits_from_hidden_are_exact
-from worker.engine.steps import StepContext, get_step
+from worker.engine.steps import StepContext, run_step, step_spec
 
 CPU = torch.device("cpu")
 
@@ -28,7 +28,7 @@ def perturbed_teacher(model: torch.nn.Module) -> torch.nn.Module:
 
 def pruned(model: torch.nn.Module) -> torch.nn.Module:
     spec = {"type": "prune", "method": "magnitude", "pattern": "2:4"}
-    get_step(spec)(model, StepContext(spec=spec, calibration=None, report_progress=lambda f, m: None))
+    run_step(model, step_spec(spec), StepContext(calibration=None, report_progress=lambda f, m: None))
     return model
 
 

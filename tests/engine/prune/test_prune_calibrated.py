@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from worker.engine import steps as engine
 from worker.engine.calibrate.targets import select_linears
 from worker.engine.prune.masks import nm_mask, sparsity_of
 from worker.engine.prune.sparsegpt import sparsegpt_prune_
-from worker.engine.steps import StepContext, get_step
+from worker.engine.steps import StepContext, step_spec
 
 
 def _calibration(model, n: int = 4, seq: int = 32) -> torch.Tensor:
@@ -17,8 +18,8 @@ def _calibration(model, n: int = 4, seq: int = 32) -> torch.Tensor:
 
 def run_step(model, **spec):
     step = {"type": "prune", **spec}
-    context = StepContext(spec=step, calibration=_calibration(model), report_progress=lambda f, m: None)
-    return get_step(step)(model, context)
+    context = StepContext(calibration=_calibration(model), report_progress=lambda f, m: None)
+    return engine.run_step(model, step_spec(step), context)
 
 
 def assert_nm(weight: torch.Tensor, n: int, m: int) -> None:
@@ -84,7 +85,7 @@ def test_sequential_pruning_needs_calibration(tiny):
 
     step = {"type": "prune", "method": "wanda", "sparsity": 0.5}
     with pytest.raises(EngineError):
-        get_step(step)(tiny.model, StepContext(spec=step, calibration=None, report_progress=lambda f, m: None))
+        engine.run_step(tiny.model, step_spec(step), StepContext(calibration=None, report_progress=lambda f, m: None))
 
 
 def test_sparsity_of_counts_zeros():
@@ -147,7 +148,7 @@ def test_wanda_step_prunes_what_the_reference_algorithm_prunes(tiny_model_dir):
     theirs = load_model(tiny_model_dir, "hf", torch.device("cpu")).model
     windows = _calibration(ours, n=6, seq=48)
     step = {"type": "prune", "method": "wanda", "sparsity": 0.5}
-    get_step(step)(ours, StepContext(spec=step, calibration=windows, report_progress=lambda f, m: None))
+    engine.run_step(ours, step_spec(step), StepContext(calibration=windows, report_progress=lambda f, m: None))
     reference_wanda_(theirs, windows)
     for name, linear in select_linears(ours).items():
         mine, reference = linear.weight == 0, theirs.get_submodule(name).weight == 0

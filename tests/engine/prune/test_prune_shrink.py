@@ -11,9 +11,10 @@ import textwrap
 import pytest
 import torch
 
+from worker.engine import steps as engine
 from worker.engine.calibrate.layerwise import decoder_layers
 from worker.engine.prune.structured import kept_width
-from worker.engine.steps import StepContext, get_step
+from worker.engine.steps import StepContext, step_spec
 
 
 def _calibration(model, n: int = 3, seq: int = 24) -> torch.Tensor:
@@ -22,8 +23,8 @@ def _calibration(model, n: int = 3, seq: int = 24) -> torch.Tensor:
 
 def run_step(model, **spec):
     step = {"type": "prune", **spec}
-    context = StepContext(spec=step, calibration=_calibration(model), report_progress=lambda f, m: None)
-    return get_step(step)(model, context)
+    context = StepContext(calibration=_calibration(model), report_progress=lambda f, m: None)
+    return engine.run_step(model, step_spec(step), context)
 
 
 def assert_reloads_with_same_logits(model, folder) -> None:

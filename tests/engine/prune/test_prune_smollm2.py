@@ -11,7 +11,7 @@ from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir, smollm
 from worker.engine.calibrate.windows import token_windows
 from worker.engine.evaluate.evaluation import perplexity
 from worker.engine.load.checkpoint import load_model
-from worker.engine.steps import StepContext, get_step
+from worker.engine.steps import StepContext, run_step, step_spec
 
 pytestmark = [
     *smollm2_marks(),
@@ -28,6 +28,6 @@ def test_wanda_beats_magnitude_at_half_sparsity():
     for method in ("magnitude", "wanda"):
         model = copy.deepcopy(loaded.model)
         spec = {"type": "prune", "method": method, "sparsity": 0.5}
-        get_step(spec)(model, StepContext(spec=spec, calibration=calibration, report_progress=lambda f, m: None))
+        run_step(model, step_spec(spec), StepContext(calibration=calibration, report_progress=lambda f, m: None))
         scores[method] = perplexity(model, evaluation, torch.device("cpu"), lambda f, m: None)["perplexity"]
     assert scores["wanda"] < 0.5 * scores["magnitude"], scores

@@ -3,12 +3,12 @@ import torch
 
 from worker.engine.calibrate.targets import select_linears
 from worker.engine.prune.masks import global_masks, layer_mask, row_mask, sparsity_of
-from worker.engine.steps import StepContext, get_step
+from worker.engine.steps import StepContext, run_step, step_spec
 
 
 def run_prune(model, **spec):
     step = {"type": "prune", "method": "magnitude", **spec}
-    return get_step(step)(model, StepContext(spec=step, calibration=None, report_progress=lambda f, m: None))
+    return run_step(model, step_spec(step), StepContext(calibration=None, report_progress=lambda f, m: None))
 
 
 def weights(model):

@@ -7,9 +7,10 @@ from pydantic import ValidationError
 
 from modelpress.specs import AWQQuantize
 from tests.engine.quantize.test_quant_methods import INT4_G32, calibration_windows, run_step
+from worker.engine.calibrate.targets import select_linears
 from worker.engine.quantize.awq_block import block_loss, containing_module
 from worker.engine.quantize.awq_math import candidate_scales, scale_candidates, search_scales
-from worker.engine.quantize.common import calibrated_layers, select_from_spec
+from worker.engine.quantize.common import calibrated_layers
 from worker.engine.quantize.quant_math import fake_quantize, rtn_params
 from worker.engine.steps import EngineError
 
@@ -28,7 +29,7 @@ def logits(model, ids):
 def first_layer(tiny):
     """The first decoder layer's calibration pass on a fresh tiny model (the generator closed afterwards)."""
     model = tiny.model
-    layers = calibrated_layers(model, select_from_spec(model, {}), calibration_windows(model, 3, 24), "cpu", None)
+    layers = calibrated_layers(model, select_linears(model), calibration_windows(model, 3, 24), "cpu", None)
     yield next(layers)
     layers.close()
 

@@ -8,10 +8,12 @@ import torch
 from safetensors import safe_open
 
 from tests.engine.quantize.test_quantization import logits_in_clean_process
+from worker.engine import steps as engine
+from worker.engine.calibrate.targets import select_linears
 from worker.engine.export.compressed import save_compressed_
 from worker.engine.quantize.awq import FOLDS, NORM_FOLDS, fold_checked_, fold_groups
 from worker.engine.quantize.awq_math import candidate_scales, scale_candidates, weight_means
-from worker.engine.quantize.common import LayerGroup, calibrated_layers, select_from_spec
+from worker.engine.quantize.common import LayerGroup, calibrated_layers
 from worker.engine.quantize.gptq_math import gptq_quantize
 from worker.engine.quantize.quant_math import (
     fake_quantize,
@@ -22,7 +24,7 @@ from worker.engine.quantize.quant_math import (
     rtn_params,
 )
 from worker.engine.quantize.smoothquant import smoothing_factors
-from worker.engine.steps import StepContext, get_step
+from worker.engine.steps import StepContext, step_spec
 
 INT4_G32 = {"bits": 4, "group_size": 32, "symmetric": True}
 
@@ -33,7 +35,9 @@ def calibration_windows(model, count=4, length=48, seed=0):
 
 def run_step(model, step, calibration):
     step = {"type": "quantize", **step}
-    return get_step(step)(model, StepContext(spec=step, calibration=calibration, report_progress=lambda f, m: None))
+    return engine.run_step(
+        model, step_spec(step), StepContext(calibration=calibration, report_progress=lambda f, m: None)
+    )
 
 
 def correlated_inputs(tokens=2048, features=128, seed=0):
@@ -116,8 +120,8 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def first_layer_group(model, spec=None):
-    linears = select_from_spec(model, spec or {})
+def first_layer_group(model):
+    linears = select_linears(model)
     windows = calibration_windows(model, count=2, length=16)
     layers = calibrated_layers(model, linears, windows, "cpu", None)
     group = next(layers)
@@ -132,7 +136,7 @@ def test_folding_scales_keeps_the_function(tiny, folds):
     g = torch.Generator().manual_seed(0)
     folded = 0
     for layer in model.model.layers:
-        group = LayerGroup(step=_Pass(layer, model), linears=select_from_spec(model, {}), stats={})
+        group = LayerGroup(step=_Pass(layer, model), linears=select_linears(model), stats={})
         for producer, consumers, head_dim in fold_groups(group, folds):
             s = 0.25 + 4 * torch.rand(producer.weight.shape[0], generator=g)
             assert fold_checked_(producer, [group.linears[c] for c in consumers], s, head_dim)
@@ -265,7 +269,7 @@ def artifacts(tiny_model_dir, tmp_path_factory):
     for scheme, (step, *_, activation_type) in SCHEMES.items():
         model = load_model(tiny_model_dir, "hf", torch.device("cpu")).model
         ids = calibration_windows(model, count=2, length=24, seed=5)
-        targeted = {n: m.weight.numel() for n, m in select_from_spec(model, {}).items()}
+        targeted = {n: m.weight.numel() for n, m in select_linears(model).items()}
         result = run_step(model, step, calibration_windows(model))
         expected, without_activation_quant = logits(model, ids), None
         if activation_type is not None:
@@ -314,6 +318,7 @@ def test_artifact_loads_alone_with_the_same_logits(artifacts, scheme):
 
 
 def test_pipeline_report_matches_the_artifact_in_a_clean_process(tiny_model_dir, text_dataset, tmp_path):
+    from modelpress.specs import JobSpec
     from tests.utils.checks import perplexities_in_clean_process, unpack
     from worker.engine import EngineRequest, run_pipeline
 
@@ -329,7 +334,7 @@ def test_pipeline_report_matches_the_artifact_in_a_clean_process(tiny_model_dir,
         request = EngineRequest(
             model_path=tiny_model_dir,
             model_format="hf",
-            spec=spec,
+            spec=JobSpec.model_validate(spec),
             calibration_path=text_dataset,
             calibration_format="txt",
             evaluation_path=text_dataset,

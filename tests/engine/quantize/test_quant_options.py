@@ -6,8 +6,9 @@ import torch
 
 from tests.engine.quantize.test_quant_methods import INT4_G32, calibration_windows, correlated_inputs, run_step
 from worker.engine.calibrate.layerwise import input_stages, sequential_layers
+from worker.engine.calibrate.targets import select_linears
 from worker.engine.quantize.awq_math import scaled_error
-from worker.engine.quantize.common import calibrated_layers, quantize_, quantize_layers, select_from_spec
+from worker.engine.quantize.common import calibrated_layers, quantize_, quantize_layers
 from worker.engine.quantize.gptq_math import gptq_quantize
 from worker.engine.quantize.quant_math import fake_quantize, output_error, rtn_params
 from worker.engine.steps import StepContext
@@ -15,7 +16,7 @@ from worker.engine.steps import StepContext
 
 def test_input_stages_follow_the_order_a_llama_layer_reads_its_inputs(tiny):
     model = tiny.model
-    names = list(select_from_spec(model, {}))
+    names = list(select_linears(model))
     steps = sequential_layers(model, calibration_windows(model), torch.device("cpu"))
     step = next(steps)
     inside = [n for n in names if n.startswith(step.name + ".")]
@@ -40,20 +41,20 @@ def test_true_sequential_observes_o_proj_after_q_k_v_are_quantized(tiny_model_di
 
     def seen_o_proj_hessian(true_sequential: bool) -> torch.Tensor:
         model = load_model(tiny_model_dir, "hf", torch.device("cpu")).model
-        linears = select_from_spec(model, {})
+        linears = select_linears(model)
         seen = {}
 
         def rtn(name, linear, stats):
             seen.setdefault(name, stats.gram.clone())
             return quantize_(linear.weight, 4, 32, True)
 
-        context = StepContext(spec={}, calibration=calibration_windows(model), report_progress=lambda f, m: None)
+        context = StepContext(calibration=calibration_windows(model), report_progress=lambda f, m: None)
         quantize_layers(model, context, linears, rtn, true_sequential=true_sequential)
         return seen[o_proj]
 
     def o_proj_hessian(round_qkv: bool) -> torch.Tensor:
         model = load_model(tiny_model_dir, "hf", torch.device("cpu")).model
-        linears = select_from_spec(model, {})
+        linears = select_linears(model)
         if round_qkv:
             for name in qkv:
                 quantize_(linears[name].weight, 4, 32, True)
@@ -72,7 +73,7 @@ def test_true_sequential_runs_prepare_once_per_layer_on_the_whole_float_layer(ti
     """AWQ folds every scale before anything is rounded: `prepare` sees all of a layer's Linears, with their
     float statistics, and only then are the stages quantized in turn."""
     model = tiny.model
-    linears = select_from_spec(model, {})
+    linears = select_linears(model)
     events = []
 
     def prepare(group):
@@ -82,7 +83,7 @@ def test_true_sequential_runs_prepare_once_per_layer_on_the_whole_float_layer(ti
         events.append(("quantize", name))
         return quantize_(linear.weight, 4, 32, True)
 
-    context = StepContext(spec={}, calibration=calibration_windows(model), report_progress=lambda f, m: None)
+    context = StepContext(calibration=calibration_windows(model), report_progress=lambda f, m: None)
     quantize_layers(model, context, linears, rtn, prepare, true_sequential=True)
     layer0 = [n for n in linears if n.startswith("model.layers.0.")]
     assert events[0] == ("prepare", sorted(layer0), 4 * 48)  # every window's tokens, before any rounding
@@ -103,7 +104,7 @@ def test_true_sequential_step_quantizes_every_linear_once(tiny):
     model = tiny.model
     step = {"method": "gptq", "weights": INT4_G32, "act_order": True, "true_sequential": True}
     result = run_step(model, step, calibration_windows(model, count=8, length=64))
-    names = list(select_from_spec(model, {}))
+    names = list(select_linears(model))
     assert [layer["name"] for layer in result.layers] == names
     assert result.summary["true_sequential"] is True
     assert all(layer["output_error"] is not None and layer["output_error"] < 0.5 for layer in result.layers)

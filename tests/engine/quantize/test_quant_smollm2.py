@@ -8,7 +8,7 @@ from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir, smollm
 from worker.engine.calibrate.windows import token_windows
 from worker.engine.evaluate.evaluation import perplexity
 from worker.engine.load.checkpoint import load_model
-from worker.engine.steps import StepContext, get_step
+from worker.engine.steps import StepContext, run_step, step_spec
 
 pytestmark = smollm2_marks()
 
@@ -25,7 +25,7 @@ def test_gptq_int4_g64_beats_rtn():
     for method, extra in (("rtn", {}), ("gptq", {"act_order": True})):
         model = copy.deepcopy(loaded.model)
         step = {"type": "quantize", "method": method, "weights": weights, **extra}
-        get_step(step)(model, StepContext(spec=step, calibration=calibration, report_progress=lambda f, m: None))
+        run_step(model, step_spec(step), StepContext(calibration=calibration, report_progress=lambda f, m: None))
         results[method] = perplexity(model, evaluation, torch.device("cpu"), lambda f, m: None)["perplexity"]
         del model
     assert results["gptq"] < 0.95 * results["rtn"], results

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from worker.engine.calibrate.targets import select_linears
 from worker.engine.export.compressed import save_compressed_
 from worker.engine.quantize.quant_math import clipped_params, fake_quantize, int_range, quantize, rtn_params
-from worker.engine.steps import StepContext, get_step
+from worker.engine.steps import StepContext, run_step, step_spec
 
 SCHEMES = [  # bits, group_size, symmetric, bound on the mean relative weight error
     (8, None, True, 1e-2),
@@ -27,7 +27,7 @@ def run_rtn(model, bits, group_size, symmetric):
         "method": "rtn",
         "weights": {"bits": bits, "group_size": group_size, "symmetric": symmetric},
     }
-    return get_step(step)(model, StepContext(spec=step, calibration=None, report_progress=lambda f, m: None))
+    return run_step(model, step_spec(step), StepContext(calibration=None, report_progress=lambda f, m: None))
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", [(8, None, True), (4, 32, False), (4, 64, True)])

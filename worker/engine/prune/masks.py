@@ -78,4 +78,3 @@ def score_mask(scores: torch.Tensor, sparsity: float | None, pattern: tuple[int,
     if pattern is not None:
         return nm_mask(scores, *pattern)
     return smallest_mask(scores, prune_count(scores.shape[1], float(sparsity)))
-
