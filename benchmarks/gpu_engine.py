@@ -3,7 +3,7 @@
 The model is built from a `LlamaConfig` (hidden 4096, MLP 14336, 32 layers, 32 heads, 8 key/value heads, vocab
 128256, rope θ 500000) directly on the device in bfloat16, with random weights, and rebuilt before each step
 (the steps change it in place). Each step is called as the pipeline calls it, `get_step(spec)(model,
-StepContext(...))`, and timed end to end (device synchronized); peak memory is `max_memory_allocated` after a
+spec, StepContext(...))`, and timed end to end (device synchronized); peak memory is `max_memory_allocated` after a
 reset, reported as the peak and as the overhead above the bf16 model's own bytes.
 
 Calibration is random token ids, uniform over the vocabulary (128 windows × 2048 tokens by default): timing and
@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from worker.engine.pipeline import cpu_copy  # noqa: E402
-from worker.engine.steps import StepContext, get_step  # noqa: E402
+from worker.engine.steps import StepContext, get_step, step_spec  # noqa: E402
 
 log = logging.getLogger("gpu_engine")
 
@@ -231,7 +231,6 @@ def measure(name: str, args: argparse.Namespace, config, calibration: torch.Tens
     memory_reset(device)
     clock = Clock(device, None if args.no_caps else args.caps.get(name))
     context = StepContext(
-        spec=spec,
         calibration=None if name in UNCALIBRATED else calibration,
         report_progress=clock,
         device=device,
@@ -239,7 +238,8 @@ def measure(name: str, args: argparse.Namespace, config, calibration: torch.Tens
         **extra,
     )
     try:
-        result = get_step(spec)(model, context)
+        typed = step_spec(spec)
+        result = get_step(typed)(model, typed, context)
         row["summary"] = {k: v for k, v in result.summary.items() if isinstance(v, int | float | str | bool)}
     except CapReached:
         row["capped_at_fraction"] = clock.marks[-1][0]

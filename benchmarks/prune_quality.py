@@ -44,9 +44,9 @@ def default_gguf() -> Path | None:
 
 def run_steps(model, steps, calibration, device, tokenizer, datasets, teacher=None) -> list:
     results = []
-    for spec in steps:
+    for step in steps:
+        spec = registry.step_spec(step)
         context = registry.StepContext(
-            spec=spec,
             calibration=calibration,
             report_progress=lambda f, m: log.debug("%.2f %s", f, m),
             device=device,
@@ -55,8 +55,8 @@ def run_steps(model, steps, calibration, device, tokenizer, datasets, teacher=No
             teacher=teacher,
         )
         started = time.perf_counter()
-        result = registry.get_step(spec)(model, context)
-        log.info("%s done in %.1fs: %s", registry.step_key(spec), time.perf_counter() - started, result.summary)
+        result = registry.run_step(model, spec, context)
+        log.info("%s done in %.1fs: %s", spec.key, time.perf_counter() - started, result.summary)
         results.append(result)
     return results
 

@@ -38,7 +38,7 @@ from worker.engine.evaluate.evaluation import perplexity  # noqa: E402
 from worker.engine.evaluate.report import library_versions  # noqa: E402
 from worker.engine.export.compressed import save_compressed_  # noqa: E402
 from worker.engine.load.checkpoint import load_model  # noqa: E402
-from worker.engine.steps import StepContext, get_step  # noqa: E402
+from worker.engine.steps import StepContext, run_step, step_spec  # noqa: E402
 
 log = logging.getLogger("quant_quality")
 
@@ -98,8 +98,10 @@ def run_row(dense, tokenizer, step, calibration, eval_windows, device) -> dict:
     model = copy.deepcopy(dense)
     spec = {"type": "quantize", **step}
     started = time.perf_counter()
-    result = get_step(spec)(
-        model, StepContext(spec=spec, calibration=calibration, report_progress=lambda f, m: None, device=device)
+    result = run_step(
+        model,
+        step_spec(spec),
+        StepContext(calibration=calibration, report_progress=lambda f, m: None, device=device),
     )
     seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
