@@ -145,6 +145,14 @@ class TestRefused:
         assert response.status_code == 422
         assert "group_size 128" in response.json()["detail"] and "64" in response.json()["detail"]
 
+    def test_targets_must_match_a_linear_layer(self, client: httpx.Client, model: dict) -> None:
+        step = {**PRUNE, "targets": ["re:.*no_such_proj"]}
+        response = client.post("/v1/jobs", json=spec(model, recipe=[step]))
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"]
+        assert "recipe.0 (prune:magnitude) matched no Linear layer" in detail
+        assert "re:.*no_such_proj" in detail and "model.layers.0.mlp.down_proj" in detail
+
     @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
     def test_nan_and_infinity(self, client: httpx.Client, model: dict, constant: str) -> None:
         step = f'{{"type": "prune", "method": "magnitude", "sparsity": {constant}}}'
@@ -202,3 +210,31 @@ def test_delete_of_a_dataset_a_distill_step_trains_on_is_refused(
     assert refused.status_code == 409 and job["id"] in refused.json()["detail"]
     assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
     assert client.delete(f"/v1/datasets/{train['id']}").status_code == 204
+
+
+def test_group_size_must_divide_only_the_targeted_widths(client: httpx.Client, model: dict) -> None:
+    """down_proj reads 128 features (the tiny model's other Linears read 64): group 128 fits it alone."""
+    step = {**RTN, "weights": {"bits": 4, "group_size": 128}, "targets": ["re:.*down_proj"]}
+    response = client.post("/v1/jobs", json=spec(model, recipe=[step]))
+    assert response.status_code == 202, response.text
+
+
+def test_without_a_layer_table_only_group_sizes_are_checked(client: httpx.Client, model: dict) -> None:
+    """A model inspected without per-layer shapes (a GGUF upload) is checked against the config's widths; what
+    needs layer names is left to the engine."""
+    from modelpress.db import session_scope
+    from modelpress.models import Model
+
+    with session_scope() as session:
+        row = session.get(Model, model["id"])
+        details = dict(row.details)
+        row.details = {k: v for k, v in details.items() if k != "linears"}
+    try:
+        step = {**RTN, "weights": {"bits": 4, "group_size": 128}, "targets": ["re:.*down_proj"]}
+        response = client.post("/v1/jobs", json=spec(model, recipe=[step]))
+        assert response.status_code == 422 and "group_size 128" in response.json()["detail"]
+        unknown = client.post("/v1/jobs", json=spec(model, recipe=[{**PRUNE, "targets": ["re:.*no_such_proj"]}]))
+        assert unknown.status_code == 202, unknown.text
+    finally:
+        with session_scope() as session:
+            session.get(Model, model["id"]).details = details

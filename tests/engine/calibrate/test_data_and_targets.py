@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.engine.calibrate.targets import matches, select_linears
+from modelpress.specs import MagnitudePrune, RTNQuantize
+from worker.engine.calibrate.targets import fitted_linears, matches, select_linears
 from worker.engine.calibrate.windows import read_text, split_windows, token_windows
 from worker.engine.steps import EngineError
 
@@ -50,6 +51,23 @@ def test_tied_lm_head_is_never_selected(tiny):
     model = tiny.model
     model.lm_head.weight = model.model.embed_tokens.weight
     assert "lm_head" not in select_linears(model, ignore=())
+
+
+def test_fitted_linears_refuses_what_does_not_fit_the_loaded_model(tiny):
+    """The engine runs the API's check_fit on the model it holds (the tiny model's widths are 64 and 128)."""
+    assert list(fitted_linears(tiny.model, RTNQuantize())) == list(select_linears(tiny.model))
+    cases = [
+        (RTNQuantize(targets=["re:.*no_such_proj"]), "no_targets", "quantize:rtn matched no Linear layer"),
+        (RTNQuantize(weights={"bits": 4, "group_size": 128}), "bad_group_size", "group_size 128 does not divide"),
+    ]
+    for spec, code, text in cases:
+        with pytest.raises(EngineError) as info:
+            fitted_linears(tiny.model, spec)
+        assert info.value.code == code and text in info.value.message
+    linear = tiny.model.model.layers[0].mlp.down_proj
+    tiny.model.model.layers[0].mlp.down_proj = torch.nn.Linear(36, linear.out_features, bias=False)
+    with pytest.raises(EngineError, match="pattern 4:8 .M=8. does not divide the input width 36"):
+        fitted_linears(tiny.model, MagnitudePrune(pattern="4:8"))
 
 
 def test_engine_imports_no_service_code():
