@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+from modelpress.specs import JobSpec
 from tests.engine.quantize.test_quant_methods import correlated_inputs
 from tests.utils.checks import unpack
 from tests.utils.factories import build_tiny_model
@@ -27,7 +28,7 @@ from worker.engine.quantize.quant_math import (
     output_error,
     rtn_params,
 )
-from worker.engine.steps import QuantizedWeight, StepContext, get_step
+from worker.engine.steps import QuantizedWeight, StepContext, run_step, step_spec
 
 PRUNES = {
     "magnitude-50%": {"type": "prune", "method": "magnitude", "sparsity": 0.5},
@@ -67,7 +68,7 @@ def qwen2_model_dir(tmp_path_factory) -> Path:
 def pruned_positions(model_dir, prune: dict) -> dict[str, torch.Tensor]:
     """{Linear name: where the prune step alone leaves zeros} (the step is deterministic, as in the pipeline)."""
     model = load_model(model_dir, "hf", torch.device("cpu")).model
-    get_step(prune)(model, StepContext(spec=prune, calibration=None, report_progress=lambda f, m: None))
+    run_step(model, step_spec(prune), StepContext(calibration=None, report_progress=lambda f, m: None))
     return {n: m.weight == 0 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
 
 
@@ -77,7 +78,7 @@ def run_recipe(model_dir, recipe: list[dict], text_dataset, out, datasets=None) 
     request = EngineRequest(
         model_path=model_dir,
         model_format="hf",
-        spec=spec,
+        spec=JobSpec.model_validate(spec),
         calibration_path=text_dataset,
         calibration_format="txt",
         evaluation_path=None,
@@ -221,7 +222,7 @@ def test_the_summary_tells_when_quantization_lost_the_zeros(tiny):
             scale=torch.ones(linear.out_features, 1), zero_point=None, bits=8, group_size=None, symmetric=True
         )
 
-    context = StepContext(spec={}, calibration=None, report_progress=lambda f, m: None)
+    context = StepContext(calibration=None, report_progress=lambda f, m: None)
     result = quantize_layers(model, context, linears, shift)
     layer = next(layer for layer in result.layers if layer["name"] == first)
     assert layer["sparsity_before"] == 0.5 and layer["sparsity_after"] == 0.0 and layer["sparsity_kept"] is False
