@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.architectures import ARCHITECTURES, GGUF_ARCHITECTURES, REFUSED, SUPPORTED_ARCHITECTURES
+from modelpress.specs import JobSpec
 from tests.utils.factories import build_tiny_model_of
 from worker.engine import EngineError, EngineRequest, run_pipeline
 
@@ -86,7 +87,7 @@ def run(folder: Path, recipe: list[dict], text: Path, out: Path) -> dict:
     request = EngineRequest(
         model_path=folder,
         model_format="hf",
-        spec=spec,
+        spec=JobSpec.model_validate(spec),
         calibration_path=text,
         calibration_format="txt",
         evaluation_path=text,
