@@ -1,4 +1,5 @@
-"""Pruning quality on SmolLM2-135M-Instruct: one command prints a markdown table and writes prune_quality.md.
+"""Pruning quality on SmolLM2-135M-Instruct: one command prints a markdown table
+and writes it to a dated results file (prune_quality_table_<date>.md); prune_quality.md is the page that explains it.
 
     python benchmarks/prune_quality.py [--gguf PATH] [--data DIR] [--device cuda] [--distill-steps 400]
 
@@ -92,7 +93,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--distill-steps", type=int, default=400)
     parser.add_argument("--only", default=None, help="comma-separated row names (default: all)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "prune_quality.md")
+    dated = ROOT / "benchmarks" / f"prune_quality_table_{datetime.date.today().isoformat()}.md"
+    parser.add_argument("--out", type=Path, default=dated)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     gguf = args.gguf or default_gguf()

@@ -9,7 +9,8 @@ reloads it with `AutoModelForCausalLM.from_pretrained` and measures perplexity o
     python benchmarks/quant_quality.py [--device cuda] [--only smollm2|small] [--gguf PATH] [--data DIR]
         [--calibration-windows 64] [--train-steps N --train-hidden H --train-layers L ...]
 
-Prints markdown tables and writes benchmarks/quant_quality.md.
+Prints markdown tables and writes them to a dated results file
+(benchmarks/quant_quality_tables_<date>.md); benchmarks/quant_quality.md is the page that explains them.
 """
 
 from __future__ import annotations
@@ -236,7 +237,9 @@ def main() -> None:
         kind = float if option == "lr" else int
         p.add_argument(f"--train-{option}", type=kind, default=None, help="small model (default: train_small.py's)")
     p.add_argument("--small-model", default=str(ROOT / "benchmarks" / ".cache" / "shakespeare-llama"))
-    p.add_argument("--output", default=str(ROOT / "benchmarks" / "quant_quality.md"))
+    p.add_argument(
+        "--output", default=str(ROOT / "benchmarks" / f"quant_quality_tables_{datetime.date.today().isoformat()}.md")
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device(args.device)

@@ -2,11 +2,9 @@
 
 Each decoder layer's Hessians come from inputs that went through the already quantized earlier layers and, with
 `true_sequential` (default), the already quantized earlier Linears of the same layer. `clip_search` (default)
-picks each group's range by its Hessian-weighted rounding error. Both on took SmolLM2-135M int4 g64 act-order
-from +18.5% / +12.4% (symmetric / asymmetric) over dense perplexity to +9.8% / +6.8% (benchmarks/quant_sweep.py
-on one H200; see docs/quantization.md). A
-targeted Linear outside the decoder layers (an untied lm_head) has no calibration inputs here and is rounded
-to nearest instead, with a note.
+picks each group's range by its Hessian-weighted rounding error; docs/quantization.md gives what each costs and
+buys on SmolLM2-135M. A targeted Linear outside the decoder layers (an untied lm_head) has no calibration inputs
+here and is rounded to nearest instead, with a note.
 """
 
 from __future__ import annotations
