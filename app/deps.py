@@ -21,7 +21,7 @@ from modelpress.db import new_session
 from modelpress.keys import hash_key, tenant_for_key
 from modelpress.models import FINAL_STATUSES, Artifact, Dataset, Job, JobStatus, Model
 from modelpress.settings import Settings, get_settings
-from modelpress.storage import LocalStorage, get_storage
+from modelpress.storage import Storage, get_storage
 
 ACTIVE_STATUSES = tuple(s.value for s in JobStatus if s not in FINAL_STATUSES)
 """Statuses of a job that still needs its model and datasets."""
@@ -46,11 +46,11 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_storage_dep() -> LocalStorage:
+def get_storage_dep() -> Storage:
     return get_storage()
 
 
-StorageDep = Annotated[LocalStorage, Depends(get_storage_dep)]
+StorageDep = Annotated[Storage, Depends(get_storage_dep)]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from `modelpress keys create --tenant <name>`")
 

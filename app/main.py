@@ -43,7 +43,7 @@ V1_RESPONSES: dict[int | str, dict[str, Any]] = {
 @asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     storage = get_storage()
-    sweep_abandoned(storage.root / "tmp")
+    sweep_abandoned(storage.scratch_root)
     yield
 
 

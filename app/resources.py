@@ -8,7 +8,8 @@ clean-up or to the delete's locking reaches both resources.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import HTTPException, Request, Response, status
@@ -20,18 +21,24 @@ from app.deps import Row, newest_page
 from app.uploads import Upload, receive_upload
 from modelpress.models import Dataset, Model
 from modelpress.settings import Settings
-from modelpress.storage import LocalStorage
+from modelpress.storage import Storage
 
 Stored = TypeVar("Stored", Model, Dataset)
 Page = TypeVar("Page")
 
 
 async def receive_and_store(
-    request: Request, storage: LocalStorage, settings: Settings, store: Callable[[Upload], Stored]
+    request: Request,
+    storage: Storage,
+    settings: Settings,
+    store: Callable[[Upload], Stored],
+    receive: Callable[[Path], Awaitable[Upload]] | None = None,
 ) -> Stored:
-    """Stream the request's file to scratch, then `store` it (inspect, move into storage, insert the row) off
-    the event loop; the scratch folder goes whatever happens."""
-    upload = await receive_upload(request, storage.scratch_dir(), settings.max_upload_bytes)
+    """Stream the request's file to scratch (or let `receive` fill the scratch folder some other way), then
+    `store` it (inspect, move into storage, insert the row) off the event loop; the scratch folder goes
+    whatever happens."""
+    scratch = storage.scratch_dir()
+    upload = await (receive(scratch) if receive else receive_upload(request, scratch, settings.max_upload_bytes))
     try:
         return await run_in_threadpool(store, upload)
     finally:
@@ -55,7 +62,7 @@ def list_page(
 
 def delete_unless_used(
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     row: Stored,
     users: Callable[[Session, Stored], list[str]],
 ) -> Response:

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from modelpress.db import new_session
 from modelpress.models import Dataset, Model
-from modelpress.storage import LocalStorage
+from modelpress.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def discard_folder(folder: Path, lock: BinaryIO | None) -> None:
         lock.close()
 
 
-def _lock_folder(folder: Path) -> BinaryIO:
+def lock_folder(folder: Path) -> BinaryIO:
     handle = (folder / LOCK_NAME).open("wb")
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return handle
@@ -221,7 +221,7 @@ async def receive_upload(request: Request, scratch: Path, limit: int) -> Upload:
     if declared and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
         discard_folder(scratch, None)
         raise _too_large(limit)
-    lock = _lock_folder(scratch)
+    lock = lock_folder(scratch)
     path = scratch / "upload"
     try:
         with path.open("wb") as target:
@@ -279,7 +279,7 @@ def upload_name(upload: Upload, suffixes: tuple[str, ...]) -> str:
     return base or "upload"
 
 
-def commit_or_remove(row: Model | Dataset, storage: LocalStorage, key: str) -> None:
+def commit_or_remove(row: Model | Dataset, storage: Storage, key: str) -> None:
     """Insert the row of an upload already moved into storage under `key`; if that fails, remove the files,
     so a refused or failed upload never leaves files without a row."""
     try:

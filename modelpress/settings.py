@@ -24,6 +24,26 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "MODELPRESS_REDIS_URL"))
 
+    # object storage: unset keeps everything in a folder under the data dir (one machine); `s3://bucket/prefix`
+    # puts it in an S3-compatible store that workers on other machines reach too
+    storage_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("STORAGE_URL", "MODELPRESS_STORAGE_URL")
+    )
+    aws_endpoint_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    )
+    aws_access_key_id: str | None = Field(default=None, validation_alias="AWS_ACCESS_KEY_ID")
+    aws_secret_access_key: str | None = Field(default=None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    aws_region: str | None = Field(default=None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
+    s3_part_size_bytes: int = Field(default=64 * 1024**2, ge=5 * 1024**2)  # multipart part size (S3's minimum: 5 MiB)
+    s3_public_endpoint_url: str | None = None  # the endpoint clients reach for presigned URLs, when it differs
+    download_redirect: bool = False  # answer artifact downloads with a presigned URL (307) instead of the bytes
+    download_url_ttl_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)
+
+    # the worker's local cache of models and datasets fetched from storage
+    cache_dir: Path | None = None  # default: <data_dir>/cache
+    cache_max_bytes: int = Field(default=100 * GiB, ge=1)
+
     # uploads
     max_upload_bytes: int = 64 * GiB
     max_extracted_bytes: int = 128 * GiB
@@ -51,6 +71,10 @@ class Settings(BaseSettings):
     def _defaults(self) -> Settings:
         if self.database_url is None:
             self.database_url = f"sqlite:///{(self.data_dir / 'modelpress.db').resolve()}"
+        if self.storage_url is not None:
+            self.storage_url = self.storage_url.strip() or None
+        if self.storage_url is not None:
+            s3_location(self.storage_url)
         if self.env == "production":
             if self.database_url.startswith("sqlite"):
                 raise ValueError("MODELPRESS_ENV=production needs DATABASE_URL set to PostgreSQL, not SQLite")
@@ -59,10 +83,24 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def cache_root(self) -> Path:
+        return self.cache_dir or self.data_dir / "cache"
+
+    @property
     def broker_url(self) -> str:
         if not self.redis_url:
             raise RuntimeError("REDIS_URL is not set; `modelpress dev` starts an embedded Redis and sets it")
         return self.redis_url
+
+
+def s3_location(url: str) -> tuple[str, str]:
+    """(bucket, key prefix without slashes) of an `s3://bucket/prefix` URL; ValueError saying what is wrong."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"STORAGE_URL must look like s3://bucket/prefix (or be unset for local storage), not {url!r}")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not 3 <= len(bucket) <= 63 or not bucket.replace("-", "").replace(".", "").isalnum():
+        raise ValueError(f"STORAGE_URL names an invalid bucket {bucket!r} (3-63 letters, digits, '-' or '.')")
+    return bucket, prefix.strip("/")
 
 
 @lru_cache

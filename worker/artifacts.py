@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelpress.models import Artifact, Job, new_id
-from modelpress.storage import LocalStorage
+from modelpress.storage import Storage
 from worker.engine.export.archive import sha256_file
 
 OUTPUTS = (
@@ -19,7 +19,7 @@ OUTPUTS = (
 )
 
 
-def store_outputs(storage: LocalStorage, job: Job, output_dir: Path) -> list[Artifact]:
+def store_outputs(storage: Storage, job: Job, output_dir: Path) -> list[Artifact]:
     """Place the engine's outputs in storage; returns the (not yet added) rows describing them."""
     artifacts: list[Artifact] = []
     try:
@@ -50,7 +50,7 @@ def store_outputs(storage: LocalStorage, job: Job, output_dir: Path) -> list[Art
     return artifacts
 
 
-def remove(storage: LocalStorage, artifacts: list[Artifact]) -> None:
+def remove(storage: Storage, artifacts: list[Artifact]) -> None:
     """Delete the stored files of artifacts whose rows will not be committed (each has a folder of its own)."""
     for artifact in artifacts:
         storage.delete(artifact.storage_key.rsplit("/", 1)[0])

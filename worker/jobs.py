@@ -23,9 +23,11 @@ from modelpress.db import session_scope
 from modelpress.models import FINAL_STATUSES, Artifact, Dataset, Job, JobStatus, Model, utcnow
 from modelpress.settings import Settings, get_settings
 from modelpress.specs import JobSpec
-from modelpress.storage import LocalStorage, get_storage
+from modelpress.storage import Storage, get_storage
 from worker.artifacts import remove as remove_artifacts
 from worker.artifacts import store_outputs
+from worker.cache import get_cache
+from worker.job_files import CheckpointSync, JobFiles
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,9 @@ def checkpoint_key(job_id: str) -> str:
     return f"checkpoints/{job_id}"
 
 
-def _engine_request(job: Job, storage: LocalStorage, output_dir: Path, settings: Settings) -> Any:
+def _engine_request(
+    job: Job, local: JobFiles, output_dir: Path, settings: Settings, checkpoints: CheckpointSync
+) -> Any:
     from worker.engine import EngineRequest
 
     spec = JobSpec.model_validate(job.spec)
@@ -189,11 +193,11 @@ def _engine_request(job: Job, storage: LocalStorage, output_dir: Path, settings:
             if dataset is None:
                 raise LookupError(f"the dataset {dataset_id} ({where}) was deleted before the job ran; resubmit")
             datasets[dataset_id] = dataset
-    files = {i: (storage.path(d.storage_key), d.format) for i, d in datasets.items()}
+    files = {i: (local.file(d.storage_key), d.format) for i, d in datasets.items()}
     calibration_file = files[spec.calibration.dataset_id] if spec.calibration else (None, None)
     evaluation_file = files[spec.evaluation.dataset_id] if spec.evaluation else (None, None)
     return EngineRequest(
-        model_path=storage.path(model.storage_key),
+        model_path=local.tree(model.storage_key) if model.format == "hf" else local.file(model.storage_key),
         model_format=model.format,
         spec=spec,
         calibration_path=calibration_file[0],
@@ -203,7 +207,8 @@ def _engine_request(job: Job, storage: LocalStorage, output_dir: Path, settings:
         output_dir=output_dir,
         device=settings.device,
         datasets=files,
-        checkpoint_dir=storage.path(checkpoint_key(job.id)),
+        checkpoint_dir=checkpoints.folder,
+        on_checkpoint=checkpoints,
     )
 
 
@@ -246,8 +251,11 @@ def execute(job_id: str, worker_name: str) -> None:
     heartbeat = Heartbeat(job_id, settings, output_dir)
     heartbeat.start()
     log.info("job %s: attempt %d on %s", job_id, job.attempts, worker_name)
+    local = JobFiles(storage, get_cache())
     try:
-        request = _engine_request(job, storage, output_dir, settings)
+        checkpoints = CheckpointSync(storage, checkpoint_key(job_id), output_dir / "checkpoints")
+        checkpoints.restore()
+        request = _engine_request(job, local, output_dir, settings, checkpoints)
         report = run_pipeline(request, ProgressReporter(job_id, settings.progress_interval_s))
         artifacts = store_outputs(storage, job, output_dir)
         _record_success(job_id, report, artifacts, storage)
@@ -259,11 +267,12 @@ def execute(job_id: str, worker_name: str) -> None:
         _record_end(job_id, JobStatus.failed, _error_for(exc))
     finally:
         heartbeat.stopped.set()
+        local.close()
         shutil.rmtree(output_dir, ignore_errors=True)
     storage.delete(checkpoint_key(job_id))  # the job has ended; only a crash keeps them for the retry
 
 
-def _record_success(job_id: str, report: dict[str, Any], artifacts: list[Artifact], storage: LocalStorage) -> None:
+def _record_success(job_id: str, report: dict[str, Any], artifacts: list[Artifact], storage: Storage) -> None:
     try:
         with session_scope() as session:
             job = session.get(Job, job_id, with_for_update=True)

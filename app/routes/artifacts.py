@@ -1,4 +1,5 @@
-"""Artifact downloads: streamed from storage, with single byte ranges (206/416) and the sha256 as ETag."""
+"""Artifact downloads: streamed from storage, with single byte ranges (206/416) and the sha256 as ETag, or, when
+configured on an object store, a 307 redirect to a short-lived presigned URL so the bytes bypass the API."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Header, HTTPException, status
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
-from app.deps import ArtifactDep, StorageDep
+from app.deps import ArtifactDep, SettingsDep, StorageDep
 from modelpress.models import Artifact
-from modelpress.storage import LocalStorage
+from modelpress.storage import Storage
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
@@ -54,25 +55,25 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
-def _file_size(artifact: Artifact, storage: LocalStorage) -> int:
-    """The size of the artifact's file; 404 (logged) when its key leaves the storage folder or names no file.
+def _file_size(artifact: Artifact, storage: Storage) -> int:
+    """The size of the artifact's file; 404 (logged) when its key is not a clean storage key or names no file.
 
-    Keys are written by the worker, never by users; a key that resolves outside the storage root (`..`, an
-    absolute path, a link pointing out) means a bug or a tampered row, and its file is never opened.
+    Keys are written by the worker, never by users; a key that would leave the storage root (`..`, an absolute
+    path) means a bug or a tampered row, and its file is never opened.
     """
     missing = HTTPException(status.HTTP_404_NOT_FOUND, f"the file of artifact {artifact.id} is missing")
     try:
-        path = storage.path(artifact.storage_key)
+        info = storage.stat(artifact.storage_key)
     except ValueError as exc:
         logger.error("refusing to serve artifact %s: %s", artifact.id, exc)
         raise missing from exc
-    try:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is not a file")
-        return path.stat().st_size
     except OSError as exc:
         logger.error("artifact %s has no readable file at %r: %s", artifact.id, artifact.storage_key, exc)
         raise missing from exc
+    if info is None:
+        logger.error("artifact %s has no file at %r", artifact.id, artifact.storage_key)
+        raise missing
+    return info.size
 
 
 def content_disposition(name: str) -> str:
@@ -86,6 +87,10 @@ def content_disposition(name: str) -> str:
     responses={
         200: {"content": ARTIFACT_CONTENT, "description": "the whole file"},
         206: {"content": ARTIFACT_CONTENT, "description": "the requested byte range"},
+        307: {
+            "description": "fetch the file from the presigned URL in `Location` (MODELPRESS_DOWNLOAD_REDIRECT)",
+            "headers": {"Location": {"description": "a presigned URL of the store", "schema": {"type": "string"}}},
+        },
         404: {"description": "no such artifact"},
         416: {
             "description": "the range selects no byte of the file (it starts past the end, or is `bytes=-0`)",
@@ -96,9 +101,16 @@ def content_disposition(name: str) -> str:
 def download_artifact(
     artifact: ArtifactDep,
     storage: StorageDep,
+    settings: SettingsDep,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
 ) -> Response:
     size = _file_size(artifact, storage)
+    if settings.download_redirect:
+        url = storage.download_url(artifact.storage_key, artifact.name, settings.download_url_ttl_s)
+        if url is not None:  # the store serves the bytes (and any Range) itself
+            return RedirectResponse(
+                url, status_code=status.HTTP_307_TEMPORARY_REDIRECT, headers={"Cache-Control": "no-store"}
+            )
     headers = {
         "Accept-Ranges": "bytes",
         "ETag": f'"{artifact.sha256}"',

@@ -25,13 +25,13 @@ from app.text_datasets import DatasetError, count_records, dataset_format
 from app.uploads import MULTIPART_OPENAPI, UPLOAD_RESPONSES, Upload, commit_or_remove, upload_name
 from modelpress.models import Dataset, Job, new_id
 from modelpress.specs import JobSpec
-from modelpress.storage import LocalStorage
+from modelpress.storage import Storage
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-def _store_dataset(upload: Upload, tenant: str, storage: LocalStorage) -> Dataset:
+def _store_dataset(upload: Upload, tenant: str, storage: Storage) -> Dataset:
     try:
         fmt = dataset_format(upload.filename)
         records = count_records(upload.path, fmt)

@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.archives import ArchiveError, Kind, Limits, TooLarge, detect_kind, extract, model_root
 from app.deps import (
@@ -23,12 +24,14 @@ from app.deps import (
 )
 from app.gguf_inspection import inspect_gguf
 from app.inspection import Inspected, inspect_hf_folder
+from app.json_body import read_json
+from app.references import REFERENCE_OPENAPI_SCHEMA, fetch_reference, parse_reference
 from app.resources import delete_unless_used, list_page, receive_and_store
 from app.schemas import ModelPublic, ModelsPublic
 from app.uploads import MULTIPART_OPENAPI, UPLOAD_RESPONSES, Upload, commit_or_remove, upload_name
 from modelpress.models import Job, Model, new_id
 from modelpress.settings import Settings
-from modelpress.storage import LocalStorage
+from modelpress.storage import Storage
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -36,18 +39,29 @@ NAME_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip", ".gguf")
 ERRORS = {
     **UPLOAD_RESPONSES,
     422: {
-        "description": "the upload is not an accepted model (not a .zip/.tar/.tar.gz of a Hugging Face folder with "
-        "config.json and safetensors weights, nor a .gguf file; an architecture the engine cannot run; an unsafe "
-        "archive member), or `name` has control characters; the detail says what to fix"
+        "description": "the upload or named object is not an accepted model (not a .zip/.tar/.tar.gz of a Hugging "
+        "Face folder with config.json and safetensors weights, nor a .gguf file; an architecture the engine cannot "
+        "run; an unsafe archive member), `name` has control characters, or `storage_url` names no readable object "
+        "outside the service's own storage area; the detail says what to fix"
     },
 }
+OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            **MULTIPART_OPENAPI["requestBody"]["content"],
+            "application/json": {"schema": REFERENCE_OPENAPI_SCHEMA},
+        },
+    }
+}
+"""An upload (multipart) or, on object storage, a reference to an object already in the store (JSON)."""
 
 
 def _tree_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def _store_model(upload: Upload, tenant: str, storage: LocalStorage, settings: Settings) -> Model:
+def _store_model(upload: Upload, tenant: str, storage: Storage, settings: Settings) -> Model:
     """Inspect the received file, move it into storage and insert its row; nothing stays behind on failure."""
     try:
         kind = detect_kind(upload.path)
@@ -100,15 +114,22 @@ def _jobs_using(session: Session, model: Model) -> list[str]:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=ModelPublic,
-    openapi_extra=MULTIPART_OPENAPI,
+    openapi_extra=OPENAPI,
     responses=ERRORS,
-    summary="Upload a model: a .zip/.tar/.tar.gz of a Hugging Face folder, or a .gguf file",
+    summary="Upload a model (a .zip/.tar/.tar.gz of a Hugging Face folder, or a .gguf file), or name one in the store",
 )
 async def upload_model(
     request: Request, tenant: UploaderDep, storage: StorageDep, settings: SettingsDep
 ) -> ModelPublic:
+    receive = None
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+        reference = parse_reference(await read_json(request))
+
+        async def receive(scratch: Path) -> Upload:
+            return await run_in_threadpool(fetch_reference, reference, scratch, settings)
+
     row = await receive_and_store(
-        request, storage, settings, lambda upload: _store_model(upload, tenant, storage, settings)
+        request, storage, settings, lambda upload: _store_model(upload, tenant, storage, settings), receive
     )
     return ModelPublic.of(row)
 

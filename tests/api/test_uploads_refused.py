@@ -202,7 +202,15 @@ def test_multipart_without_file(client: httpx.Client) -> None:
 
 
 def test_not_multipart(client: httpx.Client) -> None:
-    refused(client.post("/v1/models", json={"file": "x"}), 415, "multipart/form-data")
+    refused(client.post("/v1/models", content=b"file=x", headers={"Content-Type": "text/plain"}), 415, "multipart")
+
+
+def test_json_that_names_no_stored_object(client: httpx.Client) -> None:
+    refused(client.post("/v1/models", json={"file": "x"}), 422, "storage_url", "multipart/form-data")
+
+
+def test_reference_on_local_storage(client: httpx.Client) -> None:
+    refused(client.post("/v1/models", json={"storage_url": "s3://bucket/m.gguf"}), 422, "upload the file instead")
 
 
 def test_wrong_key_uploads_nothing(anon: httpx.Client, tiny_tar: Path) -> None:

@@ -71,6 +71,7 @@ class EngineRequest:
     device: str | None = None
     datasets: dict[str, tuple[Path, str]] = field(default_factory=dict)  # id -> (path, "txt" | "jsonl"), distill
     checkpoint_dir: Path | None = None  # kept across retries of the same job; the worker deletes it at the end
+    on_checkpoint: Callable[[Path], None] | None = None  # called with each checkpoint file once it is complete
 
 
 def run_pipeline(request: EngineRequest, progress: ProgressFn) -> dict:
@@ -261,6 +262,7 @@ class _Runner:
                 datasets=dict(self.request.datasets),
                 teacher=snapshots.get(spec.teacher_step) if isinstance(spec, KnowledgeDistill) else None,
                 checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir) / f"step-{i}",
+                on_checkpoint=self.request.on_checkpoint,
             )
             result = run_step(model, spec, context)
             if i in teachers:

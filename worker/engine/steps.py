@@ -58,6 +58,7 @@ class StepContext:
     datasets: dict[str, tuple[Path, str]] = field(default_factory=dict)
     teacher: torch.nn.Module | None = None  # distill: the model as uploaded or after `teacher_step` (a CPU copy)
     checkpoint_dir: Path | None = None  # distill: this step's folder, kept across retries of the job
+    on_checkpoint: Callable[[Path], None] | None = None  # told of each checkpoint file written (to copy it away)
 
 
 @dataclass

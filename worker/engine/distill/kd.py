@@ -316,6 +316,8 @@ def _train(model: torch.nn.Module, run: _Run, start: int, losses: list[float]) -
                     "rng": _rng_state(),
                 },
             )
+            if run.context.on_checkpoint is not None:
+                run.context.on_checkpoint(run.checkpoint)
         run.context.report_progress(
             done / steps,
             f"step {done}/{steps} loss {losses[-1]:.4f} (kl {float(kl.detach()):.4f} "

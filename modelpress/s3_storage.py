@@ -1,0 +1,158 @@
+"""Storage in any S3-compatible object store (AWS S3, SeaweedFS, MinIO, R2 ...), through boto3.
+
+Big files go up as multipart uploads read part by part from disk (boto3's managed transfer), so an upload
+never holds a whole file in memory; reads stream with HTTP Range requests. A "tree" (a Hugging Face model
+folder) is the objects under `<key>/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from modelpress.settings import Settings, s3_location
+from modelpress.storage import CHUNK, ObjectInfo, check_key
+
+log = logging.getLogger(__name__)
+
+MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+def s3_client(settings: Settings, endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client from the settings' endpoint, credentials and region (boto3's own lookup fills gaps)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url or settings.aws_endpoint_url,
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=settings.aws_secret_access_key,
+        region_name=settings.aws_region or "us-east-1",
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+    )
+
+
+def is_missing(exc: ClientError) -> bool:
+    return str(exc.response.get("Error", {}).get("Code")) in MISSING
+
+
+class S3Storage:
+    """Objects under `s3://bucket/prefix/`; local scratch space under the data dir."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str,
+        scratch_root: Path,
+        part_size: int = 64 * 1024**2,
+        presign_client: Any | None = None,
+    ) -> None:
+        self.client = client
+        self.presign_client = presign_client or client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.scratch_root = Path(scratch_root)
+        self.transfer = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size, max_concurrency=4)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> S3Storage:
+        bucket, prefix = s3_location(settings.storage_url or "")
+        client = s3_client(settings)
+        public = s3_client(settings, settings.s3_public_endpoint_url) if settings.s3_public_endpoint_url else None
+        return cls(client, bucket, prefix, settings.data_dir / "tmp", settings.s3_part_size_bytes, public)
+
+    def object_key(self, key: str) -> str:
+        """The full object key of a storage key (under the prefix)."""
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def scratch_dir(self) -> Path:
+        self.scratch_root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=self.scratch_root))
+
+    def put_file(self, key: str, source: Path) -> None:
+        """Upload a file (multipart past the part size, streamed from disk); `source` is consumed."""
+        self.client.upload_file(str(source), self.bucket, self.object_key(key), Config=self.transfer)
+        Path(source).unlink(missing_ok=True)
+
+    def put_tree(self, key: str, source: Path) -> None:
+        """Upload every file of a folder under `<key>/`; the folder is consumed."""
+        source = Path(source)
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                self.put_file(f"{key}/{path.relative_to(source).as_posix()}", path)
+        shutil.rmtree(source, ignore_errors=True)
+
+    def fetch_file(self, key: str, dest: Path) -> None:
+        """Download an object to `dest` (ranged parts in parallel for big objects)."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.download_file(self.bucket, self.object_key(key), str(dest), Config=self.transfer)
+        except ClientError as exc:
+            if is_missing(exc):
+                raise FileNotFoundError(f"no stored object {key!r}") from exc
+            raise
+
+    def list_tree(self, key: str) -> list[ObjectInfo]:
+        base = self.object_key(key) + "/"
+        found = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
+            for item in page.get("Contents", []):
+                found.append(ObjectInfo(item["Key"][len(base) :], item["Size"], item["ETag"].strip('"')))
+        return sorted(found, key=lambda o: o.key)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))
+        except ClientError as exc:
+            if is_missing(exc):
+                return None
+            raise
+        return ObjectInfo(key, head["ContentLength"], head["ETag"].strip('"'))
+
+    def exists(self, key: str) -> bool:
+        """True for an object or a non-empty tree at `key`."""
+        if self.stat(key) is not None:
+            return True
+        page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.object_key(key) + "/", MaxKeys=1)
+        return page.get("KeyCount", 0) > 0
+
+    def size(self, key: str) -> int:
+        info = self.stat(key)
+        if info is None:
+            raise FileNotFoundError(f"no stored object {key!r}")
+        return info.size
+
+    def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Yield the bytes from `start` to `end` inclusive, streamed with one Range request."""
+        span = f"bytes={start}-" + ("" if end is None else str(end))
+        body = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key), Range=span)["Body"]
+        try:
+            yield from body.iter_chunks(CHUNK)
+        finally:
+            body.close()
+
+    def download_url(self, key: str, filename: str, expires_s: int) -> str | None:
+        """A presigned GET that expires after `expires_s` seconds and saves under `filename`."""
+        disposition = f"attachment; filename*=UTF-8''{quote(filename, safe='')}"
+        return self.presign_client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self.object_key(key), "ResponseContentDisposition": disposition},
+            ExpiresIn=expires_s,
+        )
+
+    def delete(self, key: str) -> None:
+        """Remove the object at `key` and every object under `<key>/`."""
+        keys = [self.object_key(key)] + [f"{self.object_key(key)}/{o.key}" for o in self.list_tree(key)]
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
