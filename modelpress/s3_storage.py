@@ -36,7 +36,10 @@ def s3_client(settings: Settings, endpoint_url: str | None = None) -> Any:
         aws_access_key_id=settings.aws_access_key_id,
         aws_secret_access_key=settings.aws_secret_access_key,
         region_name=settings.aws_region or "us-east-1",
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+        # SigV4 everywhere: presigned URLs that carry response-* overrides fail SigV2 checks on some stores
+        config=Config(
+            retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}, signature_version="s3v4"
+        ),
     )
 
 
