@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,7 +88,8 @@ class FileCache:
                 if not (entry / READY).exists():
                     self._reserve(entry, key, size)
                     self._download(storage, key, objects, tree, entry)
-                os.utime(entry / META)  # most recently used
+                now = time.time_ns()  # the clock, not the file system's coarser timestamps: order matters
+                os.utime(entry / META, ns=(now, now))  # most recently used
             yield entry / DATA
 
     def _reserve(self, entry: Path, key: str, size: int) -> None:

@@ -67,7 +67,7 @@ class S3Server:
             except (BotoCoreError, ClientError) as exc:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"SeaweedFS S3 did not answer in {timeout}s ({exc}):\n{self.log()[-4000:]}")
+                    raise RuntimeError(f"SeaweedFS S3 did not answer in {timeout}s:\n{self.log()[-4000:]}") from exc
                 time.sleep(0.25)
 
     def log(self) -> str:

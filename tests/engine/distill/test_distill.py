@@ -4,6 +4,7 @@ weights as one that never stopped."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def distill_spec(**overrides):
     return {**spec, **overrides}
 
 
-def run_distill(model, teacher, tokenizer, dataset, spec, checkpoint_dir=None, crash_at=None):
+def run_distill(model, teacher, tokenizer, dataset, spec, checkpoint_dir=None, crash_at=None, on_checkpoint=None):
     def progress(fraction, message):
         if crash_at is not None and message.startswith(f"step {crash_at}/"):
             raise Crash
@@ -49,6 +50,7 @@ def run_distill(model, teacher, tokenizer, dataset, spec, checkpoint_dir=None, c
         datasets={"text": (dataset, "txt")},
         teacher=teacher,
         checkpoint_dir=checkpoint_dir,
+        on_checkpoint=on_checkpoint,
     )
     return run_step(model, step_spec(spec), context)
 
@@ -99,6 +101,38 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny, text_dataset, t
     for (name, a), b in zip(student.state_dict().items(), retried.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert result.summary["final_loss"] < result.summary["first_loss"]
+
+
+def test_checkpoints_announced_to_the_worker_resume_in_another_folder(tiny, text_dataset, tmp_path):
+    """Each checkpoint is announced once complete; copies taken then resume a run in a fresh folder (another
+    machine) to the weights of a run that never stopped."""
+    teacher = copy.deepcopy(tiny.model)
+    for p in teacher.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    student = copy.deepcopy(tiny.model)
+    torch.manual_seed(0)
+    run_distill(student, teacher, tiny.tokenizer, text_dataset, distill_spec())
+
+    here, store, there = tmp_path / "here", tmp_path / "store", tmp_path / "there"
+    announced = []
+
+    def copy_away(path):
+        state = torch.load(path, weights_only=True)
+        announced.append((path.relative_to(here), state["step"]))
+        store.mkdir(exist_ok=True)
+        (store / path.name).write_bytes(path.read_bytes())
+
+    with pytest.raises(Crash):
+        crashed = copy.deepcopy(tiny.model)
+        run_distill(crashed, teacher, tiny.tokenizer, text_dataset, distill_spec(), here, 5, copy_away)
+    assert [step for _, step in announced] == [2, 4] and {name for name, _ in announced} == {Path("distill.pt")}
+    there.mkdir()
+    (there / "distill.pt").write_bytes((store / "distill.pt").read_bytes())
+    retried = copy.deepcopy(tiny.model)
+    result = run_distill(retried, teacher, tiny.tokenizer, text_dataset, distill_spec(), there)
+    assert result.summary["resumed_from_step"] == 4
+    for (name, a), b in zip(student.state_dict().items(), retried.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_distill_refuses_a_missing_dataset(tiny):
