@@ -111,7 +111,15 @@ def test_cancel_stops_a_running_job_within_seconds(stack: Stack, slow_model) -> 
 CHECKPOINT_EVERY = 50
 
 
-def test_distillation_resumes_from_its_checkpoint_after_a_crash(stack: Stack, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_distillation_resumes_from_its_checkpoint_after_a_crash(
+    stack: Stack, tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    """On S3 storage the second worker has a data folder of its own: the checkpoint reaches it through the store."""
+    second_worker = {}
+    if store == "s3":
+        stack.env.update(request.getfixturevalue("s3_server").env(f"faults-{stack.env['MODELPRESS_QUEUE']}"))
+        second_worker = {"DATA_DIR": str(tmp_path / "second-machine")}
     root = tmp_path / "distill"
     archive = tar_folder(build_tiny_model(root / "model"), root / "model.tar")
     text = write_text_dataset(root / "text.txt", lines=800)
@@ -146,7 +154,7 @@ def test_distillation_resumes_from_its_checkpoint_after_a_crash(stack: Stack, tm
 
     wait_for(trained_past_a_checkpoint, 180, "distillation to pass two checkpoints")
     kill_group(first, signal.SIGKILL)
-    stack.start_worker()
+    stack.start_worker(**second_worker)
     job = client.wait(job_id, 300)
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 2
@@ -154,3 +162,7 @@ def test_distillation_resumes_from_its_checkpoint_after_a_crash(stack: Stack, tm
     # killed past step 120: it resumes from a checkpoint at or after step 50, at a multiple of checkpoint_every
     assert summary["resumed_from_step"] >= CHECKPOINT_EVERY and summary["resumed_from_step"] % CHECKPOINT_EVERY == 0
     assert not (Path(stack.env["DATA_DIR"]) / "storage" / "checkpoints" / job_id).exists()
+    if store == "s3":
+        server = request.getfixturevalue("s3_server")
+        left = server.client().list_objects_v2(Bucket=server.bucket, Prefix=f"faults-{stack.env['MODELPRESS_QUEUE']}/")
+        assert not any("/checkpoints/" in o["Key"] for o in left.get("Contents", []))
