@@ -8,6 +8,7 @@ folder) is the objects under `<key>/`.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -159,3 +160,21 @@ class S3Storage:
         for i in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[i : i + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+_shared: dict[tuple, S3Storage] = {}
+
+
+def shared_s3_storage(settings: Settings) -> S3Storage:
+    """One S3Storage per configuration and process: a boto3 client is costly to build and safe to share between
+    threads once built, but not across a fork (its pooled connections would be shared), hence the pid."""
+    fields = ("storage_url", "aws_endpoint_url", "aws_access_key_id", "aws_secret_access_key", "aws_region")
+    config = tuple(getattr(settings, name) for name in fields) + (
+        settings.s3_part_size_bytes,
+        settings.s3_public_endpoint_url,
+        settings.data_dir,
+        os.getpid(),
+    )
+    if config not in _shared:
+        _shared[config] = S3Storage.from_settings(settings)
+    return _shared[config]

@@ -26,7 +26,7 @@ from modelpress.specs import JobSpec
 from modelpress.storage import Storage, get_storage
 from worker.artifacts import remove as remove_artifacts
 from worker.artifacts import store_outputs
-from worker.cache import get_cache
+from worker.cache import CacheFull, get_cache
 from worker.job_files import CheckpointSync, JobFiles
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,8 @@ def _error_for(exc: BaseException) -> dict[str, str]:
         return {"code": exc.code, "message": str(exc)}
     if isinstance(exc, LookupError):
         return {"code": "missing_input", "message": str(exc)}
+    if isinstance(exc, CacheFull):
+        return {"code": "cache_full", "message": str(exc)}
     if _is_out_of_memory(exc):
         return {
             "code": "out_of_memory",

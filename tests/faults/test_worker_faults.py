@@ -116,8 +116,9 @@ def test_distillation_resumes_from_its_checkpoint_after_a_crash(
     stack: Stack, tmp_path: Path, store: str, request: pytest.FixtureRequest
 ) -> None:
     """On S3 storage the second worker has a data folder of its own: the checkpoint reaches it through the store."""
-    second_worker = {}
-    if store == "s3":
+    second_worker, steps = {}, 3000
+    if store == "s3":  # fewer steps: the crash comes past step 120 all the same, and the retry has less to run
+        steps = 400
         stack.env.update(request.getfixturevalue("s3_server").env(f"faults-{stack.env['MODELPRESS_QUEUE']}"))
         second_worker = {"DATA_DIR": str(tmp_path / "second-machine")}
     root = tmp_path / "distill"
@@ -134,7 +135,7 @@ def test_distillation_resumes_from_its_checkpoint_after_a_crash(
             {
                 "type": "distill",
                 "dataset_id": dataset["id"],
-                "steps": 3000,
+                "steps": steps,
                 "batch_size": 2,
                 "seq_len": 32,
                 "checkpoint_every": CHECKPOINT_EVERY,

@@ -145,3 +145,28 @@ def test_only_one_reconciler_acts_per_tick(settings, broker) -> None:
     broker.delete(f"modelpress:reconciler:{settings.queue}")
     assert reconcile_once(settings, broker, "a") != {}
     assert reconcile_once(settings, broker, "b") == {}
+
+
+def test_a_model_larger_than_the_cache_fails_the_job_with_a_reason(settings, tmp_path, monkeypatch) -> None:
+    from modelpress.storage import get_storage
+    from worker.jobs import execute
+
+    job_id, key = make_job(), "models/x"  # the model row make_job writes
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        job.spec = {"model_id": job.model_id, "recipe": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]}
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text("{}" * 50)
+    get_storage().delete(key)
+    get_storage().put_tree(key, source)
+    monkeypatch.setenv("MODELPRESS_CACHE_MAX_BYTES", "10")
+    monkeypatch.setenv("MODELPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    get_settings.cache_clear()
+    try:
+        execute(job_id, "test-worker")
+    finally:
+        get_settings.cache_clear()
+    job = job_row(job_id)
+    assert job.status == JobStatus.failed
+    assert job.error["code"] == "cache_full" and "MODELPRESS_CACHE_MAX_BYTES" in job.error["message"], job.error
