@@ -77,7 +77,7 @@ def _locate(reference: ModelReference, settings: Settings) -> tuple[str, str]:
 def fetch_reference(reference: ModelReference, scratch: Path, settings: Settings) -> Upload:
     """Copy the named object into `scratch` as an Upload (hashed while it streams); 4xx for what the caller
     can fix: a missing or unreadable object (422), one past the upload size limit (413)."""
-    from modelpress.s3_storage import is_missing, s3_client
+    from modelpress.object_storage import is_missing, s3_client
 
     lock = lock_folder(scratch)
     try:

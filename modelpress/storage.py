@@ -170,7 +170,7 @@ def get_storage(root: Path | None = None) -> Storage:
 
     settings = get_settings()
     if root is None and settings.storage_url:
-        from modelpress.s3_storage import shared_s3_storage
+        from modelpress.object_storage import shared_s3_storage
 
         return shared_s3_storage(settings)
     return LocalStorage(root or settings.data_dir / "storage")

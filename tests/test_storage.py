@@ -112,8 +112,8 @@ UPLOAD_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
     from pathlib import Path
-    from modelpress.s3_storage import S3Storage
-    from tests.utils.s3 import S3Server
+    from modelpress.object_storage import S3Storage
+    from tests.utils.object_store import S3Server
 
     endpoint, key, secret, bucket, prefix, small, big = sys.argv[1:]
     server = S3Server(Path("."), access_key=key, secret_key=secret, bucket=bucket)

@@ -17,7 +17,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from modelpress.s3_storage import S3Storage
+from modelpress.object_storage import S3Storage
 from tests.conftest import free_port
 
 WEED = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
