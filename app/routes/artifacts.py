@@ -71,7 +71,7 @@ def _file_size(artifact: Artifact, storage: Storage) -> int:
         logger.error("artifact %s has no readable file at %r: %s", artifact.id, artifact.storage_key, exc)
         raise missing from exc
     if info is None:
-        logger.error("artifact %s has no file at %r", artifact.id, artifact.storage_key)
+        logger.error("artifact %s has no readable file at %r", artifact.id, artifact.storage_key)
         raise missing
     return info.size
 
