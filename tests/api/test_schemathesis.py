@@ -102,9 +102,12 @@ def test_405_allows_every_method_of_the_path(fuzz: httpx.Client, resource: str) 
 @pytest.mark.parametrize("resource", ["models", "datasets"])
 def test_upload_refusals_are_declared(fuzz: httpx.Client, resource: str) -> None:
     path = f"/v1/{resource}"
-    not_multipart = fuzz.post(path, json={"file": "model.tar"})
+    not_multipart = fuzz.post(path, content=b"file=model.tar", headers={"Content-Type": "text/plain"})
     assert not_multipart.status_code == 415
     assert_declared_error(not_multipart, path, "post")
+    as_json = fuzz.post(path, json={"file": "model.tar"})  # models: a JSON body names a stored object
+    assert as_json.status_code == (422 if resource == "models" else 415)
+    assert_declared_error(as_json, path, "post")
     no_file = fuzz.post(path, files={"name": (None, "x")})
     assert no_file.status_code == 400 and "no 'file' field" in no_file.json()["detail"]
     assert_declared_error(no_file, path, "post")
