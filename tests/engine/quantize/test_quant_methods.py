@@ -9,11 +9,12 @@ from safetensors import safe_open
 
 from tests.engine.quantize.test_quantization import logits_in_clean_process
 from worker.engine import steps as engine
+from worker.engine.calibrate.layerwise import decoder_layers
 from worker.engine.calibrate.targets import select_linears
 from worker.engine.export.compressed import save_compressed_
 from worker.engine.quantize.awq import FOLDS, NORM_FOLDS, fold_checked_, fold_groups
 from worker.engine.quantize.awq_math import candidate_scales, scale_candidates, weight_means
-from worker.engine.quantize.common import LayerGroup, calibrated_layers
+from worker.engine.quantize.common import REPORT_WINDOWS, LayerGroup, calibrated_layers, quantize_
 from worker.engine.quantize.gptq_math import gptq_quantize
 from worker.engine.quantize.quant_math import (
     fake_quantize,
@@ -186,6 +187,33 @@ def test_gptq_step_beats_rtn_in_reported_output_error(tiny_model_dir):
         errors[method] = result.summary["mean_output_error"]
     # random embeddings give nearly isotropic inputs here, where GPTQ gains least (see the correlated test above)
     assert errors["gptq"] < 0.9 * errors["rtn"] and errors["gptq_plain"] < 0.9 * errors["rtn"]
+
+
+@pytest.mark.parametrize("step", [{"method": "rtn", "weights": INT4_G32}, {"method": "fp8"}])
+def test_report_only_statistics_run_each_layer_once_over_bounded_windows(tiny_model_dir, step):
+    from worker.engine.load.checkpoint import load_model
+    from worker.engine.quantize.common import quantize_layers
+
+    model = load_model(tiny_model_dir, "hf", torch.device("cpu")).model
+    _, layers = decoder_layers(model)
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda _m, _a, i=i: calls.__setitem__(i, calls[i] + 1))
+    windows = calibration_windows(model, count=3 * REPORT_WINDOWS, length=32)
+    result = run_step(model, step, windows)
+    assert calls == [REPORT_WINDOWS] * len(layers)  # one forward per layer and window, not two over all 24
+    assert all(layer["output_error"] is not None and layer["output_error"] > 0 for layer in result.layers)
+
+    if step["method"] == "rtn":  # the Gram-matrix measurement on those windows, which observes each float layer
+        # before rounding it: q/k/v read the same inputs in both; o/gate/up/down here read the quantized ones
+        reference = load_model(tiny_model_dir, "hf", torch.device("cpu")).model
+        linears = select_linears(reference)
+        context = StepContext(calibration=windows[:REPORT_WINDOWS], report_progress=lambda f, m: None)
+        expected = quantize_layers(reference, context, linears, lambda _n, lin, _s: quantize_(lin.weight, 4, 32, True))
+        for got, want in zip(result.layers, expected.layers, strict=True):
+            assert got["name"] == want["name"]
+            same_inputs = got["name"].split(".")[-1] in ("q_proj", "k_proj", "v_proj")
+            assert got["output_error"] == pytest.approx(want["output_error"], rel=1e-4 if same_inputs else 0.05)
 
 
 def test_awq_duo_scales_match_a_hand_computation():

@@ -8,7 +8,9 @@ input per token, so the in-memory model computes what the saved checkpoint compu
 
 Per layer the report gives `relative_error` (‖W − Ŵ‖/‖W‖) and, when the job has calibration data,
 `output_error` (‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ over the layer's calibration inputs X, computed from XᵀX; X comes from the
-already quantized earlier decoder layers, as in sequential GPTQ).
+already quantized earlier decoder layers, as in sequential GPTQ). A method that rounds without looking at its
+inputs (RTN, FP8 to nearest) needs X only for that figure: it measures it in the one forward pass that carries
+the first `REPORT_WINDOWS` windows through the quantized layers, so the report costs a small part of the step.
 
 On pruned layers (at least `PRUNED_SHARE` of the weights exactly zero) every method keeps each zero exactly
 zero (0 is a code of every grid; GPTQ forces pruned entries to 0 in its sweep). The layer records and the
@@ -46,6 +48,7 @@ from worker.engine.steps import EngineError, QuantizedWeight, StepContext, StepR
 log = logging.getLogger(__name__)
 
 PRUNED_SHARE = 0.01  # a dense weight holds almost no exact zeros; a pruned one far more than this
+REPORT_WINDOWS = 8  # calibration windows a report-only output_error is measured on
 LinearQuantizer = Callable[[str, torch.nn.Linear, "InputStats | None"], QuantizedWeight]
 
 
@@ -225,6 +228,7 @@ def quantize_layers(
     quantize: LinearQuantizer,
     prepare: Callable[[LayerGroup], None] | None = None,
     true_sequential: bool = False,
+    uses_stats: bool = True,
 ) -> StepResult:
     """Quantize each targeted Linear with `quantize(name, linear, stats)` (which changes its weight in place),
     layer by layer over the calibration data when the job has some (stats None otherwise). `prepare(group)`
@@ -234,7 +238,10 @@ def quantize_layers(
     `true_sequential` (GPTQ's option of that name) also goes stage by stage inside each decoder layer: q/k/v,
     then o_proj on the outputs of the quantized q/k/v, then gate/up, then down_proj, so each Linear's
     statistics include the error of the Linears before it. It costs one layer forward per stage. `prepare`
-    still runs first, on the whole float layer (AWQ folds every scale before anything is rounded)."""
+    still runs first, on the whole float layer (AWQ folds every scale before anything is rounded).
+
+    `uses_stats=False` (the quantizer ignores its statistics): calibration only feeds the report's output_error,
+    measured while the first `REPORT_WINDOWS` windows pass once through each quantized layer."""
     layers, quantized = [], {}
 
     def run(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> None:
@@ -248,7 +255,9 @@ def quantize_layers(
             context.report_progress((i + 1) / len(linears), f"quantized {name}")
     else:
         device = calibration_device(model, context)
-        if true_sequential:
+        if not uses_stats:
+            _quantize_measured(model, linears, context, device, quantized, layers, quantize)
+        elif true_sequential:
             _quantize_stagewise(model, linears, context, device, run, prepare)
         else:
             for group in calibrated_layers(model, linears, context.calibration, device, context.report_progress):
@@ -297,6 +306,61 @@ def _quantize_stagewise(
             for name in stage:
                 run(name, inside[name], stats[name])
             del stats
+
+
+class OutputErrorMeter:
+    """Accumulates ‖X(W − Ŵ)ᵀ‖² and ‖XWᵀ‖² over the inputs X a Linear sees (a forward pre-hook), so the output
+    error needs no XᵀX and no forward of its own."""
+
+    def __init__(self, original: torch.Tensor, approximation: torch.Tensor) -> None:
+        self.original = original.float()
+        self.delta = self.original - approximation.detach().float()
+        self.error = 0.0
+        self.reference = 0.0
+
+    @torch.no_grad()
+    def __call__(self, _module: torch.nn.Module, args: tuple) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        self.error += float(torch.linalg.vector_norm(x @ self.delta.T, dtype=torch.float64) ** 2)
+        self.reference += float(torch.linalg.vector_norm(x @ self.original.T, dtype=torch.float64) ** 2)
+
+    def value(self) -> float:
+        return (self.error / self.reference) ** 0.5 if self.reference > 0 else self.error**0.5
+
+
+def _quantize_measured(
+    model: torch.nn.Module,
+    linears: dict[str, torch.nn.Linear],
+    context: StepContext,
+    device: torch.device,
+    quantized: dict[str, QuantizedWeight],
+    layers: list[dict],
+    quantize: LinearQuantizer,
+) -> None:
+    """`quantize_layers` for a quantizer that needs no statistics: each decoder layer is quantized first, then
+    the runner's own forward over the first `REPORT_WINDOWS` windows (which feeds the next layer) measures each
+    Linear's output error through a pre-hook, on the inputs it sees in the quantized model (o_proj's come from
+    the quantized q/k/v)."""
+    pending: list[tuple[str, torch.Tensor, torch.nn.Linear, OutputErrorMeter, object]] = []
+
+    def finish() -> None:
+        for name, original, linear, meter, handle in pending:
+            handle.remove()
+            record = layer_record(name, original, linear, quantized[name], None)
+            record["output_error"] = meter.value()
+            layers.append(record)
+        pending.clear()
+
+    windows = context.calibration[:REPORT_WINDOWS]
+    for step in sequential_layers(model, windows, device, context.report_progress):
+        finish()  # the previous layer's forward has run
+        for name, linear in linears.items():
+            if name.startswith(step.name + "."):
+                original = linear.weight.detach().clone()
+                quantized[name] = quantize(name, linear, None)
+                meter = OutputErrorMeter(original, linear.weight)
+                pending.append((name, original, linear, meter, linear.register_forward_pre_hook(meter)))
+    finish()
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ def quantize_fp8(model: torch.nn.Module, spec: FP8Quantize, context: StepContext
             rounded.append(name)
         return fp8_quantize_(linear, stats if use_gptq else None)
 
-    result = quantize_layers(model, context, linears, quantize)
+    result = quantize_layers(model, context, linears, quantize, uses_stats=use_gptq)
     result.summary["gptq"] = use_gptq
     result.notes.append(
         "fp8: weights E4M3 per output channel"

@@ -14,5 +14,9 @@ def quantize_rtn(model: torch.nn.Module, spec: RTNQuantize, context: StepContext
     bits, group_size, symmetric = spec.weights.bits, spec.weights.group_size, spec.weights.symmetric
     linears = targeted_linears(model, spec)
     return quantize_layers(
-        model, context, linears, lambda _name, linear, _stats: quantize_(linear.weight, bits, group_size, symmetric)
+        model,
+        context,
+        linears,
+        lambda _name, linear, _stats: quantize_(linear.weight, bits, group_size, symmetric),
+        uses_stats=False,
     )
