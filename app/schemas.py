@@ -70,6 +70,16 @@ class JobError(BaseModel):
     message: str
 
 
+class AttemptPublic(BaseModel):
+    """One attempt at running the job: `outcome` is running, succeeded, failed, cancelled, or lost (its worker
+    died and the job was queued again)."""
+
+    started_at: datetime
+    finished_at: datetime | None
+    worker: str | None
+    outcome: Literal["running", "lost", "succeeded", "failed", "cancelled"]
+
+
 class JobPublic(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
@@ -81,10 +91,13 @@ class JobPublic(BaseModel):
     evaluation: dict[str, Any] | None
     progress: Progress
     error: JobError | None
-    attempts: int
+    attempts: int = Field(description="how many times a worker started the job")
+    attempt_history: list[AttemptPublic] = Field(
+        description="each attempt, oldest first; a retried job's `started_at` is its last attempt's start"
+    )
     cancel_requested: bool
     created_at: datetime
-    started_at: datetime | None
+    started_at: datetime | None = Field(description="when the current (or last) attempt started")
     finished_at: datetime | None
 
     @classmethod
@@ -105,6 +118,7 @@ class JobPublic(BaseModel):
             if error
             else None,
             attempts=row.attempts,
+            attempt_history=[AttemptPublic(**attempt) for attempt in row.attempt_history or []],
             cancel_requested=row.cancel_requested,
             created_at=row.created_at,
             started_at=row.started_at,

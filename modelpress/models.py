@@ -23,6 +23,16 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
 
 
+class AttemptOutcome(StrEnum):
+    """How one attempt at a job ended: a final job status, `lost` (its worker died), or still `running`."""
+
+    running = "running"
+    lost = "lost"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
 class JobStatus(StrEnum):
     queued = "queued"
     running = "running"
@@ -94,6 +104,8 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # one {started_at, finished_at, worker, outcome} per attempt, oldest first; see start_attempt / end_attempt
+    attempt_history: Mapped[list[Any] | None] = mapped_column(JSON, default=list)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[str | None] = mapped_column(String(255), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
@@ -101,6 +113,29 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    def start_attempt(self, worker: str, now: datetime) -> None:
+        """Open a new attempt on `worker`: the job's `started_at` is the current attempt's start, so its duration
+        does not count attempts whose worker died."""
+        self.attempts += 1
+        self.worker = worker
+        self.started_at = now
+        self.attempt_history = [
+            *(self.attempt_history or []),
+            {
+                "started_at": now.isoformat(),
+                "finished_at": None,
+                "worker": worker,
+                "outcome": AttemptOutcome.running.value,
+            },
+        ]
+
+    def end_attempt(self, outcome: str, at: datetime) -> None:
+        """Close the open attempt, if any, with `outcome` (a final job status, or `lost` when its worker died)."""
+        history = list(self.attempt_history or [])
+        if history and history[-1].get("outcome") == AttemptOutcome.running:
+            history[-1] = {**history[-1], "finished_at": at.isoformat(), "outcome": AttemptOutcome(outcome).value}
+            self.attempt_history = history  # a new list, so the JSON column is written
 
 
 class Artifact(Base):

@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from modelpress.db import session_scope
-from modelpress.models import FINAL_STATUSES, Artifact, Dataset, Job, JobStatus, Model, utcnow
+from modelpress.models import FINAL_STATUSES, Artifact, AttemptOutcome, Dataset, Job, JobStatus, Model, utcnow
 from modelpress.settings import Settings, get_settings
 from modelpress.specs import JobSpec
 from modelpress.storage import Storage, get_storage
@@ -54,6 +54,7 @@ def claim(job_id: str, worker_name: str, settings: Settings) -> Job | None:
                 log.info("job %s is running elsewhere under a live lease; skipped", job_id)
                 return None
             log.warning("job %s: previous attempt stopped heart-beating; retrying", job_id)
+            job.end_attempt(AttemptOutcome.lost, heartbeat)
         if job.cancel_requested:
             _finish(job, JobStatus.cancelled, error=None)
             return None
@@ -69,9 +70,7 @@ def claim(job_id: str, worker_name: str, settings: Settings) -> Job | None:
             )
             return None
         job.status = JobStatus.running
-        job.attempts += 1
-        job.worker = worker_name
-        job.started_at = job.started_at or now
+        job.start_attempt(worker_name, now)
         job.heartbeat_at = now
         job.error = None
         session.flush()
@@ -83,6 +82,7 @@ def _finish(job: Job, status: JobStatus, *, error: dict[str, str] | None) -> Non
     job.status = status
     job.error = error
     job.finished_at = utcnow()
+    job.end_attempt(status, job.finished_at)
 
 
 class ProgressReporter:

@@ -20,7 +20,7 @@ import redis
 from sqlalchemy import select
 
 from modelpress.db import session_scope
-from modelpress.models import Job, JobStatus, utcnow
+from modelpress.models import AttemptOutcome, Job, JobStatus, utcnow
 from modelpress.queue import enqueue_job
 from modelpress.settings import Settings
 
@@ -50,6 +50,7 @@ def reconcile_once(settings: Settings, client: redis.Redis, owner: str) -> dict[
             .with_for_update(skip_locked=True)
         )
         for job in session.scalars(stale):
+            job.end_attempt(AttemptOutcome.lost, job.heartbeat_at)
             if job.attempts >= settings.max_attempts:
                 job.status, job.finished_at = JobStatus.failed, now
                 job.error = {

@@ -15,7 +15,7 @@ from modelpress.migrate import upgrade
 from modelpress.models import Job, JobStatus, Model, utcnow
 from modelpress.settings import get_settings
 from tests.conftest import clear_caches, fresh_database, sqlalchemy_url
-from worker.jobs import claim
+from worker.jobs import _record_end, claim
 from worker.reconcile import reconcile_once
 
 
@@ -92,6 +92,29 @@ def test_claim_retries_a_job_whose_heartbeat_stopped(settings) -> None:
     assert job is not None and job.attempts == 2 and job.worker == "w2"
 
 
+def test_retried_job_records_each_attempt_and_times_the_last(settings) -> None:
+    from app.schemas import JobPublic
+
+    job_id = make_job()
+    assert claim(job_id, "w1", settings) is not None
+    stale = utcnow() - timedelta(seconds=settings.lease_s + 5)
+    first_start = stale - timedelta(seconds=600)
+    with session_scope() as session:  # the first worker died ten minutes in: its heartbeat stopped
+        job = session.get(Job, job_id)
+        job.heartbeat_at, job.started_at = stale, first_start
+        job.attempt_history = [{**job.attempt_history[0], "started_at": first_start.isoformat()}]
+    assert claim(job_id, "w2", settings) is not None
+    _record_end(job_id, JobStatus.succeeded, None)
+
+    public = JobPublic.of(job_row(job_id))
+    first, second = public.attempt_history
+    assert (first.worker, first.outcome, first.started_at, first.finished_at) == ("w1", "lost", first_start, stale)
+    assert (second.worker, second.outcome) == ("w2", "succeeded")
+    assert public.started_at == second.started_at > stale, "the job's start is its last attempt's start"
+    assert public.finished_at == second.finished_at >= second.started_at
+    assert public.attempts == 2
+
+
 def test_claim_gives_up_after_max_attempts(settings) -> None:
     stale = utcnow() - timedelta(seconds=settings.lease_s + 5)
     job_id = make_job(status=JobStatus.running, attempts=settings.max_attempts, heartbeat_at=stale)
@@ -135,8 +158,12 @@ def test_reconciler_reaps_dead_workers_jobs(settings, broker) -> None:
     retry = make_job(status=JobStatus.running, attempts=1, heartbeat_at=stale, enqueued_at=stale)
     give_up = make_job(status=JobStatus.running, attempts=settings.max_attempts, heartbeat_at=stale)
     live = make_job(status=JobStatus.running, attempts=1, heartbeat_at=utcnow(), enqueued_at=stale)
+    running = {"started_at": stale.isoformat(), "finished_at": None, "worker": "w", "outcome": "running"}
+    with session_scope() as session:
+        session.get(Job, retry).attempt_history = [running]
     reconcile_once(settings, broker, "test")
     assert job_row(retry).status == JobStatus.queued and retry in queued_ids(broker, settings.queue)
+    assert [(a["worker"], a["outcome"]) for a in job_row(retry).attempt_history] == [("w", "lost")]
     assert job_row(give_up).status == JobStatus.failed and job_row(give_up).error["code"] == "worker_lost"
     assert job_row(live).status == JobStatus.running
 
