@@ -70,6 +70,10 @@ def _ratio(base: Any, optimized: Any) -> str | Text:
     return ""
 
 
+SPEED_METRICS = ("prefill_ms", "decode_ms_per_token")
+NOT_COMPARABLE = Text("not comparable (see note)", style="dim")
+
+
 def _when(value: Any) -> str:
     return str(value).replace("T", " ")[:19] if value else ""
 
@@ -178,9 +182,11 @@ def metrics_table(report: dict[str, Any]) -> Table:
     table.add_column("optimized", justify="right")
     table.add_column("optimized / baseline", justify="right")
     keys = list(dict.fromkeys([*flat_base, *flat_opt]))
+    speed_note = (report.get("ratios") or {}).get("speed_note")
     for key in keys:
         base, opt = flat_base.get(key), flat_opt.get(key)
-        table.add_row(key, format_value(key, base), format_value(key, opt), _ratio(base, opt))
+        ratio = NOT_COMPARABLE if speed_note and key.split(".")[-1] in SPEED_METRICS else _ratio(base, opt)
+        table.add_row(key, format_value(key, base), format_value(key, opt), ratio)
     if not keys:
         table.add_row("(nothing measured)", NOT_MEASURED, NOT_MEASURED, "")
     return table
@@ -189,11 +195,17 @@ def metrics_table(report: dict[str, Any]) -> Table:
 def ratios_table(ratios: dict[str, Any] | None) -> Table | None:
     if not ratios:
         return None
-    table = Table(title="ratios (as the worker computed them)")
+    speed_note = ratios.get("speed_note")
+    table = Table(title="ratios (as the worker computed them)", caption=speed_note)
     table.add_column("ratio")
     table.add_column("value", justify="right")
     for key, value in flatten(ratios).items():
-        table.add_row(key, NOT_MEASURED if value is None else format_value("ratio", value))
+        if key == "speed_note":
+            continue
+        if value is None:
+            table.add_row(key, NOT_COMPARABLE if speed_note and key.endswith("_speedup") else NOT_MEASURED)
+        else:
+            table.add_row(key, format_value("ratio", value))
     return table
 
 

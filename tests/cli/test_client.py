@@ -216,6 +216,21 @@ def test_report_shows_nulls_as_not_measured(fake: FakeApi) -> None:
     assert "no evaluation dataset" in out
 
 
+def test_report_of_a_decompressed_cpu_artifact_shows_no_speedup(fake: FakeApi) -> None:
+    note = "no speed-up ratio: on a CPU worker the quantized artifact runs with its weights decompressed to float"
+    fake.report = {
+        "baseline": {"size_bytes": 4000, "prefill_ms": 40.0, "decode_ms_per_token": 4.0},
+        "optimized": {"size_bytes": 1000, "prefill_ms": 30.0, "decode_ms_per_token": 2.94},
+        "ratios": {"size": 0.25, "prefill_speedup": None, "decode_speedup": None, "speed_note": note},
+    }
+    result = runner.invoke(cli.app, ["report", "job1"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "0.250×" in out  # the size still compares
+    assert "0.750×" not in out and "0.735×" not in out  # no optimized/baseline of a decompressed timing
+    assert "not comparable (see note)" in out and "decompressed to float" in out
+
+
 def test_unreachable_server_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.conftest import free_port
 

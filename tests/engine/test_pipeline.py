@@ -128,6 +128,15 @@ def test_report_shape(job):
     assert sorted(p.name for p in out.iterdir()) == ["model.tar", "report.json"]
 
 
+def test_cpu_report_of_a_quantized_model_prints_no_speedup_and_says_why(job):
+    report, _, _ = job
+    ratios = report["ratios"]
+    assert ratios["decode_speedup"] is None and ratios["prefill_speedup"] is None
+    assert "decompressed to float" in ratios["speed_note"] and "CUDA" in ratios["speed_note"]
+    assert ratios["size"] is not None  # what the CPU can compare stays
+    assert report["baseline"]["decode_ms_per_token"] > 0 and report["optimized"]["decode_ms_per_token"] > 0
+
+
 def test_progress_is_monotone_and_names_the_stages(job):
     _, events, _ = job
     assert [(e.step_index, e.fraction) for e in events] == sorted((e.step_index, e.fraction) for e in events)

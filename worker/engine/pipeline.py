@@ -135,6 +135,7 @@ class _Runner:
             if calibration is None
             else {"windows": calibration.shape[0], "seq_len": calibration.shape[1]},
             notes=self.notes,
+            quantized=bool(quantized),
         )
         report["speed"] = self.speed_section(baseline["speed"], optimized["speed"])
         (output_dir / "report.json").write_text(json.dumps(report, indent=2))

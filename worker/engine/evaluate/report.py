@@ -40,14 +40,27 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def ratios(baseline: dict[str, Any], optimized: dict[str, Any]) -> dict[str, float | None]:
-    """size and perplexity: optimized / baseline; speedups: baseline time / optimized time (>1 is faster)."""
-    return {
+DECOMPRESSED_SPEED_NOTE = (
+    "no speed-up ratio: on a CPU worker the quantized artifact runs with its weights decompressed to float, so "
+    "its timing cannot show what quantization buys; the sizes and memory still compare. Run the job on a CUDA "
+    "worker for speed ratios measured on the low-bit kernels"
+)
+
+
+def ratios(
+    baseline: dict[str, Any], optimized: dict[str, Any], speed_note: str | None = None
+) -> dict[str, float | str | None]:
+    """size and perplexity: optimized / baseline; speedups: baseline time / optimized time (>1 is faster), or
+    None with `speed_note` saying why when the timings cannot compare what the recipe changed."""
+    result: dict[str, float | str | None] = {
         "size": _ratio(optimized["size_bytes"], baseline["size_bytes"]),
         "perplexity": _ratio(optimized["perplexity"], baseline["perplexity"]),
         "prefill_speedup": _ratio(baseline["prefill_ms"], optimized["prefill_ms"]),
         "decode_speedup": _ratio(baseline["decode_ms_per_token"], optimized["decode_ms_per_token"]),
     }
+    if speed_note is not None:
+        result.update(prefill_speedup=None, decode_speedup=None, speed_note=speed_note)
+    return result
 
 
 def merge_samples(baseline: list[dict[str, str]], optimized: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -68,14 +81,17 @@ def build_report(
     evaluation: dict[str, Any] | None,
     calibration: dict[str, Any] | None,
     notes: list[str],
+    quantized: bool = False,
 ) -> dict[str, Any]:
+    """`quantized`: the recipe quantized some layers (off CUDA their artifact is timed decompressed to float)."""
+    speed_note = DECOMPRESSED_SPEED_NOTE if quantized and device.type != "cuda" else None
     return {
         "baseline": baseline,
         "optimized": optimized,
         "steps": steps,
         "samples": samples,
         "environment": environment(device),
-        "ratios": ratios(baseline, optimized),
+        "ratios": ratios(baseline, optimized, speed_note),
         "evaluation": evaluation,
         "calibration": calibration,
         "notes": notes,
