@@ -15,6 +15,12 @@ from modelpress.settings import Settings, get_settings
 
 RUN_JOB_TASK = "modelpress.jobs.run"
 
+# Redis transport priorities: a worker pops the lists in `PRIORITY_STEPS` order, 0 first. A new job waits at
+# JOB_PRIORITY; a job whose worker died goes back at RETRY_PRIORITY, ahead of every job queued after it.
+PRIORITY_STEPS = [0, 3, 6, 9]
+RETRY_PRIORITY = 0
+JOB_PRIORITY = 3
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Settings for hours-long GPU jobs: late acks, one message at a time, a long visibility timeout."""
@@ -28,7 +34,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_time_limit": settings.job_time_limit_s + 300,
         "task_soft_time_limit": settings.job_time_limit_s,
-        "broker_transport_options": {"visibility_timeout": visibility_timeout},
+        "broker_transport_options": {
+            "visibility_timeout": visibility_timeout,
+            "priority_steps": PRIORITY_STEPS,
+            "queue_order_strategy": "priority",
+        },
         "broker_connection_retry_on_startup": True,
         "task_ignore_result": True,
         "task_serializer": "json",
@@ -44,8 +54,14 @@ def sender() -> Celery:
     return app
 
 
-def enqueue_job(job_id: str, settings: Settings | None = None) -> None:
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's messages, in the order a worker pops them (kombu's naming)."""
+    return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in PRIORITY_STEPS]
+
+
+def enqueue_job(job_id: str, settings: Settings | None = None, *, front: bool = False) -> None:
     """Put a job on the GPU queue and note when. Safe to repeat: the worker skips a job no longer queued.
+    `front`: ahead of every job queued at the usual priority (a job whose worker died).
 
     Raises when the broker is down; the row keeps `enqueued_at` empty and the reconciler sends it later.
     """
@@ -55,6 +71,7 @@ def enqueue_job(job_id: str, settings: Settings | None = None) -> None:
     from modelpress.models import Job, utcnow
 
     settings = settings or get_settings()
-    sender().send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue)
+    priority = RETRY_PRIORITY if front else JOB_PRIORITY
+    sender().send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue, priority=priority)
     with session_scope() as session:
         session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from sqlalchemy import select
@@ -38,6 +38,7 @@ def reconcile_once(settings: Settings, client: redis.Redis, owner: str) -> dict[
     broker_lost = bool(client.set(f"modelpress:broker-epoch:{settings.queue}", utcnow().isoformat(), nx=True))
     now = utcnow()
     to_send: list[str] = []
+    to_resend: list[str] = []  # jobs whose worker died: ahead of the queue
     reaped = failed = 0
     with session_scope() as session:
         queued = select(Job).where(Job.status == JobStatus.queued)
@@ -50,25 +51,56 @@ def reconcile_once(settings: Settings, client: redis.Redis, owner: str) -> dict[
             .with_for_update(skip_locked=True)
         )
         for job in session.scalars(stale):
-            job.end_attempt(AttemptOutcome.lost, job.heartbeat_at)
-            if job.attempts >= settings.max_attempts:
-                job.status, job.finished_at = JobStatus.failed, now
-                job.error = {
-                    "code": "worker_lost",
-                    "message": f"the worker running this job stopped responding {job.attempts} times "
-                    f"(limit {settings.max_attempts}); it may have run out of memory: try a smaller recipe",
-                }
-                failed += 1
-            else:
-                log.warning("job %s: worker %s stopped heart-beating; re-queued", job.id, job.worker)
-                job.status, job.worker = JobStatus.queued, None
-                to_send.append(job.id)
+            if _reap(job, settings, job.heartbeat_at):
+                to_resend.append(job.id)
                 reaped += 1
+            else:
+                failed += 1
+    for job_id in to_resend:
+        enqueue_job(job_id, settings, front=True)
     for job_id in to_send:
         enqueue_job(job_id, settings)
     if broker_lost and to_send:
         log.warning("broker lost its data: re-sent %d queued jobs", len(to_send))
-    return {"sent": len(to_send), "reaped": reaped, "failed": failed}
+    return {"sent": len(to_send) + len(to_resend), "reaped": reaped, "failed": failed}
+
+
+def _reap(job: Job, settings: Settings, last_seen: datetime | None) -> bool:
+    """A running job whose worker died: its attempt ends `lost`; back to queued while attempts remain (True),
+    else failed with a reason (False)."""
+    now = utcnow()
+    job.end_attempt(AttemptOutcome.lost, last_seen or now)
+    if job.attempts >= settings.max_attempts:
+        job.status, job.finished_at = JobStatus.failed, now
+        job.error = {
+            "code": "worker_lost",
+            "message": f"the worker running this job stopped responding {job.attempts} times "
+            f"(limit {settings.max_attempts}); it may have run out of memory: try a smaller recipe",
+        }
+        return False
+    log.warning("job %s: worker %s stopped; re-queued ahead of the queue", job.id, job.worker)
+    job.status, job.worker = JobStatus.queued, None
+    return True
+
+
+def requeue_lost(job_id: str, settings: Settings, worker: str) -> bool:
+    """The parent of `worker` saw the child running `job_id` die: end that attempt now (no need to wait for the
+    lease) and send the job to the front of the queue, so it runs before the jobs queued after it. True when
+    the job needs no other message (re-sent, or already ended: a job over its memory limit records its failure
+    before its process exits); False when the row could not be read and the caller should requeue its own."""
+    try:
+        with session_scope() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                return True
+            ours = job.status == JobStatus.running and job.worker == worker  # not a copy skipped by the child
+            resend = job.status == JobStatus.queued or (ours and _reap(job, settings, job.heartbeat_at))
+        if resend:
+            enqueue_job(job_id, settings, front=True)
+        return True
+    except Exception:  # the database or the broker is down: the message's own requeue and the reconciler remain
+        log.exception("job %s: could not re-queue after its worker died", job_id)
+        return False
 
 
 class Reconciler(threading.Thread):

@@ -6,7 +6,10 @@ stays "running" forever.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -59,6 +62,31 @@ def test_worker_killed_mid_job_is_retried_on_another_worker(stack: Stack, slow_m
     job = client.wait(job_id, 300)
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 2
+
+
+def test_job_whose_worker_child_died_runs_before_jobs_queued_after_it(stack: Stack, slow_model) -> None:
+    stack.start_api()
+    worker = stack.start_worker()
+    first = submit(stack, slow_model)
+    client = stack.client()
+    wait_for(
+        lambda: (job_status(client, first)["progress"].get("step") or "").startswith("evaluate"), 120, "a job to run"
+    )
+    second = submit(stack, slow_model, windows=2)
+
+    # the pool's child dies; the worker's parent lives on and forks a replacement
+    children = subprocess.run(["pgrep", "-P", str(worker.process.pid)], capture_output=True, text=True).stdout
+    assert children.split(), "the worker has no child process"
+    for pid in children.split():
+        os.kill(int(pid), signal.SIGKILL)
+
+    a, b = client.wait(first, 300, worker), client.wait(second, 300, worker)
+    assert a["status"] == b["status"] == "succeeded", (a, b)
+    lost, retried = a["attempt_history"]
+    assert lost["outcome"] == "lost" and retried["outcome"] == "succeeded"
+    assert a["started_at"] == retried["started_at"]
+    # one child: the retried job ran to its end before the job queued after it started
+    assert datetime.fromisoformat(b["started_at"]) >= datetime.fromisoformat(a["finished_at"]), (a, b)
 
 
 def test_job_fails_with_a_reason_when_its_workers_keep_dying(stack: Stack, slow_model) -> None:

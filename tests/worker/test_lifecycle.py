@@ -13,10 +13,11 @@ import redis
 from modelpress.db import session_scope
 from modelpress.migrate import upgrade
 from modelpress.models import Job, JobStatus, Model, utcnow
+from modelpress.queue import enqueue_job, queue_keys
 from modelpress.settings import get_settings
 from tests.conftest import clear_caches, fresh_database, sqlalchemy_url
 from worker.jobs import _record_end, claim
-from worker.reconcile import reconcile_once
+from worker.reconcile import reconcile_once, requeue_lost
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +37,12 @@ def settings(migrated):
 @pytest.fixture
 def broker(settings) -> redis.Redis:
     client = redis.Redis.from_url(settings.broker_url)
-    client.delete(settings.queue, f"modelpress:broker-epoch:{settings.queue}")
+    client.delete(*queue_keys(settings.queue), f"modelpress:broker-epoch:{settings.queue}")
     yield client
     client.delete(
-        settings.queue, f"modelpress:broker-epoch:{settings.queue}", f"modelpress:reconciler:{settings.queue}"
+        *queue_keys(settings.queue),
+        f"modelpress:broker-epoch:{settings.queue}",
+        f"modelpress:reconciler:{settings.queue}",
     )
 
 
@@ -69,11 +72,13 @@ def job_row(job_id: str) -> Job:
 
 
 def queued_ids(client: redis.Redis, queue: str) -> list[str]:
-    """The job ids of the Celery messages waiting in a Redis queue."""
+    """The job ids of the Celery messages waiting in a Redis queue, in the order a worker takes them (each list
+    is popped from its right end, the lists in priority order)."""
     ids = []
-    for raw in client.lrange(queue, 0, -1):
-        args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
-        ids.append(args[0])
+    for key in queue_keys(queue):
+        for raw in reversed(client.lrange(key, 0, -1)):
+            args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+            ids.append(args[0])
     return ids
 
 
@@ -166,6 +171,34 @@ def test_reconciler_reaps_dead_workers_jobs(settings, broker) -> None:
     assert [(a["worker"], a["outcome"]) for a in job_row(retry).attempt_history] == [("w", "lost")]
     assert job_row(give_up).status == JobStatus.failed and job_row(give_up).error["code"] == "worker_lost"
     assert job_row(live).status == JobStatus.running
+
+
+def test_a_job_whose_worker_died_goes_to_the_front_of_the_queue(settings, broker) -> None:
+    lost = make_job()
+    assert claim(lost, "celery@gpu1", settings) is not None
+    later = make_job()
+    enqueue_job(later, settings)
+    assert queued_ids(broker, settings.queue) == [later]
+
+    assert requeue_lost(lost, settings, "celery@gpu1")
+    assert queued_ids(broker, settings.queue) == [lost, later]
+    row = job_row(lost)
+    assert row.status == JobStatus.queued and [a["outcome"] for a in row.attempt_history] == ["lost"]
+
+    stale = utcnow() - timedelta(seconds=settings.lease_s + 5)  # the reconciler's path: a lease ran out
+    reaped = make_job(status=JobStatus.running, attempts=1, heartbeat_at=stale, enqueued_at=stale)
+    broker.set(f"modelpress:broker-epoch:{settings.queue}", "x")
+    broker.delete(f"modelpress:reconciler:{settings.queue}")
+    reconcile_once(settings, broker, "test")
+    ids = queued_ids(broker, settings.queue)
+    assert ids[:2] == [lost, reaped] and later in ids[2:]
+
+
+def test_a_dead_child_does_not_requeue_a_job_running_elsewhere(settings, broker) -> None:
+    job_id = make_job()
+    assert claim(job_id, "celery@gpu1", settings) is not None
+    assert requeue_lost(job_id, settings, "celery@gpu2")  # gpu2's child only held a duplicate message
+    assert job_row(job_id).status == JobStatus.running and queued_ids(broker, settings.queue) == []
 
 
 def test_only_one_reconciler_acts_per_tick(settings, broker) -> None:
