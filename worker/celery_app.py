@@ -3,8 +3,9 @@
 Pool: prefork with one child per GPU (concurrency 1 by default) and a fresh child for every job
 (`worker_max_tasks_per_child=1`). The parent never imports torch, so no CUDA context exists before the fork;
 each job runs in a new process that gives all its GPU and host memory back when it exits, and a child that
-dies (SIGKILL, OOM killer) is noticed by the parent, which re-queues the message (acks_late +
-reject_on_worker_lost). The cost is a second or two of torch import per job, nothing next to a GPU job.
+dies (SIGKILL, OOM killer) is noticed by the parent (acks_late + reject_on_worker_lost), which records the
+lost attempt and sends the job to the front of the queue (worker/tasks.py). The cost is a second or two of
+torch import per job, nothing next to a GPU job.
 The parent also runs the reconciler thread (worker/reconcile.py).
 """
 
