@@ -9,6 +9,7 @@ are refused, never opened. The result is the `details` stored on the model row.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ MAX_JSON_BYTES = 8 * 1024 * 1024
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 SAFETENSORS_DTYPES = {
     "F64": ("float64", 8),
@@ -193,11 +196,21 @@ def inspect_hf_folder(root: Path) -> Inspected:
     if not weights:
         raise InspectionError("no *.safetensors weights next to config.json; save the model with safe_serialization")
     tensors: dict[str, dict[str, Any]] = {}
+    where: dict[str, str] = {}
     for path in weights:
         for name, entry in read_safetensors_header(path).items():
             if name in tensors:
                 raise InspectionError(f"tensor {name!r} appears in more than one safetensors file")
             tensors[name] = entry
+            where[name] = path.relative_to(root).as_posix()
+    index = root / INDEX_NAME
+    if not index.is_file() and any(SHARD_NAME.search(p.name) for p in weights):
+        raise InspectionError(
+            f"the weights are shards ({weights[0].name}, ...) but {INDEX_NAME} is missing; upload it with them"
+        )
+    if index.is_file():
+        uploaded = {p.relative_to(root).as_posix() for p in weights}
+        details["shards"] = check_shard_index(read_json(index, INDEX_NAME), where, uploaded)
     if not tensors:
         raise InspectionError("the safetensors files hold no tensors")
     _check_embedding(tensors, config, details)
@@ -212,6 +225,39 @@ def inspect_hf_folder(root: Path) -> Inspected:
         files=[p.relative_to(root).as_posix() for p in files],
     )
     return Inspected(architecture=architecture, parameters=sum(counts.values()), details=details)
+
+
+def check_shard_index(index: Any, where: dict[str, str], uploaded: set[str]) -> int:
+    """A sharded checkpoint's index must agree with its shards: every shard it names is uploaded, every tensor it
+    maps is in the header of the shard it names, and no shard holds a tensor it does not map (transformers
+    loads by the index, so such a tensor would be silently dropped). Returns the number of shards."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InspectionError(
+            f"{INDEX_NAME} has no 'weight_map' object of tensor name → shard file; save the model again with "
+            "save_pretrained"
+        )
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if s not in uploaded]
+    if missing:
+        raise InspectionError(
+            f"{INDEX_NAME} names shard(s) that are not in the upload: {', '.join(missing[:5])}; upload every shard "
+            "of the checkpoint"
+        )
+    for name, shard in sorted(weight_map.items()):
+        if where.get(name) != shard:
+            found = f"it is in {where[name]}" if name in where else "no shard holds it"
+            raise InspectionError(
+                f"{INDEX_NAME} maps tensor {name!r} to {shard}, but {found}; the index does not belong to these "
+                "shards: upload the index saved with them"
+            )
+    unmapped = sorted(set(where) - set(weight_map))
+    if unmapped:
+        raise InspectionError(
+            f"tensor {unmapped[0]!r} in {where[unmapped[0]]} is not in {INDEX_NAME}'s weight_map, so transformers "
+            "would not load it; upload the index saved with these shards"
+        )
+    return len(shards)
 
 
 def linear_shapes(tensors: dict[str, dict[str, Any]]) -> dict[str, list[int]]:

@@ -239,3 +239,14 @@ def write_tiny_gguf(path: Path, architecture: str, *, hidden: int = 64, vocab: i
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def build_sharded_model(folder: Path, *, max_shard_size: str = "100KB") -> Path:
+    """The tiny Llama in bfloat16, saved by transformers in several shards with model.safetensors.index.json."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(folder)
+    model = tiny_llama(vocab=vocab).to(torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
+    return folder
