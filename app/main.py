@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 from collections.abc import AsyncIterator
@@ -13,9 +14,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from app import errors
-from app.routes import artifacts, datasets, health, jobs, models
+from app.resumable import sweep_periodically
+from app.routes import artifacts, datasets, health, jobs, models, uploads
 from app.schemas import JobCreate
 from app.uploads import sweep_abandoned
+from modelpress.settings import get_settings
 from modelpress.storage import get_storage
 
 logger = logging.getLogger(__name__)
@@ -44,7 +47,9 @@ V1_RESPONSES: dict[int | str, dict[str, Any]] = {
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     storage = get_storage()
     sweep_abandoned(storage.scratch_root)
+    sweeper = asyncio.create_task(sweep_periodically(get_settings().upload_sweep_interval_s))
     yield
+    sweeper.cancel()
 
 
 async def _on_os_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -77,7 +82,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.add_exception_handler(OSError, _on_os_error)
     app.include_router(health.router)
-    for module in (models, datasets, jobs, artifacts):
+    for module in (models, datasets, uploads, jobs, artifacts):
         app.include_router(module.router, responses=V1_RESPONSES)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

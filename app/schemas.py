@@ -149,3 +149,51 @@ class ArtifactPublic(_FromRow):
 class ArtifactsPublic(BaseModel):
     data: list[ArtifactPublic]
     count: int
+
+
+MAX_UPLOAD_PARTS = 10_000
+"""The most parts one resumable upload may have (so a part is at least size / 10 000 bytes)."""
+_NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+
+
+class UploadCreate(BaseModel):
+    """A resumable upload to start: what the file is and how big, so parts can be checked as they come."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model", "dataset"] = Field(description="what the file becomes on completion")
+    filename: str = Field(
+        min_length=1,
+        max_length=255,
+        pattern=r"^[^\x00-\x1f\x7f/\\]+$",
+        description="the file's name (a dataset's must end in .txt or .jsonl); no folders",
+    )
+    size: int = Field(ge=1, le=2**53, description="the whole file's size in bytes")
+    sha256: str | None = Field(
+        default=None, pattern="^[0-9a-f]{64}$", description="the whole file's sha256 (hex), checked on completion"
+    )
+    name: str | None = Field(
+        default=None, max_length=255, pattern=_NO_CONTROL, description="the model or dataset name (default: filename)"
+    )
+    part_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=2**53,
+        description="bytes per part, every part but the last (default MODELPRESS_UPLOAD_PART_BYTES, at most "
+        f"MODELPRESS_UPLOAD_MAX_PART_BYTES, at least size / {MAX_UPLOAD_PARTS})",
+    )
+
+
+class UploadPublic(BaseModel):
+    """A resumable upload and the parts the server holds."""
+
+    id: str
+    kind: Literal["model", "dataset"]
+    filename: str
+    name: str | None
+    size: int
+    sha256: str | None
+    part_size: int = Field(description="bytes per part; the last part holds the rest")
+    parts: int = Field(description="how many parts the file has, numbered from 1")
+    received: list[int] = Field(description="the part numbers received in full, ascending")
+    expires_at: datetime = Field(description="when the parts are removed unless another part arrives first")
+    created_at: datetime

@@ -152,3 +152,24 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UploadSession(Base):
+    """A resumable upload: a file sent in numbered parts of `part_size` bytes into `folder` (API scratch space).
+
+    Received parts are recorded next to the data, one marker file per part, so parts that arrive at once never
+    race on a row. The row and its folder go when the upload completes, is aborted, or passes `expires_at`."""
+
+    __tablename__ = "upload_sessions"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    filename: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str | None] = mapped_column(String(255), default=None)
+    size: Mapped[int] = mapped_column(BigInteger)
+    part_size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    folder: Mapped[str] = mapped_column(String(1024))
+    status: Mapped[str] = mapped_column(String(16), default="receiving")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     max_extracted_bytes: int = 128 * GiB
     max_archive_members: int = 10_000
     max_compression_ratio: float = 200.0
+    # resumable uploads: the part size offered when the client names none, the largest part accepted, how long an
+    # upload may sit without a new part before its parts are removed, and how often the API looks for such uploads
+    upload_part_bytes: int = Field(default=64 * 1024**2, gt=0)
+    upload_max_part_bytes: int = Field(default=512 * 1024**2, gt=0)
+    upload_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    upload_sweep_interval_s: float = Field(default=300.0, gt=0)
 
     # per-key rate limits (requests per window, counted in Redis across API processes; 0 disables)
     rate_limit_per_minute: int = Field(default=600, ge=0)

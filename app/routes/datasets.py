@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-def _store_dataset(upload: Upload, tenant: str, storage: Storage) -> Dataset:
+def store_dataset(upload: Upload, tenant: str, storage: Storage) -> Dataset:
     try:
         fmt = dataset_format(upload.filename)
         records = count_records(upload.path, fmt)
@@ -80,7 +80,7 @@ def _jobs_using(session: Session, dataset: Dataset) -> list[str]:
 async def upload_dataset(
     request: Request, tenant: UploaderDep, storage: StorageDep, settings: SettingsDep
 ) -> DatasetPublic:
-    row = await receive_and_store(request, storage, settings, lambda upload: _store_dataset(upload, tenant, storage))
+    row = await receive_and_store(request, storage, settings, lambda upload: store_dataset(upload, tenant, storage))
     return DatasetPublic.of(row)
 
 

@@ -61,7 +61,7 @@ def _tree_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def _store_model(upload: Upload, tenant: str, storage: Storage, settings: Settings) -> Model:
+def store_model(upload: Upload, tenant: str, storage: Storage, settings: Settings) -> Model:
     """Inspect the received file, move it into storage and insert its row; nothing stays behind on failure."""
     try:
         kind = detect_kind(upload.path)
@@ -129,7 +129,7 @@ async def upload_model(
             return await run_in_threadpool(fetch_reference, reference, scratch, settings)
 
     row = await receive_and_store(
-        request, storage, settings, lambda upload: _store_model(upload, tenant, storage, settings), receive
+        request, storage, settings, lambda upload: store_model(upload, tenant, storage, settings), receive
     )
     return ModelPublic.of(row)
 
