@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +29,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from modelpress.cli import render
+from modelpress.cli import render, resumable
 from modelpress.cli.client import DEFAULT_URL, ApiError, Client
 from modelpress.cli.recipe import RecipeError, build_job_body
 
@@ -155,9 +156,12 @@ def _pack_folder(folder: Path, archive: Path) -> Path:
     return archive
 
 
-def _upload(kind: str, path: Path, name: str | None, url: str, api_key: str | None) -> dict[str, Any]:
+def _upload(
+    kind: str, path: Path, name: str | None, url: str, api_key: str | None, parts: PartOptions
+) -> dict[str, Any]:
     if not path.exists():
         raise fail(f"{path} does not exist")
+    key = resumable.source_key(url, path)
     with tempfile.TemporaryDirectory(prefix="modelpress-upload-") as tmp:
         filename = None
         if path.is_dir():
@@ -168,7 +172,35 @@ def _upload(kind: str, path: Path, name: str | None, url: str, api_key: str | No
             path = _pack_folder(path, Path(tmp) / filename)
         with api(url, api_key) as client, _transfer_progress() as progress:
             task = progress.add_task(f"uploading {filename or path.name}", total=path.stat().st_size)
-            return client.upload(kind, path, name=name, filename=filename, on_read=lambda n: progress.advance(task, n))
+
+            def advance(count: int) -> None:
+                progress.advance(task, count)
+
+            if path.stat().st_size <= parts.above:
+                return client.upload(kind, path, name=name, filename=filename, on_read=advance)
+            return resumable.upload_in_parts(
+                client, kind[:-1], path, key=key, name=name, filename=filename, part_size=parts.size, on_read=advance
+            )
+
+
+@dataclass(frozen=True)
+class PartOptions:
+    above: int
+    size: int | None
+
+
+ResumableAbove = Annotated[
+    int,
+    typer.Option(
+        "--resumable-above",
+        envvar="MODELPRESS_RESUMABLE_ABOVE",
+        help="Files larger than this (bytes) go up in parts, and a rerun after an interruption resumes.",
+    ),
+]
+PartSize = Annotated[
+    int | None,
+    typer.Option("--part-size", envvar="MODELPRESS_PART_SIZE", help="Bytes per part (default: the server's)."),
+]
 
 
 def _show_uploaded(noun: str, table: Callable[[list[dict[str, Any]]], Table], row: dict[str, Any]) -> None:
@@ -182,9 +214,12 @@ def upload_model(
     name: Annotated[str | None, typer.Option(help="Display name (default: the file or folder name).")] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
+    resumable_above: ResumableAbove = resumable.DEFAULT_THRESHOLD,
+    part_size: PartSize = None,
 ) -> None:
     """Upload a model checkpoint; a folder is packed into a .tar first (in a temporary folder)."""
-    _show_uploaded("model", render.models_table, _upload("models", path, name, url, api_key))
+    parts = PartOptions(resumable_above, part_size)
+    _show_uploaded("model", render.models_table, _upload("models", path, name, url, api_key, parts))
 
 
 @upload_app.command("dataset")
@@ -193,9 +228,12 @@ def upload_dataset(
     name: Annotated[str | None, typer.Option(help="Display name (default: the file name).")] = None,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
+    resumable_above: ResumableAbove = resumable.DEFAULT_THRESHOLD,
+    part_size: PartSize = None,
 ) -> None:
     """Upload text for calibration and evaluation."""
-    _show_uploaded("dataset", render.datasets_table, _upload("datasets", path, name, url, api_key))
+    parts = PartOptions(resumable_above, part_size)
+    _show_uploaded("dataset", render.datasets_table, _upload("datasets", path, name, url, api_key, parts))
 
 
 # listings ------------------------------------------------------------------------------------------------------
