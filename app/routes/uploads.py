@@ -69,6 +69,7 @@ def _receiving(upload: UploadSession) -> None:
     status_code=status.HTTP_201_CREATED,
     response_model=UploadPublic,
     responses={
+        400: {"description": "the body is not JSON"},
         413: {"description": "`size` is over MODELPRESS_MAX_UPLOAD_BYTES"},
         422: {"description": "a bad field, a `part_size` out of bounds, or a dataset file name not .txt/.jsonl"},
     },
