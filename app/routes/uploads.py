@@ -22,6 +22,8 @@ from app.text_datasets import DatasetError, dataset_format
 from app.uploads import Upload
 from modelpress.db import new_session
 from modelpress.models import Dataset, UploadSession, utcnow
+from modelpress.settings import Settings
+from modelpress.storage import Storage
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"])
@@ -81,8 +83,8 @@ def create_upload(body: UploadCreate, tenant: UploaderDep, storage: StorageDep, 
             status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
             f"size {body.size} exceeds the limit of {settings.max_upload_bytes} bytes (MODELPRESS_MAX_UPLOAD_BYTES)",
         )
-    part_size = body.part_size or min(settings.upload_part_bytes, body.size)
     smallest = -(-body.size // MAX_UPLOAD_PARTS)
+    part_size = body.part_size or max(smallest, min(settings.upload_part_bytes, body.size))
     if not smallest <= part_size <= settings.upload_max_part_bytes:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_ENTITY,
@@ -155,7 +157,7 @@ async def put_part(
     return resumable.public(upload)
 
 
-def _complete(upload: UploadSession, storage: StorageDep, settings: SettingsDep) -> ModelPublic | DatasetPublic:
+def _complete(upload: UploadSession, storage: Storage, settings: Settings) -> ModelPublic | DatasetPublic:
     """Hash the assembled file, check it against the sha256 given at creation, then store it as a single-request
     upload would be stored."""
     data = FsPath(upload.folder) / resumable.DATA_NAME

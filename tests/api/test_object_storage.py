@@ -167,3 +167,19 @@ def test_bad_references(proxying: httpx.Client, migrated: dict, url: str, fragme
     refused(proxying.post("/v1/models", json={"storage_url": url}), 422, fragment)
     scratch = Path(migrated["DATA_DIR"]) / "tmp"
     assert not scratch.exists() or not any(scratch.iterdir())
+
+
+def test_a_resumable_upload_lands_in_the_bucket(proxying: httpx.Client, tiny_tar: Path, s3_server) -> None:
+    data = tiny_tar.read_bytes()
+    half = len(data) // 2 + 1
+    body = {"kind": "model", "filename": "tiny.tar", "size": len(data), "part_size": half}
+    upload = proxying.post("/v1/uploads", json=body).json()
+    for number in (2, 1):
+        part = proxying.put(f"/v1/uploads/{upload['id']}/parts/{number}", content=data[(number - 1) * half :][:half])
+        assert part.status_code == 200, part.text
+    model = proxying.post(f"/v1/uploads/{upload['id']}/complete")
+    assert model.status_code == 201, model.text
+    listed = s3_server.client().list_objects_v2(
+        Bucket=s3_server.bucket, Prefix=f"{PREFIX}/models/{model.json()['id']}/"
+    )
+    assert "config.json" in {item["Key"].rsplit("/", 1)[1] for item in listed.get("Contents", [])}
