@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 
 from app import errors
 from app.resumable import sweep_periodically
-from app.routes import artifacts, datasets, health, jobs, models, uploads
+from app.routes import artifacts, datasets, health, job_events, jobs, models, uploads
 from app.schemas import JobCreate
 from app.uploads import sweep_abandoned
 from modelpress.settings import get_settings
@@ -82,7 +82,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.add_exception_handler(OSError, _on_os_error)
     app.include_router(health.router)
-    for module in (models, datasets, uploads, jobs, artifacts):
+    for module in (models, datasets, uploads, jobs, job_events, artifacts):
         app.include_router(module.router, responses=V1_RESPONSES)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

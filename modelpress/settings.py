@@ -73,6 +73,18 @@ class Settings(BaseSettings):
     worker_concurrency: int = 1
     job_memory_limit_bytes: int | None = None  # host memory (RSS) a job may add; past it the job fails
 
+    # live events (a Redis stream per job) and webhooks
+    events_heartbeat_s: float = Field(default=15.0, gt=0)  # a comment this often keeps proxies from closing a stream
+    events_max_len: int = Field(default=1000, ge=10)  # events kept per job, for clients that resume
+    events_ttl_s: int = Field(default=24 * 3600, ge=60)  # a job's events expire this long after its last one
+    webhook_allow_private: bool = False  # deliver to loopback, link-local and private addresses too
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)  # host names or networks allowed even if private
+    webhook_timeout_s: float = Field(default=10.0, gt=0)  # per attempt
+    webhook_backoff_s: float = Field(default=5.0, gt=0)  # the first retry's delay; it doubles after each failure
+    webhook_max_backoff_s: float = Field(default=600.0, gt=0)
+    webhook_retry_for_s: float = Field(default=24 * 3600, gt=0)  # after this long since the job ended, give up
+    webhook_poll_s: float = Field(default=1.0, gt=0)  # how often a worker looks for deliveries that are due
+
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         if self.database_url is None:

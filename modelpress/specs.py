@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SecretStr,
     Tag,
     field_validator,
     model_validator,
@@ -435,6 +436,24 @@ class EvaluationSpec(Spec):
     max_windows: int | None = Field(default=40, ge=1, le=100_000)
 
 
+class NotifySpec(Spec):
+    """A webhook: when the job ends, its resource is POSTed to `url`, signed with `secret` (HMAC-SHA256)."""
+
+    url: str = Field(
+        min_length=8,
+        max_length=2048,
+        pattern=r"^https?://[^\s/?#@]+(/[^\s]*)?$",
+        description="an http(s) URL; addresses on the service's own network are refused unless the operator allows "
+        "them",
+    )
+    secret: SecretStr = Field(
+        min_length=16,
+        max_length=256,
+        description="signs each delivery (`X-Modelpress-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of "
+        '"<t>.<body>">`); write-only: never answered or logged',
+    )
+
+
 class JobSpec(Spec):
     """What a user asks for: a model, an ordered recipe, and optional calibration and evaluation text."""
 
@@ -442,6 +461,7 @@ class JobSpec(Spec):
     recipe: list[Step] = Field(min_length=1, max_length=32)
     calibration: CalibrationSpec | None = None
     evaluation: EvaluationSpec | None = None
+    notify: NotifySpec | None = None
 
     def dataset_references(self) -> list[tuple[str, str]]:
         """(where in the spec, dataset id) for every dataset the job reads."""

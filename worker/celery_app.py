@@ -6,7 +6,7 @@ each job runs in a new process that gives all its GPU and host memory back when 
 dies (SIGKILL, OOM killer) is noticed by the parent (acks_late + reject_on_worker_lost), which records the
 lost attempt and sends the job to the front of the queue (worker/tasks.py). The cost is a second or two of
 torch import per job, nothing next to a GPU job.
-The parent also runs the reconciler thread (worker/reconcile.py).
+The parent also runs the reconciler thread (worker/reconcile.py) and the webhook sender (modelpress/webhooks.py).
 """
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
 @signals.worker_ready.connect
 def _start_reconciler(sender=None, **_kwargs) -> None:
+    from modelpress.webhooks import WebhookSender
     from worker.reconcile import Reconciler
 
     hostname = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
     Reconciler(get_settings(), owner=hostname).start()
-    log.info("reconciler started in the worker's parent process")
+    WebhookSender(get_settings()).start()
+    log.info("reconciler and webhook sender started in the worker's parent process")
 
 
 @signals.worker_process_init.connect

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from modelpress.db import session_scope
+from modelpress.events import publish_job
 from modelpress.models import FINAL_STATUSES, Artifact, AttemptOutcome, Dataset, Job, JobStatus, Model, utcnow
 from modelpress.settings import Settings, get_settings
 from modelpress.specs import JobSpec
@@ -37,7 +38,13 @@ class JobCancelled(Exception):
 
 
 def claim(job_id: str, worker_name: str, settings: Settings) -> Job | None:
-    """Mark a job running on this worker, or return None when it is not ours to run."""
+    """Mark a job running on this worker, or return None when it is not ours to run; publishes what changed."""
+    job = _claim(job_id, worker_name, settings)
+    publish_job(job_id)
+    return job
+
+
+def _claim(job_id: str, worker_name: str, settings: Settings) -> Job | None:
     with session_scope() as session:
         job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
         if job is None:
@@ -109,6 +116,7 @@ class ProgressReporter:
         with session_scope() as session:
             session.execute(update(Job).where(Job.id == self.job_id).values(progress=progress, heartbeat_at=utcnow()))
             cancel = session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id))
+        publish_job(self.job_id)
         if cancel:
             raise JobCancelled(self.job_id)
 
@@ -261,6 +269,7 @@ def execute(job_id: str, worker_name: str) -> None:
         report = run_pipeline(request, ProgressReporter(job_id, settings.progress_interval_s))
         artifacts = store_outputs(storage, job, output_dir)
         _record_success(job_id, report, artifacts, storage)
+        publish_job(job_id)
     except JobCancelled:
         log.info("job %s: cancelled", job_id)
         _record_end(job_id, JobStatus.cancelled, None)
@@ -294,3 +303,4 @@ def _record_end(job_id: str, status: JobStatus, error: dict[str, str] | None) ->
         job = session.get(Job, job_id, with_for_update=True)
         if job is not None and job.status not in FINAL_STATUSES:
             _finish(job, status, error=error)
+    publish_job(job_id)

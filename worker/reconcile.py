@@ -20,6 +20,7 @@ import redis
 from sqlalchemy import select
 
 from modelpress.db import session_scope
+from modelpress.events import publish_job
 from modelpress.models import AttemptOutcome, Job, JobStatus, utcnow
 from modelpress.queue import enqueue_job
 from modelpress.settings import Settings
@@ -39,6 +40,7 @@ def reconcile_once(settings: Settings, client: redis.Redis, owner: str) -> dict[
     now = utcnow()
     to_send: list[str] = []
     to_resend: list[str] = []  # jobs whose worker died: ahead of the queue
+    ended: list[str] = []
     reaped = failed = 0
     with session_scope() as session:
         queued = select(Job).where(Job.status == JobStatus.queued)
@@ -55,7 +57,10 @@ def reconcile_once(settings: Settings, client: redis.Redis, owner: str) -> dict[
                 to_resend.append(job.id)
                 reaped += 1
             else:
+                ended.append(job.id)
                 failed += 1
+    for job_id in to_resend + ended:
+        publish_job(job_id)
     for job_id in to_resend:
         enqueue_job(job_id, settings, front=True)
     for job_id in to_send:
@@ -95,6 +100,8 @@ def requeue_lost(job_id: str, settings: Settings, worker: str) -> bool:
                 return True
             ours = job.status == JobStatus.running and job.worker == worker  # not a copy skipped by the child
             resend = job.status == JobStatus.queued or (ours and _reap(job, settings, job.heartbeat_at))
+        if ours:
+            publish_job(job_id)
         if resend:
             enqueue_job(job_id, settings, front=True)
         return True

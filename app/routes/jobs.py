@@ -16,13 +16,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.architectures import unsupported_step
-from app.deps import JobDep, Limit, Offset, SessionDep, TenantDep
+from app.deps import JobDep, Limit, Offset, SessionDep, SettingsDep, TenantDep
 from app.json_body import read_json
 from app.resources import list_page
 from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
-from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, utcnow
+from modelpress.events import publish
+from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, Webhook, new_id, utcnow
 from modelpress.queue import enqueue_job
+from modelpress.settings import Settings
 from modelpress.specs import DepthPrune, JobSpec, WeightQuantArgs, check_fit
+from modelpress.webhooks import RefusedUrl, check_url
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -45,10 +48,25 @@ async def job_body(request: Request) -> JobSpec:
 
 
 def spec_digest(spec: JobSpec) -> tuple[dict[str, Any], str]:
-    """The spec as plain JSON and the sha256 of its canonical form (sorted keys, no spaces)."""
-    data = spec.model_dump(mode="json")
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    """The spec as stored (without `notify`, whose secret lives only in the webhook row) and the sha256 of the
+    whole body's canonical form (sorted keys, no spaces), secret included, for `Idempotency-Key` replays."""
+    data = spec.model_dump(mode="json", exclude={"notify"})
+    whole = dict(data)
+    if spec.notify is not None:
+        whole["notify"] = {"url": spec.notify.url, "secret": spec.notify.secret.get_secret_value()}
+    canonical = json.dumps(whole, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return data, hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _webhook(spec: JobSpec, tenant: str, settings: Settings) -> Webhook | None:
+    """The webhook row for `notify`, after refusing (422) a URL on the service's own network."""
+    if spec.notify is None:
+        return None
+    try:
+        check_url(spec.notify.url, settings)
+    except RefusedUrl as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+    return Webhook(tenant=tenant, url=spec.notify.url, secret=spec.notify.secret.get_secret_value())
 
 
 def _replay(session: Session, tenant: str, key: str, digest: str) -> Job | None:
@@ -158,7 +176,9 @@ def _answer(job: Job, response: Response, replayed: bool = False) -> JobPublic:
             "the last step, once; a `teacher_step` earlier than its step; "
             "a `group_size` that divides every Linear input width of the model; fewer layers dropped than "
             "the model has; a model with a tokenizer when datasets are used; no NaN, Infinity, U+0000 or JSON "
-            "nested deeper than 32; an `Idempotency-Key` reused only with the same body"
+            "nested deeper than 32; an `Idempotency-Key` reused only with the same body; a `notify.url` whose host "
+            "resolves to a public address (loopback, link-local and private networks are refused unless the "
+            "operator allows them)"
         },
     },
 )
@@ -166,6 +186,7 @@ def create_job(
     tenant: TenantDep,
     spec: Annotated[JobSpec, Depends(job_body)],
     session: SessionDep,
+    settings: SettingsDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
 ) -> JobPublic:
@@ -173,6 +194,7 @@ def create_job(
     if idempotency_key is not None and (earlier := _replay(session, tenant, idempotency_key, digest)):
         return _answer(earlier, response, replayed=True)
     _check_references(session, tenant, spec)
+    webhook = _webhook(spec, tenant, settings)
     job = Job(
         tenant=tenant,
         model_id=spec.model_id,
@@ -183,6 +205,9 @@ def create_job(
         progress={"step_index": 0, "total_steps": len(spec.recipe), "fraction": 0.0, "message": "queued"},
     )
     session.add(job)
+    if webhook is not None:
+        webhook.job_id = job.id = new_id()
+        session.add(webhook)
     try:
         session.commit()
     except IntegrityError:
@@ -242,6 +267,7 @@ def cancel_job(job: JobDep, session: SessionDep, response: Response) -> JobPubli
         response.status_code = status.HTTP_202_ACCEPTED
     session.commit()
     session.refresh(job)
+    publish(job)
     return JobPublic.of(job)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -171,6 +171,23 @@ class Client:
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}")
+
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[tuple[str | None, dict[str, Any]]]:
+        """The job's server-sent events as (id, job), until the server closes the stream; `ApiError` when refused
+        or when the connection fails (the caller resumes with the last id, or polls)."""
+        from modelpress.cli.watch import read_events
+
+        headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_event_id} if last_event_id else {})}
+        try:
+            with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+                if response.is_error:
+                    response.read()
+                    raise _error_from(response)
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    raise ApiError(f"the server answered {response.headers.get('content-type')}, not an event stream")
+                yield from read_events(response.iter_lines())
+        except httpx.TransportError as exc:
+            raise ApiError(f"the event stream of job {job_id} broke: {exc}") from exc
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/jobs/{job_id}/cancel")

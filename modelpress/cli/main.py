@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import tarfile
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,16 +19,14 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
-    SpinnerColumn,
-    TaskProgressColumn,
     TextColumn,
-    TimeElapsedColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
 from modelpress.cli import render, resumable
+from modelpress.cli import watch as watching
 from modelpress.cli.client import DEFAULT_URL, ApiError, Client
 from modelpress.cli.recipe import RecipeError, build_job_body
 
@@ -335,71 +332,16 @@ def submit(
 
 
 def follow(client: Client, job_id: str, interval: float = 1.0) -> int:
-    """Poll a job with a progress bar until it ends; the exit status is 0 only if it succeeded.
-
-    Ctrl-C stops watching only: the job goes on on the server (exit status 130).
-    """
-    try:
-        return _follow(client, job_id, interval)
-    except KeyboardInterrupt:
-        err.print(f"stopped watching; job {job_id} goes on on the server (modelpress watch {job_id})", highlight=False)
-        return 130
-
-
-def _follow(client: Client, job_id: str, interval: float) -> int:
-    columns = (
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-    )
-    transport_failures = 0
-    with Progress(*columns, console=err) as progress:
-        task = progress.add_task("queued", total=1.0)
-        while True:
-            try:
-                job = client.job(job_id)
-                transport_failures = 0
-            except ApiError as exc:
-                if exc.status_code is not None or transport_failures >= 5:
-                    raise
-                transport_failures += 1  # a restarting server: keep polling a few times
-                time.sleep(interval * 2**transport_failures)
-                continue
-            status = str(job.get("status"))
-            progress_info = job.get("progress") or {}
-            fraction = progress_info.get("fraction")
-            detail = " · ".join(str(part) for part in (render.progress_text(job), progress_info.get("message")) if part)
-            progress.update(
-                task,
-                description=f"{status} {detail}".strip(),
-                completed=1.0 if status == "succeeded" else float(fraction or 0.0),
-            )
-            if status in FINAL:
-                break
-            time.sleep(interval)
-    if status == "succeeded":
-        console.print(
-            f"job {job_id} succeeded: `modelpress report {job_id}`, `modelpress download {job_id}`",
-            style="green",
-            highlight=False,
-            markup=False,
-        )
-        return 0
-    if status == "failed":
-        error = job.get("error") or {}
-        code = error.get("code", "error")
-        err.print(Text(f"job {job_id} failed [{code}]: {error.get('message', 'no message')}", style="bold red"))
-        return 1
-    err.print(Text(f"job {job_id} was cancelled", style="magenta"))
-    return 1
+    """Follow a job to its end over its event stream (polling when the stream fails); 0 only if it succeeded."""
+    return watching.follow(client, job_id, console, err, interval)
 
 
 @app.command()
 def watch(
     job_id: Annotated[str, typer.Argument(metavar="JOB")],
-    interval: Annotated[float, typer.Option(help="Seconds between polls.", min=0.1)] = 1.0,
+    interval: Annotated[
+        float, typer.Option(help="Seconds between polls, when the event stream is unavailable.", min=0.1)
+    ] = 1.0,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
 ) -> None:

@@ -40,6 +40,9 @@ class FakeApi:
     artifacts: dict[str, tuple[dict[str, Any], bytes]] = field(default_factory=dict)
     report: dict[str, Any] | None = None
     requests: list[httpx.Request] = field(default_factory=list)
+    # the event stream: each request answers the next batch of (id, job) events, then closes; None: no such route
+    event_batches: list[list[tuple[str, dict[str, Any]]]] | None = None
+    events_status: int = 200
 
     def add_artifact(self, name: str, data: bytes, *, sha256: str | None = None, kind: str = "model") -> None:
         artifact_id = f"a{len(self.artifacts) + 1}"
@@ -86,6 +89,12 @@ class FakeApi:
         if method == "POST" and (match := re.fullmatch(r"/v1/jobs/([^/]+)/cancel", path)):
             self.jobs[match[1]]["status"] = "cancelled"
             return httpx.Response(200, json=self.jobs[match[1]])
+        if self.event_batches is not None and re.fullmatch(r"/v1/jobs/[^/]+/events", path):
+            if self.events_status != 200:
+                return httpx.Response(self.events_status, json={"detail": "the stream is down"})
+            batch = self.event_batches.pop(0) if self.event_batches else []
+            text = "".join(f"id: {i}\nevent: job\ndata: {json.dumps(job)}\n\n: heartbeat\n\n" for i, job in batch)
+            return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
         if match := re.fullmatch(r"/v1/jobs/([^/]+)", path):
             if match[1] not in self.jobs:
                 return httpx.Response(404, json={"detail": f"job {match[1]} not found"})

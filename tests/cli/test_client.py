@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from modelpress.cli import main as cli
+from modelpress.cli import watch as watching
 from modelpress.cli.client import Client
 from tests.cli.fake_api import KEY, FakeApi, tar_bytes
 
@@ -23,7 +24,7 @@ runner = CliRunner()
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
     api = FakeApi()
     monkeypatch.setattr(cli, "Client", functools.partial(Client, transport=api.transport()))
-    monkeypatch.setattr(cli.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(watching.time, "sleep", lambda _s: None)
     monkeypatch.setenv("MODELPRESS_API_KEY", KEY)
     monkeypatch.setenv("MODELPRESS_URL", "http://fake")
     return api
@@ -146,6 +147,45 @@ def test_watch_follows_progress_until_success(fake: FakeApi, tmp_path: Path) -> 
     assert not fake.script  # polled through every state
 
 
+def running(index: int, step: str, fraction: float) -> dict:
+    progress = {"step_index": index, "total_steps": 5, "step": step, "fraction": fraction, "message": ""}
+    return {"id": "job1", "status": "running", "progress": progress, "error": None}
+
+
+def test_watch_follows_the_event_stream_without_polling(fake: FakeApi) -> None:
+    fake.jobs["job1"] = {"id": "job1", "status": "queued", "progress": {}}
+    done = {"id": "job1", "status": "succeeded", "progress": {"fraction": 1.0}, "error": None}
+    events = [("1-0", running(1, "load", 1.0)), ("2-0", running(3, "prune:magnitude", 0.5)), ("3-0", done)]
+    fake.event_batches = [events]
+    result = invoke("watch", "job1")
+    assert result.exit_code == 0, result.output
+    assert "prune:magnitude" in result.output and "3/5" in result.output and "succeeded" in result.output
+    assert [r.url.path for r in fake.requests] == ["/v1/jobs/job1/events"]
+    assert fake.requests[0].headers["accept"] == "text/event-stream"
+
+
+def test_watch_resumes_a_dropped_stream_from_the_last_event(fake: FakeApi) -> None:
+    fake.jobs["job1"] = {"id": "job1", "status": "running", "progress": {}}
+    failed = {"id": "job1", "status": "failed", "error": {"code": "out_of_memory", "message": "smaller"}}
+    fake.event_batches = [[("5-0", running(1, "load", 0.2)), ("6-1", running(2, "evaluate baseline", 0.1))], []]
+    fake.event_batches.append([("7-0", failed)])
+    result = invoke("watch", "job1")
+    assert result.exit_code == 1 and "out_of_memory" in result.output
+    streams = [r for r in fake.requests if r.url.path.endswith("/events")]
+    assert [r.headers.get("last-event-id") for r in streams] == [None, "6-1", "6-1"]
+    assert not [r for r in fake.requests if r.url.path == "/v1/jobs/job1"]
+
+
+def test_watch_falls_back_to_polling_when_the_stream_fails(fake: FakeApi) -> None:
+    fake.jobs["job1"] = {"id": "job1", "status": "running", "progress": {}}
+    fake.event_batches, fake.events_status = [], 502
+    fake.script = [{"status": "succeeded", "progress": {"fraction": 1.0}}]
+    result = invoke("watch", "job1")
+    assert result.exit_code == 0, result.output
+    assert "polling instead" in result.output and "succeeded" in result.output
+    assert not fake.script
+
+
 def test_watch_failed_job_prints_error_and_exits_nonzero(fake: FakeApi, tmp_path: Path) -> None:
     fake.jobs["job1"] = {"id": "job1", "status": "running", "progress": {}}
     fake.script = [{"status": "failed", "error": {"code": "out_of_memory", "message": "use a smaller seq_len"}}]
@@ -246,7 +286,7 @@ def test_ctrl_c_while_watching_leaves_the_job_running(fake: FakeApi, monkeypatch
     def interrupt(_seconds: float) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.time, "sleep", interrupt)
+    monkeypatch.setattr(watching.time, "sleep", interrupt)
     result = invoke("watch", "job1")
     assert result.exit_code == 130
     assert "goes on on the server" in result.output

@@ -1,0 +1,82 @@
+"""The job resource: the JSON `GET /v1/jobs/{id}` answers, the data of each job event and each webhook's body.
+
+It lives beside the tables, not in the API, because the worker builds it too (events, webhooks).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from modelpress.models import Job
+
+
+class Progress(BaseModel):
+    step_index: int = 0
+    total_steps: int = 0
+    step: str | None = None
+    fraction: float = 0.0
+    message: str = ""
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class AttemptPublic(BaseModel):
+    """One attempt at running the job: `outcome` is running, succeeded, failed, cancelled, or lost (its worker
+    died and the job was queued again)."""
+
+    started_at: datetime
+    finished_at: datetime | None
+    worker: str | None
+    outcome: Literal["running", "lost", "succeeded", "failed", "cancelled"]
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    model_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    recipe: list[dict[str, Any]]
+    calibration: dict[str, Any] | None
+    evaluation: dict[str, Any] | None
+    progress: Progress
+    error: JobError | None
+    attempts: int = Field(description="how many times a worker started the job")
+    attempt_history: list[AttemptPublic] = Field(
+        description="each attempt, oldest first; a retried job's `started_at` is its last attempt's start"
+    )
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None = Field(description="when the current (or last) attempt started")
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: Job) -> JobPublic:
+        spec = row.spec or {}
+        progress = {"total_steps": len(spec.get("recipe", [])), **(row.progress or {})}
+        known = Progress.model_fields
+        error = row.error or None
+        return cls(
+            id=row.id,
+            model_id=spec.get("model_id") or row.model_id or "",
+            status=row.status,
+            recipe=spec.get("recipe", []),
+            calibration=spec.get("calibration"),
+            evaluation=spec.get("evaluation"),
+            progress=Progress(**{k: v for k, v in progress.items() if k in known and v is not None}),
+            error=JobError(code=str(error.get("code", "error")), message=str(error.get("message", "")))
+            if error
+            else None,
+            attempts=row.attempts,
+            attempt_history=[AttemptPublic(**attempt) for attempt in row.attempt_history or []],
+            cancel_requested=row.cancel_requested,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
