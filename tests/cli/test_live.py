@@ -50,7 +50,7 @@ def last_id(output: str) -> str:
     return output.strip().splitlines()[-1].split()[-1]
 
 
-def test_upload_submit_watch_report_download(cli, cli_worker: LiveProcess, tmp_path: Path) -> None:
+def test_upload_submit_watch_report_download(cli, cli_stack: Stack, cli_worker: LiveProcess, tmp_path: Path) -> None:
     folder = build_tiny_model(tmp_path / "tiny-model")
     uploaded = cli("upload", "model", str(folder))
     assert uploaded.returncode == 0, uploaded.stderr
@@ -84,6 +84,11 @@ def test_upload_submit_watch_report_download(cli, cli_worker: LiveProcess, tmp_p
     )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr + cli_worker.output()[-3000:]
     job_id = submitted.stdout.split()[1]
+    # --watch followed the event stream, one bar per stage, and never fell back to polling
+    assert f"GET /v1/jobs/{job_id}/events" in cli_stack.api.output()
+    assert f"GET /v1/jobs/{job_id} " not in cli_stack.api.output()
+    assert "polling instead" not in submitted.stderr
+    assert "prune:magnitude" in submitted.stderr and "quantize:rtn" in submitted.stderr, submitted.stderr
     again = cli("submit", "--model", model_id, "--recipe", str(recipe), "--idempotency-key", "cli-live-1")
     assert again.returncode == 1 and "422" in again.stderr  # same key, another body
 
