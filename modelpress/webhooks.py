@@ -75,6 +75,8 @@ def check_url(url: str, settings: Settings) -> None:
         raise RefusedUrl(f"notify.url host {host!r} does not resolve ({exc}); give a reachable public URL") from exc
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
         if address.is_global and not address.is_multicast:
             continue
         if _allowed_by_operator(host, address, settings):
@@ -175,7 +177,7 @@ def deliver(job_id: str, settings: Settings) -> bool | None:
                 url=webhook.url,
                 job_status=job.status,
                 status_code=status_code,
-                error=error,
+                error=error[:1024] if error else None,
                 delivered=delivered,
                 duration_ms=int((time.monotonic() - started) * 1000),
                 created_at=now,

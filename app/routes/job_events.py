@@ -128,6 +128,7 @@ async def job_events(job_id: str, last_event_id: str | None, settings: Settings)
 )
 async def stream_events(
     job: JobDep,
+    session: SessionDep,
     settings: SettingsDep,
     last_event_id: Annotated[
         str | None,
@@ -139,6 +140,7 @@ async def stream_events(
         ),
     ] = None,
 ) -> StreamingResponse:
+    session.close()  # the stream reads the row in short sessions of its own: hold no connection while it waits
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(
         job_events(job.id, last_event_id, settings), media_type="text/event-stream", headers=headers

@@ -12,12 +12,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.conftest import make_key
 from tests.utils.factories import build_tiny_model, tar_folder
+from tests.utils.receiver import Receiver
 from tests.utils.sse import Event, parse
 from tests.utils.stack import Client, Stack, open_stack, wait_for
 
@@ -26,34 +26,6 @@ RECIPE = [
     {"type": "prune", "method": "magnitude", "sparsity": 0.5},
     {"type": "quantize", "method": "rtn", "weights": {"bits": 8, "group_size": None}},
 ]
-
-
-class Receiver:
-    """A webhook receiver on 127.0.0.1 that answers `statuses` in turn (then 200) and keeps every request."""
-
-    def __init__(self, statuses: tuple[int, ...] = ()) -> None:
-        self.statuses = list(statuses)
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                code = receiver.statuses.pop(0) if receiver.statuses else 200
-                self.send_response(code)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
 
 
 @pytest.fixture(scope="module")
