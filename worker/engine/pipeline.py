@@ -1,5 +1,9 @@
 """The optimization pipeline: load, evaluate, run the recipe's steps in order, export, evaluate the artifact.
 
+The baseline's evaluation keeps its top-k next-token log-probabilities in a file in the job's scratch folder
+(beside the staged artifact); the artifact's evaluation reads them for the KL divergence, so the two models are
+never in memory together.
+
 Stages, in order, each reported through the progress callback: "load", "evaluate baseline", one per recipe
 step ("prune:magnitude", ...), "export", "evaluate optimized". `step_index` counts from 1 to `total_steps`;
 `fraction` is the stage's own progress in [0, 1]. The callback may raise (the worker does so to cancel): the
@@ -26,6 +30,8 @@ from modelpress.specs import CalibrationSpec, EvaluationSpec, JobSpec, Knowledge
 from worker.engine.calibrate.windows import token_windows
 from worker.engine.evaluate import (
     EvalPlan,
+    ReferenceReader,
+    ReferenceWriter,
     build_report,
     device_name,
     evaluate,
@@ -108,22 +114,32 @@ class _Runner:
         output_dir = Path(self.request.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         loaded, plan, evaluation_info, calibration = self.load(self.stage(0))
-        baseline_speed = self.gpu_speed(loaded.model, plan, {}, set(), self.stage(1))
-        baseline = self.evaluate(loaded, plan, self.stage(1), baseline_speed)
-        baseline["metrics"]["size_bytes"] = state_dict_bytes(loaded.model)
-        baseline["metrics"]["size_method"] = "tensor bytes save_pretrained writes in float32 (tied tensors once)"
-        steps, quantized, pruned = self.run_recipe(loaded.model, calibration)
-        export_stage = self.stage(len(self.stages) - 2)
-        sparse_24 = self._sparse_24(loaded.model, pruned) if self.device.type == "cuda" else set()
-        optimized_speed = self.gpu_speed(loaded.model, plan, quantized, sparse_24, export_stage)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=output_dir))
+        scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=output_dir))  # the baseline's top-k, for the KL
         try:
+            reference = (
+                None if plan.windows is None else ReferenceWriter(scratch / "baseline-top-k.safetensors", plan.kl_top_k)
+            )
+            baseline_speed = self.gpu_speed(loaded.model, plan, {}, set(), self.stage(1))
+            baseline = self.evaluate(loaded, plan, self.stage(1), baseline_speed, reference)
+            baseline["metrics"]["size_bytes"] = state_dict_bytes(loaded.model)
+            baseline["metrics"]["size_method"] = "tensor bytes save_pretrained writes in float32 (tied tensors once)"
+            divergence = None if reference is None else ReferenceReader(reference.save())
+            steps, quantized, pruned = self.run_recipe(loaded.model, calibration)
+            export_stage = self.stage(len(self.stages) - 2)
+            sparse_24 = self._sparse_24(loaded.model, pruned) if self.device.type == "cuda" else set()
+            optimized_speed = self.gpu_speed(loaded.model, plan, quantized, sparse_24, export_stage)
+            staging = scratch / "artifact"
+            staging.mkdir()
             self.export(loaded, quantized, pruned, staging, output_dir / "model.tar", export_stage)
             del loaded
             self._free_memory()
-            optimized = self.evaluate_artifact(staging, plan, self.stage(len(self.stages) - 1), optimized_speed)
+            optimized = self.evaluate_artifact(
+                staging, plan, self.stage(len(self.stages) - 1), optimized_speed, divergence
+            )
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+        if divergence is None:
+            self.notes.append("no evaluation dataset: the KL divergence to the baseline was not measured (null)")
         report = build_report(
             baseline=baseline["metrics"],
             optimized=optimized["metrics"],
@@ -136,6 +152,7 @@ class _Runner:
             else {"windows": calibration.shape[0], "seq_len": calibration.shape[1]},
             notes=self.notes,
             quantized=bool(quantized),
+            kl_divergence=None if divergence is None else divergence.result(),
         )
         report["speed"] = self.speed_section(baseline["speed"], optimized["speed"])
         (output_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -195,10 +212,15 @@ class _Runner:
         return (torch.arange(length) % config.vocab_size).unsqueeze(0)
 
     def evaluate(
-        self, loaded: LoadedModel, plan: EvalPlan, report: Callable[[float, str], None], speed: dict | None
+        self,
+        loaded: LoadedModel,
+        plan: EvalPlan,
+        report: Callable[[float, str], None],
+        speed: dict | None,
+        observer: ReferenceWriter | None,
     ) -> dict:
         report(0.0, "evaluating")
-        return evaluate(loaded.model, loaded.tokenizer, plan, report, speed)
+        return evaluate(loaded.model, loaded.tokenizer, plan, report, speed, observer)
 
     def gpu_speed(
         self, model: torch.nn.Module, plan: EvalPlan, quantized: dict, sparse_24: set[str], report
@@ -326,11 +348,16 @@ class _Runner:
         report(1.0, "exported")
 
     def evaluate_artifact(
-        self, folder: Path, plan: EvalPlan, report: Callable[[float, str], None], speed: dict | None
+        self,
+        folder: Path,
+        plan: EvalPlan,
+        report: Callable[[float, str], None],
+        speed: dict | None,
+        divergence: ReferenceReader | None,
     ) -> dict:
         report(0.0, "reloading the artifact with transformers")
         reloaded = load_model(folder, "hf", self.device)
-        result = evaluate(reloaded.model, reloaded.tokenizer, plan, report, speed)
+        result = evaluate(reloaded.model, reloaded.tokenizer, plan, report, speed, divergence)
         result["metrics"]["size_bytes"] = safetensors_bytes(folder)
         result["metrics"]["size_method"] = "bytes of the artifact's *.safetensors files on disk"
         return result

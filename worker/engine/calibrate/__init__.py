@@ -1,6 +1,8 @@
 """Calibrate: what the data-driven steps share: token windows from a dataset, the layer-by-layer driver that
-passes calibration activations from one decoder layer to the next, input statistics, and target selection."""
+passes calibration activations from one decoder layer to the next, input statistics, the per-layer damage
+measured on them, and target selection."""
 
+from worker.engine.calibrate.damage import DAMAGE_FIELDS, layer_damage
 from worker.engine.calibrate.layerwise import (
     HessianAccumulator,
     LayerPass,
@@ -13,11 +15,13 @@ from worker.engine.calibrate.targets import fitted_linears, matches, select_line
 from worker.engine.calibrate.windows import read_text, token_windows
 
 __all__ = [
+    "DAMAGE_FIELDS",
     "HessianAccumulator",
     "LayerPass",
     "decoder_layers",
     "fitted_linears",
     "input_stages",
+    "layer_damage",
     "matches",
     "observe_shared",
     "read_text",

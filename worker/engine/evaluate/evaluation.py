@@ -10,11 +10,12 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from worker.engine.evaluate.divergence import DEFAULT_TOP_K
 from worker.engine.evaluate.measure import PeakMemory, count_parameters, device_name, tensor_bytes_in_memory
 from worker.engine.speed import measure_speed
 from worker.engine.steps import QuantizedWeight
@@ -22,6 +23,14 @@ from worker.engine.steps import QuantizedWeight
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
+
+
+class LogitObserver(Protocol):
+    """Sees each evaluation window's next-token logits (positions, vocabulary) once perplexity has scored them
+    (`divergence.ReferenceWriter` on the baseline, `ReferenceReader` on the artifact)."""
+
+    def observe(self, index: int, logits: torch.Tensor) -> None: ...
+
 
 PROMPTS = ("The capital of France is", "Once upon a time, there was", "def fibonacci(n):")
 
@@ -37,21 +46,34 @@ class EvalPlan:
     decode_tokens: int = 16
     sample_tokens: int = 24
     repeats: int = 3
+    kl_top_k: int = DEFAULT_TOP_K  # baseline log-probabilities kept per position for the KL divergence
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, window: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL of one window scored on its own (standard shifted labels), and its token count."""
+def window_nll(
+    model: torch.nn.Module, window: torch.Tensor, observe: Callable[[torch.Tensor], None] | None = None
+) -> tuple[float, int]:
+    """Summed next-token NLL of one window scored on its own (standard shifted labels), and its token count;
+    `observe` also sees the scored logits."""
     logits = model(input_ids=window.unsqueeze(0), use_cache=False).logits[0, :-1].float()
     nll = F.cross_entropy(logits, window[1:], reduction="sum")
+    if observe is not None:
+        observe(logits)
     return float(nll), window.numel() - 1
 
 
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, progress: Progress) -> dict:
-    """exp(mean token NLL) over non-overlapping windows."""
+def perplexity(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    device: torch.device,
+    progress: Progress,
+    observer: LogitObserver | None = None,
+) -> dict:
+    """exp(mean token NLL) over non-overlapping windows; `observer` sees each window's logits."""
     total_nll, total_tokens = 0.0, 0
     for i, window in enumerate(windows):
-        nll, tokens = window_nll(model, window.to(device))
+        observe = None if observer is None else lambda logits, i=i: observer.observe(i, logits)
+        nll, tokens = window_nll(model, window.to(device), observe)
         total_nll += nll
         total_tokens += tokens
         progress((i + 1) / len(windows), f"perplexity window {i + 1}/{len(windows)}")
@@ -120,18 +142,24 @@ def warm_up_(model: torch.nn.Module, plan: EvalPlan) -> None:
 
 
 def evaluate(
-    model: torch.nn.Module, tokenizer: Any | None, plan: EvalPlan, progress: Progress, speed: dict | None = None
+    model: torch.nn.Module,
+    tokenizer: Any | None,
+    plan: EvalPlan,
+    progress: Progress,
+    speed: dict | None = None,
+    observer: LogitObserver | None = None,
 ) -> dict:
     """All metrics of one model, except its size on disk (the caller knows how it is stored). `speed`: what the
     harness measured on this model's serving form (CUDA: see `kernel_speed`); None: measure the model as it is.
-    `prefill_ms` and `decode_ms_per_token` (batch 1) come from it; the result's `speed` holds all of it."""
+    `prefill_ms` and `decode_ms_per_token` (batch 1) come from it; the result's `speed` holds all of it.
+    `observer` sees the logits of every evaluation window (the KL divergence to the baseline is built on it)."""
     warm_up_(model, plan)
     parameters, nonzero = count_parameters(model)
     with PeakMemory(plan.device) as peak:
         ppl = None
         if plan.windows is not None:
             ppl = perplexity(
-                model, plan.windows, plan.device, lambda fraction, message: progress(0.7 * fraction, message)
+                model, plan.windows, plan.device, lambda fraction, message: progress(0.7 * fraction, message), observer
             )
         if speed is None:
             progress(0.75, "timing prefill and decode")

@@ -1,4 +1,5 @@
-"""The metric report: baseline and optimized metrics of the same shape, steps, samples, environment, ratios."""
+"""The metric report: baseline and optimized metrics of the same shape, steps, samples, environment, ratios,
+the quality figures (KL divergence to the baseline) and the per-layer damage of the recipe's steps."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import torch
 from worker.engine.evaluate.measure import device_name
 
 LIBRARIES = ("torch", "transformers", "compressed-tensors", "safetensors")
+WORST_LAYERS = 5
+MEASURES = {
+    "gram": "output error from the Gram matrix XᵀX of the layer's calibration inputs",
+    "input_norms": "output error from the layer's calibration input norms (diagonal of XᵀX; Wanda's statistic)",
+    None: "weight error ‖W − Ŵ‖/‖W‖ (the step gathered no calibration statistics)",
+}
 
 
 def library_versions() -> dict[str, str | None]:
@@ -71,6 +78,70 @@ def merge_samples(baseline: list[dict[str, str]], optimized: list[dict[str, str]
     ]
 
 
+def layer_error(layer: dict[str, Any]) -> tuple[float, str | None]:
+    """A layer's damage figure and what it rests on: its output error where measured, else its weight error."""
+    if layer.get("output_error") is not None:
+        return layer["output_error"], layer.get("output_error_from")
+    return layer["relative_error"], None
+
+
+def damage_section(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's `damage`: per step, the mean and largest damage over its changed Linears; overall, the
+    `WORST_LAYERS` layers with the largest damage. Read from the steps' layer records (`calibrate.layer_damage`),
+    so it costs nothing; steps whose layers carry no damage fields (structured and depth pruning change shapes,
+    distillation every weight) are listed under `not_measured`."""
+    ranked, per_step, not_measured = [], [], []
+    for step in steps:
+        key = f"{step['type']}:{step['method']}"
+        layers = [layer for layer in step["layers"] if isinstance(layer, dict) and "relative_error" in layer]
+        if not layers:
+            not_measured.append({"step": step["index"], "key": key})
+            continue
+        errors = []
+        for layer in layers:
+            error, source = layer_error(layer)
+            errors.append(error)
+            ranked.append(
+                {
+                    "step": step["index"],
+                    "key": key,
+                    "layer": layer["name"],
+                    "output_error": layer.get("output_error"),
+                    "relative_error": layer["relative_error"],
+                    "error": error,
+                    "measure": "weight" if source is None else f"output ({source})",
+                }
+            )
+        sources = sorted({str(layer_error(layer)[1]) for layer in layers})
+        per_step.append(
+            {
+                "step": step["index"],
+                "key": key,
+                "layers": len(layers),
+                "mean_error": sum(errors) / len(errors),
+                "max_error": max(errors),
+                "measure": ", ".join("weight" if s == "None" else f"output ({s})" for s in sources),
+            }
+        )
+    ranked.sort(key=lambda entry: entry["error"], reverse=True)
+    return {
+        "worst": ranked[:WORST_LAYERS],
+        "steps": per_step,
+        "not_measured": not_measured,
+        "method": "per changed Linear, `error` is its output error ‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ on the calibration inputs the "
+        "step saw where it gathered statistics, else its weight error; `measure` says which: "
+        + "; ".join(f"{'weight' if k is None else f'output ({k})'}: {v}" for k, v in MEASURES.items()),
+    }
+
+
+def quality_section(kl_divergence: dict[str, Any] | None) -> dict[str, Any]:
+    """The report's `quality`: the KL divergence of the optimized model to the baseline (null without data)."""
+    return {
+        "kl_divergence": kl_divergence,
+        "note": None if kl_divergence is not None else "no evaluation dataset: the KL divergence was not measured",
+    }
+
+
 def build_report(
     *,
     baseline: dict[str, Any],
@@ -82,6 +153,7 @@ def build_report(
     calibration: dict[str, Any] | None,
     notes: list[str],
     quantized: bool = False,
+    kl_divergence: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`quantized`: the recipe quantized some layers (off CUDA their artifact is timed decompressed to float)."""
     speed_note = DECOMPRESSED_SPEED_NOTE if quantized and device.type != "cuda" else None
@@ -92,6 +164,8 @@ def build_report(
         "samples": samples,
         "environment": environment(device),
         "ratios": ratios(baseline, optimized, speed_note),
+        "quality": quality_section(kl_divergence),
+        "damage": damage_section(steps),
         "evaluation": evaluation,
         "calibration": calibration,
         "notes": notes,

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from modelpress.specs import MagnitudePrune
-from worker.engine.calibrate.targets import fitted_linears
+from worker.engine.calibrate import fitted_linears, layer_damage
 from worker.engine.prune.masks import global_masks, layer_mask, nm_mask, row_mask, sparsity_of
 from worker.engine.steps import StepContext, StepResult, register
 
@@ -44,8 +44,11 @@ def prune_magnitude(model: torch.nn.Module, spec: MagnitudePrune, context: StepC
         layers = []
         for i, (name, keep) in enumerate(zip(names, masks, strict=True)):
             weight = linears[name].weight
+            original = weight.detach().clone()
             prune_(weight, keep)
-            layers.append({"name": name, "shape": list(weight.shape), "sparsity": sparsity_of(weight)})
+            record = {"name": name, "shape": list(weight.shape), "sparsity": sparsity_of(weight)}
+            layers.append({**record, **layer_damage(original, weight)})  # no calibration statistics: weight error
+            del original
             context.report_progress((i + 1) / len(names), f"pruned {name}")
     total = sum(linears[n].weight.numel() for n in names)
     zeros = sum(round(layer["sparsity"] * linears[layer["name"]].weight.numel()) for layer in layers)

@@ -14,8 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from modelpress.specs import SparseGPTPrune, WandaPrune
-from worker.engine.calibrate.layerwise import observe_shared, sequential_layers
-from worker.engine.calibrate.targets import fitted_linears
+from worker.engine.calibrate import fitted_linears, layer_damage, observe_shared, sequential_layers
 from worker.engine.prune.masks import sparsity_of
 from worker.engine.steps import EngineError, StepContext, StepResult
 
@@ -29,6 +28,7 @@ class InputStatistic(Protocol):
 NewStatistic = Callable[[torch.nn.Linear], InputStatistic]
 PruneLinear = Callable[[torch.nn.Linear, Any, float, tuple[int, int] | None], dict[str, Any]]
 PruneShared = Callable[[list[torch.nn.Linear], Any, float, tuple[int, int] | None], list[dict[str, Any]]]
+DamageInputs = Callable[[Any], dict[str, torch.Tensor]]  # statistic -> layer_damage's gram= or input_norms=
 
 
 def model_device(model: torch.nn.Module, context: StepContext) -> torch.device:
@@ -44,12 +44,14 @@ def prune_sequentially(
     new_statistic: NewStatistic,
     prune_linear_: PruneLinear | None = None,
     prune_shared_: PruneShared | None = None,
+    damage_inputs: DamageInputs | None = None,
 ) -> StepResult:
     """Run a calibrated pruner over the targeted Linears of every decoder layer; report per layer.
 
     The pruner is `prune_linear_(linear, statistic, sparsity, pattern) -> details`, called per Linear, or
     `prune_shared_(linears, statistic, sparsity, pattern) -> [details]`, called once per group of Linears that
-    share an input (and so a statistic)."""
+    share an input (and so a statistic). Each layer's damage fields (`calibrate.layer_damage`) come from the
+    same statistic through `damage_inputs(statistic)` (None: the weight error alone)."""
     if prune_shared_ is None:
         if prune_linear_ is None:
             raise ValueError("prune_sequentially needs prune_linear_ or prune_shared_")
@@ -68,12 +70,17 @@ def prune_sequentially(
         statistics = observe_shared(step, list(inside), lambda n, inside=inside: new_statistic(inside[n]))
         for names in _sharing_groups(statistics):
             group = [inside[n] for n in names]
-            for name, linear, details in zip(
-                names, group, prune_shared_(group, statistics[names[0]], sparsity, pattern), strict=True
+            statistic = statistics[names[0]]
+            originals = [linear.weight.detach().clone() for linear in group]
+            damage_from = damage_inputs(statistic) if damage_inputs is not None else {}
+            for name, linear, original, details in zip(
+                names, group, originals, prune_shared_(group, statistic, sparsity, pattern), strict=True
             ):
                 layers.append({"name": name, "shape": list(linear.weight.shape), **details})
                 layers[-1]["sparsity"] = sparsity_of(linear.weight)
+                layers[-1].update(layer_damage(original, linear.weight, **damage_from))
                 seen.add(name)
+            del originals
         del statistics
     outside = sorted(set(linears) - seen)
     notes = []

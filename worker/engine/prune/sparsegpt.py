@@ -131,4 +131,5 @@ def prune_sparsegpt(model: torch.nn.Module, spec: SparseGPTPrune, context: StepC
         context,
         lambda linear: HessianAccumulator(linear.in_features, linear.weight.device),
         prune_shared_=prune_shared_,
+        damage_inputs=lambda stat: {"gram": stat.hessian},
     )

@@ -53,4 +53,5 @@ def prune_wanda(model: torch.nn.Module, spec: WandaPrune, context: StepContext) 
         context,
         lambda linear: ColumnNorms(linear.in_features, linear.weight.device),
         wanda_prune_linear_,
+        damage_inputs=lambda norms: {"input_norms": norms.norms},
     )

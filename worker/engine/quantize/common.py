@@ -6,11 +6,13 @@ and returns each layer's scales; export writes the integers (or FP8 codes) with 
 with dynamic activation quantization also attach a forward pre-hook that fake-quantizes each targeted Linear's
 input per token, so the in-memory model computes what the saved checkpoint computes when loaded.
 
-Per layer the report gives `relative_error` (‖W − Ŵ‖/‖W‖) and, when the job has calibration data,
-`output_error` (‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ over the layer's calibration inputs X, computed from XᵀX; X comes from the
-already quantized earlier decoder layers, as in sequential GPTQ). A method that rounds without looking at its
-inputs (RTN, FP8 to nearest) needs X only for that figure: it measures it in the one forward pass that carries
-the first `REPORT_WINDOWS` windows through the quantized layers, so the report costs a small part of the step.
+Per layer the report gives the damage fields every weight-changing step gives (`calibrate.layer_damage`):
+`relative_error` (‖W − Ŵ‖/‖W‖) and, when the job has calibration data, `output_error` (‖XWᵀ − XŴᵀ‖/‖XWᵀ‖ over
+the layer's calibration inputs X; X comes from the already quantized earlier decoder layers, as in sequential
+GPTQ), with `output_error_from` saying how: "gram" (computed from XᵀX) for the methods that gather it, "outputs"
+for a method that rounds without looking at its inputs (RTN, FP8 to nearest): it needs X only for that figure and
+measures it in the one forward pass that carries the first `REPORT_WINDOWS` windows through the quantized layers,
+so the report costs a small part of the step.
 
 On pruned layers (at least `PRUNED_SHARE` of the weights exactly zero) every method keeps each zero exactly
 zero (0 is a code of every grid; GPTQ forces pruned entries to 0 in its sweep). The layer records and the
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from modelpress.specs import TargetedStep
+from worker.engine.calibrate import layer_damage
 from worker.engine.calibrate.layerwise import (
     HessianAccumulator,
     LayerPass,
@@ -39,8 +42,6 @@ from worker.engine.export import require_compressed_tensors, storage_format, sto
 from worker.engine.quantize.quant_math import (
     fake_quantize,
     fake_quantize_tokens,
-    output_error,
-    relative_error,
     rtn_params,
 )
 from worker.engine.steps import EngineError, QuantizedWeight, StepContext, StepResult
@@ -191,8 +192,7 @@ def layer_record(
         "group_size": q.group_size,
         "symmetric": q.symmetric,
         "format": storage_format(q),
-        "relative_error": relative_error(original, linear.weight),
-        "output_error": None if stats is None else output_error(original, linear.weight, stats.gram),
+        **layer_damage(original, linear.weight, gram=None if stats is None else stats.gram),
         **sparsity_record(original, linear.weight),
     }
 
@@ -347,7 +347,7 @@ def _quantize_measured(
         for name, original, linear, meter, handle in pending:
             handle.remove()
             record = layer_record(name, original, linear, quantized[name], None)
-            record["output_error"] = meter.value()
+            record.update(output_error=meter.value(), output_error_from="outputs")
             layers.append(record)
         pending.clear()
 

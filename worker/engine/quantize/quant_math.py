@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from worker.engine.calibrate.damage import output_error, relative_error  # noqa: F401  (the quantize steps' names)
+
 
 def int_range(bits: int) -> tuple[int, int]:
     """Signed integer range of `bits` bits: (-2**(bits-1), 2**(bits-1) - 1)."""
@@ -95,14 +97,6 @@ def fake_quantize(
     return dequantize(quantize(weight, scale, zero_point, bits, group_size), scale, zero_point, group_size)
 
 
-def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
-    """||W - W_hat|| / ||W|| (Frobenius); 0 for an all-zero W reproduced exactly."""
-    weight, approximation = weight.detach().float(), approximation.detach().float()
-    norm = torch.linalg.vector_norm(weight)
-    diff = torch.linalg.vector_norm(weight - approximation)
-    return float(diff / norm) if norm > 0 else float(diff)
-
-
 # --- FP8 E4M3 and dynamic per-token activations (compressed-tensors' operation order) -------------------------
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -144,15 +138,3 @@ def fake_quantize_tokens(x: torch.Tensor, kind: str) -> torch.Tensor:
     else:
         codes = torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
     return codes.to(scale.dtype) * scale
-
-
-# --- Output error from second moments -------------------------------------------------------------------------
-
-
-def output_error(weight: torch.Tensor, approximation: torch.Tensor, gram: torch.Tensor) -> float:
-    """||X Wᵀ − X Ŵᵀ|| / ||X Wᵀ|| over calibration inputs X, from G ∝ XᵀX (any positive factor cancels)."""
-    weight, approximation, gram = (t.detach().double() for t in (weight, approximation, gram))
-    delta = weight - approximation
-    error = torch.einsum("oi,ij,oj->", delta, gram, delta).clamp(min=0)
-    reference = torch.einsum("oi,ij,oj->", weight, gram, weight).clamp(min=0)
-    return float((error / reference).sqrt()) if reference > 0 else float(error.sqrt())

@@ -1,0 +1,56 @@
+"""Per-layer damage: how far a step moved a Linear from what it computed before, the same fields for every step
+that changes Linear weights in place (the prune and quantize methods), so the report can rank layers across steps.
+
+Each changed Linear's record carries `relative_error` (‖W − Ŵ‖/‖W‖, always), `output_error` (‖XWᵀ − XŴᵀ‖/‖XWᵀ‖
+over its calibration inputs X, or None) and `output_error_from`, which says what that figure rests on:
+`"gram"` (exact, from XᵀX the step already gathered), `"input_norms"` (from the diagonal of XᵀX alone, the
+per-input norms Wanda gathers: correlations between inputs are ignored) or None (no calibration statistics:
+rank the layer by its weight error). The statistics are the step's own: nothing here runs the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DAMAGE_FIELDS = ("relative_error", "output_error", "output_error_from")
+
+
+def relative_error(weight: torch.Tensor, approximation: torch.Tensor) -> float:
+    """||W - W_hat|| / ||W|| (Frobenius); 0 for an all-zero W reproduced exactly."""
+    weight, approximation = weight.detach().float(), approximation.detach().float()
+    norm = torch.linalg.vector_norm(weight)
+    diff = torch.linalg.vector_norm(weight - approximation)
+    return float(diff / norm) if norm > 0 else float(diff)
+
+
+def output_error(weight: torch.Tensor, approximation: torch.Tensor, gram: torch.Tensor) -> float:
+    """||X Wᵀ − X Ŵᵀ|| / ||X Wᵀ|| over calibration inputs X, from G ∝ XᵀX (any positive factor cancels)."""
+    weight, approximation, gram = (t.detach().double() for t in (weight, approximation, gram))
+    delta = weight - approximation
+    error = torch.einsum("oi,ij,oj->", delta, gram, delta).clamp(min=0)
+    reference = torch.einsum("oi,ij,oj->", weight, gram, weight).clamp(min=0)
+    return float((error / reference).sqrt()) if reference > 0 else float(error.sqrt())
+
+
+def diagonal_output_error(weight: torch.Tensor, approximation: torch.Tensor, input_norms: torch.Tensor) -> float:
+    """`output_error` with XᵀX replaced by its diagonal (‖X_j‖² per input j): exact when inputs are uncorrelated."""
+    scale = input_norms.detach().double().to(weight.device).unsqueeze(0)
+    weight, approximation = weight.detach().double() * scale, approximation.detach().double() * scale
+    return relative_error(weight, approximation)
+
+
+def layer_damage(
+    original: torch.Tensor,
+    changed: torch.Tensor,
+    gram: torch.Tensor | None = None,
+    input_norms: torch.Tensor | None = None,
+) -> dict[str, float | str | None]:
+    """The uniform damage fields of one Linear whose weight went from `original` to `changed`: the output error
+    from the step's Gram matrix when it has one, else from its per-input norms, else none (weight error only)."""
+    if gram is not None:
+        output, source = output_error(original, changed, gram), "gram"
+    elif input_norms is not None:
+        output, source = diagonal_output_error(original, changed, input_norms), "input_norms"
+    else:
+        output, source = None, None
+    return {"relative_error": relative_error(original, changed), "output_error": output, "output_error_from": source}
