@@ -95,6 +95,8 @@ def test_report_shape(job):
         "samples",
         "environment",
         "ratios",
+        "quality",
+        "damage",
         "evaluation",
         "calibration",
         "notes",
@@ -125,7 +127,27 @@ def test_report_shape(job):
         s["baseline"] is not None and s["optimized"] is not None for s in report["samples"]
     )
     assert report["environment"]["torch"] == torch.__version__ and report["environment"]["compressed_tensors"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.tar", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.tar", "report.json"]  # the scratch top-k file is gone
+
+
+def test_report_gives_the_kl_divergence_to_the_baseline_over_the_perplexity_positions(job):
+    report, _, _ = job
+    kl = report["quality"]["kl_divergence"]
+    assert kl["positions"] == report["optimized"]["evaluation_tokens"] == WINDOWS * (SEQ_LEN - 1)
+    assert 0 < kl["median"] <= kl["p99"] and 0 < kl["mean"]
+    assert 0 < kl["top1_agreement"] < 1  # 50% magnitude pruning moves some greedy choices, not all
+    assert kl["top_k"] == 64 and not kl["exact"] and "top-64" in kl["method"]
+
+
+def test_report_names_the_worst_layers_of_every_step(job):
+    report, _, _ = job
+    damage = report["damage"]
+    assert [entry["key"] for entry in damage["steps"]] == ["prune:magnitude", "quantize:rtn"]
+    assert all(entry["measure"] == "weight" for entry in damage["steps"])  # no calibration in this job
+    errors = sorted((layer["relative_error"] for step in report["steps"] for layer in step["layers"]), reverse=True)
+    assert [entry["error"] for entry in damage["worst"]] == errors[:5]
+    assert {entry["key"] for entry in damage["worst"]} == {"prune:magnitude"}  # pruning half the weights hurts more
+    assert damage["not_measured"] == []
 
 
 def test_cpu_report_of_a_quantized_model_prints_no_speedup_and_says_why(job):
@@ -193,6 +215,8 @@ def test_without_evaluation_dataset_perplexity_is_null(tiny_model_dir, tmp_path)
     assert report["baseline"]["perplexity"] is None and report["optimized"]["perplexity"] is None
     assert report["ratios"]["perplexity"] is None and report["evaluation"] is None
     assert any("no evaluation dataset" in note for note in report["notes"])
+    assert report["quality"]["kl_divergence"] is None and "no evaluation dataset" in report["quality"]["note"]
+    assert any("KL divergence" in note for note in report["notes"])
     with tarfile.open(tmp_path / "model.tar") as tar:
         config = json.loads(tar.extractfile("config.json").read())
     assert "quantization_config" not in config  # pruned only: a dense float checkpoint
