@@ -192,6 +192,54 @@ def metrics_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def quality_table(report: dict[str, Any]) -> Table:
+    """Perplexity of both models beside the optimized model's KL divergence to the baseline (null: not measured)."""
+    baseline, optimized = report.get("baseline") or {}, report.get("optimized") or {}
+    quality = report.get("quality") if isinstance(report.get("quality"), dict) else {}
+    kl = quality.get("kl_divergence") if isinstance(quality.get("kl_divergence"), dict) else None
+    table = Table(title="quality: optimized against baseline")
+    table.add_column("measure")
+    table.add_column("value", justify="right", overflow="fold")
+    base_ppl, opt_ppl = baseline.get("perplexity"), optimized.get("perplexity")
+    table.add_row("perplexity, baseline", format_value("perplexity", base_ppl))
+    table.add_row("perplexity, optimized", format_value("perplexity", opt_ppl))
+    table.add_row("perplexity, optimized / baseline", _ratio(base_ppl, opt_ppl))
+    if kl is None:
+        table.add_row("KL divergence to the baseline", NOT_MEASURED)
+        if quality.get("note"):
+            table.add_row("", Text(str(quality["note"]), style="dim"))
+        return table
+    for key, label in (("mean", "mean"), ("median", "median"), ("p99", "99th percentile")):
+        value = kl.get(key)
+        table.add_row(f"KL divergence, {label} (nats)", NOT_MEASURED if value is None else f"{value:.6f}")
+    agreement = kl.get("top1_agreement")
+    table.add_row("top-1 agreement", NOT_MEASURED if agreement is None else f"{100 * agreement:.2f}%")
+    table.add_row("positions", format_value("positions", kl.get("positions")))
+    if kl.get("method"):
+        table.add_row("method", Text(str(kl["method"]), style="dim"))
+    return table
+
+
+def damage_table(damage: dict[str, Any] | None) -> Table | None:
+    """The layers the recipe damaged most, with what each figure rests on."""
+    worst = (damage or {}).get("worst")
+    if not worst:
+        return None
+    table = Table(title="most damaged layers")
+    for column in ("step", "layer", "error", "measured as"):
+        table.add_column(column, overflow="fold")
+    for entry in worst:
+        step = f"{entry.get('step', '?')} {entry.get('key', '')}".strip()
+        error = entry.get("error")
+        table.add_row(
+            step,
+            str(entry.get("layer")),
+            NOT_MEASURED if error is None else f"{error:.4g}",
+            str(entry.get("measure", "")),
+        )
+    return table
+
+
 def ratios_table(ratios: dict[str, Any] | None) -> Table | None:
     if not ratios:
         return None
@@ -294,12 +342,15 @@ def environment_table(environment: dict[str, Any] | None) -> Table | None:
 
 
 def report_group(report: dict[str, Any]) -> Group:
-    """The whole report: metrics, ratios, steps, generations, environment and the worker's notes."""
+    """The whole report: metrics, quality (perplexity and KL divergence), the most damaged layers, ratios, steps,
+    generations, environment and the worker's notes."""
     parts: list[Any] = []
     if report.get("baseline") is None and report.get("optimized") is None:
         parts.append(Text("No metrics were measured for this job.", style="yellow"))
     parts.append(metrics_table(report))
+    parts.append(quality_table(report))
     for table in (
+        damage_table(report.get("damage")),
         ratios_table(report.get("ratios")),
         steps_table(report.get("steps")),
         samples_table(report.get("samples")),

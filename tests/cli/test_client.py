@@ -271,6 +271,56 @@ def test_report_of_a_decompressed_cpu_artifact_shows_no_speedup(fake: FakeApi) -
     assert "not comparable (see note)" in out and "decompressed to float" in out
 
 
+def test_report_shows_the_kl_divergence_beside_perplexity_and_the_worst_layers(fake: FakeApi) -> None:
+    fake.report = {
+        "baseline": {"perplexity": 25.6},
+        "optimized": {"perplexity": 28.1},
+        "quality": {
+            "kl_divergence": {
+                "mean": 0.0412,
+                "median": 0.0198,
+                "p99": 0.3871,
+                "top1_agreement": 0.9137,
+                "positions": 20440,
+                "method": "KL(baseline ‖ optimized) over the baseline's top-64 tokens plus one bucket",
+            },
+            "note": None,
+        },
+        "damage": {
+            "worst": [
+                {
+                    "step": 1,
+                    "key": "quantize:gptq",
+                    "layer": "model.layers.3.mlp.down_proj",
+                    "error": 0.1234,
+                    "measure": "output (gram)",
+                },
+            ]
+        },
+    }
+    result = runner.invoke(cli.app, ["report", "job1"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "KL divergence, mean (nats)" in out and "0.041200" in out
+    assert "0.019800" in out and "0.387100" in out
+    assert "91.37%" in out and "20,440" in out
+    assert "1.098×" in out  # perplexity ratio beside the KL
+    assert "top-64 tokens" in out
+    assert "model.layers.3.mlp.down_proj" in out and "0.1234" in out and "output (gram)" in out
+
+
+def test_report_without_kl_says_not_measured(fake: FakeApi) -> None:
+    fake.report = {
+        "baseline": {"perplexity": None},
+        "optimized": {"perplexity": None},
+        "quality": {"kl_divergence": None, "note": "no evaluation dataset: the KL divergence was not measured"},
+    }
+    result = runner.invoke(cli.app, ["report", "job1"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "KL divergence to the baseline" in result.output and "not measured" in result.output
+    assert "no evaluation dataset: the KL divergence was not measured" in result.output
+
+
 def test_unreachable_server_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.conftest import free_port
 
