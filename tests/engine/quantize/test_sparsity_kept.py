@@ -56,7 +56,11 @@ def untimed(monkeypatch):
     """Skip the speed harness and sample generation (most of a CPU run, and not what these tests check)."""
     real = pipeline.evaluate
     monkeypatch.setattr(
-        pipeline, "evaluate", lambda model, _tokenizer, plan, report, _speed: real(model, None, plan, report, UNTIMED)
+        pipeline,
+        "evaluate",
+        lambda model, _tokenizer, plan, report, _speed, observer=None: real(
+            model, None, plan, report, UNTIMED, observer
+        ),
     )
 
 
