@@ -3,9 +3,11 @@ that changes Linear weights in place (the prune and quantize methods), so the re
 
 Each changed Linear's record carries `relative_error` (‖W − Ŵ‖/‖W‖, always), `output_error` (‖XWᵀ − XŴᵀ‖/‖XWᵀ‖
 over its calibration inputs X, or None) and `output_error_from`, which says what that figure rests on:
-`"gram"` (exact, from XᵀX the step already gathered), `"input_norms"` (from the diagonal of XᵀX alone, the
-per-input norms Wanda gathers: correlations between inputs are ignored) or None (no calibration statistics:
-rank the layer by its weight error). The statistics are the step's own: nothing here runs the model.
+`"gram"` (exact, from XᵀX the step already gathered), `"outputs"` (exact, measured on the layer's outputs in a
+forward pass the step runs anyway: RTN and FP8 to nearest, see `quantize.common`), `"input_norms"` (from the
+diagonal of XᵀX alone, the per-input norms Wanda gathers: correlations between inputs are ignored) or None (no
+calibration statistics: rank the layer by its weight error). The statistics are the step's own: nothing here
+runs the model.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ LIBRARIES = ("torch", "transformers", "compressed-tensors", "safetensors")
 WORST_LAYERS = 5
 MEASURES = {
     "gram": "output error from the Gram matrix XᵀX of the layer's calibration inputs",
+    "outputs": "output error measured on the layer's outputs over the first calibration windows",
     "input_norms": "output error from the layer's calibration input norms (diagonal of XᵀX; Wanda's statistic)",
     None: "weight error ‖W − Ŵ‖/‖W‖ (the step gathered no calibration statistics)",
 }
