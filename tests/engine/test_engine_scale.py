@@ -79,7 +79,7 @@ def test_quantizers_hold_one_layer_of_statistics_at_a_time(tiny, monkeypatch):
             most.append(len(alive))
 
     monkeypatch.setattr(quantization, "InputStats", Tracked)
-    spec = {"type": "quantize", "method": "rtn", "weights": INT4_G32}
+    spec = {"type": "quantize", "method": "gptq", "weights": INT4_G32, "true_sequential": False}
     context = StepContext(calibration=windows(tiny.model), report_progress=lambda f, m: None)
     run_step(tiny.model, step_spec(spec), context)
     assert len(most) == 4 * tiny.model.config.num_hidden_layers  # q/k/v, o, gate/up, down: shared inputs once
