@@ -14,10 +14,12 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from app import errors
+from app.metrics import RequestMiddleware, build_metrics, serving_port
 from app.resumable import sweep_periodically
-from app.routes import artifacts, datasets, health, job_events, jobs, models, uploads
+from app.routes import artifacts, datasets, health, job_events, jobs, metrics, models, uploads
 from app.schemas import JobCreate
 from app.uploads import sweep_abandoned
+from modelpress.logs import configure_logging
 from modelpress.settings import get_settings
 from modelpress.storage import get_storage
 
@@ -44,11 +46,12 @@ V1_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @asynccontextmanager
-async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     storage = get_storage()
     sweep_abandoned(storage.scratch_root)
     sweeper = asyncio.create_task(sweep_periodically(get_settings().upload_sweep_interval_s))
-    yield
+    with serving_port(app.state.metrics, get_settings()):
+        yield
     sweeper.cancel()
 
 
@@ -78,10 +81,16 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def create_app() -> FastAPI:
+    settings = get_settings()
+    if settings.log_format == "json":  # plain text keeps uvicorn's own logging untouched
+        configure_logging(settings.log_format)
     app = FastAPI(title="modelpress", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.metrics = build_metrics(settings)
+    app.add_middleware(RequestMiddleware, metrics=app.state.metrics)
     errors.install(app)
     app.add_exception_handler(OSError, _on_os_error)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     for module in (models, datasets, uploads, jobs, job_events, artifacts):
         app.include_router(module.router, responses=V1_RESPONSES)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

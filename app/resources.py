@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import Row, newest_page
+from app.metrics import route_template
 from app.uploads import Upload, receive_upload
 from modelpress.models import Dataset, Model
 from modelpress.settings import Settings
@@ -39,6 +40,7 @@ async def receive_and_store(
     whatever happens."""
     scratch = storage.scratch_dir()
     upload = await (receive(scratch) if receive else receive_upload(request, scratch, settings.max_upload_bytes))
+    request.app.state.metrics.upload_bytes.labels(route_template(request.scope)).inc(upload.size)
     try:
         return await run_in_threadpool(store, upload)
     finally:

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     webhook_retry_for_s: float = Field(default=24 * 3600, gt=0)  # after this long since the job ended, give up
     webhook_poll_s: float = Field(default=1.0, gt=0)  # how often a worker looks for deliveries that are due
 
+    # operations: Prometheus metrics (a Bearer token, a port of their own, or both) and the log format
+    metrics_token: str | None = Field(default=None, min_length=16)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"  # the address the metrics port binds; 0.0.0.0 inside a container
+    log_format: Literal["text", "json"] = "text"
+
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         if self.database_url is None:
@@ -98,11 +104,23 @@ class Settings(BaseSettings):
                 raise ValueError("MODELPRESS_ENV=production needs DATABASE_URL set to PostgreSQL, not SQLite")
             if not self.redis_url:
                 raise ValueError("MODELPRESS_ENV=production needs REDIS_URL")
+            if not self.metrics_token and self.metrics_port is None:
+                raise ValueError(
+                    "MODELPRESS_ENV=production needs /metrics guarded: set MODELPRESS_METRICS_TOKEN (a Bearer token "
+                    "of 16+ characters) or MODELPRESS_METRICS_PORT (a port of its own, kept off the public network)"
+                )
         return self
 
     @property
     def cache_root(self) -> Path:
         return self.cache_dir or self.data_dir / "cache"
+
+    @property
+    def metrics_on_api_port(self) -> bool:
+        """/metrics is served beside the API when it has a token, or, in development only, when nothing guards it."""
+        if self.metrics_port is not None:
+            return False
+        return bool(self.metrics_token) or self.env == "development"
 
     @property
     def broker_url(self) -> str:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
+from modelpress.logs import configure_logging
 from modelpress.settings import get_settings
 from worker.celery_app import create_celery
 
 
 def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    configure_logging(settings.log_format)
     app = create_celery(settings)
     app.worker_main(["worker", "--queues", settings.queue, *argv])
 

@@ -53,3 +53,17 @@ def _fresh_database_pool(**_kwargs) -> None:
     from modelpress import db
 
     db.reset()
+
+
+@signals.task_prerun.connect
+def _job_started(**kwargs) -> None:
+    from worker.observe import job_started
+
+    job_started(**kwargs)
+
+
+@signals.task_postrun.connect
+def _job_ended(**kwargs) -> None:
+    from worker.observe import job_ended
+
+    job_ended(**kwargs)

@@ -21,6 +21,7 @@ from sqlalchemy import select, update
 
 from modelpress.db import session_scope
 from modelpress.events import publish_job
+from modelpress.logs import job_id_var
 from modelpress.models import FINAL_STATUSES, Artifact, AttemptOutcome, Dataset, Job, JobStatus, Model, utcnow
 from modelpress.settings import Settings, get_settings
 from modelpress.specs import JobSpec
@@ -148,6 +149,7 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        job_id_var.set(self.job_id)  # a thread starts with an empty context: its lines carry the job id too
         last_beat = time.monotonic()
         while not self.stopped.wait(MEMORY_POLL_S if self.ceiling else self.interval_s):
             if self.ceiling and (used := resident_bytes()) > self.ceiling:

@@ -24,6 +24,7 @@ from modelpress.events import publish_job
 from modelpress.models import AttemptOutcome, Job, JobStatus, utcnow
 from modelpress.queue import enqueue_job
 from modelpress.settings import Settings
+from modelpress.telemetry import record_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def requeue_lost(job_id: str, settings: Settings, worker: str) -> bool:
 
 
 class Reconciler(threading.Thread):
-    """Calls `reconcile_once` every `reconcile_interval_s` until stopped; errors are logged, never fatal."""
+    """Calls `reconcile_once` every `reconcile_interval_s` until stopped, and records the worker's heartbeat for
+    /metrics; errors are logged, never fatal."""
 
     def __init__(self, settings: Settings, owner: str) -> None:
         super().__init__(name="modelpress-reconciler", daemon=True)
@@ -126,3 +128,7 @@ class Reconciler(threading.Thread):
                 reconcile_once(self.settings, client, self.owner)
             except Exception:  # the broker or the database is down: try again next tick
                 log.exception("reconcile pass failed")
+            try:
+                record_heartbeat(client, self.settings.queue, self.owner)
+            except redis.RedisError as exc:
+                log.warning("could not record the worker's heartbeat: %s", exc)
