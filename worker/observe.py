@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 def cuda_memory() -> GpuMemory | None:
     """The CUDA memory this process holds on all its devices, or None when it has not initialised CUDA."""
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if torch is None or getattr(torch.__spec__, "_initializing", False):  # the job's thread is still importing it
+        return None
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
     devices = range(torch.cuda.device_count())
     allocated = sum(torch.cuda.memory_allocated(d) for d in devices)
@@ -51,12 +53,11 @@ class GpuMemoryReporter(threading.Thread):
     def run(self) -> None:
         job_id_var.set(self.job_id)  # a thread starts with an empty context: its lines carry the job id too
         while not self.stopped.wait(self.interval_s):
-            memory = cuda_memory()
-            if memory is None:
-                continue
             try:
-                record_gpu_memory(self.client, self.queue, self.worker, memory)
-            except redis.RedisError as exc:  # metrics must never fail a job
+                memory = cuda_memory()
+                if memory is not None:
+                    record_gpu_memory(self.client, self.queue, self.worker, memory)
+            except Exception as exc:  # metrics must never fail a job, nor stop reporting for good
                 log.warning("could not report GPU memory: %s", exc)
 
     def stop(self) -> None:

