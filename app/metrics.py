@@ -5,7 +5,8 @@ process. Everything else is read when Prometheus scrapes, by `ServiceCollector`:
 workers are other processes (Celery prefork children that come and go with each job), so nothing a worker
 counts in memory could be trusted. Reading at scrape also gives every API replica the same figures.
 
-Job duration and queue wait are cumulative histograms over every started job, computed in one aggregate query
+Job duration (the last attempt's, as `started_at` holds it) and queue wait (submission to the latest attempt's
+start: a retried job's lost attempts count as waiting) are cumulative histograms, computed in one aggregate query
 per scrape rather than observed by the API: the API never sees a job end (the worker writes the row), an
 observation would be lost on restart and counted once per replica, and the rows already hold the start, end
 and submission times. Jobs are hours of GPU work each, so the table stays small enough to aggregate whole.
@@ -37,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from modelpress.db import new_session
 from modelpress.logs import request_id_var
 from modelpress.models import FINAL_STATUSES, Job, JobStatus
+from modelpress.queue import queue_keys
 from modelpress.settings import Settings
 from modelpress.telemetry import gpu_memory, heartbeat_ages
 
@@ -192,7 +194,7 @@ class ServiceCollector(Collector):
         yield jobs
         duration = HistogramMetricFamily(
             "modelpress_job_duration_seconds",
-            "From a job's first start to its end, over every finished job, by final status",
+            "From the start of a job's last attempt to its end, over every finished job, by final status",
             labels=["status"],
         )
         for status, *row in durations:
@@ -200,7 +202,8 @@ class ServiceCollector(Collector):
             duration.add_metric([status], buckets, total)
         yield duration
         wait = HistogramMetricFamily(
-            "modelpress_job_queue_wait_seconds", "From a job's submission to its first start, over every started job"
+            "modelpress_job_queue_wait_seconds",
+            "From a job's submission to the start of its latest attempt, over every started job",
         )
         buckets, total = histogram_buckets(wait_row, QUEUE_WAIT_BUCKETS)
         wait.add_metric([], buckets, total)
@@ -219,9 +222,14 @@ class ServiceCollector(Collector):
         client = self._client()
         queue = self.settings.queue
         depth = GaugeMetricFamily(
-            "modelpress_queue_depth", "Messages waiting in the Celery queue (a Redis list)", labels=["queue"]
+            "modelpress_queue_depth",
+            "Messages waiting in the Celery queue, over its Redis lists (one per priority)",
+            labels=["queue"],
         )
-        depth.add_metric([queue], client.llen(queue))
+        pipeline = client.pipeline(transaction=False)
+        for key in queue_keys(queue):
+            pipeline.llen(key)
+        depth.add_metric([queue], sum(pipeline.execute()))
         ages = GaugeMetricFamily(
             "modelpress_worker_heartbeat_age_seconds",
             "Seconds since each worker's newest heartbeat (workers silent for a day are left out)",
