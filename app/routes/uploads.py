@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import resumable
 from app.deps import ROW_ID, SettingsDep, StorageDep, TenantDep, UploaderDep
+from app.metrics import route_template
 from app.routes.datasets import store_dataset
 from app.routes.models import store_model
 from app.schemas import MAX_UPLOAD_PARTS, DatasetPublic, ModelPublic, UploadCreate, UploadPublic
@@ -154,6 +155,9 @@ async def put_part(
             f"part {number} is past the last part: this upload has parts 1 to {resumable.part_count(upload)}",
         )
     await resumable.receive_part(request, upload, number, settings)
+    request.app.state.metrics.upload_bytes.labels(route_template(request.scope)).inc(
+        resumable.part_bytes(upload, number)
+    )
     return resumable.public(upload)
 
 

@@ -130,6 +130,18 @@ def test_upload_bytes_grow_by_the_uploaded_size(scrape, acme: httpx.Client, tiny
     assert after - before == tiny_tar.stat().st_size
 
 
+def test_resumable_upload_parts_count_as_upload_bytes(scrape, acme: httpx.Client, tiny_tar: Path) -> None:
+    from tests.api.test_resumable import create, put
+
+    route = "/v1/uploads/{upload_id}/parts/{number}"
+    data = tiny_tar.read_bytes()
+    before = value(scrape(), "modelpress_upload_bytes_total", route=route)
+    upload = create(acme, data, parts=2)
+    assert put(acme, upload, 1, data).status_code == 200
+    assert value(scrape(), "modelpress_upload_bytes_total", route=route) - before == upload["part_size"]
+    assert acme.delete(f"/v1/uploads/{upload['id']}").status_code == 204
+
+
 def test_a_submitted_job_counts_as_queued_and_in_the_queue(scrape, acme: httpx.Client, model: dict) -> None:
     from modelpress.settings import get_settings
 
