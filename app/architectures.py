@@ -23,6 +23,13 @@ class Architecture:
 
 _NO_STRUCTURED = "structured pruning rewrites separate q/k/v/o and gate/up/down projections, which this model lacks"
 
+_MOE_UNSUPPORTED = {
+    "prune:structured": "structured pruning removes channels of one dense MLP; a mixture-of-experts layer has a "
+    "router and many experts",
+    "quantize:smoothquant": "its int8 W8A8 experts are saved in a layout transformers cannot merge back into its "
+    "fused expert tensors, so the artifact would not load",
+}
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("llama", "LlamaForCausalLM", gguf="llama"),
     Architecture("mistral", "MistralForCausalLM", gguf="mistral"),
@@ -30,8 +37,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("qwen3", "Qwen3ForCausalLM", gguf="qwen3"),
     Architecture("gemma", "GemmaForCausalLM"),
     Architecture("gemma2", "Gemma2ForCausalLM", gguf="gemma2"),
+    Architecture("gemma3_text", "Gemma3ForCausalLM", gguf="gemma3"),
     Architecture("phi3", "Phi3ForCausalLM", gguf="phi3", unsupported={"prune:structured": _NO_STRUCTURED}),
     Architecture("opt", "OPTForCausalLM", unsupported={"prune:structured": _NO_STRUCTURED}),
+    Architecture("qwen3_moe", "Qwen3MoeForCausalLM", unsupported=_MOE_UNSUPPORTED),
+    Architecture("mixtral", "MixtralForCausalLM", unsupported=_MOE_UNSUPPORTED),
 )
 
 REFUSED: dict[str, str] = {

@@ -130,7 +130,22 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen3": {**_HEADS, "intermediate_size": 128},
     "gemma": {**_HEADS, "intermediate_size": 128},
     "gemma2": {**_HEADS, "intermediate_size": 128},
+    "gemma3_text": {  # one sliding layer whose window is shorter than the test windows, then a global one
+        **_HEADS,
+        "intermediate_size": 128,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 8,
+        "tie_word_embeddings": True,
+    },
     "phi3": {**_HEADS, "intermediate_size": 128, "pad_token_id": 0},
+    "qwen3_moe": {
+        **_HEADS,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 64,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+    },
+    "mixtral": {**_HEADS, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2},
     "opt": {"num_attention_heads": 4, "ffn_dim": 128, "word_embed_proj_dim": 64, "pad_token_id": 1},
     "gpt2": {"n_embd": 64, "n_inner": 128, "n_layer": 2, "n_head": 4, "n_positions": 512},
     "falcon": {"num_attention_heads": 4, "new_decoder_architecture": False, "multi_query": True},
@@ -146,14 +161,8 @@ def build_tiny_model_of(folder: Path, model_type: str, *, seed: int = 0) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(folder)
     sizes = {"hidden_size": 64, "num_hidden_layers": 2, "max_position_embeddings": 512}
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-        **{**sizes, **TINY_CONFIGS[model_type]},
-    )
+    defaults = {"vocab_size": vocab, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 0, **sizes}
+    config = AutoConfig.for_model(model_type, **{**defaults, **TINY_CONFIGS[model_type]})
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).eval().save_pretrained(folder, safe_serialization=True)
     return folder

@@ -55,11 +55,20 @@ FOLDS = (  # producer → consumers, by name inside a Llama-style decoder layer,
 NORM_FOLDS = (FOLDS[0], FOLDS[2])  # SmoothQuant smooths the inputs of the norms' consumers only
 
 
+def _mlp_input_norm(layer: torch.nn.Module, producer_name: str) -> str:
+    """Gemma 2 and 3 normalize the attention output with `post_attention_layernorm` and the MLP input with
+    `pre_feedforward_layernorm`: there the latter is what produces gate/up's input."""
+    if producer_name == "post_attention_layernorm" and hasattr(layer, "pre_feedforward_layernorm"):
+        return "pre_feedforward_layernorm"
+    return producer_name
+
+
 def fold_groups(group: LayerGroup, folds=FOLDS) -> list[tuple[torch.nn.Module, list[str], int | None]]:
     """(producer module, full consumer names, head size when the consumers read repeated heads) for each fold
     that applies here: every module exists, every consumer is targeted, and the shapes line up."""
     found = []
     for producer_name, consumer_names in folds:
+        producer_name = _mlp_input_norm(group.step.layer, producer_name)
         try:
             producer = group.step.layer.get_submodule(producer_name)
         except AttributeError:

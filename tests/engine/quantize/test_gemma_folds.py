@@ -1,0 +1,77 @@
+"""AWQ and SmoothQuant scale folding on the Gemma 3 layout: (1 + weight) norms refuse a fold, and the MLP's input
+norm is `pre_feedforward_layernorm` (Gemma's `post_attention_layernorm` normalizes the attention output)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from tests.utils.factories import build_tiny_model_of
+from worker.engine.calibrate import select_linears
+from worker.engine.load import load_model
+from worker.engine.quantize.awq import FOLDS, fold_checked_, fold_groups
+from worker.engine.quantize.common import LayerGroup
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+class _Pass:
+    """Just what fold_groups reads from a LayerPass: the layer and its full name."""
+
+    def __init__(self, layer, name):
+        self.layer, self.name = layer, name
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_tiny_model_of(tmp_path_factory.mktemp("gemma3") / "model", "gemma3_text")
+
+
+def gemma3(folder, plain_norms: bool):
+    """The tiny Gemma 3 with random norm weights; with `plain_norms`, each norm computes x̂ · w (same function)."""
+    model = load_model(folder, "hf", torch.device("cpu")).model
+    g = torch.Generator().manual_seed(1)
+    for layer in model.model.layers:
+        for name in NORMS:
+            norm = getattr(layer, name)
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) - 0.5)
+            if plain_norms:
+                plain = LlamaRMSNorm(norm.weight.numel(), eps=norm.eps)
+                with torch.no_grad():
+                    plain.weight.copy_(1 + norm.weight)
+                setattr(layer, name, plain)
+    return model
+
+
+def fold_every_layer(model) -> list[tuple[str, bool]]:
+    """Fold random scales wherever fold_groups allows; (producer name, folded) for each."""
+    g = torch.Generator().manual_seed(0)
+    linears = select_linears(model)
+    done = []
+    for index, layer in enumerate(model.model.layers):
+        group = LayerGroup(step=_Pass(layer, f"model.layers.{index}"), linears=linears, stats={})
+        names = {id(m): n for n, m in layer.named_modules()}
+        for producer, consumers, head_dim in fold_groups(group, FOLDS):
+            s = 0.25 + 4 * torch.rand(producer.weight.shape[0], generator=g)
+            folded = fold_checked_(producer, [linears[c] for c in consumers], s, head_dim)
+            done.append((names[id(producer)], folded))
+    return done
+
+
+@pytest.mark.parametrize("plain_norms", [False, True], ids=["gemma-norms", "plain-norms"])
+def test_gemma3_folds_keep_the_function(folder, plain_norms) -> None:
+    model = gemma3(folder, plain_norms)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    done = fold_every_layer(model)
+    producers = [name for name, _ in done[:4]]
+    assert producers == ["input_layernorm", "self_attn.v_proj", "pre_feedforward_layernorm", "mlp.up_proj"]
+    norms_folded = {folded for name, folded in done if name.endswith("layernorm")}
+    assert norms_folded == {plain_norms}  # x · (1 + w) cannot absorb a scale; x · w can
+    assert all(folded for name, folded in done if name.endswith("_proj"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
