@@ -27,7 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-DEFAULT_IGNORE = ("lm_head",)
+DEFAULT_IGNORE = ("lm_head", r"re:.*\.mlp\.gate$")
+"""The output head and mixture-of-experts routers (`mlp.gate`, not `mlp.gate_proj`) stay in full precision."""
 
 
 def _step_selectors_required(schema: dict[str, Any]) -> None:

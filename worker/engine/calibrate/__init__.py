@@ -4,6 +4,7 @@ measured on them, and target selection."""
 
 from worker.engine.calibrate.damage import DAMAGE_FIELDS, layer_damage
 from worker.engine.calibrate.layerwise import (
+    MIN_ROUTED_TOKENS,
     HessianAccumulator,
     LayerPass,
     decoder_layers,
@@ -16,6 +17,7 @@ from worker.engine.calibrate.windows import read_text, token_windows
 
 __all__ = [
     "DAMAGE_FIELDS",
+    "MIN_ROUTED_TOKENS",
     "HessianAccumulator",
     "LayerPass",
     "decoder_layers",

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[float, str], None]
 
+MIN_ROUTED_TOKENS = 32
+"""A Linear that read fewer calibration tokens than this (a mixture-of-experts expert the router rarely picks)
+is not calibrated on them: GPTQ rounds it to nearest and Wanda scores it by magnitude, and its per-layer
+record says so (`calibration`)."""
+
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """The decoder layer stack and its module name: ("model.layers", layers) for Llama-like models."""
@@ -236,6 +241,9 @@ def observe_shared(
 
     step.observe({name: callback(name) for name in names}, windows)
     last["x"] = None
+    for name in names:  # a module that read nothing (an expert no token was routed to) gets an empty statistic
+        if name not in owned and name not in alias:
+            owned[name] = new_statistic(name)
     return {name: owned[alias.get(name, name)] for name in names}
 
 

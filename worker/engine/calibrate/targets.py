@@ -14,14 +14,13 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from modelpress.specs import TargetedStep, check_fit
+from modelpress.specs import DEFAULT_IGNORE, TargetedStep, check_fit
 from modelpress.specs import matches as pattern_matches
 from worker.engine.steps import EngineError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("Linear",)
-DEFAULT_IGNORE = ("lm_head",)
 
 
 def matches(name: str, module: torch.nn.Module, pattern: str) -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from worker.engine.load.experts import unfuse_experts_
 from worker.engine.steps import EngineError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def load_model(path: Path, model_format: str, device: torch.device) -> LoadedMod
         raise EngineError("bad_model", f"transformers could not load the model at {path}: {exc}") from exc
     if "gguf_file" in extra:
         _forget_gguf_origin_(model)
+    unfuse_experts_(model)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=load_tokenizer(folder, extra))
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from modelpress.specs import WandaPrune
+from worker.engine.calibrate.layerwise import MIN_ROUTED_TOKENS
 from worker.engine.prune.masks import score_mask
 from worker.engine.prune.sequential import prune_sequentially
 from worker.engine.steps import StepContext, StepResult, register
@@ -40,9 +41,15 @@ def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tenso
 def wanda_prune_linear_(
     linear: torch.nn.Linear, norms: ColumnNorms, sparsity: float, pattern: tuple[int, int] | None
 ) -> dict[str, Any]:
-    keep = score_mask(wanda_scores(linear.weight, norms.norms), sparsity, pattern)
+    """Prune by Wanda's score; a Linear that read too few tokens (a rarely routed expert) by |W| alone."""
+    details: dict[str, Any] = {"tokens": norms.tokens}
+    input_norms = norms.norms
+    if norms.tokens < MIN_ROUTED_TOKENS:
+        input_norms = torch.ones_like(input_norms)
+        details["calibration"] = f"magnitude: only {norms.tokens} calibration tokens reached this layer"
+    keep = score_mask(wanda_scores(linear.weight, input_norms), sparsity, pattern)
     linear.weight.mul_(keep.to(linear.weight.dtype))
-    return {"tokens": norms.tokens}
+    return details
 
 
 @register(WandaPrune)

@@ -39,6 +39,7 @@ from worker.engine.calibrate.layerwise import (
 )
 from worker.engine.calibrate.targets import fitted_linears
 from worker.engine.export import require_compressed_tensors, storage_format, stored_weight_bytes
+from worker.engine.load.experts import is_expert_linear
 from worker.engine.quantize.quant_math import (
     fake_quantize,
     fake_quantize_tokens,
@@ -59,7 +60,15 @@ LinearQuantizer = Callable[[str, torch.nn.Linear, "InputStats | None"], Quantize
 def targeted_linears(model: torch.nn.Module, spec: TargetedStep) -> dict[str, torch.nn.Linear]:
     """The Linears the step quantizes, refused when they do not fit it (`fitted_linears`)."""
     require_compressed_tensors()  # the artifact cannot be written without it: fail before the work
-    return fitted_linears(model, spec)
+    linears = fitted_linears(model, spec)
+    weights = getattr(spec, "weights", None)
+    if weights is not None and not weights.symmetric and any(is_expert_linear(name) for name in linears):
+        raise EngineError(
+            "unsupported_model",
+            "asymmetric weights are saved int-quantized, and transformers cannot merge int-quantized experts back "
+            "into its fused expert tensors: use symmetric weights on mixture-of-experts models",
+        )
+    return linears
 
 
 def require_calibration(context: StepContext, step: str) -> torch.Tensor:

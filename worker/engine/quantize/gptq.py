@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from modelpress.specs import GPTQQuantize
+from worker.engine.calibrate.layerwise import MIN_ROUTED_TOKENS
 from worker.engine.quantize.common import (
     InputStats,
     quantize_,
@@ -31,11 +32,15 @@ def quantize_gptq(model: torch.nn.Module, spec: GPTQQuantize, context: StepConte
     require_calibration(context, spec.key)
     linears = targeted_linears(model, spec)
     rounded: list[str] = []
+    few_tokens: dict[str, int] = {}
 
     @torch.no_grad()
     def quantize(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> QuantizedWeight:
         if stats is None:
             rounded.append(name)
+            return quantize_(linear.weight, bits, group_size, symmetric)
+        if stats.hessian.count < MIN_ROUTED_TOKENS:  # a rarely routed expert: too few tokens for a Hessian
+            few_tokens[name] = stats.hessian.count
             return quantize_(linear.weight, bits, group_size, symmetric)
         weight, scale, zero = gptq_quantize(
             linear.weight,
@@ -68,6 +73,14 @@ def quantize_gptq(model: torch.nn.Module, spec: GPTQQuantize, context: StepConte
             "clip_search": clip_search,
         }
     )
+    for layer in result.layers:
+        if layer["name"] in few_tokens:
+            layer["calibration"] = f"rtn: only {few_tokens[layer['name']]} calibration tokens reached this layer"
+    if few_tokens:
+        result.notes.append(
+            f"gptq: {len(few_tokens)} layers read fewer than {MIN_ROUTED_TOKENS} calibration tokens (experts the "
+            "router rarely picked) and were rounded to nearest; their per-layer records say so"
+        )
     if rounded:
         result.notes.append(f"gptq: {', '.join(rounded)} lie outside the decoder layers and were rounded to nearest")
     return result
