@@ -96,7 +96,8 @@ class TargetedStep(StepSpec):
 
     A pattern is either an exact module name, a module class name such as `Linear`, or a regular
     expression after `re:` matched from the start of the module name (`re:.*mlp.*`).
-    Embeddings are never targeted (they are not Linear layers); lm_head is ignored by default.
+    Embeddings are never targeted (they are not Linear layers); lm_head and mixture-of-experts routers
+    (`mlp.gate`) are ignored by default.
     """
 
     targets: tuple[str, ...] = Field(default=("Linear",), min_length=1)

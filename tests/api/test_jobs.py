@@ -37,7 +37,7 @@ def test_create_and_get(client: httpx.Client, model: dict, dataset: dict) -> Non
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["model_id"] == model["id"] and job["attempts"] == 0
-    assert job["recipe"][0]["sparsity"] == 0.5 and job["recipe"][0]["ignore"] == ["lm_head"]
+    assert job["recipe"][0]["sparsity"] == 0.5 and job["recipe"][0]["ignore"] == ["lm_head", r"re:.*\.mlp\.gate$"]
     assert job["calibration"]["dataset_id"] == dataset["id"] and job["evaluation"]["max_windows"] == 4
     assert job["progress"] == {"step_index": 0, "total_steps": 2, "step": None, "fraction": 0.0, "message": "queued"}
     assert job["error"] is None and job["started_at"] is None and job["finished_at"] is None
