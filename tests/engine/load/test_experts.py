@@ -162,3 +162,18 @@ def test_asymmetric_weights_on_experts_are_refused_before_the_work(folders) -> N
     with pytest.raises(EngineError, match="symmetric weights on mixture-of-experts"):
         run_step(model, step_spec({"type": "quantize", "method": "rtn", "weights": weights}), context(None))
     assert torch.equal(model.model.layers[0].mlp.experts[0].gate_proj.weight, before)
+
+
+@pytest.mark.parametrize("model_type", MOE)
+def test_rtn_reports_no_output_error_for_an_expert_no_token_reached(folders, model_type) -> None:
+    model = load_model(folders[model_type], "hf", torch.device("cpu")).model
+    calibration = windows(model, count=1, length=1)  # one token: 2 of the 4 experts of each layer see nothing
+    counts = routed_tokens(model, calibration)
+    weights = {"bits": 8, "group_size": None, "symmetric": True}
+    result = run_step(model, step_spec({"type": "quantize", "method": "rtn", "weights": weights}), context(calibration))
+    records = {layer["name"]: layer for layer in result.layers}
+    down = PROJECTIONS[model_type][2]
+    errors = {e: records[f"model.layers.0.mlp.experts.{e}.{down}"]["output_error"] for e in range(4)}
+    assert sum(counts[(0, e)] == 0 for e in range(4)) == 2
+    assert {e for e, error in errors.items() if error is None} == {e for e in range(4) if counts[(0, e)] == 0}
+    assert all(error > 0 for error in errors.values() if error is not None)

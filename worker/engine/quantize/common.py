@@ -326,14 +326,19 @@ class OutputErrorMeter:
         self.delta = self.original - approximation.detach().float()
         self.error = 0.0
         self.reference = 0.0
+        self.tokens = 0
 
     @torch.no_grad()
     def __call__(self, _module: torch.nn.Module, args: tuple) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).float()
+        self.tokens += x.shape[0]
         self.error += float(torch.linalg.vector_norm(x @ self.delta.T, dtype=torch.float64) ** 2)
         self.reference += float(torch.linalg.vector_norm(x @ self.original.T, dtype=torch.float64) ** 2)
 
-    def value(self) -> float:
+    def value(self) -> float | None:
+        """None when no input reached the Linear (an expert the router never picked in these windows)."""
+        if self.tokens == 0:
+            return None
         return (self.error / self.reference) ** 0.5 if self.reference > 0 else self.error**0.5
 
 
