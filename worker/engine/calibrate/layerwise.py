@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[float, str], None]
 
 MIN_ROUTED_TOKENS = 32
-"""A Linear that read fewer calibration tokens than this (a mixture-of-experts expert the router rarely picks)
-is not calibrated on them: GPTQ rounds it to nearest and Wanda scores it by magnitude, and its per-layer
-record says so (`calibration`)."""
+"""An expert's Linear (mixture of experts) that read fewer calibration tokens than this is not calibrated on
+them: GPTQ rounds it to nearest and Wanda scores it by magnitude, and its per-layer record says so
+(`calibration`)."""
 
 
 def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:

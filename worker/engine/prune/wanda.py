@@ -9,6 +9,7 @@ import torch
 
 from modelpress.specs import WandaPrune
 from worker.engine.calibrate.layerwise import MIN_ROUTED_TOKENS
+from worker.engine.load.experts import is_expert_linear
 from worker.engine.prune.masks import score_mask
 from worker.engine.prune.sequential import prune_sequentially
 from worker.engine.steps import StepContext, StepResult, register
@@ -17,9 +18,10 @@ from worker.engine.steps import StepContext, StepResult, register
 class ColumnNorms:
     """Running Σ x_j² of every input feature j, in float32."""
 
-    def __init__(self, features: int, device: torch.device) -> None:
+    def __init__(self, features: int, device: torch.device, min_tokens: int = 0) -> None:
         self.squares = torch.zeros(features, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.min_tokens = min_tokens  # fewer tokens than this (a rarely routed expert): score by |W| alone
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -44,7 +46,7 @@ def wanda_prune_linear_(
     """Prune by Wanda's score; a Linear that read too few tokens (a rarely routed expert) by |W| alone."""
     details: dict[str, Any] = {"tokens": norms.tokens}
     input_norms = norms.norms
-    if norms.tokens < MIN_ROUTED_TOKENS:
+    if norms.tokens < norms.min_tokens:
         input_norms = torch.ones_like(input_norms)
         details["calibration"] = f"magnitude: only {norms.tokens} calibration tokens reached this layer"
     keep = score_mask(wanda_scores(linear.weight, input_norms), sparsity, pattern)
@@ -54,11 +56,17 @@ def wanda_prune_linear_(
 
 @register(WandaPrune)
 def prune_wanda(model: torch.nn.Module, spec: WandaPrune, context: StepContext) -> StepResult:
+    experts = {id(m) for name, m in model.named_modules() if is_expert_linear(name)}
+
+    def new_statistic(linear: torch.nn.Linear) -> ColumnNorms:
+        floor = MIN_ROUTED_TOKENS if id(linear) in experts else 0
+        return ColumnNorms(linear.in_features, linear.weight.device, floor)
+
     return prune_sequentially(
         model,
         spec,
         context,
-        lambda linear: ColumnNorms(linear.in_features, linear.weight.device),
+        new_statistic,
         wanda_prune_linear_,
         damage_inputs=lambda norms: {"input_norms": norms.norms},
     )

@@ -13,6 +13,7 @@ import torch
 
 from modelpress.specs import GPTQQuantize
 from worker.engine.calibrate.layerwise import MIN_ROUTED_TOKENS
+from worker.engine.load.experts import is_expert_linear
 from worker.engine.quantize.common import (
     InputStats,
     quantize_,
@@ -39,7 +40,7 @@ def quantize_gptq(model: torch.nn.Module, spec: GPTQQuantize, context: StepConte
         if stats is None:
             rounded.append(name)
             return quantize_(linear.weight, bits, group_size, symmetric)
-        if stats.hessian.count < MIN_ROUTED_TOKENS:  # a rarely routed expert: too few tokens for a Hessian
+        if is_expert_linear(name) and stats.hessian.count < MIN_ROUTED_TOKENS:  # too few tokens for a Hessian
             few_tokens[name] = stats.hessian.count
             return quantize_(linear.weight, bits, group_size, symmetric)
         weight, scale, zero = gptq_quantize(
