@@ -1,6 +1,6 @@
 """What the resource routes share: receiving an upload into storage (models, datasets), a page of the tenant's
-rows (models, datasets, jobs), and a delete that refuses while a queued or running job still needs the row
-(models, datasets).
+rows (models, datasets, jobs), a delete that refuses while a queued or running job still needs the row
+(models, datasets), and the list / read / delete routes of an uploaded resource, declared once.
 
 Each route keeps its own URLs, schemas and wording; these helpers hold the logic once, so a fix to the upload's
 clean-up or to the delete's locking reaches both resources.
@@ -12,12 +12,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fastapi import HTTPException, Request, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import Row, newest_page
+from app.deps import Limit, Offset, Row, SessionDep, StorageDep, TenantDep, newest_page
 from app.metrics import route_template
 from app.uploads import Upload, receive_upload
 from modelpress.models import Dataset, Model
@@ -89,3 +89,39 @@ def delete_unless_used(
     session.commit()
     storage.delete(f"{table.__tablename__}/{row.id}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def add_uploaded_resource_routes(
+    router: APIRouter,
+    table: type[Stored],
+    row_dep: Any,
+    public: Any,
+    page: Any,
+    users: Callable[[Session, Stored], list[str]],
+) -> None:
+    """`GET ""` (a page), `GET /{<noun>_id}` and `DELETE /{<noun>_id}` (409 while a job uses the row) for an
+    uploaded resource. `row_dep` is the resource's `Annotated` dependency, which loads the row by its path id
+    and answers 404 for a missing id or another tenant's."""
+    noun = table.__name__.lower()
+    by_id = f"/{{{noun}_id}}"
+    missing = {404: {"description": f"no such {noun}"}}
+
+    def list_rows(session: SessionDep, tenant: TenantDep, limit: Limit = 50, offset: Offset = 0) -> Any:
+        return list_page(session, table, tenant, limit, offset, public.of, page)
+
+    def get_row(row: Any) -> Any:
+        return public.of(row)
+
+    def delete_row(row: Any, session: SessionDep, storage: StorageDep) -> Response:
+        return delete_unless_used(session, storage, row, users)
+
+    for handler in (get_row, delete_row):  # the row's dependency is only known here, not as a module name
+        handler.__annotations__["row"] = row_dep
+    router.get("", response_model=page, name=f"list_{noun}s")(list_rows)
+    router.get(by_id, response_model=public, responses=missing, name=f"get_{noun}")(get_row)
+    router.delete(
+        by_id,
+        status_code=status.HTTP_204_NO_CONTENT,
+        responses={**missing, 409: {"description": "a queued or running job uses it"}},
+        name=f"delete_{noun}",
+    )(delete_row)

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, HTTPException, Request, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.deps import (
     ACTIVE_STATUSES,
     DatasetDep,
-    Limit,
-    Offset,
-    SessionDep,
     SettingsDep,
     StorageDep,
-    TenantDep,
     UploaderDep,
 )
-from app.resources import delete_unless_used, list_page, receive_and_store
+from app.resources import add_uploaded_resource_routes, receive_and_store
 from app.schemas import DatasetPublic, DatasetsPublic
 from app.text_datasets import DatasetError, count_records, dataset_format
 from app.uploads import MULTIPART_OPENAPI, UPLOAD_RESPONSES, Upload, commit_or_remove, upload_name
@@ -84,25 +80,4 @@ async def upload_dataset(
     return DatasetPublic.of(row)
 
 
-@router.get("", response_model=DatasetsPublic)
-def list_datasets(
-    session: SessionDep,
-    tenant: TenantDep,
-    limit: Limit = 50,
-    offset: Offset = 0,
-) -> DatasetsPublic:
-    return list_page(session, Dataset, tenant, limit, offset, DatasetPublic.of, DatasetsPublic)
-
-
-@router.get("/{dataset_id}", response_model=DatasetPublic, responses={404: {"description": "no such dataset"}})
-def get_dataset(dataset: DatasetDep) -> DatasetPublic:
-    return DatasetPublic.of(dataset)
-
-
-@router.delete(
-    "/{dataset_id}",
-    status_code=status.HTTP_204_NO_CONTENT,
-    responses={404: {"description": "no such dataset"}, 409: {"description": "a queued or running job uses it"}},
-)
-def delete_dataset(dataset: DatasetDep, session: SessionDep, storage: StorageDep) -> Response:
-    return delete_unless_used(session, storage, dataset, _jobs_using)
+add_uploaded_resource_routes(router, Dataset, DatasetDep, DatasetPublic, DatasetsPublic, _jobs_using)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, HTTPException, Request, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -13,20 +13,16 @@ from starlette.concurrency import run_in_threadpool
 from app.archives import ArchiveError, Kind, Limits, TooLarge, detect_kind, extract, model_root
 from app.deps import (
     ACTIVE_STATUSES,
-    Limit,
     ModelDep,
-    Offset,
-    SessionDep,
     SettingsDep,
     StorageDep,
-    TenantDep,
     UploaderDep,
 )
 from app.gguf_inspection import inspect_gguf
 from app.inspection import Inspected, inspect_hf_folder
 from app.json_body import read_json
 from app.references import REFERENCE_OPENAPI_SCHEMA, fetch_reference, parse_reference
-from app.resources import delete_unless_used, list_page, receive_and_store
+from app.resources import add_uploaded_resource_routes, receive_and_store
 from app.schemas import ModelPublic, ModelsPublic
 from app.uploads import MULTIPART_OPENAPI, UPLOAD_RESPONSES, Upload, commit_or_remove, upload_name
 from modelpress.models import Job, Model, new_id
@@ -134,25 +130,4 @@ async def upload_model(
     return ModelPublic.of(row)
 
 
-@router.get("", response_model=ModelsPublic)
-def list_models(
-    session: SessionDep,
-    tenant: TenantDep,
-    limit: Limit = 50,
-    offset: Offset = 0,
-) -> ModelsPublic:
-    return list_page(session, Model, tenant, limit, offset, ModelPublic.of, ModelsPublic)
-
-
-@router.get("/{model_id}", response_model=ModelPublic, responses={404: {"description": "no such model"}})
-def get_model(model: ModelDep) -> ModelPublic:
-    return ModelPublic.of(model)
-
-
-@router.delete(
-    "/{model_id}",
-    status_code=status.HTTP_204_NO_CONTENT,
-    responses={404: {"description": "no such model"}, 409: {"description": "a queued or running job uses it"}},
-)
-def delete_model(model: ModelDep, session: SessionDep, storage: StorageDep) -> Response:
-    return delete_unless_used(session, storage, model, _jobs_using)
+add_uploaded_resource_routes(router, Model, ModelDep, ModelPublic, ModelsPublic, _jobs_using)
