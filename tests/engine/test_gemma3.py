@@ -36,7 +36,9 @@ def test_gguf_rtn_int8_job_through_the_pipeline(tmp_path):
     torch.manual_seed(0)
     report = run_pipeline(request, lambda event: None)
     base, opt = report["baseline"], report["optimized"]
-    assert 5 < base["perplexity"] < 200  # a 270M model on WikiText-2 text, not random weights
+    # 290 measured on these 4 windows: the Q4_K_M 270M model, windows cut without a leading <bos>; random weights
+    # over Gemma's 262k vocabulary would give hundreds of thousands
+    assert 5 < base["perplexity"] < 1000
     assert opt["perplexity"] == pytest.approx(base["perplexity"], rel=0.02)  # int8 per channel costs little
     (quant,) = report["steps"]
     names = {layer["name"] for layer in quant["layers"]}
