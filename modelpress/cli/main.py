@@ -205,32 +205,45 @@ def _show_uploaded(noun: str, table: Callable[[list[dict[str, Any]]], Table], ro
     console.print(f"{noun} id: {row.get('id')}", highlight=False)
 
 
-@upload_app.command("model")
-def upload_model(
-    path: Annotated[Path, typer.Argument(help="A model folder, a .zip/.tar/.tar.gz of one, or a .gguf file.")],
-    name: Annotated[str | None, typer.Option(help="Display name (default: the file or folder name).")] = None,
-    url: Url = DEFAULT_URL,
-    api_key: ApiKey = None,
-    resumable_above: ResumableAbove = resumable.DEFAULT_THRESHOLD,
-    part_size: PartSize = None,
+def _add_upload_command(
+    path: str, noun: str, table: Callable[[list[dict[str, Any]]], Table], helps: tuple[str, str, str]
 ) -> None:
-    """Upload a model checkpoint; a folder is packed into a .tar first (in a temporary folder)."""
-    parts = PartOptions(resumable_above, part_size)
-    _show_uploaded("model", render.models_table, _upload("models", path, name, url, api_key, parts))
+    """`upload <noun>` for one resource (`path` under /v1/); `helps`: the command's, the file's and the name's."""
+
+    def upload_row(
+        path_: Path = typer.Argument(..., metavar="path", help=helps[1], show_default=False),
+        name: str | None = typer.Option(None, help=helps[2]),
+        url: Url = DEFAULT_URL,
+        api_key: ApiKey = None,
+        resumable_above: ResumableAbove = resumable.DEFAULT_THRESHOLD,
+        part_size: PartSize = None,
+    ) -> None:
+        parts = PartOptions(resumable_above, part_size)
+        _show_uploaded(noun, table, _upload(path, path_, name, url, api_key, parts))
+
+    upload_app.command(noun, help=helps[0])(upload_row)
 
 
-@upload_app.command("dataset")
-def upload_dataset(
-    path: Annotated[Path, typer.Argument(help='A .txt file, or .jsonl with a "text" field.')],
-    name: Annotated[str | None, typer.Option(help="Display name (default: the file name).")] = None,
-    url: Url = DEFAULT_URL,
-    api_key: ApiKey = None,
-    resumable_above: ResumableAbove = resumable.DEFAULT_THRESHOLD,
-    part_size: PartSize = None,
-) -> None:
-    """Upload text for calibration and evaluation."""
-    parts = PartOptions(resumable_above, part_size)
-    _show_uploaded("dataset", render.datasets_table, _upload("datasets", path, name, url, api_key, parts))
+_add_upload_command(
+    "models",
+    "model",
+    render.models_table,
+    (
+        "Upload a model checkpoint; a folder is packed into a .tar first (in a temporary folder).",
+        "A model folder, a .zip/.tar/.tar.gz of one, or a .gguf file.",
+        "Display name (default: the file or folder name).",
+    ),
+)
+_add_upload_command(
+    "datasets",
+    "dataset",
+    render.datasets_table,
+    (
+        "Upload text for calibration and evaluation.",
+        'A .txt file, or .jsonl with a "text" field.',
+        "Display name (default: the file name).",
+    ),
+)
 
 
 # listings ------------------------------------------------------------------------------------------------------
