@@ -60,6 +60,9 @@ def service_env(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> d
         "REDIS_URL": REDIS_URL,
         "MODELPRESS_QUEUE": f"gpu-test-{secrets.token_hex(4)}",
         "MODELPRESS_PROGRESS_INTERVAL_S": "0.2",
+        # the suite uploads hundreds of models under one key within minutes; the upload limit itself is tested on
+        # an API of its own (tests/api/test_rate_limit.py)
+        "MODELPRESS_UPLOAD_RATE_LIMIT_PER_MINUTE": "100000",
     }
 
 
