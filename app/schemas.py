@@ -47,9 +47,11 @@ class ModelsPublic(BaseModel):
 class DatasetPublic(_FromRow):
     id: str
     name: str
-    format: Literal["txt", "jsonl"]
+    format: Literal["txt", "jsonl", "lm-eval"] = Field(
+        description="txt or jsonl: text for calibration and evaluation; lm-eval: a task for evaluation.tasks"
+    )
     size_bytes: int
-    records: int
+    records: int = Field(description="non-empty lines of text, or the documents an lm-eval task scores")
     sha256: str
     created_at: datetime
 

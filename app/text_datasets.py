@@ -20,7 +20,10 @@ def dataset_format(filename: str) -> str:
     for suffix in SUFFIXES:
         if lower.endswith(suffix):
             return suffix[1:]
-    raise DatasetError(f'dataset file {filename!r} must be a .txt file or a .jsonl file with a "text" field')
+    raise DatasetError(
+        f'dataset file {filename!r} must be a .txt file, a .jsonl file with a "text" field, or an lm-eval task '
+        "archive (.tar, .tar.gz, .tgz, .zip)"
+    )
 
 
 def count_txt(path: Path) -> int:

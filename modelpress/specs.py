@@ -430,12 +430,57 @@ class CalibrationSpec(Spec):
     seq_len: int = Field(default=512, ge=8, le=16384)
 
 
+TASK_DATASET_FORMAT = "lm-eval"
+"""The `format` of an uploaded dataset that is an lm-eval-harness task (a YAML config and its jsonl data)."""
+
+
+class TaskSpec(Spec):
+    """An lm-eval-harness task the report scores before and after the recipe: either an uploaded task
+    (`dataset_id` of an lm-eval task dataset, runs with no hub access) or a task of lm-eval's own registry
+    (`name`, e.g. "hellaswag": its data comes from the Hugging Face hub, so it runs only where the worker reaches
+    the hub; otherwise the report's entry for it carries the error and the job still succeeds)."""
+
+    dataset_id: str | None = None
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        description="a task name in lm-eval's registry",
+    )
+    limit: int | None = Field(default=None, ge=1, le=100_000, description="score at most this many documents")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSpec:
+        if (self.dataset_id is None) == (self.name is None):
+            raise ValueError(
+                "give either `dataset_id` (an uploaded lm-eval task) or `name` (a task of lm-eval's registry, such "
+                'as "hellaswag"), not both and not neither'
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else f"dataset:{self.dataset_id}"
+
+
 class EvaluationSpec(Spec):
-    """Text the report measures perplexity on: non-overlapping windows of `seq_len` tokens."""
+    """Text the report measures perplexity and the KL divergence on (non-overlapping windows of `seq_len`
+    tokens), and the lm-eval-harness `tasks` whose accuracy it reports before and after."""
 
     dataset_id: str
     seq_len: int = Field(default=512, ge=8, le=16384)
     max_windows: int | None = Field(default=40, ge=1, le=100_000)
+    tasks: tuple[TaskSpec, ...] = Field(default=(), max_length=16)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_differ(cls, tasks: tuple[TaskSpec, ...]) -> tuple[TaskSpec, ...]:
+        labels = [task.label for task in tasks]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"evaluation.tasks names {', '.join(repeated)} more than once; list each task once")
+        return tasks
 
 
 class NotifySpec(Spec):
@@ -477,7 +522,15 @@ class JobSpec(Spec):
             for i, step in enumerate(self.recipe)
             if isinstance(step, KnowledgeDistill)
         ]
+        refs += self.task_dataset_references()
         return refs
+
+    def task_dataset_references(self) -> list[tuple[str, str]]:
+        """(where in the spec, dataset id) for the uploaded lm-eval tasks; every other reference is text."""
+        tasks = () if self.evaluation is None else self.evaluation.tasks
+        return [
+            (f"evaluation.tasks.{i}.dataset_id", task.dataset_id) for i, task in enumerate(tasks) if task.dataset_id
+        ]
 
     def dataset_ids(self) -> set[str]:
         return {dataset_id for _, dataset_id in self.dataset_references()}

@@ -3,6 +3,8 @@ a model's Linear layers (pure Python: the API runs it on inspected shapes, the e
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -107,3 +109,34 @@ def test_steps_without_targets_are_not_checked() -> None:
     assert check_fit(recipe, {}) == []
     assert check_fit(RTNQuantize(), {}) != []  # a targeted step with no Linear at all is refused
     assert all(issubclass(cls, StepSpec) for cls in STEP_CLASSES)
+
+
+def evaluation_with(*tasks: dict) -> dict:
+    return {
+        "model_id": "m",
+        "recipe": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}],
+        "evaluation": {"dataset_id": "text", "tasks": list(tasks)},
+    }
+
+
+def test_tasks_are_uploaded_or_named_and_their_datasets_are_referenced() -> None:
+    spec = JobSpec.model_validate(evaluation_with({"dataset_id": "cloze", "limit": 50}, {"name": "hellaswag"}))
+    assert spec.dataset_references() == [("evaluation.dataset_id", "text"), ("evaluation.tasks.0.dataset_id", "cloze")]
+    assert spec.task_dataset_references() == [("evaluation.tasks.0.dataset_id", "cloze")]
+    assert [task.label for task in spec.evaluation.tasks] == ["dataset:cloze", "hellaswag"]
+
+
+@pytest.mark.parametrize(
+    ("tasks", "fragment"),
+    [
+        ([{"dataset_id": "a", "name": "hellaswag"}], "not both and not neither"),
+        ([{"limit": 5}], "not both and not neither"),
+        ([{"name": "hellaswag"}, {"name": "hellaswag"}], "names hellaswag more than once"),
+        ([{"name": "../etc"}], "String should match pattern"),
+        ([{"name": "arc_easy", "limit": 0}], "greater than or equal to 1"),
+        ([{"name": "arc_easy", "num_fewshot": 5}], "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_tasks_are_refused(tasks: list[dict], fragment: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(fragment)):
+        JobSpec.model_validate(evaluation_with(*tasks))

@@ -24,7 +24,7 @@ from modelpress.events import publish_job
 from modelpress.logs import job_id_var
 from modelpress.models import FINAL_STATUSES, Artifact, AttemptOutcome, Dataset, Job, JobStatus, Model, utcnow
 from modelpress.settings import Settings, get_settings
-from modelpress.specs import JobSpec
+from modelpress.specs import TASK_DATASET_FORMAT, JobSpec
 from modelpress.storage import Storage, get_storage
 from worker.artifacts import remove as remove_artifacts
 from worker.artifacts import store_outputs
@@ -203,7 +203,10 @@ def _engine_request(
             if dataset is None:
                 raise LookupError(f"the dataset {dataset_id} ({where}) was deleted before the job ran; resubmit")
             datasets[dataset_id] = dataset
-    files = {i: (local.file(d.storage_key), d.format) for i, d in datasets.items()}
+    files = {
+        i: (local.tree(d.storage_key) if d.format == TASK_DATASET_FORMAT else local.file(d.storage_key), d.format)
+        for i, d in datasets.items()
+    }
     calibration_file = files[spec.calibration.dataset_id] if spec.calibration else (None, None)
     evaluation_file = files[spec.evaluation.dataset_id] if spec.evaluation else (None, None)
     return EngineRequest(

@@ -24,7 +24,7 @@ from modelpress.events import publish
 from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, Webhook, new_id, utcnow
 from modelpress.queue import enqueue_job
 from modelpress.settings import Settings
-from modelpress.specs import DepthPrune, JobSpec, WeightQuantArgs, check_fit
+from modelpress.specs import TASK_DATASET_FORMAT, DepthPrune, JobSpec, WeightQuantArgs, check_fit
 from modelpress.webhooks import RefusedUrl, check_url
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def _check_references(session: Session, tenant: str, spec: JobSpec) -> None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"model {spec.model_id} not found; upload one with POST /v1/models"
         )
+    task_fields = {field for field, _ in spec.task_dataset_references()}
     for field, dataset_id in spec.dataset_references():
         dataset = session.scalar(
             select(Dataset).where(Dataset.id == dataset_id, Dataset.tenant == tenant).with_for_update(read=True)
@@ -102,6 +103,7 @@ def _check_references(session: Session, tenant: str, spec: JobSpec) -> None:
                 status.HTTP_404_NOT_FOUND,
                 f"dataset {dataset_id} ({field}) not found; upload one with POST /v1/datasets",
             )
+        _check_dataset_kind(field, dataset, field in task_fields)
         if not model.details.get("has_tokenizer"):
             raise HTTPException(
                 status.HTTP_422_UNPROCESSABLE_ENTITY,
@@ -109,6 +111,23 @@ def _check_references(session: Session, tenant: str, spec: JobSpec) -> None:
                 "(tokenizer.json or tokenizer.model); upload the model with its tokenizer",
             )
     _check_fits_model(spec, model)
+
+
+def _check_dataset_kind(field: str, dataset: Dataset, wants_task: bool) -> None:
+    """An lm-eval task where `evaluation.tasks` names one, text everywhere else (422 otherwise)."""
+    is_task = dataset.format == TASK_DATASET_FORMAT
+    if is_task and not wants_task:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            f"dataset {dataset.id} ({field}) is an lm-eval task, not text; name it under evaluation.tasks, and give "
+            f"{field} a .txt or .jsonl dataset",
+        )
+    if wants_task and not is_task:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            f"dataset {dataset.id} ({field}) is text, not an lm-eval task; upload the task as a .tar/.zip of its "
+            "YAML config and .jsonl data (modelpress tasks cloze builds one from text)",
+        )
 
 
 def _check_fits_model(spec: JobSpec, model: Model) -> None:

@@ -19,7 +19,8 @@ from app.metrics import route_template
 from app.routes.datasets import store_dataset
 from app.routes.models import store_model
 from app.schemas import MAX_UPLOAD_PARTS, DatasetPublic, ModelPublic, UploadCreate, UploadPublic
-from app.text_datasets import DatasetError, dataset_format
+from app.task_datasets import check_dataset_filename
+from app.text_datasets import DatasetError
 from app.uploads import Upload
 from modelpress.db import new_session
 from modelpress.models import Dataset, UploadSession, utcnow
@@ -94,7 +95,7 @@ def create_upload(body: UploadCreate, tenant: UploaderDep, storage: StorageDep, 
         )
     if body.kind == "dataset":
         try:
-            dataset_format(body.filename)
+            check_dataset_filename(body.filename)
         except DatasetError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
     folder = storage.scratch_dir()
@@ -181,7 +182,7 @@ def _complete(upload: UploadSession, storage: Storage, settings: Settings) -> Mo
         fields={"name": upload.name} if upload.name else {},
     )
     if upload.kind == "dataset":
-        row: Dataset = store_dataset(received, upload.tenant, storage)
+        row: Dataset = store_dataset(received, upload.tenant, storage, settings)
         return DatasetPublic.of(row)
     return ModelPublic.of(store_model(received, upload.tenant, storage, settings))
 

@@ -163,7 +163,7 @@ def _upload(
         filename = None
         if path.is_dir():
             if kind != "models":
-                raise fail(f"{path} is a folder; a dataset is one .txt or .jsonl file")
+                raise fail(f"{path} is a folder; a dataset is one .txt or .jsonl file, or an lm-eval task archive")
             name = name or path.resolve().name
             filename = f"{path.resolve().name}.tar"
             path = _pack_folder(path, Path(tmp) / filename)
@@ -239,8 +239,8 @@ _add_upload_command(
     "dataset",
     render.datasets_table,
     (
-        "Upload text for calibration and evaluation.",
-        'A .txt file, or .jsonl with a "text" field.',
+        "Upload text for calibration and evaluation, or an lm-eval task for the report's task accuracy.",
+        'A .txt file, .jsonl with a "text" field, or a .tar/.zip of an lm-eval task (YAML + .jsonl).',
         "Display name (default: the file name).",
     ),
 )
@@ -281,6 +281,28 @@ _add_listing_commands(
 _add_listing_commands(
     datasets_app, "datasets", "dataset", render.datasets_table, ("Your uploaded datasets.", "Delete a dataset.")
 )
+
+
+@datasets_app.command("cloze")
+def datasets_cloze(
+    text: Annotated[Path, typer.Argument(help="UTF-8 text, one paragraph per line.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="The task archive to write (.tar).", show_default=False)],
+    name: Annotated[str, typer.Option(help="The task's name in the report.")] = "cloze",
+    choices: Annotated[int, typer.Option(help="Choices per document (chance accuracy is 1/choices).")] = 4,
+    max_documents: Annotated[int, typer.Option(help="At most this many documents.")] = 500,
+    min_words: Annotated[int, typer.Option(help="Skip paragraphs shorter than this.")] = 30,
+    seed: Annotated[int, typer.Option(help="Seed for the distractors and their order.")] = 0,
+) -> None:
+    """Build a cloze task from text (each paragraph's last word among words of the same paragraph), as an lm-eval
+    task archive for `upload dataset` and the job's evaluation.tasks."""
+    from modelpress.cloze_task import ClozeOptions, build_cloze_task
+
+    options = ClozeOptions(name=name, choices=choices, min_words=min_words, max_documents=max_documents, seed=seed)
+    try:
+        documents = build_cloze_task(text, out, options)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"wrote {out}: task {name!r}, {documents} documents, {choices} choices each", highlight=False)
 
 
 @jobs_app.command("list")

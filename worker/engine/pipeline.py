@@ -2,7 +2,7 @@
 
 The baseline's evaluation keeps its top-k next-token log-probabilities in a file in the job's scratch folder
 (beside the staged artifact); the artifact's evaluation reads them for the KL divergence, so the two models are
-never in memory together.
+never in memory together. The job's lm-eval tasks are scored in the same two stages, on the same two models.
 
 Stages, in order, each reported through the progress callback: "load", "evaluate baseline", one per recipe
 step ("prune:magnitude", ...), "export", "evaluate optimized". `step_index` counts from 1 to `total_steps`;
@@ -39,7 +39,10 @@ from worker.engine.evaluate import (
     library_versions,
     merge_samples,
     safetensors_bytes,
+    score_tasks,
     state_dict_bytes,
+    task_sources,
+    tasks_section,
 )
 from worker.engine.export import save_compressed_, tar_folder, write_manifest
 from worker.engine.load.checkpoint import LoadedModel, load_model, pick_device, require_tokenizer
@@ -100,6 +103,7 @@ class _Runner:
         self.device = pick_device(request.device)
         self.notes: list[str] = []
         self.tokenizer: Any | None = None
+        self.tasks = task_sources(request.spec, request.datasets)
 
     def stage(self, index: int) -> Callable[[float, str], None]:
         def report(fraction: float, message: str) -> None:
@@ -121,6 +125,7 @@ class _Runner:
             )
             baseline_speed = self.gpu_speed(loaded.model, plan, {}, set(), self.stage(1))
             baseline = self.evaluate(loaded, plan, self.stage(1), baseline_speed, reference)
+            baseline_tasks = self.score_tasks(loaded.model, loaded.tokenizer, scratch, self.stage(1))
             baseline["metrics"]["size_bytes"] = state_dict_bytes(loaded.model)
             baseline["metrics"]["size_method"] = "tensor bytes save_pretrained writes in float32 (tied tensors once)"
             divergence = None if reference is None else ReferenceReader(reference.save())
@@ -133,8 +138,8 @@ class _Runner:
             self.export(loaded, quantized, pruned, staging, output_dir / "model.tar", export_stage)
             del loaded
             self._free_memory()
-            optimized = self.evaluate_artifact(
-                staging, plan, self.stage(len(self.stages) - 1), optimized_speed, divergence
+            optimized, optimized_tasks = self.evaluate_artifact(
+                staging, plan, self.stage(len(self.stages) - 1), optimized_speed, divergence, scratch
             )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -153,6 +158,7 @@ class _Runner:
             notes=self.notes,
             quantized=bool(quantized),
             kl_divergence=None if divergence is None else divergence.result(),
+            tasks=tasks_section(baseline_tasks, optimized_tasks),
         )
         report["speed"] = self.speed_section(baseline["speed"], optimized["speed"])
         (output_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -210,6 +216,12 @@ class _Runner:
         )
         self.notes.append(f"latency timed on a fixed synthetic sequence of {length} token ids (no evaluation dataset)")
         return (torch.arange(length) % config.vocab_size).unsqueeze(0)
+
+    def score_tasks(
+        self, model: torch.nn.Module, tokenizer: Any, scratch: Path, report: Callable[[float, str], None]
+    ) -> list[dict]:
+        """The job's tasks scored on `model`; their progress as messages at the stage's end."""
+        return score_tasks(model, tokenizer, self.tasks, scratch, lambda _, message: report(1.0, message))
 
     def evaluate(
         self,
@@ -354,13 +366,15 @@ class _Runner:
         report: Callable[[float, str], None],
         speed: dict | None,
         divergence: ReferenceReader | None,
-    ) -> dict:
+        scratch: Path,
+    ) -> tuple[dict, list[dict]]:
+        """The artifact's metrics, and its task scores, measured on the model transformers reloads from disk."""
         report(0.0, "reloading the artifact with transformers")
         reloaded = load_model(folder, "hf", self.device)
         result = evaluate(reloaded.model, reloaded.tokenizer, plan, report, speed, divergence)
         result["metrics"]["size_bytes"] = safetensors_bytes(folder)
         result["metrics"]["size_method"] = "bytes of the artifact's *.safetensors files on disk"
-        return result
+        return result, self.score_tasks(reloaded.model, reloaded.tokenizer, scratch, report)
 
     def _free_memory(self) -> None:
         gc.collect()

@@ -1,5 +1,5 @@
 """The metric report: baseline and optimized metrics of the same shape, steps, samples, environment, ratios,
-the quality figures (KL divergence to the baseline) and the per-layer damage of the recipe's steps."""
+the quality figures (KL divergence to the baseline, task accuracy) and the per-layer damage of the recipe's steps."""
 
 from __future__ import annotations
 
@@ -135,10 +135,39 @@ def damage_section(steps: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def quality_section(kl_divergence: dict[str, Any] | None) -> dict[str, Any]:
-    """The report's `quality`: the KL divergence of the optimized model to the baseline (null without data)."""
+TASKS_METHOD = (
+    "lm-eval-harness (HFLM around the model in memory, zero-shot unless the task sets num_fewshot): `accuracy` is "
+    "lm-eval's acc (the share of documents whose correct choice gets the highest log-likelihood), `stderr` its "
+    "standard error (sample standard deviation / √n), `n` the documents scored; `drop` is baseline − optimized "
+    "accuracy (positive: the recipe lost accuracy). The optimized model is the artifact reloaded from disk"
+)
+
+
+def tasks_section(baseline: list[dict[str, Any]], optimized: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`quality.tasks`: per task, baseline and optimized accuracy with their standard errors, and the drop; a
+    task that could not be scored on either model carries `error` instead."""
+    entries = []
+    for before, after in zip(baseline, optimized, strict=True):
+        entry: dict[str, Any] = {"task": before.get("task") or after.get("task"), "source": before["source"]}
+        error = before.get("error") or after.get("error")
+        if error is not None:
+            entries.append({**entry, "error": error, "baseline": None, "optimized": None, "drop": None})
+            continue
+        scores = {
+            name: {key: model[key] for key in ("accuracy", "stderr", "n", "accuracy_norm") if key in model}
+            for name, model in (("baseline", before), ("optimized", after))
+        }
+        entries.append({**entry, **scores, "drop": before["accuracy"] - after["accuracy"], "error": None})
+    return entries
+
+
+def quality_section(kl_divergence: dict[str, Any] | None, tasks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The report's `quality`: the KL divergence of the optimized model to the baseline (null without data) and,
+    when the job asks for tasks, their accuracy before and after (`tasks`, null when none were asked)."""
     return {
         "kl_divergence": kl_divergence,
+        "tasks": tasks or None,
+        "tasks_method": TASKS_METHOD if tasks else None,
         "note": None if kl_divergence is not None else "no evaluation dataset: the KL divergence was not measured",
     }
 
@@ -155,6 +184,7 @@ def build_report(
     notes: list[str],
     quantized: bool = False,
     kl_divergence: dict[str, Any] | None = None,
+    tasks: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """`quantized`: the recipe quantized some layers (off CUDA their artifact is timed decompressed to float)."""
     speed_note = DECOMPRESSED_SPEED_NOTE if quantized and device.type != "cuda" else None
@@ -165,7 +195,7 @@ def build_report(
         "samples": samples,
         "environment": environment(device),
         "ratios": ratios(baseline, optimized, speed_note),
-        "quality": quality_section(kl_divergence),
+        "quality": quality_section(kl_divergence, tasks),
         "damage": damage_section(steps),
         "evaluation": evaluation,
         "calibration": calibration,
