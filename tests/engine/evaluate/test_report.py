@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from worker.engine.evaluate.report import damage_section, quality_section
+import pytest
+
+from worker.engine.evaluate.report import damage_section, quality_section, tasks_section
 
 
 def layer(name: str, relative: float, output: float | None = None, source: str | None = None) -> dict:
@@ -53,6 +55,27 @@ def test_worst_layers_rank_output_error_where_measured_else_weight_error():
 def test_quality_without_kl_is_null_with_a_note():
     assert quality_section(None) == {
         "kl_divergence": None,
+        "tasks": None,
+        "tasks_method": None,
         "note": "no evaluation dataset: the KL divergence was not measured",
     }
     assert quality_section({"mean": 0.1})["note"] is None
+
+
+def test_tasks_pair_baseline_and_optimized_and_keep_errors():
+    cloze = {"source": {"dataset_id": "d"}, "task": "cloze"}
+    registry = {"source": {"name": "hellaswag"}, "task": "hellaswag"}
+    tasks = tasks_section(
+        [{**cloze, "accuracy": 0.62, "stderr": 0.049, "n": 100}, {**registry, "error": "no hub"}],
+        [{**cloze, "accuracy": 0.55, "stderr": 0.05, "n": 100}, {**registry, "error": "no hub"}],
+    )
+    assert tasks[0] == {
+        **cloze,
+        "baseline": {"accuracy": 0.62, "stderr": 0.049, "n": 100},
+        "optimized": {"accuracy": 0.55, "stderr": 0.05, "n": 100},
+        "drop": pytest.approx(0.07),
+        "error": None,
+    }
+    assert tasks[1] == {**registry, "error": "no hub", "baseline": None, "optimized": None, "drop": None}
+    quality = quality_section(None, tasks)
+    assert quality["tasks"] is tasks and "lm-eval-harness" in quality["tasks_method"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -124,6 +125,14 @@ def accuracy_of(results: dict[str, Any], task_name: str) -> dict[str, Any]:
     return entry
 
 
+@functools.cache
+def registry() -> Any:
+    """lm-eval's task registry, indexed once per process (a job's process: ≈15 000 configs, about a minute)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def score_task(model: torch.nn.Module, tokenizer: Any, source: TaskSource, scratch: Path) -> dict[str, Any]:
     """Accuracy of `model` on one task: {task, accuracy, stderr, n[, accuracy_norm]}; raises when it cannot run."""
     import lm_eval
@@ -137,7 +146,7 @@ def score_task(model: torch.nn.Module, tokenizer: Any, source: TaskSource, scrat
         task, manager, offline = config, TaskManager(include_defaults=False), hub_offline()
         name = config["task"]
     else:
-        task, manager, offline = source.spec.name, TaskManager(), contextlib.nullcontext()
+        task, manager, offline = source.spec.name, registry(), contextlib.nullcontext()
         name = source.spec.name
     with offline, sandboxed_templates():
         results = lm_eval.simple_evaluate(
