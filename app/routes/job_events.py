@@ -34,6 +34,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 FINAL = frozenset(s.value for s in FINAL_STATUSES)
 NO_EVENTS_YET = "0-0"
+READ_MARGIN_S = 5.0
+"""How much longer than a blocking read (one heartbeat) the socket waits for Redis's answer."""
 
 EVENTS_OPENAPI = {
     200: {
@@ -72,7 +74,14 @@ async def _still_kept(client: aioredis.Redis, key: str, last_id: str) -> bool:
 
 async def job_events(job_id: str, last_event_id: str | None, settings: Settings) -> AsyncIterator[bytes]:
     """The job's events from `last_event_id` on (or from the row's state), until its final status."""
-    client = aioredis.Redis.from_url(settings.broker_url, decode_responses=True, socket_connect_timeout=5)
+    # the blocking read waits up to a heartbeat: a shorter socket timeout (redis-py's default is 5 s) would cut
+    # it off, and an event arriving after a quiet spell would wait for the heartbeat after the retry
+    client = aioredis.Redis.from_url(
+        settings.broker_url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=settings.events_heartbeat_s + READ_MARGIN_S,
+    )
     key = stream_key(job_id)
     heartbeat_ms = int(settings.events_heartbeat_s * 1000)
     try:

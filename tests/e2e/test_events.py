@@ -200,3 +200,35 @@ def test_the_heartbeat_keeps_a_quiet_stream_open(client: Client, model_id: str) 
     assert not thread.is_alive()
     assert comments[0] == ": heartbeat"
     assert result[-1].data["status"] in ("cancelled", "succeeded")
+
+
+def test_an_event_after_a_quiet_spell_arrives_at_once(
+    migrated: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The stream's blocking read waits a whole heartbeat, longer than redis-py's default socket timeout (5 s):
+    an event published after 6 quiet seconds reaches the client at once, not a heartbeat later."""
+    root = tmp_path_factory.mktemp("quiet")
+    with open_stack(migrated, root, MODELPRESS_EVENTS_HEARTBEAT_S="12") as quiet:
+        quiet.start_api()  # no worker: the job waits in the queue, and nothing is published until it is cancelled
+        client = quiet.client()
+        archive = tar_folder(build_tiny_model(root / "model"), root / "tiny.tar.gz", gzip=True)
+        model_id = client.upload("/v1/models", archive, name="tiny").json()["id"]
+        job_id = client.http.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE[:1]}).json()["id"]
+        arrivals: list[tuple[float, Event]] = []
+
+        def follow() -> None:
+            with client.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60) as response:
+                for event in parse(response.iter_lines()):
+                    arrivals.append((time.monotonic(), event))
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        wait_for(lambda: arrivals, 20, "the job as it stands")
+        time.sleep(6)
+        cancelled = time.monotonic()
+        assert client.http.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        thread.join(30)
+        arrived, final = arrivals[-1]
+        assert final.data["status"] == "cancelled", [e.data["status"] for _, e in arrivals]
+        assert arrived - cancelled < 3, f"the cancel arrived {arrived - cancelled:.1f} s after it was published"
+        assert "reading events failed" not in quiet.api.log.read_text()
