@@ -12,7 +12,6 @@ import hashlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -77,6 +76,8 @@ def _locate(reference: ModelReference, settings: Settings) -> tuple[str, str]:
 def fetch_reference(reference: ModelReference, scratch: Path, settings: Settings) -> Upload:
     """Copy the named object into `scratch` as an Upload (hashed while it streams); 4xx for what the caller
     can fix: a missing or unreadable object (422), one past the upload size limit (413)."""
+    from botocore.exceptions import BotoCoreError, ClientError  # object storage only: local storage needs no boto3
+
     from modelpress.object_storage import is_missing, s3_client
 
     lock = lock_folder(scratch)

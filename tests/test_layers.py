@@ -16,13 +16,14 @@ import pytest
 
 from tests.conftest import REPO
 
+S3 = {"boto3", "botocore"}  # object storage only: a service on local storage runs without them
 CASES = {
     # module: top-level packages it must never pull in
-    "app.main": {"torch", "transformers", "worker", "compressed_tensors"},
+    "app.main": {"torch", "transformers", "worker", "compressed_tensors", *S3},
     "modelpress.specs": {"torch", "fastapi", "celery", "sqlalchemy", "app", "worker"},
-    "modelpress.cli.main": {"torch", "transformers", "worker"},
-    "worker.celery_app": {"torch", "transformers", "fastapi", "app"},
-    "worker.tasks": {"torch", "transformers", "fastapi", "app"},
+    "modelpress.cli.main": {"torch", "transformers", "worker", *S3},
+    "worker.celery_app": {"torch", "transformers", "fastapi", "app", *S3},
+    "worker.tasks": {"torch", "transformers", "fastapi", "app", *S3},
     "worker.engine": {"fastapi", "celery", "sqlalchemy", "app", "redis"},
 }
 MODELPRESS_ALLOWED = {
