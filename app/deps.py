@@ -7,6 +7,7 @@ be probed.
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Iterator
 from typing import Annotated, TypeVar
@@ -100,6 +101,26 @@ def get_uploader(tenant: TenantDep, credentials: CredentialsDep, settings: Setti
 
 
 UploaderDep = Annotated[str, Depends(get_uploader)]
+
+
+def require_admin(credentials: CredentialsDep, settings: SettingsDep) -> None:
+    """Operator routes take the admin key (`MODELPRESS_ADMIN_KEY`), never a tenant's key; off while it is unset."""
+    if settings.admin_key is None:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "operator routes are off: set MODELPRESS_ADMIN_KEY (32+ characters) on the API and send it as "
+            "'Authorization: Bearer <admin key>'",
+        )
+    presented = credentials.credentials if credentials and credentials.scheme.lower() == "bearer" else ""
+    if not hmac.compare_digest(presented.encode(), settings.admin_key.encode()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "this route needs the admin key: send 'Authorization: Bearer <MODELPRESS_ADMIN_KEY>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+AdminDep = Annotated[None, Depends(require_admin)]
 
 Row = TypeVar("Row", Model, Dataset, Job, Artifact)
 

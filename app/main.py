@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from app import errors
 from app.metrics import RequestMiddleware, build_metrics, serving_port
 from app.resumable import sweep_periodically
-from app.routes import artifacts, datasets, health, job_events, jobs, metrics, models, uploads
+from app.routes import artifacts, datasets, health, job_events, jobs, metrics, models, uploads, workers
 from app.schemas import JobCreate
 from app.uploads import sweep_abandoned
 from modelpress.logs import configure_logging
@@ -93,5 +93,6 @@ def create_app() -> FastAPI:
     app.include_router(metrics.router)
     for module in (models, datasets, uploads, jobs, job_events, artifacts):
         app.include_router(module.router, responses=V1_RESPONSES)
+    app.include_router(workers.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

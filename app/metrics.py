@@ -20,9 +20,11 @@ import re
 import secrets
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -36,11 +38,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelpress.db import new_session
+from modelpress.fleet import is_live
 from modelpress.logs import request_id_var
-from modelpress.models import FINAL_STATUSES, Job, JobStatus
-from modelpress.queue import queue_keys
+from modelpress.models import FINAL_STATUSES, Job, JobStatus, Worker, WorkerState, utcnow
+from modelpress.queue import all_queues, queue_keys
 from modelpress.settings import Settings
-from modelpress.telemetry import gpu_memory, heartbeat_ages
+from modelpress.telemetry import WORKER_FORGET_S, gpu_memory, heartbeat_ages
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +211,45 @@ class ServiceCollector(Collector):
         buckets, total = histogram_buckets(wait_row, QUEUE_WAIT_BUCKETS)
         wait.add_metric([], buckets, total)
         yield wait
+        yield from self._fleet()
+
+    def _fleet(self) -> Iterator[Metric]:
+        """The workers table: how many workers per state, each one's heartbeat age and its GPUs' memory."""
+        now = utcnow()
+        with new_session() as session:
+            rows = session.scalars(
+                select(Worker).where(Worker.heartbeat_at >= now - timedelta(seconds=WORKER_FORGET_S))
+            ).all()
+        states = GaugeMetricFamily(
+            "modelpress_workers",
+            "Registered workers by state; `stopped`: no heartbeat within MODELPRESS_WORKER_LIVE_S",
+            labels=["state"],
+        )
+        counts = Tally(row.state if is_live(row, self.settings, now) else "stopped" for row in rows)
+        for state in [*WorkerState, "stopped"]:
+            states.add_metric([str(state)], counts.get(state, 0))
+        ages = GaugeMetricFamily(
+            "modelpress_worker_registration_heartbeat_age_seconds",
+            "Seconds since each registered worker's newest heartbeat in the workers table",
+            labels=["worker", "host"],
+        )
+        total = GaugeMetricFamily(
+            "modelpress_worker_gpu_total_bytes", "Memory of each GPU a worker runs jobs on", labels=["worker", "gpu"]
+        )
+        used = GaugeMetricFamily(
+            "modelpress_worker_gpu_used_bytes",
+            "Memory in use on each GPU of a worker at its last heartbeat (nvidia-smi: every process on the card); "
+            "absent where unknown",
+            labels=["worker", "gpu"],
+        )
+        for row in sorted(rows, key=lambda r: r.name):
+            beat = row.heartbeat_at if row.heartbeat_at.tzinfo else row.heartbeat_at.replace(tzinfo=now.tzinfo)
+            ages.add_metric([row.name, row.host], max(0.0, (now - beat).total_seconds()))
+            for gpu in row.gpus or []:
+                total.add_metric([row.name, str(gpu["index"])], gpu["memory_bytes"])
+                if gpu.get("memory_used_bytes") is not None:
+                    used.add_metric([row.name, str(gpu["index"])], gpu["memory_used_bytes"])
+        yield from (states, ages, total, used)
 
     def _client(self) -> redis.Redis:
         if self._redis is None:
@@ -223,13 +265,18 @@ class ServiceCollector(Collector):
         queue = self.settings.queue
         depth = GaugeMetricFamily(
             "modelpress_queue_depth",
-            "Messages waiting in the Celery queue, over its Redis lists (one per priority)",
+            "Messages waiting in each capability queue, over its Redis lists (one per priority)",
             labels=["queue"],
         )
+        queues = all_queues(self.settings)
         pipeline = client.pipeline(transaction=False)
-        for key in queue_keys(queue):
-            pipeline.llen(key)
-        depth.add_metric([queue], sum(pipeline.execute()))
+        for name in queues:
+            for key in queue_keys(name):
+                pipeline.llen(key)
+        lengths = pipeline.execute()
+        per_queue = len(lengths) // len(queues)
+        for i, name in enumerate(queues):
+            depth.add_metric([name], sum(lengths[i * per_queue : (i + 1) * per_queue]))
         ages = GaugeMetricFamily(
             "modelpress_worker_heartbeat_age_seconds",
             "Seconds since each worker's newest heartbeat (workers silent for a day are left out)",

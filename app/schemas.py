@@ -132,3 +132,32 @@ class UploadPublic(BaseModel):
     received: list[int] = Field(description="the part numbers received in full, ascending")
     expires_at: datetime = Field(description="when the parts are removed unless another part arrives first")
     created_at: datetime
+
+
+class GpuPublic(BaseModel):
+    index: int
+    uuid: str | None
+    name: str
+    memory_bytes: int
+    memory_used_bytes: int | None = Field(description="in use at the last heartbeat; null when unknown")
+
+
+class WorkerPublic(_FromRow):
+    name: str = Field(description="the Celery hostname it registered under, `gpu<i>@<host>` for per-GPU workers")
+    host: str
+    pid: int
+    version: str
+    gpus: list[GpuPublic] = Field(description="the GPUs it runs jobs on; empty for a CPU worker")
+    memory_classes: list[str] = Field(description="the memory classes it serves (docs/fleet.md)")
+    queues: list[str]
+    free_disk_bytes: int | None = Field(description="free space on the disk of its cache folder")
+    state: Literal["idle", "busy", "draining"]
+    current_job_id: str | None
+    live: bool = Field(description="whether its heartbeat is within MODELPRESS_WORKER_LIVE_S")
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+class WorkersPublic(BaseModel):
+    data: list[WorkerPublic]
+    count: int

@@ -52,6 +52,14 @@ class JobPublic(BaseModel):
         description="each attempt, oldest first; a retried job's `started_at` is its last attempt's start"
     )
     cancel_requested: bool
+    memory_class: str | None = Field(
+        description="the worker class the job needs: `cpu`, or `gpu-N` (a GPU of N GB); see docs/fleet.md"
+    )
+    estimated_memory_bytes: int | None = Field(description="the working memory the job was estimated to need")
+    waiting_reason: str | None = Field(
+        description="while the job is queued and no running worker can take it, why (for example the GPU memory "
+        "it waits for); null otherwise"
+    )
     created_at: datetime
     started_at: datetime | None = Field(description="when the current (or last) attempt started")
     finished_at: datetime | None
@@ -76,6 +84,9 @@ class JobPublic(BaseModel):
             attempts=row.attempts,
             attempt_history=[AttemptPublic(**attempt) for attempt in row.attempt_history or []],
             cancel_requested=row.cancel_requested,
+            memory_class=row.memory_class,
+            estimated_memory_bytes=row.memory_bytes,
+            waiting_reason=row.waiting_reason if row.status == "queued" else None,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,

@@ -113,6 +113,11 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    # routing (modelpress/routing.py): the memory class whose queue carries the job, the estimated working memory,
+    # and, while no live worker serves that class, why the job waits (cleared when a worker claims it)
+    memory_class: Mapped[str | None] = mapped_column(String(16), default=None)
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    waiting_reason: Mapped[str | None] = mapped_column(String(512), default=None)
 
     def start_attempt(self, worker: str, now: datetime) -> None:
         """Open a new attempt on `worker`: the job's `started_at` is the current attempt's start, so its duration
@@ -136,6 +141,32 @@ class Job(Base):
         if history and history[-1].get("outcome") == AttemptOutcome.running:
             history[-1] = {**history[-1], "finished_at": at.isoformat(), "outcome": AttemptOutcome(outcome).value}
             self.attempt_history = history  # a new list, so the JSON column is written
+
+
+class WorkerState(StrEnum):
+    idle = "idle"
+    busy = "busy"
+    draining = "draining"  # takes no new job; exits once its job ends
+
+
+class Worker(Base):
+    """A worker process as it registered itself: written at start, refreshed by its heartbeat, removed when it
+    exits cleanly. A row whose heartbeat is older than `MODELPRESS_WORKER_LIVE_S` is a worker that stopped."""
+
+    __tablename__ = "workers"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # the Celery hostname, `gpu0@host`
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(64))
+    # one {index, uuid, name, memory_bytes, memory_used_bytes} per GPU it runs jobs on; empty for a CPU worker
+    gpus: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    memory_classes: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    queues: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    free_disk_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)  # of its cache folder's disk
+    state: Mapped[str] = mapped_column(String(16), default=WorkerState.idle)
+    current_job_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class Artifact(Base):

@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import Celery
 
+from modelpress.routing import CPU_CLASS, all_classes, queue_name
 from modelpress.settings import Settings, get_settings
 
 RUN_JOB_TASK = "modelpress.jobs.run"
@@ -27,8 +28,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     visibility_timeout = 2 * settings.job_time_limit_s
     return {
         "broker_url": settings.broker_url,
-        "task_default_queue": settings.queue,
-        "task_routes": {RUN_JOB_TASK: {"queue": settings.queue}},
+        "task_default_queue": job_queue(settings, CPU_CLASS),
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
@@ -54,24 +54,36 @@ def sender() -> Celery:
     return app
 
 
+def job_queue(settings: Settings, memory_class: str | None) -> str:
+    """The queue of a job's memory class (a job from before routing: the CPU class's, which every worker serves)."""
+    return queue_name(settings.queue, memory_class or CPU_CLASS)
+
+
+def all_queues(settings: Settings) -> list[str]:
+    """Every capability queue of the deployment, the CPU class first."""
+    return [queue_name(settings.queue, memory_class) for memory_class in all_classes()]
+
+
 def queue_keys(queue: str) -> list[str]:
     """The Redis lists that hold a queue's messages, in the order a worker pops them (kombu's naming)."""
     return [queue if step == 0 else f"{queue}\x06\x16{step}" for step in PRIORITY_STEPS]
 
 
 def enqueue_job(job_id: str, settings: Settings | None = None, *, front: bool = False) -> None:
-    """Put a job on the GPU queue and note when. Safe to repeat: the worker skips a job no longer queued.
-    `front`: ahead of every job queued at the usual priority (a job whose worker died).
+    """Put a job on its memory class's queue and note when. Safe to repeat: the worker skips a job no longer
+    queued. `front`: ahead of every job queued at the usual priority (a job whose worker died).
 
     Raises when the broker is down; the row keeps `enqueued_at` empty and the reconciler sends it later.
     """
-    from sqlalchemy import update
+    from sqlalchemy import select, update
 
     from modelpress.db import session_scope
     from modelpress.models import Job, utcnow
 
     settings = settings or get_settings()
     priority = RETRY_PRIORITY if front else JOB_PRIORITY
-    sender().send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue, priority=priority)
+    with session_scope() as session:
+        memory_class = session.scalar(select(Job.memory_class).where(Job.id == job_id))
+    sender().send_task(RUN_JOB_TASK, args=[job_id], queue=job_queue(settings, memory_class), priority=priority)
     with session_scope() as session:
         session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))

@@ -6,10 +6,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 1024**3
+
+
+class DeclaredGpu(BaseModel):
+    """A GPU as `MODELPRESS_GPUS` declares it, instead of asking nvidia-smi."""
+
+    name: str = Field(min_length=1, max_length=128)
+    memory_bytes: int = Field(gt=0)
 
 
 class Settings(BaseSettings):
@@ -61,8 +68,12 @@ class Settings(BaseSettings):
     upload_rate_limit_per_minute: int = Field(default=120, ge=0)
     rate_limit_window_s: float = Field(default=60.0, gt=0)  # the window the limits count over; shorter in tests
 
-    # jobs
-    queue: str = "gpu"
+    # jobs and the fleet: queues are `<queue>.<memory class>` (modelpress/routing.py, docs/fleet.md)
+    queue: str = Field(default="modelpress", pattern=r"^[A-Za-z0-9_-]+$")
+    cpu_job_max_bytes: int = Field(default=8 * GiB, ge=0)  # a job estimated above this needs a GPU worker
+    worker_live_s: float = Field(default=60.0, gt=0)  # a worker whose heartbeat is older is not counted as live
+    gpus: list[DeclaredGpu] | None = None  # the worker's GPUs, as JSON, instead of those nvidia-smi lists
+    admin_key: str | None = Field(default=None, min_length=32)  # the Bearer key of operator routes (/v1/workers)
     job_time_limit_s: int = 24 * 3600
     max_attempts: int = 3
     progress_interval_s: float = 1.0

@@ -6,7 +6,11 @@ each job runs in a new process that gives all its GPU and host memory back when 
 dies (SIGKILL, OOM killer) is noticed by the parent (acks_late + reject_on_worker_lost), which records the
 lost attempt and sends the job to the front of the queue (worker/tasks.py). The cost is a second or two of
 torch import per job, nothing next to a GPU job.
-The parent also runs the reconciler thread (worker/reconcile.py) and the webhook sender (modelpress/webhooks.py).
+The parent also runs the reconciler thread (worker/reconcile.py), the webhook sender (modelpress/webhooks.py) and
+the worker's registration heartbeat (worker/registration.py).
+
+Drain: SIGTERM (or `modelpress workers drain`, a remote shutdown) is Celery's warm shutdown: the worker stops
+consuming, finishes the job it runs, and exits; its row says `draining` meanwhile and is removed at the exit.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from celery import Celery, signals
 
 from modelpress.queue import celery_config
 from modelpress.settings import Settings, get_settings
+from worker.registration import Registration, RegistrationBeat, detect_gpus
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +41,44 @@ def create_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
+_registration: list[Registration] = []  # this parent's registration, once the worker is ready
+
+
 @signals.worker_ready.connect
 def _start_reconciler(sender=None, **_kwargs) -> None:
     from modelpress.webhooks import WebhookSender
     from worker.reconcile import Reconciler
 
+    settings = get_settings()
     hostname = getattr(sender, "hostname", None) or f"worker-{os.getpid()}"
-    Reconciler(get_settings(), owner=hostname).start()
-    WebhookSender(get_settings()).start()
-    log.info("reconciler and webhook sender started in the worker's parent process")
+    registration = Registration(settings, hostname, detect_gpus(settings))
+    try:
+        registration.register()
+    except Exception:  # the database is down: the heartbeat registers the worker once it answers
+        log.exception("could not register the worker; its heartbeat will try again")
+    _registration.append(registration)
+    RegistrationBeat(registration, settings.heartbeat_interval_s).start()
+    Reconciler(settings, owner=hostname).start()
+    WebhookSender(settings).start()
+    log.info("registration, reconciler and webhook sender started in the worker's parent process")
+
+
+@signals.worker_shutting_down.connect
+def _draining(**_kwargs) -> None:
+    for registration in _registration:
+        try:
+            registration.drain()
+        except Exception:  # the row may stay idle; the drain itself goes on
+            log.exception("could not mark the worker draining")
+
+
+@signals.worker_shutdown.connect
+def _unregister(**_kwargs) -> None:
+    while _registration:
+        try:
+            _registration.pop().remove()
+        except Exception:  # the row ages out of the live set instead
+            log.exception("could not remove the worker's row")
 
 
 @signals.worker_process_init.connect

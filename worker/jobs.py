@@ -81,6 +81,7 @@ def _claim(job_id: str, worker_name: str, settings: Settings) -> Job | None:
         job.start_attempt(worker_name, now)
         job.heartbeat_at = now
         job.error = None
+        job.waiting_reason = None
         session.flush()
         session.expunge(job)
         return job

@@ -6,7 +6,9 @@ Each tick it
   without persistence, or was flushed),
 - sends queued jobs whose first send failed (the API answered 202 while the broker was down),
 - reaps running jobs whose heartbeat stopped for longer than the lease (their worker was killed): back to
-  queued while attempts remain, else failed with a reason.
+  queued while attempts remain, else failed with a reason,
+- sets or clears each queued job's `waiting_reason` as the live workers' memory classes now stand.
+A job always goes to its own memory class's queue (modelpress/routing.py), a re-queued one too.
 Sending a job twice is harmless: the worker skips a job that is no longer queued.
 """
 
@@ -21,6 +23,7 @@ from sqlalchemy import select
 
 from modelpress.db import session_scope
 from modelpress.events import publish_job
+from modelpress.fleet import refresh_waiting_reasons
 from modelpress.models import AttemptOutcome, Job, JobStatus, utcnow
 from modelpress.queue import enqueue_job
 from modelpress.settings import Settings
@@ -60,7 +63,9 @@ def reconcile_once(settings: Settings, client: redis.Redis, owner: str) -> dict[
             else:
                 ended.append(job.id)
                 failed += 1
-    for job_id in to_resend + ended:
+    with session_scope() as session:
+        waiting = refresh_waiting_reasons(session, settings)
+    for job_id in to_resend + ended + waiting:
         publish_job(job_id)
     for job_id in to_resend:
         enqueue_job(job_id, settings, front=True)
@@ -68,7 +73,7 @@ def reconcile_once(settings: Settings, client: redis.Redis, owner: str) -> dict[
         enqueue_job(job_id, settings)
     if broker_lost and to_send:
         log.warning("broker lost its data: re-sent %d queued jobs", len(to_send))
-    return {"sent": len(to_send) + len(to_resend), "reaped": reaped, "failed": failed}
+    return {"sent": len(to_send) + len(to_resend), "reaped": reaped, "failed": failed, "waiting": len(waiting)}
 
 
 def _reap(job: Job, settings: Settings, last_seen: datetime | None) -> bool:

@@ -21,8 +21,10 @@ from app.json_body import read_json
 from app.resources import list_page
 from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
 from modelpress.events import publish
+from modelpress.fleet import live_classes
 from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, Webhook, new_id, utcnow
 from modelpress.queue import enqueue_job
+from modelpress.routing import route, waiting_reason
 from modelpress.settings import Settings
 from modelpress.specs import TASK_DATASET_FORMAT, DepthPrune, JobSpec, WeightQuantArgs, check_fit
 from modelpress.webhooks import RefusedUrl, check_url
@@ -81,8 +83,8 @@ def _replay(session: Session, tenant: str, key: str, digest: str) -> Job | None:
     return job
 
 
-def _check_references(session: Session, tenant: str, spec: JobSpec) -> None:
-    """The model and datasets exist and are the tenant's (404), and the recipe fits the model (422).
+def _check_references(session: Session, tenant: str, spec: JobSpec) -> Model:
+    """The model and datasets exist and are the tenant's (404), and the recipe fits the model (422); the model.
 
     The rows are read FOR SHARE, so a concurrent delete waits for this job and then sees it.
     """
@@ -111,6 +113,7 @@ def _check_references(session: Session, tenant: str, spec: JobSpec) -> None:
                 "(tokenizer.json or tokenizer.model); upload the model with its tokenizer",
             )
     _check_fits_model(spec, model)
+    return model
 
 
 def _check_dataset_kind(field: str, dataset: Dataset, wants_task: bool) -> None:
@@ -212,8 +215,9 @@ def create_job(
     data, digest = spec_digest(spec)
     if idempotency_key is not None and (earlier := _replay(session, tenant, idempotency_key, digest)):
         return _answer(earlier, response, replayed=True)
-    _check_references(session, tenant, spec)
+    model = _check_references(session, tenant, spec)
     webhook = _webhook(spec, tenant, settings)
+    need = route(model.parameters, model.details, spec, settings.cpu_job_max_bytes)
     job = Job(
         tenant=tenant,
         model_id=spec.model_id,
@@ -222,6 +226,9 @@ def create_job(
         idempotency_key=idempotency_key,
         status=JobStatus.queued,
         progress={"step_index": 0, "total_steps": len(spec.recipe), "fraction": 0.0, "message": "queued"},
+        memory_class=need.memory_class,
+        memory_bytes=need.memory_bytes,
+        waiting_reason=waiting_reason(need, live_classes(session, settings)),
     )
     session.add(job)
     if webhook is not None:

@@ -44,11 +44,15 @@ upload_app = typer.Typer(help="Upload a model or a dataset.", no_args_is_help=Tr
 models_app = typer.Typer(help="Uploaded models.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Uploaded datasets.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Optimization jobs.", no_args_is_help=True)
+workers_app = typer.Typer(
+    help="The workers that registered with the server (needs the admin key).", invoke_without_command=True
+)
 app.add_typer(keys_app, name="keys", no_args_is_help=True)
 app.add_typer(upload_app, name="upload")
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(workers_app, name="workers")
 
 console = render.make_console()
 err = render.make_console(stderr=True)
@@ -56,6 +60,10 @@ err = render.make_console(stderr=True)
 Url = Annotated[str, typer.Option("--url", envvar="MODELPRESS_URL", help="Server address.")]
 ApiKey = Annotated[
     str | None, typer.Option("--api-key", envvar="MODELPRESS_API_KEY", help="API key.", show_default=False)
+]
+AdminKey = Annotated[
+    str | None,
+    typer.Option("--admin-key", envvar="MODELPRESS_ADMIN_KEY", help="The server's admin key.", show_default=False),
 ]
 
 
@@ -321,6 +329,22 @@ def jobs_show(job_id: str, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> No
     """One job as the server returns it (JSON)."""
     with api(url, api_key) as client:
         console.print_json(data=client.job(job_id))
+
+
+@workers_app.callback()
+def workers(ctx: typer.Context, url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
+    """Every registered worker: its GPUs, memory classes, free disk, state and current job."""
+    if ctx.invoked_subcommand is None:
+        with api(url, admin_key) as client:
+            console.print(render.workers_table(client.list("workers")))
+
+
+@workers_app.command("drain")
+def workers_drain(name: str, url: Url = DEFAULT_URL, admin_key: AdminKey = None) -> None:
+    """Ask a worker to stop taking jobs, finish the one it runs and exit (then upgrade or remove it)."""
+    with api(url, admin_key) as client:
+        row = client.request("POST", f"/v1/workers/{name}/drain").json()
+    console.print(f"worker {row['name']} is draining; it exits once its current job ends", highlight=False)
 
 
 # jobs ----------------------------------------------------------------------------------------------------------

@@ -130,6 +130,8 @@ STATUS_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "fa
 
 
 def progress_text(job: dict[str, Any]) -> str:
+    if job.get("status") == "queued" and job.get("waiting_reason"):
+        return str(job["waiting_reason"])
     progress = job.get("progress") or {}
     if not progress:
         return ""
@@ -156,6 +158,42 @@ def jobs_table(rows: list[dict[str, Any]]) -> Table:
         )
 
     return _table("jobs", ("id", "status", "model", "progress", "created", "finished"), rows, cells)
+
+
+WORKER_STYLE = {"idle": "green", "busy": "cyan", "draining": "yellow"}
+
+
+def _gpus_text(gpus: list[dict[str, Any]]) -> str:
+    if not gpus:
+        return "none (CPU)"
+    lines = []
+    for gpu in gpus:
+        used = gpu.get("memory_used_bytes")
+        memory = (
+            human_bytes(gpu["memory_bytes"])
+            if used is None
+            else f"{human_bytes(used)} / {human_bytes(gpu['memory_bytes'])}"
+        )
+        lines.append(f"{gpu['index']}: {gpu['name']} ({memory})")
+    return "\n".join(lines)
+
+
+def workers_table(rows: list[dict[str, Any]]) -> Table:
+    def cells(row: dict[str, Any]) -> tuple:
+        state = _text(row, "state") if row.get("live") else "stopped"
+        return (
+            _text(row, "name"),
+            Text(state, style=WORKER_STYLE.get(state, "red")),
+            _gpus_text(row.get("gpus") or []),
+            ", ".join(row.get("memory_classes") or []),
+            format_value("free_disk_bytes", row.get("free_disk_bytes")),
+            _text(row, "version"),
+            str(row.get("current_job_id") or ""),
+            _when(row.get("heartbeat_at")),
+        )
+
+    columns = ("name", "state", "GPUs (used / total)", "classes", "free disk", "version", "job", "heartbeat")
+    return _table("workers", columns, rows, cells)
 
 
 def artifacts_table(rows: list[dict[str, Any]]) -> Table:

@@ -12,8 +12,8 @@ import redis
 
 from modelpress.db import session_scope
 from modelpress.migrate import upgrade
-from modelpress.models import Job, JobStatus, Model, utcnow
-from modelpress.queue import enqueue_job, queue_keys
+from modelpress.models import Job, JobStatus, Model, Worker, WorkerState, utcnow
+from modelpress.queue import enqueue_job, job_queue, queue_keys
 from modelpress.settings import get_settings
 from tests.conftest import clear_caches, fresh_database, sqlalchemy_url
 from worker.jobs import _record_end, claim
@@ -37,10 +37,15 @@ def settings(migrated):
 @pytest.fixture
 def broker(settings) -> redis.Redis:
     client = redis.Redis.from_url(settings.broker_url)
-    client.delete(*queue_keys(settings.queue), f"modelpress:broker-epoch:{settings.queue}")
+    client.delete(
+        *queue_keys(job_queue(settings, None)),
+        *queue_keys(job_queue(settings, "gpu-80")),
+        f"modelpress:broker-epoch:{settings.queue}",
+    )
     yield client
     client.delete(
-        *queue_keys(settings.queue),
+        *queue_keys(job_queue(settings, None)),
+        *queue_keys(job_queue(settings, "gpu-80")),
         f"modelpress:broker-epoch:{settings.queue}",
         f"modelpress:reconciler:{settings.queue}",
     )
@@ -141,11 +146,11 @@ def test_claim_honours_cancel_and_final_states(settings) -> None:
 def test_reconciler_resends_everything_when_the_broker_lost_its_data(settings, broker) -> None:
     job_id = make_job(enqueued_at=utcnow())
     result = reconcile_once(settings, broker, "test")
-    assert result["sent"] >= 1 and job_id in queued_ids(broker, settings.queue)
+    assert result["sent"] >= 1 and job_id in queued_ids(broker, job_queue(settings, None))
     # the epoch key now exists: a second pass sends nothing already sent
-    broker.delete(settings.queue, f"modelpress:reconciler:{settings.queue}")
+    broker.delete(job_queue(settings, None), f"modelpress:reconciler:{settings.queue}")
     assert reconcile_once(settings, broker, "test")["sent"] == 0
-    assert broker.llen(settings.queue) == 0
+    assert broker.llen(job_queue(settings, None)) == 0
 
 
 def test_reconciler_sends_jobs_whose_first_send_failed(settings, broker) -> None:
@@ -153,7 +158,7 @@ def test_reconciler_sends_jobs_whose_first_send_failed(settings, broker) -> None
     old = utcnow() - timedelta(seconds=60)
     job_id = make_job(created_at=old, enqueued_at=None)
     reconcile_once(settings, broker, "test")
-    assert job_id in queued_ids(broker, settings.queue)
+    assert job_id in queued_ids(broker, job_queue(settings, None))
     assert job_row(job_id).enqueued_at is not None
 
 
@@ -167,7 +172,7 @@ def test_reconciler_reaps_dead_workers_jobs(settings, broker) -> None:
     with session_scope() as session:
         session.get(Job, retry).attempt_history = [running]
     reconcile_once(settings, broker, "test")
-    assert job_row(retry).status == JobStatus.queued and retry in queued_ids(broker, settings.queue)
+    assert job_row(retry).status == JobStatus.queued and retry in queued_ids(broker, job_queue(settings, None))
     assert [(a["worker"], a["outcome"]) for a in job_row(retry).attempt_history] == [("w", "lost")]
     assert job_row(give_up).status == JobStatus.failed and job_row(give_up).error["code"] == "worker_lost"
     assert job_row(live).status == JobStatus.running
@@ -178,10 +183,10 @@ def test_a_job_whose_worker_died_goes_to_the_front_of_the_queue(settings, broker
     assert claim(lost, "celery@gpu1", settings) is not None
     later = make_job()
     enqueue_job(later, settings)
-    assert queued_ids(broker, settings.queue) == [later]
+    assert queued_ids(broker, job_queue(settings, None)) == [later]
 
     assert requeue_lost(lost, settings, "celery@gpu1")
-    assert queued_ids(broker, settings.queue) == [lost, later]
+    assert queued_ids(broker, job_queue(settings, None)) == [lost, later]
     row = job_row(lost)
     assert row.status == JobStatus.queued and [a["outcome"] for a in row.attempt_history] == ["lost"]
 
@@ -190,15 +195,48 @@ def test_a_job_whose_worker_died_goes_to_the_front_of_the_queue(settings, broker
     broker.set(f"modelpress:broker-epoch:{settings.queue}", "x")
     broker.delete(f"modelpress:reconciler:{settings.queue}")
     reconcile_once(settings, broker, "test")
-    ids = queued_ids(broker, settings.queue)
+    ids = queued_ids(broker, job_queue(settings, None))
     assert ids[:2] == [lost, reaped] and later in ids[2:]
+
+
+def test_a_lost_job_goes_back_to_its_own_capability_queue(settings, broker) -> None:
+    lost = make_job(memory_class="gpu-80", memory_bytes=70 * 10**9)
+    assert claim(lost, "gpu0@box", settings) is not None
+    assert requeue_lost(lost, settings, "gpu0@box")
+    assert queued_ids(broker, job_queue(settings, "gpu-80")) == [lost]
+    assert lost not in queued_ids(broker, job_queue(settings, None))
+
+
+def test_the_reconciler_sets_and_clears_waiting_reasons(settings, broker) -> None:
+    broker.set(f"modelpress:broker-epoch:{settings.queue}", "x")
+    job_id = make_job(memory_class="gpu-48", memory_bytes=40 * 10**9, enqueued_at=utcnow())
+
+    def tick() -> str | None:
+        broker.delete(f"modelpress:reconciler:{settings.queue}")
+        reconcile_once(settings, broker, "test")
+        return job_row(job_id).waiting_reason
+
+    assert "≥ 48 GB of GPU memory" in tick()
+    now, stale = utcnow(), utcnow() - timedelta(seconds=settings.worker_live_s + 5)
+    with session_scope() as session:
+        for name, classes, beat in (("small@box", ["cpu", "gpu-24"], now), ("big@box", ["cpu", "gpu-48"], stale)):
+            session.add(Worker(name=name, host="box", pid=1, version="t", memory_classes=classes, heartbeat_at=beat))
+    assert "≥ 48 GB" in tick(), "a worker whose heartbeat is stale is not live"
+    with session_scope() as session:
+        session.get(Worker, "big@box").heartbeat_at = utcnow()
+    assert tick() is None
+    with session_scope() as session:
+        session.get(Worker, "big@box").state = WorkerState.draining
+    assert "≥ 48 GB" in tick(), "a draining worker takes no new job"
+    with session_scope() as session:
+        session.execute(Worker.__table__.delete())
 
 
 def test_a_dead_child_does_not_requeue_a_job_running_elsewhere(settings, broker) -> None:
     job_id = make_job()
     assert claim(job_id, "celery@gpu1", settings) is not None
     assert requeue_lost(job_id, settings, "celery@gpu2")  # gpu2's child only held a duplicate message
-    assert job_row(job_id).status == JobStatus.running and queued_ids(broker, settings.queue) == []
+    assert job_row(job_id).status == JobStatus.running and queued_ids(broker, job_queue(settings, None)) == []
 
 
 def test_only_one_reconciler_acts_per_tick(settings, broker) -> None:
