@@ -13,7 +13,8 @@ The estimate follows what the engine holds on the GPU at its peak (docs/fleet.md
 steps that learn from calibration text one decoder layer's inputs and outputs over every calibration window and
 one Linear's Hessian; for distillation the teacher in bf16 plus the student with its gradients and AdamW moments
 (`offload: false`), or, where teacher and optimizer state stay on the host (`offload: true`, and `"auto"`, which
-chooses that mode where the other does not fit), the model; both with the training activations. It is an estimate, meant to pick a class, not to promise a peak.
+chooses that mode where the other does not fit), the model; both with the training activations. It is an
+estimate, meant to pick a class, not to promise a peak.
 """
 
 from __future__ import annotations

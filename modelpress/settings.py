@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     queue: str = Field(default="modelpress", pattern=r"^[A-Za-z0-9_-]+$")
     cpu_job_max_bytes: int = Field(default=8 * GiB, ge=0)  # a job estimated above this needs a GPU worker
     worker_live_s: float = Field(default=60.0, gt=0)  # a worker whose heartbeat is older is not counted as live
+    worker_name: str | None = None  # the worker's Celery hostname (`name@host`); default `celery@<host name>`
     gpus: list[DeclaredGpu] | None = None  # the worker's GPUs, as JSON, instead of those nvidia-smi lists
     admin_key: str | None = Field(default=None, min_length=32)  # the Bearer key of operator routes (/v1/workers)
     job_time_limit_s: int = 24 * 3600

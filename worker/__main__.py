@@ -22,7 +22,8 @@ def main(argv: list[str]) -> None:
         sys.exit(supervise(settings, [arg for arg in argv if arg != "--per-gpu"]))
     queues = consumed_queues(settings, detect_gpus(settings))
     app = create_celery(settings)
-    app.worker_main(["worker", "--queues", ",".join(queues), *argv])
+    name = ["--hostname", settings.worker_name] if settings.worker_name else []
+    app.worker_main(["worker", "--queues", ",".join(queues), *name, *argv])
 
 
 if __name__ == "__main__":

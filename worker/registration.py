@@ -83,12 +83,12 @@ def visible(gpus: list[Gpu], visible_devices: str | None) -> list[Gpu]:
 def detect_gpus(
     settings: Settings, environ: Mapping[str, str] = os.environ, query: Callable[[], list[Gpu]] = query_gpus
 ) -> list[Gpu]:
-    """The GPUs this worker runs jobs on: none when `MODELPRESS_DEVICE` is the CPU, else those `MODELPRESS_GPUS`
-    declares or nvidia-smi lists, as `CUDA_VISIBLE_DEVICES` filters them."""
-    if settings.device is not None and settings.device.startswith("cpu"):
-        return []
+    """The GPUs this worker runs jobs on, as `CUDA_VISIBLE_DEVICES` filters them: those `MODELPRESS_GPUS` declares,
+    else none when `MODELPRESS_DEVICE` is the CPU, else those nvidia-smi lists."""
     if settings.gpus is not None:
         gpus = [Gpu(i, None, gpu.name, gpu.memory_bytes) for i, gpu in enumerate(settings.gpus)]
+    elif settings.device is not None and settings.device.startswith("cpu"):
+        return []
     else:
         gpus = query()
     return visible(gpus, environ.get("CUDA_VISIBLE_DEVICES"))

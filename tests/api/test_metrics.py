@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from app.metrics import port_app
-from modelpress.models import Job, JobStatus, utcnow
+from modelpress.models import Job, JobStatus, Worker, utcnow
 from modelpress.settings import Settings
 from modelpress.telemetry import GpuMemory, gpu_memory_key, record_gpu_memory, record_heartbeat, workers_key
 from tests.api.conftest import client_for
@@ -36,6 +36,10 @@ FAMILIES = {
     "modelpress_queue_depth",
     "modelpress_worker_heartbeat_age_seconds",
     "modelpress_worker_gpu_memory_bytes",
+    "modelpress_workers",
+    "modelpress_worker_registration_heartbeat_age_seconds",
+    "modelpress_worker_gpu_total_bytes",
+    "modelpress_worker_gpu_used_bytes",
     "modelpress_metrics_source_up",
 }
 
@@ -143,9 +147,10 @@ def test_resumable_upload_parts_count_as_upload_bytes(scrape, acme: httpx.Client
 
 
 def test_a_submitted_job_counts_as_queued_and_in_the_queue(scrape, acme: httpx.Client, model: dict) -> None:
+    from modelpress.queue import job_queue
     from modelpress.settings import get_settings
 
-    queue = get_settings().queue
+    queue = job_queue(get_settings(), "cpu")  # a tiny model's job needs no GPU
     before = scrape()
     recipe = [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]
     response = acme.post("/v1/jobs", json={"model_id": model["id"], "recipe": recipe})
@@ -226,6 +231,42 @@ def test_worker_heartbeats_and_gpu_memory_come_from_worker_reports(scrape, broke
     assert "gone@box" not in workers
     memory_of = {dict(labels)["worker"] for name, labels in page if name == "modelpress_worker_gpu_memory_bytes"}
     assert memory_of == {"gpu@box"}, "a worker without a CUDA report must have no GPU memory sample, not a zero"
+
+
+def test_worker_heartbeats_and_gpu_memory_come_from_the_workers_table(scrape, migrated) -> None:
+    from modelpress.db import session_scope
+
+    now = utcnow()
+    gpu = {"index": 0, "uuid": "GPU-1", "name": "NVIDIA H100", "memory_bytes": 85_520_809_984}
+
+    def worker(name: str, state: str, age_s: float, gpus: list[dict]) -> Worker:
+        beat = now - timedelta(seconds=age_s)
+        return Worker(name=name, host="metrics", pid=1, version="t", state=state, heartbeat_at=beat, gpus=gpus)
+
+    rows = [
+        worker("gpu0@metrics", "busy", 4, [{**gpu, "memory_used_bytes": 1_234_567_890}]),
+        worker("gpu1@metrics", "idle", 0, [{**gpu, "index": 1, "memory_used_bytes": None}]),
+        worker("cpu@metrics", "idle", 3600, []),
+    ]
+    before = scrape()
+    with session_scope() as session:
+        session.add_all(rows)
+    try:
+        page = scrape()
+    finally:
+        with session_scope() as session:
+            session.execute(Worker.__table__.delete().where(Worker.host == "metrics"))
+    age = value(page, "modelpress_worker_registration_heartbeat_age_seconds", worker="gpu0@metrics", host="metrics")
+    assert 4 <= age < 34
+    assert value(page, "modelpress_worker_gpu_used_bytes", worker="gpu0@metrics", gpu="0") == 1_234_567_890
+    assert value(page, "modelpress_worker_gpu_total_bytes", worker="gpu1@metrics", gpu="1") == 85_520_809_984
+    used_of = {dict(labels)["worker"] for name, labels in page if name == "modelpress_worker_gpu_used_bytes"}
+    assert "gpu1@metrics" not in used_of, "memory in use that nvidia-smi did not report is absent, not zero"
+
+    def grew(state: str) -> float:
+        return value(page, "modelpress_workers", state=state) - value(before, "modelpress_workers", state=state)
+
+    assert (grew("busy"), grew("idle"), grew("stopped")) == (1, 1, 1)
 
 
 def test_api_json_log_lines_carry_the_request_id(metrics_api: LiveProcess, acme: httpx.Client) -> None:
