@@ -4,8 +4,9 @@ runs 4 jobs at once.
 Each child is a whole `python -m worker` with `CUDA_VISIBLE_DEVICES` naming its one GPU (by UUID where nvidia-smi
 gave one, else by index in PCI bus order), its own Celery hostname (`gpu<i>@<host>`, the name it registers under)
 and its own cache folder. It sees one card, so it consumes the queues that card serves. The supervisor restarts a
-child that dies, and on SIGTERM or SIGINT forwards SIGTERM to every child (each drains: finishes its job, exits)
-and exits when the last one has.
+child that dies (a non-zero exit or a signal); a child that exits 0 was drained (`modelpress workers drain`) and
+stays stopped. On SIGTERM or SIGINT it forwards SIGTERM to every child (each drains: finishes its job, exits) and
+exits when the last one has, as it does once every child has been drained.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ChildPlan:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     died_at: float | None = None
+    drained: bool = False
 
 
 def child_plans(
@@ -83,19 +85,22 @@ class GpuSupervisor:
     def run(self) -> int:
         for plan in self.plans:
             self._start(plan)
-        while self.stop_signal is None:
+        while self.stop_signal is None and not all(plan.drained for plan in self.plans):
             self.tend()
             time.sleep(POLL_S)
         return self.drain()
 
     def tend(self) -> None:
-        """Restart each child that died, `restart_delay_s` after it did."""
+        """Restart each child that died, `restart_delay_s` after it did; leave a drained one stopped."""
         now = time.monotonic()
         for plan in self.plans:
-            if plan.process is not None and plan.process.poll() is not None:
+            if plan.process is not None and plan.process.poll() == 0:
+                log.info("worker %s drained and exited; it is not restarted", plan.name)
+                plan.process, plan.drained = None, True
+            elif plan.process is not None and plan.process.poll() is not None:
                 log.warning("worker %s exited with %s; restarting it", plan.name, plan.process.returncode)
                 plan.process, plan.died_at = None, now
-            if plan.process is None and now - (plan.died_at or 0.0) >= self.restart_delay_s:
+            if not plan.drained and plan.process is None and now - (plan.died_at or 0.0) >= self.restart_delay_s:
                 plan.restarts += 1
                 self._start(plan)
 

@@ -66,6 +66,14 @@ def test_a_job_waits_for_a_capable_worker_and_runs_once_one_registers(migrated, 
         assert rows["gpu0@fleet-test"]["queues"] == [f"{stack.env['MODELPRESS_QUEUE']}.{c}" for c in ("gpu-24", "cpu")]
         assert rows["cpu@fleet-test"]["live"] and rows["cpu@fleet-test"]["state"] == "idle"
 
+        assert admin.post("/v1/workers/nobody@nowhere/drain").status_code == 404
+        assert client.http.post("/v1/workers/gpu0@fleet-test/drain").status_code == 401
+        drained = admin.post("/v1/workers/gpu0@fleet-test/drain")
+        assert drained.status_code == 202 and drained.json()["state"] == "draining"
+        assert gpu.process.wait(timeout=120) == 0, "a drained worker finishes and exits cleanly"
+        names = {w["name"] for w in admin.get("/v1/workers").json()["data"]}
+        assert names == {"cpu@fleet-test"}, "the drained worker removed its row"
+
 
 def test_worker_routes_are_off_without_an_admin_key(live_api, api_key: str) -> None:
     answer = httpx.get(f"{live_api.url}/v1/workers", headers={"Authorization": f"Bearer {api_key}"})

@@ -71,12 +71,30 @@ def test_the_supervisor_restarts_a_dead_child_and_drains_all_on_stop(tmp_path: P
         again = wait_for(lambda: starts(out, "gpu1@box")[1:], 30, "gpu1's child restarted")[0]
         assert again["pid"] != first["pid"] and again["CUDA_VISIBLE_DEVICES"] == "GPU-bbbb"
         assert len(starts(out, "gpu0@box")) == 1, "the other child was left alone"
+        subprocess.run(["kill", "-TERM", str(starts(out, "gpu0@box")[0]["pid"])], check=True)  # drained alone
+        wait_for(lambda: plans[0].drained, 30, "gpu0's drained child noticed")
+        assert len(starts(out, "gpu0@box")) == 1, "a child that exited 0 after a drain is not restarted"
     finally:
         supervisor.request_stop(signal.SIGTERM)
         thread.join(timeout=30)
     assert result == [0]
     assert (out / "gpu0@box.drained").exists() and (out / "gpu1@box.drained").exists()
-    assert all(plan.process.poll() is not None for plan in plans)
+    assert all(plan.process is None or plan.process.poll() is not None for plan in plans)
+
+
+def test_the_supervisor_exits_once_every_child_was_drained(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-c", CHILD]
+    plans = child_plans(GPUS[:1], tmp_path / "cache", [], environ={"OUT": str(out)}, host="box", command=command)
+    supervisor = GpuSupervisor(plans, restart_delay_s=0.0)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(supervisor.run()), daemon=True)
+    thread.start()
+    pid = wait_for(lambda: starts(out, "gpu0@box"), 30, "gpu0's child")[0]["pid"]
+    subprocess.run(["kill", "-TERM", str(pid)], check=True)
+    thread.join(timeout=30)
+    assert result == [0] and len(starts(out, "gpu0@box")) == 1
 
 
 def test_per_gpu_without_a_gpu_is_an_error() -> None:
