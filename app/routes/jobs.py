@@ -254,10 +254,13 @@ def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    model_id: Annotated[str | None, Query(max_length=64, description="only the jobs on this model")] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> JobsPublic:
     where = [Job.status == status_filter.value] if status_filter else []
+    if model_id is not None:
+        where.append(Job.model_id == model_id)
     return list_page(session, Job, tenant, limit, offset, JobPublic.of, JobsPublic, *where)
 
 

@@ -56,6 +56,15 @@ def test_list_filter_and_paginate(client: httpx.Client, other_client: httpx.Clie
     assert not {j["id"] for j in other_client.get("/v1/jobs").json()["data"]} & set(ids)
 
 
+def test_list_by_model(client: httpx.Client, other_client: httpx.Client, model: dict) -> None:
+    job = client.post("/v1/jobs", json=spec(model)).json()
+    listed = client.get("/v1/jobs", params={"model_id": model["id"], "limit": 200}).json()
+    assert job["id"] in {j["id"] for j in listed["data"]}
+    assert all(j["model_id"] == model["id"] for j in listed["data"]) and listed["count"] >= 1
+    assert client.get("/v1/jobs", params={"model_id": str(uuid.uuid4())}).json() == {"data": [], "count": 0}
+    assert other_client.get("/v1/jobs", params={"model_id": model["id"]}).json() == {"data": [], "count": 0}
+
+
 def test_cancel(client: httpx.Client, model: dict) -> None:
     queued = client.post("/v1/jobs", json=spec(model)).json()
     response = client.post(f"/v1/jobs/{queued['id']}/cancel")
