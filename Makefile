@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: install run test test-fast lint migrate clean
+.PHONY: install chromium run test test-fast lint migrate clean
 
 # torch is pinned here, not in pyproject: 2.13.0 is the CPU build this machine keeps on disk, and a loose
 # spec would pull several GB of CUDA wheels. The GPU Docker image installs its own build.
@@ -19,6 +19,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Debian's Chromium for the dashboard's browser tests (Playwright drives it and never downloads a browser).
+# Quick when it is there; installed as root (CI), else the browser tests skip (CI makes them required).
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } || \
+		echo "chromium is not installed (apt-get install chromium as root): the browser tests will skip"
+
 run: install
 	$(VENV)/bin/modelpress dev
 
@@ -26,10 +33,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint chromium
 	$(VENV)/bin/pytest
 
-test-fast: install
+test-fast: install chromium
 	$(VENV)/bin/pytest -m "not slow"
 
 migrate: install

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
-from app import errors
+from app import dashboard, errors
 from app.metrics import RequestMiddleware, build_metrics, serving_port
 from app.resumable import sweep_periodically
 from app.routes import artifacts, datasets, health, job_events, jobs, metrics, models, uploads, workers
@@ -94,5 +94,6 @@ def create_app() -> FastAPI:
     for module in (models, datasets, uploads, jobs, job_events, artifacts):
         app.include_router(module.router, responses=V1_RESPONSES)
     app.include_router(workers.router)
+    dashboard.install(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
