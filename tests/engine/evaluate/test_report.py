@@ -12,7 +12,7 @@ def layer(name: str, relative: float, output: float | None = None, source: str |
 
 
 STEPS = [
-    {"index": 0, "type": "prune", "method": "structured", "layers": [{"name": "mlp", "kept_channels": 96}]},
+    {"index": 0, "type": "distill", "method": "kd", "layers": [{"name": "model", "final_loss": 2.1}]},
     {
         "index": 1,
         "type": "prune",
@@ -45,7 +45,7 @@ def test_worst_layers_rank_output_error_where_measured_else_weight_error():
         ("quantize:gptq", "d", 0.20, "output (gram)"),
     ]
     assert damage["worst"][0]["output_error"] == 0.70 and damage["worst"][1]["output_error"] is None
-    assert damage["not_measured"] == [{"step": 0, "key": "prune:structured"}]
+    assert damage["not_measured"] == [{"step": 0, "key": "distill:kd"}]
     gptq = damage["steps"][1]
     assert gptq["key"] == "quantize:gptq" and gptq["layers"] == 5 and gptq["max_error"] == 0.70
     assert gptq["mean_error"] == (0.05 + 0.70 + 0.30 + 0.20 + 0.10) / 5

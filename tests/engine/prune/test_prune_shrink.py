@@ -70,11 +70,44 @@ def test_structured_shrinks_mlp_and_kv_groups_consistently(tiny, tmp_path):
         assert layer.self_attn.q_proj.weight.shape == (config.num_attention_heads * head_dim, hidden)
         assert layer.self_attn.k_proj.weight.shape == (keep_kv * head_dim, hidden)
         assert layer.self_attn.o_proj.weight.shape == (hidden, config.num_attention_heads * head_dim)
+    damage = {entry["name"]: entry for entry in result.layers if "output_error" in entry}
+    assert sorted(damage) == sorted(
+        f"model.layers.{i}.{proj}"
+        for i in range(config.num_hidden_layers)
+        for proj in ("mlp.down_proj", "self_attn.o_proj")
+    )
+    down = damage["model.layers.0.mlp.down_proj"]
+    assert down["removed_inputs"] == 2 * hidden - keep_mlp and down["output_error_from"] == "input_norms"
+    assert 0 < down["output_error"] < 1 and 0 < down["relative_error"] < 1
     assert result.summary["parameters_after"] == sum(p.numel() for p in model.parameters()) < params_before
     assert 0 < result.summary["size_reduction"] < 1
     assert_reloads_with_same_logits(model, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["intermediate_size"] == keep_mlp and saved["head_dim"] == head_dim
+
+
+def test_structured_damage_is_the_removed_channels_share_of_the_output(tiny):
+    """down_proj's output error is √(Σ_removed ‖a_j‖²‖W_:,j‖² / Σ_all ‖a_j‖²‖W_:,j‖²) over the calibration
+    activations a_j it reads (the diagonal of XᵀX)."""
+    model = tiny.model
+    down = decoder_layers(model)[1][1].mlp.down_proj
+    weight, squares = down.weight.detach().clone(), torch.zeros(down.in_features, dtype=torch.float64)
+
+    def gather(_module, args) -> None:
+        squares.add_(args[0].double().square().sum(dim=(0, 1)))
+
+    hook = down.register_forward_pre_hook(gather)
+    with torch.no_grad():
+        for window in _calibration(model):
+            model(input_ids=window.unsqueeze(0))
+    hook.remove()
+    result = run_step(model, method="structured", mlp_sparsity=0.5)
+    (entry,) = [e for e in result.layers if e["name"] == "model.layers.1.mlp.down_proj"]
+    kept = [next(j for j in range(weight.shape[1]) if torch.equal(weight[:, j], column)) for column in down.weight.T]
+    energy = squares * weight.double().square().sum(0)
+    removed = torch.ones(weight.shape[1], dtype=torch.bool)
+    removed[kept] = False
+    assert entry["output_error"] == pytest.approx((energy[removed].sum() / energy.sum()).sqrt().item(), rel=1e-4)
 
 
 def test_structured_keeps_the_most_active_channels(tiny):
@@ -92,13 +125,27 @@ def test_depth_drops_layers_and_renumbers(tmp_path):
     from worker.engine.load.checkpoint import load_model
 
     model = load_model(build_tiny_model(tmp_path / "m", layers=5), "hf", torch.device("cpu")).model
+    with torch.no_grad():  # hidden_states[l] is layer l's input; the last entry (final norm applied) is never used
+        states = [model(input_ids=w.unsqueeze(0), output_hidden_states=True).hidden_states for w in _calibration(model)]
     result = run_step(model, method="depth", num_layers=2)
+    start = result.summary["dropped_layers"][0]
+    skip_error = (
+        (
+            sum((s[start + 2] - s[start]).double().square().sum() for s in states)
+            / sum(s[start + 2].double().square().sum() for s in states)
+        )
+        .sqrt()
+        .item()
+    )
     layers = decoder_layers(model)[1]
     assert len(layers) == model.config.num_hidden_layers == 3
     assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
     dropped = result.summary["dropped_layers"]
     assert len(dropped) == 2 and dropped[1] == dropped[0] + 1 and 4 not in dropped
-    assert len(result.layers) == 5 and all(0 <= d["angular_distance"] <= 1 for d in result.layers)
+    ranked, (damage,) = result.layers[:5], result.layers[5:]
+    assert all(0 <= d["angular_distance"] <= 1 for d in ranked)
+    assert damage["name"] == f"model.layers.{dropped[0]}-{dropped[1]}" and damage["output_error_from"] == "outputs"
+    assert damage["output_error"] == pytest.approx(skip_error, rel=1e-4) and damage["relative_error"] == 1.0
     with torch.no_grad():  # the KV cache still works: generation with a cache matches no cache
         ids = _calibration(model, 1, 8)
         cached = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)

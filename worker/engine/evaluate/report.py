@@ -89,8 +89,8 @@ def layer_error(layer: dict[str, Any]) -> tuple[float, str | None]:
 def damage_section(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """The report's `damage`: per step, the mean and largest damage over its changed Linears; overall, the
     `WORST_LAYERS` layers with the largest damage. Read from the steps' layer records (`calibrate.layer_damage`),
-    so it costs nothing; steps whose layers carry no damage fields (structured and depth pruning change shapes,
-    distillation every weight) are listed under `not_measured`."""
+    so it costs nothing; steps whose layers carry no damage fields (distillation, which retrains every weight) are
+    listed under `not_measured`."""
     ranked, per_step, not_measured = [], [], []
     for step in steps:
         key = f"{step['type']}:{step['method']}"

@@ -2,7 +2,8 @@
 Deeper Layers"). For a block of n consecutive layers starting at l, the importance is the angular distance
 arccos(cos(x_l, x_{l+n})) / π between its input and output, averaged over the calibration tokens; the block
 with the smallest distance goes. The last layer is never dropped (it feeds the final norm and head directly).
-Single-layer distances are reported too.
+Single-layer distances are reported too, and the dropped block's damage (`calibrate.layer_damage`'s fields): its
+output error ‖x_{l+n} − x_l‖ / ‖x_{l+n}‖ on the calibration tokens.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def block_distances(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, span: int) -> torch.Tensor:
-    """Mean angular distance between the input of layer l and the output of layer l + span − 1, for every l."""
+def block_distances(
+    model: torch.nn.Module, windows: torch.Tensor, device: torch.device, span: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every l, between the input x_l of layer l and the output x_{l+span} of layer l + span − 1: the mean
+    angular distance, and the relative output error of skipping the block, ‖x_{l+span} − x_l‖ / ‖x_{l+span}‖
+    over all calibration tokens."""
     _, layers = decoder_layers(model)
     boundaries: list[torch.Tensor] = []
     hooks = [layers[0].register_forward_pre_hook(lambda _m, args, kwargs: boundaries.append(args[0]), with_kwargs=True)]
@@ -37,18 +42,22 @@ def block_distances(model: torch.nn.Module, windows: torch.Tensor, device: torch
         for layer in layers
     ]
     totals = torch.zeros(len(layers) - span + 1, dtype=torch.float64)
+    errors, outputs = torch.zeros_like(totals), torch.zeros_like(totals)
     tokens = 0
     try:
         for window in windows:
             boundaries.clear()
             model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
             for start in range(totals.numel()):
-                totals[start] += angular_distance(boundaries[start], boundaries[start + span]).sum().double().cpu()
+                before, after = boundaries[start].double(), boundaries[start + span].double()
+                totals[start] += angular_distance(before, after).sum().cpu()
+                errors[start] += (after - before).square().sum().cpu()
+                outputs[start] += after.square().sum().cpu()
             tokens += window.numel()
     finally:
         for hook in hooks:
             hook.remove()
-    return (totals / tokens).float()
+    return (totals / tokens).float(), (errors / outputs.clamp(min=1e-30)).sqrt().float()
 
 
 def drop_layers_(model: torch.nn.Module, drop: list[int]) -> None:
@@ -72,7 +81,7 @@ def prune_depth(model: torch.nn.Module, spec: DepthPrune, context: StepContext) 
     count = spec.num_layers
     if context.calibration is None:
         raise EngineError("missing_dataset", "prune:depth ranks layers on calibration data: add a dataset")
-    _, layers = decoder_layers(model)
+    prefix, layers = decoder_layers(model)
     total = len(layers)
     if not 1 <= count < total:
         raise EngineError("bad_spec", f"num_layers={count}: the model has {total} layers and must keep at least 1")
@@ -81,8 +90,10 @@ def prune_depth(model: torch.nn.Module, spec: DepthPrune, context: StepContext) 
     was_training = model.training
     model.eval()
     context.report_progress(0.1, "measuring layer importance (angular distance)")
-    single = block_distances(model, context.calibration, device, 1)
-    blocks = single if count == 1 else block_distances(model, context.calibration, device, count)
+    single, single_errors = block_distances(model, context.calibration, device, 1)
+    blocks, errors = (
+        (single, single_errors) if count == 1 else block_distances(model, context.calibration, device, count)
+    )
     model.train(was_training)
     candidates = blocks[: total - count]  # blocks that end before the last layer
     start = int(candidates.argmin())
@@ -91,6 +102,10 @@ def prune_depth(model: torch.nn.Module, spec: DepthPrune, context: StepContext) 
     details: list[dict[str, Any]] = [
         {"name": f"layer {i}", "angular_distance": float(single[i]), "dropped": i in drop} for i in range(total)
     ]
+    block = f"{prefix}.{drop[0]}" if count == 1 else f"{prefix}.{drop[0]}-{drop[-1]}"
+    details.append(  # the uniform damage fields: every weight of the block is gone, its output error measured
+        {"name": block, "relative_error": 1.0, "output_error": float(errors[start]), "output_error_from": "outputs"}
+    )
     summary = {
         "dropped_layers": drop,
         "block_angular_distance": float(blocks[start]),

@@ -5,7 +5,8 @@ down_proj); the lowest-scoring channels lose their gate/up rows and down_proj co
 group scores the L2 norm of its query heads' slice of the o_proj input; a removed group takes its q heads, its
 k/v head and its o_proj columns along. Channels are ranked per layer, but every layer removes the same count
 (a Hugging Face config has one intermediate_size and one head count for all layers). The kept MLP width is
-rounded to a multiple of 64 (else 32, else 8) so the matrices stay friendly to tensor cores.
+rounded to a multiple of 64 (else 32, else 8) so the matrices stay friendly to tensor cores. Each down_proj and
+o_proj that lost input channels carries the uniform damage fields (`calibrate.layer_damage`, from input norms).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from modelpress.specs import StructuredPrune
+from worker.engine.calibrate.damage import layer_damage
 from worker.engine.calibrate.layerwise import decoder_layers
 from worker.engine.prune.size import model_size, size_summary
 from worker.engine.steps import EngineError, StepContext, StepResult, register
@@ -58,6 +60,21 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
+def removed_inputs_damage(
+    name: str, linear: torch.nn.Linear, kept: torch.Tensor, input_norms: torch.Tensor
+) -> dict[str, Any]:
+    """The damage fields of the Linear that reads the removed channels (down_proj for MLP channels, o_proj for
+    heads): removing a channel zeroes that input column, so its output error is `layer_damage` of the weight with
+    those columns zeroed, from the channels' calibration norms (the statistic that ranked them). The Linear's
+    output is the MLP's (attention's) output, so this is the whole block's output error."""
+    weight = linear.weight.detach()
+    keep = torch.zeros(weight.shape[1], dtype=torch.bool, device=weight.device)
+    keep[kept.to(weight.device)] = True
+    changed = weight * keep.to(weight.dtype).unsqueeze(0)
+    removed = int((~keep).sum())
+    return {"name": name, "removed_inputs": removed, **layer_damage(weight, changed, input_norms=input_norms)}
+
+
 # --- importance -----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def channel_importance(model: torch.nn.Module, windows: torch.Tensor, device: torch.device):
@@ -65,14 +82,17 @@ def channel_importance(model: torch.nn.Module, windows: torch.Tensor, device: to
     _, layers = decoder_layers(model)
     mlp = [torch.zeros(layer.mlp.down_proj.in_features, device=device) for layer in layers]
     attn = [torch.zeros(layer.self_attn.o_proj.in_features, device=device) for layer in layers]
+
+    def gather(store: torch.Tensor):
+        def hook(_module: torch.nn.Module, args: tuple) -> None:  # returns None: the input goes on unchanged
+            store.add_(args[0].float().square().sum(dim=(0, 1)).to(store.device))
+
+        return hook
+
     handles = []
     for i, layer in enumerate(layers):
         for module, store in ((layer.mlp.down_proj, mlp[i]), (layer.self_attn.o_proj, attn[i])):
-            handles.append(
-                module.register_forward_pre_hook(
-                    lambda _m, args, s=store: s.add_(args[0].float().square().sum(dim=(0, 1)).to(s.device))
-                )
-            )
+            handles.append(module.register_forward_pre_hook(gather(store)))
     try:
         for window in windows:
             model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
@@ -105,15 +125,18 @@ def prune_structured(model: torch.nn.Module, spec: StructuredPrune, context: Ste
     model.eval()
     mlp_scores, attn_scores = channel_importance(model, context.calibration, device)
     model.train(was_training)
-    _, layers = decoder_layers(model)
+    prefix, layers = decoder_layers(model)
     width = layers[0].mlp.down_proj.in_features
     keep_mlp = kept_width(width, mlp_sparsity) if mlp_sparsity > 0 else width
     keep_groups = max(1, kv_heads - round(attn_sparsity * kv_heads)) if attn_sparsity > 0 else kv_heads
-    details = []
+    details, damage = [], []
     for i, layer in enumerate(layers):
         entry: dict[str, Any] = {"name": f"layer {i}"}
         if keep_mlp < width:
             kept = top_indices(mlp_scores[i], keep_mlp)
+            damage.append(
+                removed_inputs_damage(f"{prefix}.{i}.mlp.down_proj", layer.mlp.down_proj, kept, mlp_scores[i])
+            )
             shrink_linear_(layer.mlp.gate_proj, kept, 0)
             shrink_linear_(layer.mlp.up_proj, kept, 0)
             shrink_linear_(layer.mlp.down_proj, kept, 1)
@@ -123,6 +146,10 @@ def prune_structured(model: torch.nn.Module, spec: StructuredPrune, context: Ste
             kept_groups = top_indices(group_scores, keep_groups)
             q_heads = (kept_groups.unsqueeze(1) * group + torch.arange(group, device=kept_groups.device)).flatten()
             attn = layer.self_attn
+            kept_inputs = head_rows(q_heads, head_dim)
+            damage.append(
+                removed_inputs_damage(f"{prefix}.{i}.self_attn.o_proj", attn.o_proj, kept_inputs, attn_scores[i])
+            )
             shrink_linear_(attn.q_proj, head_rows(q_heads, head_dim), 0)
             shrink_linear_(attn.k_proj, head_rows(kept_groups, head_dim), 0)
             shrink_linear_(attn.v_proj, head_rows(kept_groups, head_dim), 0)
@@ -151,4 +178,4 @@ def prune_structured(model: torch.nn.Module, spec: StructuredPrune, context: Ste
             f"prune:structured kept {keep_mlp} of {width} MLP channels (rounded from "
             f"{width - round(mlp_sparsity * width)} to a multiple of 64/32/8 for efficient matrix shapes)"
         )
-    return StepResult(layers=details, summary=summary, notes=notes)
+    return StepResult(layers=details + damage, summary=summary, notes=notes)
