@@ -10,6 +10,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from modelpress.task_scores import task_scores
+
 NOT_MEASURED = Text("not measured", style="dim")
 
 
@@ -258,6 +260,35 @@ def quality_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def _accuracy(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return NOT_MEASURED
+    return f"{100 * value:.1f}%" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
+
+
+def tasks_table(report: dict[str, Any]) -> Table | None:
+    """Task accuracy (lm-eval-harness) before and after, with standard errors; a task that could not run, why."""
+    scores = task_scores(report)
+    if not scores:
+        return None
+    table = Table(title="task accuracy (lm-eval-harness)")
+    for column in ("task", "baseline", "optimized", "drop (points)", "documents"):
+        table.add_column(column, overflow="fold")
+    for score in scores.values():
+        if score.error is not None:
+            table.add_row(score.task, Text(score.error, style="yellow"), "", "", "")
+            continue
+        drop = NOT_MEASURED if score.drop is None else f"{100 * score.drop:+.1f}"
+        table.add_row(
+            score.task,
+            _accuracy(score.baseline, score.baseline_stderr),
+            _accuracy(score.optimized, score.optimized_stderr),
+            drop,
+            str(score.n),
+        )
+    return table
+
+
 def damage_table(damage: dict[str, Any] | None) -> Table | None:
     """The layers the recipe damaged most, with what each figure rests on."""
     worst = (damage or {}).get("worst")
@@ -380,7 +411,8 @@ def environment_table(environment: dict[str, Any] | None) -> Table | None:
 
 
 def report_group(report: dict[str, Any]) -> Group:
-    """The whole report: metrics, quality (perplexity and KL divergence), the most damaged layers, ratios, steps,
+    """The whole report: metrics, quality (perplexity and KL divergence), task accuracy, the most damaged layers,
+    ratios, steps,
     generations, environment and the worker's notes."""
     parts: list[Any] = []
     if report.get("baseline") is None and report.get("optimized") is None:
@@ -388,6 +420,7 @@ def report_group(report: dict[str, Any]) -> Group:
     parts.append(metrics_table(report))
     parts.append(quality_table(report))
     for table in (
+        tasks_table(report),
         damage_table(report.get("damage")),
         ratios_table(report.get("ratios")),
         steps_table(report.get("steps")),

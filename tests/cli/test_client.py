@@ -321,6 +321,37 @@ def test_report_without_kl_says_not_measured(fake: FakeApi) -> None:
     assert "no evaluation dataset: the KL divergence was not measured" in result.output
 
 
+def test_report_shows_task_accuracy_and_task_errors(fake: FakeApi) -> None:
+    cloze = {"accuracy": 0.62, "stderr": 0.049, "n": 100}
+    fake.report = {
+        "baseline": {"perplexity": 25.6},
+        "optimized": {"perplexity": 27.1},
+        "quality": {
+            "kl_divergence": None,
+            "tasks": [
+                {
+                    "task": "cloze",
+                    "source": {"dataset_id": "d"},
+                    "baseline": cloze,
+                    "optimized": {**cloze, "accuracy": 0.55},
+                    "drop": 0.07,
+                    "error": None,
+                },
+                {
+                    "task": "hellaswag",
+                    "source": {"name": "hellaswag"},
+                    "error": "could not reach the hub",
+                    "drop": None,
+                },
+            ],
+        },
+    }
+    result = runner.invoke(cli.app, ["report", "job1"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "task accuracy" in result.output and "62.0% ± 4.9" in result.output and "55.0% ± 4.9" in result.output
+    assert "+7.0" in result.output and "could not reach the hub" in result.output
+
+
 def test_unreachable_server_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.conftest import free_port
 
