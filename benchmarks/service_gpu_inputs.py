@@ -89,7 +89,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_checkpoint(archive: Path, tiny: bool, seed: int = 0) -> dict:
+def write_checkpoint(archive: Path, tiny: bool, seed: int = 0, shard_bytes: int = SHARD_BYTES) -> dict:
     """Write the model archive; returns its shape, parameter count, shards and bytes."""
     import torch
     from safetensors.torch import save
@@ -98,7 +98,7 @@ def write_checkpoint(archive: Path, tiny: bool, seed: int = 0) -> dict:
 
     config = model_config(tiny)
     shapes = tensor_shapes(config)
-    shards = plan_shards(shapes, SHARD_BYTES)
+    shards = plan_shards(shapes, shard_bytes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = torch.Generator(device=device).manual_seed(seed)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]

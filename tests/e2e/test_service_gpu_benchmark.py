@@ -1,6 +1,7 @@
 """The GPU service benchmark's harness at its tiny size on the CPU: the same path the 8B run takes on a GPU machine
 (`modelpress dev`, CLI upload in resumable parts, a GPTQ job followed over its events, CLI download, a reload with
-transformers alone), checked for a whole, consistent timeline and for leaving no process behind."""
+transformers alone), checked for a whole, consistent timeline and for leaving no process behind; and the sharded
+checkpoint archive it uploads, checked with transformers."""
 
 from __future__ import annotations
 
@@ -65,3 +66,30 @@ def test_tiny_run_times_a_gptq_job_end_to_end(tmp_path: Path) -> None:
     assert job["peaks"]["samples"] > 0 and job["peaks"]["worker_peak_rss_mib"] > 0
     assert "| **job total, upload excluded** |" in done.stdout
     assert processes_mentioning(str(work)) == []
+
+
+def test_the_checkpoint_archive_loads_with_transformers_from_its_shards(tmp_path: Path) -> None:
+    """The archive the 8B run uploads (several shards and their index), made at the tiny shape with small shards."""
+    import tarfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.service_gpu_inputs import write_checkpoint
+
+    written = write_checkpoint(tmp_path / "model.tar", tiny=True, shard_bytes=256 * 1024)
+    assert written["shards"] >= 4
+    with tarfile.open(tmp_path / "model.tar") as tar:
+        tar.extractall(tmp_path / "model", filter="data")
+    index = json.loads((tmp_path / "model" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == written["shards"]
+    assert index["metadata"]["total_size"] == written["tensor_bytes"] == 2 * written["parameters"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype="auto")
+    assert model.dtype == torch.bfloat16
+    assert sum(p.numel() for p in model.parameters()) == written["parameters"]
+    assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+    assert 0.015 < model.lm_head.weight.float().std().item() < 0.025  # drawn, not left empty
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    ids = tokenizer("the model prunes weights", return_tensors="pt").input_ids
+    assert int(ids.max()) < model.config.vocab_size
+    assert torch.isfinite(model(ids).logits).all()
