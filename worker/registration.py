@@ -95,8 +95,8 @@ def detect_gpus(
 
 
 def consumed_queues(settings: Settings, gpus: list[Gpu]) -> list[str]:
-    """The queues of every memory class the worker's GPUs serve, the largest class first: a large card takes
-    the jobs only it can run before those a smaller worker could take."""
+    """The queues of every memory class the worker's GPUs serve, the largest class first (Celery's Redis
+    transport takes them in turn)."""
     return [queue_name(settings.queue, c) for c in reversed(classes_served(g.memory_bytes for g in gpus))]
 
 
