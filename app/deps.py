@@ -104,14 +104,21 @@ UploaderDep = Annotated[str, Depends(get_uploader)]
 
 
 def require_admin(credentials: CredentialsDep, settings: SettingsDep) -> None:
-    """Operator routes take the admin key (`MODELPRESS_ADMIN_KEY`), never a tenant's key; off while it is unset."""
+    """Operator routes take the admin key (`MODELPRESS_ADMIN_KEY`), never a tenant's key; off (403) while it is
+    unset, after a request without any key has had its 401."""
+    presented = credentials.credentials if credentials and credentials.scheme.lower() == "bearer" else ""
+    if not presented:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "missing admin key: send 'Authorization: Bearer <MODELPRESS_ADMIN_KEY>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     if settings.admin_key is None:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             "operator routes are off: set MODELPRESS_ADMIN_KEY (32+ characters) on the API and send it as "
             "'Authorization: Bearer <admin key>'",
         )
-    presented = credentials.credentials if credentials and credentials.scheme.lower() == "bearer" else ""
     if not hmac.compare_digest(presented.encode(), settings.admin_key.encode()):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

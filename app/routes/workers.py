@@ -16,7 +16,7 @@ from modelpress.queue import sender
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/workers", tags=["workers"])
 ADMIN_RESPONSES = {
-    401: {"description": "not the admin key"},
+    401: {"description": "no key, or not the admin key"},
     403: {"description": "operator routes are off (MODELPRESS_ADMIN_KEY is unset)"},
 }
 

@@ -78,3 +78,4 @@ def test_a_job_waits_for_a_capable_worker_and_runs_once_one_registers(migrated, 
 def test_worker_routes_are_off_without_an_admin_key(live_api, api_key: str) -> None:
     answer = httpx.get(f"{live_api.url}/v1/workers", headers={"Authorization": f"Bearer {api_key}"})
     assert answer.status_code == 403 and "MODELPRESS_ADMIN_KEY" in answer.json()["detail"]
+    assert httpx.get(f"{live_api.url}/v1/workers").status_code == 401, "no key at all is a 401 either way"
