@@ -2,18 +2,21 @@
 written when it starts, refreshed by a heartbeat thread in its parent process, removed when it exits cleanly.
 
 The parent never imports torch (no CUDA context may exist before the fork), so the GPUs are read from
-`nvidia-smi`, filtered by `CUDA_VISIBLE_DEVICES` as CUDA would filter them; `MODELPRESS_GPUS` declares them
-instead. The GPUs decide which memory classes, hence which queues, the worker consumes (modelpress/routing.py).
+`nvidia-smi`, filtered by `CUDA_VISIBLE_DEVICES` as CUDA would filter them, or, where it is missing, from
+torch.cuda in a child process; `MODELPRESS_GPUS` declares them instead. The GPUs decide which memory classes,
+hence which queues, the worker consumes (modelpress/routing.py).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -58,6 +61,25 @@ def query_gpus(run: Callable[..., subprocess.CompletedProcess[str]] = subprocess
     return gpus
 
 
+TORCH_QUERY = (
+    "import json, torch\n"
+    "props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]\n"
+    "print(json.dumps([[i, 'GPU-' + str(p.uuid), p.name, p.total_memory] for i, p in enumerate(props)]))"
+)
+
+
+def query_torch_gpus(run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run) -> list[Gpu]:
+    """The GPUs torch.cuda sees, asked in a child process so this one never holds a CUDA context; already as
+    `CUDA_VISIBLE_DEVICES` filters them. For hosts without nvidia-smi; no memory in use."""
+    try:
+        result = run([sys.executable, "-c", TORCH_QUERY], capture_output=True, text=True, timeout=120, check=True)
+        rows = json.loads(result.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        log.info("no GPU listed by torch.cuda: %s", exc)
+        return []
+    return [Gpu(int(index), uuid, name, int(total)) for index, uuid, name, total in rows]
+
+
 def visible(gpus: list[Gpu], visible_devices: str | None) -> list[Gpu]:
     """The GPUs `CUDA_VISIBLE_DEVICES` leaves a process, in its order: indices or (prefixes of) UUIDs; unset
     leaves all, an empty value or an entry that names no GPU stops the list there, as CUDA does."""
@@ -81,16 +103,21 @@ def visible(gpus: list[Gpu], visible_devices: str | None) -> list[Gpu]:
 
 
 def detect_gpus(
-    settings: Settings, environ: Mapping[str, str] = os.environ, query: Callable[[], list[Gpu]] = query_gpus
+    settings: Settings,
+    environ: Mapping[str, str] = os.environ,
+    query: Callable[[], list[Gpu]] = query_gpus,
+    query_torch: Callable[[], list[Gpu]] = query_torch_gpus,
 ) -> list[Gpu]:
     """The GPUs this worker runs jobs on, as `CUDA_VISIBLE_DEVICES` filters them: those `MODELPRESS_GPUS` declares,
-    else none when `MODELPRESS_DEVICE` is the CPU, else those nvidia-smi lists."""
+    else none when `MODELPRESS_DEVICE` is the CPU, else those nvidia-smi lists, else those torch.cuda sees."""
     if settings.gpus is not None:
         gpus = [Gpu(i, None, gpu.name, gpu.memory_bytes) for i, gpu in enumerate(settings.gpus)]
     elif settings.device is not None and settings.device.startswith("cpu"):
         return []
     else:
         gpus = query()
+        if not gpus:
+            return query_torch()
     return visible(gpus, environ.get("CUDA_VISIBLE_DEVICES"))
 
 

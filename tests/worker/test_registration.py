@@ -3,7 +3,9 @@ serve, and the worker's row written, refreshed, drained and removed in the test 
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -11,7 +13,16 @@ import pytest
 from modelpress.db import session_scope
 from modelpress.models import Job, JobStatus, Worker, utcnow
 from modelpress.settings import DeclaredGpu, Settings
-from worker.registration import Gpu, Registration, consumed_queues, detect_gpus, query_gpus, visible
+from worker.registration import (
+    TORCH_QUERY,
+    Gpu,
+    Registration,
+    consumed_queues,
+    detect_gpus,
+    query_gpus,
+    query_torch_gpus,
+    visible,
+)
 
 SMI_OUTPUT = """0, GPU-aaaa-1111, NVIDIA H100 80GB HBM3, 81559, 1024
 1, GPU-bbbb-2222, NVIDIA H100 80GB HBM3, 81559, 70000
@@ -54,11 +65,27 @@ def test_cuda_visible_devices_filters_as_cuda_does(devices: str | None, indices:
     assert [g.index for g in visible(query_gpus(fake_smi()), devices)] == indices
 
 
-def test_declared_gpus_win_then_the_cpu_device_then_nvidia_smi() -> None:
+def test_declared_gpus_win_then_the_cpu_device_then_nvidia_smi_then_torch() -> None:
     declared = Settings(gpus=[DeclaredGpu(name="Fake", memory_bytes=50 * 10**9)] * 2, device="cpu")
     assert [(g.index, g.name) for g in detect_gpus(declared, {"CUDA_VISIBLE_DEVICES": "1"})] == [(1, "Fake")]
     assert detect_gpus(Settings(device="cpu"), {}, lambda: query_gpus(fake_smi())) == []
     assert len(detect_gpus(Settings(), {}, lambda: query_gpus(fake_smi()))) == 3
+    torch_gpus = [Gpu(0, "GPU-cccc", "NVIDIA L4", 23_034 * MiB)]  # already filtered by CUDA in its process
+    found = detect_gpus(Settings(), {"CUDA_VISIBLE_DEVICES": "2"}, lambda: [], lambda: torch_gpus)
+    assert found == torch_gpus
+
+
+def test_torch_is_asked_in_a_child_process() -> None:
+    def run(argv, **_kwargs):
+        assert argv[1] == "-c" and "torch.cuda" in argv[2]
+        stdout = '[[0, "GPU-5f3c", "NVIDIA H200", 150754820096]]\n'
+        return subprocess.CompletedProcess(argv, 0, stdout=stdout, stderr="")
+
+    assert query_torch_gpus(run) == [Gpu(0, "GPU-5f3c", "NVIDIA H200", 150_754_820_096)]
+    assert query_torch_gpus(fake_smi(error=subprocess.CalledProcessError(1, "python"))) == []
+    real = subprocess.run([sys.executable, "-c", TORCH_QUERY], capture_output=True, text=True, timeout=300)
+    assert real.returncode == 0, real.stderr  # the query itself runs under this torch (no GPU here: an empty list)
+    assert isinstance(json.loads(real.stdout.strip().splitlines()[-1]), list)
 
 
 def test_a_worker_consumes_the_queues_of_its_smallest_card_largest_class_first() -> None:
