@@ -95,19 +95,24 @@ def _finish(job: Job, status: JobStatus, *, error: dict[str, str] | None) -> Non
 
 
 class ProgressReporter:
-    """The engine's progress callback: writes progress to the row (throttled) and checks for cancellation."""
+    """The engine's progress callback: writes progress to the row (throttled) and checks for cancellation.
+
+    A stage's first report and its last (fraction 1) are always written, so the row and the events that follow it
+    show when each stage began and ended; the reports in between at most every `interval_s`."""
 
     def __init__(self, job_id: str, interval_s: float) -> None:
         self.job_id = job_id
         self.interval_s = interval_s
         self._last_write = 0.0
+        self._last_stage: int | None = None
 
     def __call__(self, event: Any) -> None:
         now = time.monotonic()
-        final = event.fraction >= 1.0
-        if not final and now - self._last_write < self.interval_s:
+        always = event.fraction >= 1.0 or event.step_index != self._last_stage
+        if not always and now - self._last_write < self.interval_s:
             return
         self._last_write = now
+        self._last_stage = event.step_index
         progress = {
             "step_index": event.step_index,
             "total_steps": event.total_steps,

@@ -6,6 +6,7 @@ import base64
 import json
 import secrets
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -16,7 +17,7 @@ from modelpress.models import Job, JobStatus, Model, Worker, WorkerState, utcnow
 from modelpress.queue import enqueue_job, job_queue, queue_keys
 from modelpress.settings import get_settings
 from tests.conftest import clear_caches, fresh_database, sqlalchemy_url
-from worker.jobs import _record_end, claim
+from worker.jobs import ProgressReporter, _record_end, claim
 from worker.reconcile import reconcile_once, requeue_lost
 
 
@@ -93,6 +94,31 @@ def test_claim_marks_running_once(settings) -> None:
     assert first is not None and first.status == JobStatus.running and first.attempts == 1
     assert claim(job_id, "w2", settings) is None, "a live lease must not be claimed twice"
     assert job_row(job_id).worker == "w1"
+
+
+def test_progress_writes_each_stage_start_however_soon_it_follows(settings) -> None:
+    """Reports within the interval are dropped, except a new stage's first: the row shows when each stage began."""
+    job_id = make_job(status=JobStatus.running)
+    report = ProgressReporter(job_id, interval_s=3600)
+
+    def event(index: int, stage: str, fraction: float, message: str) -> SimpleNamespace:
+        return SimpleNamespace(step_index=index, total_steps=3, step=stage, fraction=fraction, message=message)
+
+    report(event(1, "load", 0.0, "loading"))
+    report(event(1, "load", 0.5, "half loaded"))
+    assert job_row(job_id).progress["message"] == "loading"
+    report(event(2, "evaluate baseline", 0.0, "evaluating"))
+    assert job_row(job_id).progress == {
+        "step_index": 2,
+        "total_steps": 3,
+        "step": "evaluate baseline",
+        "fraction": 0.0,
+        "message": "evaluating",
+    }
+    report(event(2, "evaluate baseline", 0.4, "window 2/5"))
+    assert job_row(job_id).progress["message"] == "evaluating"
+    report(event(2, "evaluate baseline", 1.0, "evaluated"))
+    assert job_row(job_id).progress["message"] == "evaluated"
 
 
 def test_claim_retries_a_job_whose_heartbeat_stopped(settings) -> None:
