@@ -53,7 +53,14 @@ from benchmarks.service_gpu_stack import (  # noqa: E402
     printed_id,
     say,
 )
-from benchmarks.service_gpu_timeline import JobFollower, epoch, event_rows, tables, timeline  # noqa: E402
+from benchmarks.service_gpu_timeline import (  # noqa: E402
+    JobFollower,
+    epoch,
+    event_rows,
+    phase_lines,
+    tables,
+    timeline,
+)
 
 GPTQ_TARGET_S = 8 * 60  # the GPTQ job, upload excluded
 STOP_RESERVE_S = 45.0  # kept from the budget to stop the service and write the results
@@ -207,7 +214,10 @@ class Run:
             if job["status"] != "succeeded":
                 raise CommandFailed(f"{name}: job {job_id} {job['status']}: {job.get('error')}")
             result["report"] = trimmed_report(client.report(job_id))
-        say(f"{name}: succeeded, {result['timeline']['total_s']:.0f} s from submission to the end")
+        device = (result["report"].get("environment") or {}).get("device")
+        say(f"{name}: succeeded on {device}, {result['timeline']['total_s']:.0f} s from submission to the end")
+        for line in phase_lines(result["timeline"]):
+            say(line)
         if name == "gptq":
             total = result["timeline"]["total_s"]
             result["target"] = {"total_s_max": GPTQ_TARGET_S, "total_s": total, "met": total <= GPTQ_TARGET_S}

@@ -133,6 +133,15 @@ def timeline(job: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any
     }
 
 
+def phase_lines(timeline: dict[str, Any]) -> list[str]:
+    """One line per stage: its seconds, then each phase's message and seconds (where the stage's time went)."""
+    lines = []
+    for stage in timeline["stages"]:
+        phases = ", ".join(f"{p['message'] or '-'} {p['seconds']:.1f} s" for p in stage["phases"])
+        lines.append(f"  {stage['stage']}: {stage['seconds']:.1f} s ({phases})")
+    return lines
+
+
 def event_rows(events: list[dict[str, Any]], created: float | None) -> list[list[Any]]:
     """The events, compact: [seconds after created_at, status, stage index, fraction, message]."""
     base = created or (events[0]["t"] if events else 0.0)
