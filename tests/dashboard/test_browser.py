@@ -76,6 +76,21 @@ def test_walkthrough(browser, dashboard_stack: Stack, files: dict[str, Path], sc
     dataset = api.get("/v1/datasets").json()["data"][0]
     assert model["name"] == "tiny-llama" and dataset["records"] > 0
 
+    # a big file goes up in parts through /v1/uploads; here a small one in 4 KiB parts, with its progress
+    in_parts = page.evaluate(
+        """async (text) => {
+             const { uploadInParts } = await import('/ui/js/api.js');
+             const seen = [];
+             const file = new File([text], 'in-parts.txt');
+             const dataset = await uploadInParts('dataset', file, 'in-parts', (f) => seen.push(f), 4096);
+             return { dataset, seen };
+           }""",
+        files["text"].read_text(),
+    )
+    assert in_parts["dataset"]["name"] == "in-parts" and in_parts["dataset"]["records"] == dataset["records"]
+    seen = in_parts["seen"]
+    assert len(seen) >= -(-files["text"].stat().st_size // 4096) and seen == sorted(seen) and seen[-1] == 1
+
     # the recipe form: a bad value shows the API's own message, then a valid spec is submitted
     page.click("nav a:text('New job')")
     page.wait_for_selector("#recipe-form")
@@ -117,8 +132,8 @@ def test_walkthrough(browser, dashboard_stack: Stack, files: dict[str, Path], sc
     page.wait_for_selector(f"tr[data-job='{job_id}'] [data-status=running]", timeout=120_000)
     page.screenshot(path=screenshots / "jobs-live.png", full_page=True)
     page.wait_for_selector(f"tr[data-job='{job_id}'] [data-status=succeeded]", timeout=300_000)
-    seen = page.evaluate("window.seen")
-    assert "running" in seen and "succeeded" in seen
+    statuses = page.evaluate("window.seen")
+    assert "running" in statuses and "succeeded" in statuses
     assert page.get_attribute(f"tr[data-job='{job_id}'] progress", "value") == "1"
 
     # the report

@@ -56,8 +56,74 @@ export async function api(path, { method = "GET", body, headers = {} } = {}) {
   return data;
 }
 
+/** Files above this go up in parts through /v1/uploads (the API's default part size): a failed part is sent again. */
+export const PARTS_FROM_BYTES = 64 * 1024 * 1024;
+const PART_TRIES = 3;
+
+/** Upload a model or dataset file: in one multipart POST, or in parts when it is big; resolves to the resource. */
+export function uploadFile(kind, file, name, onProgress) {
+  if (file.size > PARTS_FROM_BYTES) return uploadInParts(kind, file, name, onProgress);
+  return uploadWhole(`/v1/${kind}s`, file, name, onProgress);
+}
+
+/** PUT one part's bytes with progress; resolves to the upload's state. */
+function sendPart(uploadId, number, blob, onProgress) {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("PUT", `/v1/uploads/${uploadId}/parts/${number}`);
+    request.setRequestHeader("Authorization", `Bearer ${credentials.get() || ""}`);
+    request.setRequestHeader("Content-Type", "application/octet-stream");
+    request.upload.addEventListener("progress", (event) => onProgress(event.loaded));
+    request.addEventListener("load", () => {
+      let data = {};
+      try {
+        data = JSON.parse(request.responseText || "{}");
+      } catch {
+        data = { detail: request.responseText };
+      }
+      if (request.status >= 200 && request.status < 300) resolve(data);
+      else reject(new ApiError(request.status, data));
+    });
+    request.addEventListener("error", () => reject(new ApiError(0, { detail: "the connection dropped" })));
+    request.send(blob);
+  });
+}
+
+/**
+ * A resumable upload: create it, send each part the server does not hold yet (each tried up to PART_TRIES
+ * times), then complete it. `partSize` is left to the server unless given.
+ */
+export async function uploadInParts(kind, file, name, onProgress, partSize) {
+  const created = await api("/v1/uploads", {
+    method: "POST",
+    body: { kind, filename: file.name, size: file.size, name: name || undefined, part_size: partSize },
+  });
+  const held = new Set(created.received);
+  let done = 0;
+  for (let number = 1; number <= created.parts; number += 1) {
+    const start = (number - 1) * created.part_size;
+    const blob = file.slice(start, Math.min(start + created.part_size, file.size));
+    if (!held.has(number)) {
+      for (let attempt = 1; ; attempt += 1) {
+        try {
+          await sendPart(created.id, number, blob, (loaded) => onProgress((done + loaded) / file.size));
+          break;
+        } catch (error) {
+          signedOut(error.status);
+          const retriable = error.status === 0 || error.status === 429 || error.status >= 500;
+          if (!retriable || attempt >= PART_TRIES) throw error;
+          await sleep(1000 * attempt);
+        }
+      }
+    }
+    done += blob.size;
+    onProgress(done / file.size);
+  }
+  return api(`/v1/uploads/${created.id}/complete`, { method: "POST" });
+}
+
 /** POST a file as multipart (`file`, `name`) with upload progress; resolves to the created resource. */
-export function uploadFile(route, file, name, onProgress) {
+function uploadWhole(route, file, name, onProgress) {
   return new Promise((resolve, reject) => {
     const request = new XMLHttpRequest();
     request.open("POST", route);

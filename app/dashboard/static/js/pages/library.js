@@ -5,10 +5,13 @@ import { alertBox, bytes, h, number, replace, when } from "../dom.js";
 
 const KINDS = {
   models: {
+    kind: "model",
     title: "Models",
     route: "/v1/models",
     accept: ".tar,.tar.gz,.tgz,.zip,.gguf",
-    hint: "A Hugging Face folder packed as .tar, .tar.gz or .zip (config.json and *.safetensors), or a .gguf file.",
+    hint:
+      "A Hugging Face folder packed as .tar, .tar.gz or .zip (config.json and *.safetensors), or a .gguf file. " +
+      "Above 64 MiB it goes up in parts, and a part that fails is sent again.",
     columns: ["name", "architecture", "format", "parameters", "size", "uploaded"],
     row: (model) => [
       h("a", { href: `#/models/${model.id}` }, model.name),
@@ -20,6 +23,7 @@ const KINDS = {
     ],
   },
   datasets: {
+    kind: "dataset",
     title: "Datasets",
     route: "/v1/datasets",
     accept: ".txt,.jsonl",
@@ -97,7 +101,7 @@ function uploader(name, kind, onDone) {
     progress.value = 0;
     replace(message, `Uploading ${file.name}…`);
     try {
-      const created = await uploadFile(kind.route, file, nameInput.value.trim(), (fraction) => {
+      const created = await uploadFile(kind.kind, file, nameInput.value.trim(), (fraction) => {
         progress.value = fraction;
       });
       replace(message, h("div", { class: "notice", role: "status" }, `Uploaded ${created.name} (${created.id}).`));

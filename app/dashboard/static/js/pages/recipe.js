@@ -150,7 +150,13 @@ export async function renderRecipe(main, { query }) {
     h("p", {}, submit),
     h("section", { class: "card" }, h("h2", {}, "The job spec"), preview),
   );
-  form.addEventListener("input", refresh);
+  form.addEventListener("input", (event) => {
+    if (event.target.getAttribute("aria-invalid")) {
+      event.target.removeAttribute("aria-invalid");
+      if (event.target.nextElementSibling?.classList.contains("field-error")) event.target.nextElementSibling.remove();
+    }
+    refresh();
+  });
   form.addEventListener("change", refresh);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
