@@ -235,7 +235,9 @@ def run(
             supervisor.start("worker", [sys.executable, "-m", "worker", "--loglevel", "INFO"], env)
         wait_healthy(supervisor, url, start_timeout)
         if supervisor.stop_requested is None:
-            console.print(f"\nmodelpress is up: API {url}, docs {url}/docs, data in {data_dir}", style="bold green")
+            console.print(
+                f"\nmodelpress is up: dashboard {url}/, API docs {url}/docs, data in {data_dir}", style="bold green"
+            )
             console.print("Try it:\n" + example(url, data_dir), highlight=False, markup=False)
             console.print("Ctrl-C stops everything.\n")
         return _supervise(supervisor)

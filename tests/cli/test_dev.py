@@ -94,6 +94,8 @@ def test_dev_starts_everything_and_sigint_stops_it_all(tmp_path: Path) -> None:
         assert "redis-server" in commands and "uvicorn" in commands and "-m worker" in commands, commands
         assert (tmp_path / "data" / "modelpress.db").exists()  # SQLite in DATA_DIR by default
         assert f"http://127.0.0.1:{port}/docs" in log.read_text()
+        assert f"dashboard http://127.0.0.1:{port}/" in log.read_text()
+        assert "modelpress" in httpx.get(f"http://127.0.0.1:{port}/", timeout=10).text  # the dashboard's page
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=45) == 0, log.read_text()
