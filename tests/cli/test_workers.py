@@ -68,3 +68,13 @@ def test_drain_posts_to_the_worker_and_a_refusal_shows_the_detail(sent: list[htt
     assert (sent[-1].method, sent[-1].url.path) == ("POST", "/v1/workers/gpu0@box/drain")
     refused = invoke("workers", "--admin-key", "wrong")
     assert refused.exit_code == 1 and "admin key" in refused.output
+
+
+def test_a_waiting_job_shows_its_reason_in_lists_and_watch() -> None:
+    from modelpress.cli import render
+
+    reason = "waiting for a worker with ≥ 48 GB of GPU memory (the job needs about 37.2 GB); none is running"
+    queued = {"id": "j", "status": "queued", "progress": {"total_steps": 1}, "waiting_reason": reason}
+    assert render.progress_text(queued) == reason
+    running = {**queued, "status": "running", "progress": {"total_steps": 2, "step_index": 0, "fraction": 0.5}}
+    assert render.progress_text(running) == "step 1/2 · 50%", "a reason is shown only while the job is queued"
