@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.architectures import unsupported_step
-from app.deps import JobDep, Limit, Offset, SessionDep, SettingsDep, TenantDep
+from app.deps import ROW_ID, JobDep, Limit, Offset, SessionDep, SettingsDep, TenantDep
 from app.json_body import read_json
 from app.resources import list_page
 from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
@@ -254,7 +254,9 @@ def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
-    model_id: Annotated[str | None, Query(max_length=64, description="only the jobs on this model")] = None,
+    model_id: Annotated[
+        str | None, Query(pattern=f"^{ROW_ID.pattern}$", description="only the jobs on this model (its id)")
+    ] = None,
     limit: Limit = 50,
     offset: Offset = 0,
 ) -> JobsPublic:

@@ -63,6 +63,8 @@ def test_list_by_model(client: httpx.Client, other_client: httpx.Client, model: 
     assert all(j["model_id"] == model["id"] for j in listed["data"]) and listed["count"] >= 1
     assert client.get("/v1/jobs", params={"model_id": str(uuid.uuid4())}).json() == {"data": [], "count": 0}
     assert other_client.get("/v1/jobs", params={"model_id": model["id"]}).json() == {"data": [], "count": 0}
+    refused = client.get("/v1/jobs", params={"model_id": "tiny\x00"})
+    assert refused.status_code == 422 and "model_id" in refused.json()["detail"]
 
 
 def test_cancel(client: httpx.Client, model: dict) -> None:
