@@ -1,6 +1,6 @@
 """Request dependencies as `Annotated` aliases: a session, the caller's tenant, storage, and owned rows.
 
-`ModelDep`, `DatasetDep`, `JobDep` and `ArtifactDep` load a row by its path id and check that it belongs to
+`ModelDep`, `DatasetDep`, `JobDep`, `SearchDep` and `ArtifactDep` load a row by its path id and check that it belongs to
 the caller's tenant, once, here. Another tenant's id answers exactly like a missing one (404), so ids cannot
 be probed.
 """
@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from app.rate_limit import enforce
 from modelpress.db import new_session
 from modelpress.keys import hash_key, tenant_for_key
-from modelpress.models import FINAL_STATUSES, Artifact, Dataset, Job, JobStatus, Model
+from modelpress.models import FINAL_STATUSES, Artifact, Dataset, Job, JobKind, JobStatus, Model
 from modelpress.settings import Settings, get_settings
 from modelpress.storage import Storage, get_storage
 
@@ -164,6 +164,14 @@ def get_job(session: SessionDep, tenant: TenantDep, job_id: Annotated[str, Path(
     return owned(session, Job, job_id, tenant)
 
 
+def get_search(session: SessionDep, tenant: TenantDep, search_id: Annotated[str, Path()]) -> Job:
+    """A search is a job row of kind `search`: any other job's id answers 404 here."""
+    row = owned(session, Job, search_id, tenant)
+    if row.kind != JobKind.search:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"search {search_id} not found")
+    return row
+
+
 def get_artifact(session: SessionDep, tenant: TenantDep, artifact_id: Annotated[str, Path()]) -> Artifact:
     return owned(session, Artifact, artifact_id, tenant)
 
@@ -171,4 +179,5 @@ def get_artifact(session: SessionDep, tenant: TenantDep, artifact_id: Annotated[
 ModelDep = Annotated[Model, Depends(get_model)]
 DatasetDep = Annotated[Dataset, Depends(get_dataset)]
 JobDep = Annotated[Job, Depends(get_job)]
+SearchDep = Annotated[Job, Depends(get_search)]
 ArtifactDep = Annotated[Artifact, Depends(get_artifact)]

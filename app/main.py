@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from app import dashboard, errors
 from app.metrics import RequestMiddleware, build_metrics, serving_port
 from app.resumable import sweep_periodically
-from app.routes import artifacts, datasets, health, job_events, jobs, metrics, models, uploads, workers
+from app.routes import artifacts, datasets, health, job_events, jobs, metrics, models, searches, uploads, workers
 from app.schemas import JobCreate
 from app.uploads import sweep_abandoned
 from modelpress.logs import configure_logging
@@ -91,7 +91,7 @@ def create_app() -> FastAPI:
     app.add_exception_handler(OSError, _on_os_error)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    for module in (models, datasets, uploads, jobs, job_events, artifacts):
+    for module in (models, datasets, uploads, jobs, searches, job_events, artifacts):
         app.include_router(module.router, responses=V1_RESPONSES)
     app.include_router(workers.router)
     dashboard.install(app)

@@ -8,11 +8,12 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from modelpress.job_resource import AttemptPublic, JobError, JobPublic, Progress
-from modelpress.specs import JobSpec
+from modelpress.specs import JobSpec, SearchSpec
 
 __all__ = ["AttemptPublic", "JobCreate", "JobError", "JobPublic", "Progress"]
 
 JobCreate = JobSpec
+SearchCreate = SearchSpec
 
 
 class _FromRow(BaseModel):
@@ -160,4 +161,92 @@ class WorkerPublic(_FromRow):
 
 class WorkersPublic(BaseModel):
     data: list[WorkerPublic]
+    count: int
+
+
+class SearchCandidatePublic(BaseModel):
+    """One built candidate, as measured on the artifact transformers reloads (predicted figures beside)."""
+
+    id: str
+    method: str
+    formats: dict[str, int] = Field(description="how many layers got each format")
+    size_bytes: int = Field(description="bytes of the artifact's *.safetensors files")
+    perplexity: float
+    perplexity_increase: float = Field(description="relative to the model as uploaded (0.02 = +2%)")
+    kl_divergence: float | None = Field(description="mean KL(baseline ‖ candidate), nats per token")
+    predicted_perplexity_increase: float
+    predicted_size_bytes: int = Field(description="tensor bytes predicted from the assignment")
+    linear_weight_bytes: int = Field(description="weight bytes every decoded token reads from the Linears")
+    meets_budget: bool
+    pareto: bool
+
+
+class SearchResultPublic(BaseModel):
+    chosen: str | None = Field(description="the chosen candidate's id; null when none met the budget")
+    message: str
+    pareto_front: list[str]
+    candidates: list[SearchCandidatePublic]
+
+
+class SearchPublic(BaseModel):
+    """A quality-budget search: a job underneath (same queue, attempts, cancellation, progress, artifacts)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    id: str
+    model_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    search: dict[str, Any] = Field(description="the search as submitted (budget, objective, space, …)")
+    progress: Progress
+    error: JobError | None
+    attempts: int
+    attempt_history: list[AttemptPublic]
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    result: SearchResultPublic | None = Field(
+        description="once succeeded: every candidate, the Pareto front and the choice (the per-layer assignments "
+        "are at /v1/searches/{id}/result)"
+    )
+
+    @classmethod
+    def of(cls, row: Any) -> SearchPublic:
+        job = JobPublic.of(row)
+        report = row.report if row.status == "succeeded" else None
+        return cls(
+            **job.model_dump(include=set(cls.model_fields) - {"search", "result"}),
+            search=row.spec,
+            result=None if report is None else _search_result(report),
+        )
+
+
+def _search_result(report: dict[str, Any]) -> SearchResultPublic:
+    candidates = [
+        SearchCandidatePublic(
+            id=c["id"],
+            method=c["method"],
+            formats=c["formats"],
+            size_bytes=c["measured"]["size_bytes"],
+            perplexity=c["measured"]["perplexity"],
+            perplexity_increase=c["measured"]["perplexity_increase"],
+            kl_divergence=(c["measured"].get("kl_divergence") or {}).get("mean"),
+            predicted_perplexity_increase=c["predicted"]["perplexity_increase"],
+            predicted_size_bytes=c["predicted"]["size_bytes"],
+            linear_weight_bytes=c["predicted"]["linear_weight_bytes"],
+            meets_budget=c["meets_budget"],
+            pareto=c["pareto"],
+        )
+        for c in report.get("candidates", [])
+    ]
+    return SearchResultPublic(
+        chosen=report.get("chosen"),
+        message=report.get("message", ""),
+        pareto_front=report.get("pareto_front", []),
+        candidates=candidates,
+    )
+
+
+class SearchesPublic(BaseModel):
+    data: list[SearchPublic]
     count: int

@@ -40,6 +40,9 @@ class JobPublic(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     id: str
+    kind: Literal["job", "search"] = Field(
+        default="job", description="`job`: a recipe; `search`: a quality-budget search (see /v1/searches)"
+    )
     model_id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     recipe: list[dict[str, Any]]
@@ -72,6 +75,7 @@ class JobPublic(BaseModel):
         error = row.error or None
         return cls(
             id=row.id,
+            kind=row.kind or "job",
             model_id=spec.get("model_id") or row.model_id or "",
             status=row.status,
             recipe=spec.get("recipe", []),

@@ -41,6 +41,14 @@ class JobStatus(StrEnum):
     cancelled = "cancelled"
 
 
+class JobKind(StrEnum):
+    """What a job row runs: a recipe (`job`) or a quality-budget search (`search`); both share the queue,
+    attempts, cancellation, progress and artifacts."""
+
+    job = "job"
+    search = "search"
+
+
 FINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
 
 
@@ -96,6 +104,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default=JobKind.job, server_default=JobKind.job.value, index=True)
     spec: Mapped[dict[str, Any]] = mapped_column()
     spec_sha256: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)

@@ -665,3 +665,148 @@ def is_finite_json(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return all(is_finite_json(v) for v in value)
     return True
+
+
+# --- Quality-budget search -------------------------------------------------------------------------------------
+
+
+class SearchFormat(StrEnum):
+    """A per-layer storage format the search may give a Linear.
+
+    `bf16` leaves the layer unquantized, at the precision the engine holds the model in (float32 on load, so its
+    size is counted as stored); `int8` is symmetric int8 per output channel, `int4_g<N>` symmetric int4 in
+    groups of N input columns (weight-only); `fp8` is E4M3 weights per channel with dynamic per-token activations.
+    """
+
+    bf16 = "bf16"
+    int8 = "int8"
+    int4_g128 = "int4_g128"
+    int4_g64 = "int4_g64"
+    int4_g32 = "int4_g32"
+    fp8 = "fp8"
+
+    @property
+    def weights(self) -> WeightQuantArgs | None:
+        """The integer weight arguments of this format (None for bf16 and fp8)."""
+        if self == SearchFormat.int8:
+            return WeightQuantArgs(bits=8, group_size=None)
+        if self.value.startswith("int4_g"):
+            return WeightQuantArgs(bits=4, group_size=int(self.value.removeprefix("int4_g")))
+        return None
+
+
+class SearchMethod(StrEnum):
+    """How a candidate's quantized layers are rounded: to nearest, or by GPTQ (fp8 layers by GPTQ's E4M3 loop)."""
+
+    rtn = "rtn"
+    gptq = "gptq"
+
+
+class SearchObjective(StrEnum):
+    """What the search makes small: the artifact's bytes on disk, or the weight bytes read per decoded token."""
+
+    size = "size"
+    decode_speed = "decode_speed"
+
+
+class SearchBudget(Spec):
+    """The quality a candidate may lose, measured on the evaluation windows against the model as uploaded; a
+    candidate meets the budget when every limit given holds."""
+
+    perplexity_increase: float | None = Field(
+        default=None, ge=0.0, le=100.0, description="relative perplexity increase allowed (0.02 = +2%)"
+    )
+    kl_divergence: float | None = Field(
+        default=None, ge=0.0, le=100.0, description="mean KL(baseline ‖ candidate) allowed, in nats per token"
+    )
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> SearchBudget:
+        if self.perplexity_increase is None and self.kl_divergence is None:
+            raise ValueError("give at least one limit: `perplexity_increase` (0.02 = +2%) or `kl_divergence` (nats)")
+        return self
+
+
+class SearchSpace(Spec):
+    """What the search may combine: per-layer formats, the rounding methods, and which Linears it may touch."""
+
+    formats: tuple[SearchFormat, ...] = Field(
+        default=(SearchFormat.bf16, SearchFormat.int8, SearchFormat.int4_g128, SearchFormat.int4_g64),
+        min_length=1,
+        description="formats a layer may get; a group size that does not divide a layer's input width is left out "
+        "for that layer",
+    )
+    methods: tuple[SearchMethod, ...] = Field(
+        default=(SearchMethod.gptq,),
+        min_length=1,
+        description="rounding methods; every method given is tried on the first assignment and the best measured "
+        "one builds the rest",
+    )
+    targets: tuple[str, ...] = Field(default=("Linear",), min_length=1)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+
+    @field_validator("formats", "methods")
+    @classmethod
+    def _distinct(cls, values: tuple) -> tuple:
+        if len(set(values)) != len(values):
+            raise ValueError("list each format or method once")
+        return values
+
+    _patterns_compile = field_validator("targets", "ignore")(TargetedStep._patterns_compile.__func__)
+
+    def as_step(self, fmt: SearchFormat, method: SearchMethod) -> TargetedStep:
+        """The recipe step that would put every targeted layer in `fmt` with `method` (for fit checks)."""
+        common = {"targets": self.targets, "ignore": self.ignore}
+        if fmt == SearchFormat.fp8:
+            return FP8Quantize(gptq=method == SearchMethod.gptq, **common)
+        weights = fmt.weights or WeightQuantArgs()
+        if method == SearchMethod.gptq:
+            return GPTQQuantize(weights=weights, **common)
+        return RTNQuantize(weights=weights, **common)
+
+
+class SearchSpec(Spec):
+    """A quality-budget search: the smallest (or fastest) per-layer mix of formats whose measured quality loss
+    stays within `budget`. It needs calibration text (the sensitivity pass and GPTQ learn from it) and
+    evaluation text (every candidate is measured there)."""
+
+    model_id: str
+    calibration: CalibrationSpec
+    evaluation: EvaluationSpec
+    budget: SearchBudget
+    objective: SearchObjective = SearchObjective.size
+    space: SearchSpace = SearchSpace()
+    max_candidates: int = Field(
+        default=4, ge=1, le=16, description="most assignments built and measured (each method tried counts)"
+    )
+    sensitivity_windows: int = Field(
+        default=16, ge=1, le=4096, description="calibration windows the per-layer sensitivity pass reads"
+    )
+
+    @model_validator(mode="after")
+    def _no_tasks(self) -> SearchSpec:
+        if self.evaluation.tasks:
+            raise ValueError(
+                "evaluation.tasks: a search measures perplexity and KL divergence, not task accuracy; leave tasks "
+                "out (run a job with tasks on the chosen model)"
+            )
+        return self
+
+    def dataset_references(self) -> list[tuple[str, str]]:
+        """(where in the spec, dataset id) for every dataset the search reads."""
+        return [
+            ("calibration.dataset_id", self.calibration.dataset_id),
+            ("evaluation.dataset_id", self.evaluation.dataset_id),
+        ]
+
+    def task_dataset_references(self) -> list[tuple[str, str]]:
+        """None: a search reads text only."""
+        return []
+
+    def dataset_ids(self) -> set[str]:
+        return {dataset_id for _, dataset_id in self.dataset_references()}
+
+
+def stored_spec(kind: str, data: Mapping[str, Any]) -> JobSpec | SearchSpec:
+    """A job row's spec as its class: a search's (kind "search") or a recipe job's (kind "job")."""
+    return SearchSpec.model_validate(data) if kind == "search" else JobSpec.model_validate(data)

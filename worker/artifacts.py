@@ -19,13 +19,16 @@ OUTPUTS = (
 )
 
 
-def store_outputs(storage: Storage, job: Job, output_dir: Path) -> list[Artifact]:
-    """Place the engine's outputs in storage; returns the (not yet added) rows describing them."""
+def store_outputs(storage: Storage, job: Job, output_dir: Path, model_required: bool = True) -> list[Artifact]:
+    """Place the engine's outputs in storage; returns the (not yet added) rows describing them. A search that
+    chose no candidate writes no model.tar (`model_required=False`)."""
     artifacts: list[Artifact] = []
     try:
         for name, kind, media_type in OUTPUTS:
             source = output_dir / name
             if not source.is_file():
+                if kind == "model" and not model_required:
+                    continue
                 raise FileNotFoundError(f"the engine did not write {name}")
             artifact_id = new_id()
             key = f"artifacts/{job.id}/{artifact_id}/{name}"

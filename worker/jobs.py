@@ -22,9 +22,19 @@ from sqlalchemy import select, update
 from modelpress.db import session_scope
 from modelpress.events import publish_job
 from modelpress.logs import job_id_var
-from modelpress.models import FINAL_STATUSES, Artifact, AttemptOutcome, Dataset, Job, JobStatus, Model, utcnow
+from modelpress.models import (
+    FINAL_STATUSES,
+    Artifact,
+    AttemptOutcome,
+    Dataset,
+    Job,
+    JobKind,
+    JobStatus,
+    Model,
+    utcnow,
+)
 from modelpress.settings import Settings, get_settings
-from modelpress.specs import TASK_DATASET_FORMAT, JobSpec
+from modelpress.specs import TASK_DATASET_FORMAT, stored_spec
 from modelpress.storage import Storage, get_storage
 from worker.artifacts import remove as remove_artifacts
 from worker.artifacts import store_outputs
@@ -197,7 +207,7 @@ def _engine_request(
 ) -> Any:
     from worker.engine import EngineRequest
 
-    spec = JobSpec.model_validate(job.spec)
+    spec = stored_spec(job.kind, job.spec)
     references = spec.dataset_references()
     with session_scope() as session:
         model = session.get(Model, job.model_id) if job.model_id else None
@@ -260,8 +270,9 @@ def _error_for(exc: BaseException) -> dict[str, str]:
 
 
 def execute(job_id: str, worker_name: str) -> None:
-    """Run a job end to end. Never raises for a job failure: the outcome is written to the row."""
-    from worker.engine import run_pipeline
+    """Run a job (a recipe, or a search) end to end. Never raises for a job failure: the outcome is written to the
+    row."""
+    from worker.engine import run_pipeline, run_search
 
     settings = get_settings()
     job = claim(job_id, worker_name, settings)
@@ -277,8 +288,9 @@ def execute(job_id: str, worker_name: str) -> None:
         checkpoints = CheckpointSync(storage, checkpoint_key(job_id), output_dir / "checkpoints")
         checkpoints.restore()
         request = _engine_request(job, local, output_dir, settings, checkpoints)
-        report = run_pipeline(request, ProgressReporter(job_id, settings.progress_interval_s))
-        artifacts = store_outputs(storage, job, output_dir)
+        run = run_search if job.kind == JobKind.search else run_pipeline
+        report = run(request, ProgressReporter(job_id, settings.progress_interval_s))
+        artifacts = store_outputs(storage, job, output_dir, model_required=job.kind != JobKind.search)
         _record_success(job_id, report, artifacts, storage)
         publish_job(job_id)
     except JobCancelled:

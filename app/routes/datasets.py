@@ -24,7 +24,7 @@ from app.text_datasets import DatasetError, count_records, dataset_format
 from app.uploads import MULTIPART_OPENAPI, UPLOAD_RESPONSES, Upload, commit_or_remove, upload_name
 from modelpress.models import Dataset, Job, new_id
 from modelpress.settings import Settings
-from modelpress.specs import TASK_DATASET_FORMAT, JobSpec
+from modelpress.specs import TASK_DATASET_FORMAT, stored_spec
 from modelpress.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _jobs_using(session: Session, dataset: Dataset) -> list[str]:
     """Ids of the tenant's queued or running jobs that calibrate, evaluate or distill on this dataset."""
     query = select(Job).where(Job.tenant == dataset.tenant, Job.status.in_(ACTIVE_STATUSES))
     return [
-        job.id for job in session.scalars(query).all() if dataset.id in JobSpec.model_validate(job.spec).dataset_ids()
+        job.id for job in session.scalars(query).all() if dataset.id in stored_spec(job.kind, job.spec).dataset_ids()
     ]
 
 

@@ -26,7 +26,7 @@ from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, Webhook,
 from modelpress.queue import enqueue_job
 from modelpress.routing import route, waiting_reason
 from modelpress.settings import Settings
-from modelpress.specs import TASK_DATASET_FORMAT, DepthPrune, JobSpec, WeightQuantArgs, check_fit
+from modelpress.specs import TASK_DATASET_FORMAT, DepthPrune, JobSpec, SearchSpec, WeightQuantArgs, check_fit
 from modelpress.webhooks import RefusedUrl, check_url
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,12 @@ async def job_body(request: Request) -> JobSpec:
         raise RequestValidationError(exc.errors(include_url=False)) from exc
 
 
-def spec_digest(spec: JobSpec) -> tuple[dict[str, Any], str]:
+def spec_digest(spec: JobSpec | SearchSpec) -> tuple[dict[str, Any], str]:
     """The spec as stored (without `notify`, whose secret lives only in the webhook row) and the sha256 of the
     whole body's canonical form (sorted keys, no spaces), secret included, for `Idempotency-Key` replays."""
-    data = spec.model_dump(mode="json", exclude={"notify"})
+    data = spec.model_dump(mode="json", exclude={"notify"} if isinstance(spec, JobSpec) else None)
     whole = dict(data)
-    if spec.notify is not None:
+    if getattr(spec, "notify", None) is not None:
         whole["notify"] = {"url": spec.notify.url, "secret": spec.notify.secret.get_secret_value()}
     canonical = json.dumps(whole, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return data, hashlib.sha256(canonical.encode()).hexdigest()
@@ -71,7 +71,7 @@ def _webhook(spec: JobSpec, tenant: str, settings: Settings) -> Webhook | None:
     return Webhook(tenant=tenant, url=spec.notify.url, secret=spec.notify.secret.get_secret_value())
 
 
-def _replay(session: Session, tenant: str, key: str, digest: str) -> Job | None:
+def replay(session: Session, tenant: str, key: str, digest: str) -> Job | None:
     """The job created earlier with this Idempotency-Key, if any; 422 when its body differed."""
     job = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
     if job is not None and job.spec_sha256 != digest:
@@ -83,8 +83,9 @@ def _replay(session: Session, tenant: str, key: str, digest: str) -> Job | None:
     return job
 
 
-def _check_references(session: Session, tenant: str, spec: JobSpec) -> Model:
-    """The model and datasets exist and are the tenant's (404), and the recipe fits the model (422); the model.
+def check_references(session: Session, tenant: str, spec: JobSpec | SearchSpec) -> Model:
+    """The model and datasets exist and are the tenant's (404), and the model has a tokenizer where datasets are
+    read (422); returns the model.
 
     The rows are read FOR SHARE, so a concurrent delete waits for this job and then sees it.
     """
@@ -112,7 +113,6 @@ def _check_references(session: Session, tenant: str, spec: JobSpec) -> Model:
                 f"{field} needs a tokenizer, but model {model.id} was uploaded without one "
                 "(tokenizer.json or tokenizer.model); upload the model with its tokenizer",
             )
-    _check_fits_model(spec, model)
     return model
 
 
@@ -213,9 +213,10 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
 ) -> JobPublic:
     data, digest = spec_digest(spec)
-    if idempotency_key is not None and (earlier := _replay(session, tenant, idempotency_key, digest)):
+    if idempotency_key is not None and (earlier := replay(session, tenant, idempotency_key, digest)):
         return _answer(earlier, response, replayed=True)
-    model = _check_references(session, tenant, spec)
+    model = check_references(session, tenant, spec)
+    _check_fits_model(spec, model)
     webhook = _webhook(spec, tenant, settings)
     need = route(model.parameters, model.details, spec, settings.cpu_job_max_bytes)
     job = Job(
@@ -238,7 +239,7 @@ def create_job(
         session.commit()
     except IntegrityError:
         session.rollback()
-        earlier = _replay(session, tenant, idempotency_key, digest) if idempotency_key else None
+        earlier = replay(session, tenant, idempotency_key, digest) if idempotency_key else None
         if earlier is None:
             raise
         return _answer(earlier, response, replayed=True)
@@ -282,6 +283,12 @@ def get_job(job: JobDep) -> JobPublic:
     },
 )
 def cancel_job(job: JobDep, session: SessionDep, response: Response) -> JobPublic:
+    cancel(job, session, response)
+    return JobPublic.of(job)
+
+
+def cancel(job: Job, session: Session, response: Response) -> None:
+    """Cancel a queued job at once, or ask a running one to stop (202); 409 once it has ended."""
     queued = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == JobStatus.queued)
@@ -299,7 +306,6 @@ def cancel_job(job: JobDep, session: SessionDep, response: Response) -> JobPubli
     session.commit()
     session.refresh(job)
     publish(job)
-    return JobPublic.of(job)
 
 
 @router.get(

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from modelpress.specs import CalibrationSpec, EvaluationSpec, JobSpec, KnowledgeDistill, StepSpec
+from modelpress.specs import CalibrationSpec, EvaluationSpec, JobSpec, KnowledgeDistill, SearchSpec, StepSpec
 from worker.engine.calibrate.windows import token_windows
 from worker.engine.evaluate import (
     EvalPlan,
@@ -71,7 +71,7 @@ ProgressFn = Callable[[ProgressEvent], None]
 class EngineRequest:
     model_path: Path
     model_format: str
-    spec: JobSpec
+    spec: JobSpec | SearchSpec  # a search runs through worker.engine.search.run_search
     calibration_path: Path | None
     calibration_format: str | None
     evaluation_path: Path | None

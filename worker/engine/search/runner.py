@@ -1,0 +1,406 @@
+"""A quality-budget search, end to end: load, measure the baseline, measure every layer's sensitivity once,
+then build and measure a few assignments around the budget and choose the best one that meets it as measured.
+
+The loop: the solver gives the cheapest assignment whose predicted damage (mean NLL increase, nats per token)
+fits a target, first the budget itself. Each built candidate is measured on the evaluation windows; the ratio of
+measured to predicted damage corrects the next target (the sensitivity rounds to nearest and assumes layers add
+up; the build rounds with GPTQ and layers interact). When the next target gives an assignment already built,
+the target is bisected between the best candidate that met the budget and the cheapest that missed it; the loop
+ends when that repeats too, or at `max_candidates`. Every method in the space is tried on the first assignment;
+the best measured one builds the rest.
+
+Stages reported: "load", "evaluate baseline", "sensitivity", "candidate 1" … "candidate N", "finish".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from modelpress.specs import SearchMethod, SearchObjective, SearchSpec
+from worker.engine.calibrate.targets import select_linears
+from worker.engine.calibrate.windows import token_windows
+from worker.engine.evaluate import ReferenceWriter, device_name, library_versions, perplexity, state_dict_bytes
+from worker.engine.load.checkpoint import LoadedModel, load_model, pick_device, require_tokenizer
+from worker.engine.pipeline import EngineRequest, ProgressEvent, ProgressFn, cpu_copy
+from worker.engine.search import candidates as cand
+from worker.engine.search.pareto import pareto_front
+from worker.engine.search.sensitivity import Sensitivity, measure_sensitivity
+from worker.engine.search.solver import Option, least_damage, solve, total
+from worker.engine.search.state import SearchState
+from worker.engine.steps import EngineError
+
+log = logging.getLogger(__name__)
+
+TARGET_MARGIN = 0.97  # aim a little under the corrected target: the correction is itself an estimate
+REFERENCE = "baseline-top-k.safetensors"
+
+
+def run_search(request: EngineRequest, progress: ProgressFn) -> dict:
+    """Run a search; write report.json (and model.tar of the chosen candidate, if any) into request.output_dir."""
+    return _Search(request, progress).run()
+
+
+def limits_in_nats(spec: SearchSpec) -> dict[str, float]:
+    """Each budget limit on the scale the sensitivity predicts (nats per token): log(1 + r) for a perplexity
+    increase r, the KL itself for a KL limit."""
+    limits = {}
+    if spec.budget.perplexity_increase is not None:
+        limits["perplexity_increase"] = math.log1p(spec.budget.perplexity_increase)
+    if spec.budget.kl_divergence is not None:
+        limits["kl_divergence"] = spec.budget.kl_divergence
+    return limits
+
+
+def measured_in_nats(measured: dict) -> dict[str, float]:
+    """A candidate's measured damage on each limit's scale."""
+    kl = measured.get("kl_divergence") or {}
+    return {"perplexity_increase": measured["nll_increase"], "kl_divergence": kl.get("mean", math.inf)}
+
+
+def meets(limits: dict[str, float], measured: dict) -> bool:
+    damage = measured_in_nats(measured)
+    return all(damage[name] <= limit for name, limit in limits.items())
+
+
+class _Search:
+    """State of one search while it runs (dies with it)."""
+
+    def __init__(self, request: EngineRequest, progress: ProgressFn) -> None:
+        if not isinstance(request.spec, SearchSpec):
+            raise EngineError("bad_spec", "run_search needs a search spec")
+        self.request, self.spec, self.progress = request, request.spec, progress
+        self.stages = [
+            "load",
+            "evaluate baseline",
+            "sensitivity",
+            *(f"candidate {i + 1}" for i in range(self.spec.max_candidates)),
+            "finish",
+        ]
+        self.device = pick_device(request.device)
+        self.limits = limits_in_nats(self.spec)
+
+    def stage(self, index: int):
+        def report(fraction: float, message: str) -> None:
+            fraction = min(max(fraction, 0.0), 1.0)
+            self.progress(ProgressEvent(index + 1, len(self.stages), self.stages[index], fraction, message))
+
+        return report
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        output_dir = Path(self.request.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".search-", dir=output_dir))
+        try:
+            folder = self.request.checkpoint_dir or scratch / "state"
+            self.state = SearchState(Path(folder) / "search", self.request.on_checkpoint)
+            return self._run(output_dir, scratch, started)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _run(self, output_dir: Path, scratch: Path, started: float) -> dict:
+        loaded, calibration, evaluation = self.load(self.stage(0))
+        linears = select_linears(loaded.model, self.spec.space.targets, self.spec.space.ignore)
+        formats = {name: cand.fitting_formats(linear, self.spec.space.formats) for name, linear in linears.items()}
+        formats = {name: fits for name, fits in formats.items() if fits}
+        if not formats:
+            raise EngineError(
+                "no_targets",
+                "no Linear layer is targeted that any allowed format fits: check space.targets, space.ignore and "
+                "space.formats (a group size must divide a layer's input width)",
+            )
+        linears = {name: linears[name] for name in formats}
+        baseline = self.baseline(loaded, evaluation, self.stage(1))
+        sensitivity = self.sensitivity(loaded, linears, formats, calibration, self.stage(2))
+        scores = sensitivity.scores
+        options = {
+            name: [Option(f.value, cand.format_bytes(linears[name], f), scores[name][f.value]) for f in fits]
+            for name, fits in formats.items()
+        }
+        original = cpu_copy(loaded.model)
+        records = self.explore(loaded, original, linears, options, calibration, evaluation, baseline, scratch)
+        report = self.finish(records, baseline, sensitivity, output_dir, self.stage(len(self.stages) - 1))
+        report["duration_s"] = time.perf_counter() - started
+        return report
+
+    # --- Inputs and the baseline --------------------------------------------------------------------------------
+
+    def load(self, report) -> tuple[LoadedModel, torch.Tensor, torch.Tensor]:
+        request, spec = self.request, self.spec
+        report(0.0, f"loading {request.model_format} model")
+        loaded = load_model(Path(request.model_path), request.model_format, self.device)
+        tokenizer = require_tokenizer(loaded.tokenizer, "calibration")
+        if request.calibration_path is None or request.evaluation_path is None:
+            raise EngineError("missing_dataset", "a search needs calibration and evaluation dataset files")
+        calibration = token_windows(
+            tokenizer,
+            Path(request.calibration_path),
+            request.calibration_format,
+            spec.calibration.seq_len,
+            spec.calibration.samples,
+            "calibration",
+        )
+        evaluation = token_windows(
+            tokenizer,
+            Path(request.evaluation_path),
+            request.evaluation_format,
+            spec.evaluation.seq_len,
+            spec.evaluation.max_windows,
+            "evaluation",
+        )
+        report(1.0, "loaded")
+        return loaded, calibration, evaluation
+
+    def baseline(self, loaded: LoadedModel, evaluation: torch.Tensor, report) -> dict:
+        """The model as uploaded: perplexity, bytes, and its top-k kept for every candidate's KL divergence."""
+        done = self.state.read("baseline.json")
+        if done is not None and self.state.path(REFERENCE).is_file():
+            report(1.0, "baseline measured by an earlier attempt")
+            return done
+        writer = ReferenceWriter(self.state.path(REFERENCE))
+        result = perplexity(loaded.model, evaluation, self.device, report, writer)
+        self.state.completed(writer.save())
+        baseline = {
+            "perplexity": result["perplexity"],
+            "evaluation_tokens": result["tokens"],
+            "size_bytes": state_dict_bytes(loaded.model),
+            "size_method": "tensor bytes save_pretrained writes (tied tensors once)",
+        }
+        self.state.write("baseline.json", baseline)
+        return baseline
+
+    def sensitivity(self, loaded, linears, formats, calibration, report) -> Sensitivity:
+        done = self.state.read("sensitivity.json")
+        if done is not None:
+            report(1.0, "sensitivity measured by an earlier attempt")
+            return Sensitivity.from_json(done)
+        started = time.perf_counter()
+        windows = calibration[: self.spec.sensitivity_windows]
+        result = measure_sensitivity(loaded.model, linears, formats, windows, self.device, report)
+        data = {**result.to_json(), "duration_s": time.perf_counter() - started}
+        self.state.write("sensitivity.json", data)
+        return Sensitivity.from_json(data)
+
+    # --- The loop ------------------------------------------------------------------------------------------------
+
+    def explore(self, loaded, original, linears, options, calibration, evaluation, baseline, scratch) -> list[dict]:
+        records: list[dict] = []
+        methods = list(self.spec.space.methods)
+        budget = min(self.limits.values())
+        target, tried_targets = budget, set()
+        for _ in range(4 * self.spec.max_candidates):  # every pass builds one or stops; bounded all the same
+            if len(records) >= self.spec.max_candidates:
+                break
+            assignment = solve(options, target)
+            feasible = assignment is not None
+            assignment = assignment or least_damage(options)
+            method = methods[len(records)] if len(records) < len(methods) else self._best_method(records)
+            key = cand.candidate_key(method, assignment)
+            if any(r["key"] == key for r in records):
+                target = self._bisect(records, tried_targets)
+                if target is None:
+                    break
+                continue
+            tried_targets.add(round(target, 12))
+            predicted = total(options, assignment, "damage")
+            record = self.candidate(
+                len(records),
+                key,
+                method,
+                assignment,
+                predicted,
+                target,
+                loaded,
+                original,
+                linears,
+                calibration,
+                evaluation,
+                baseline,
+                scratch,
+            )
+            record["feasible_as_predicted"] = feasible
+            records.append(record)
+            if budget == 0 or (not feasible and len(records) >= len(methods)):
+                break  # nothing looser is allowed, or nothing tighter exists
+            if len(records) >= len(methods):
+                target = self._corrected(record, target)
+        return records
+
+    def _best_method(self, records: list[dict]) -> SearchMethod:
+        """The method whose candidate on the first assignment measured the least damage."""
+        first = records[: len(self.spec.space.methods)]
+        best = min(first, key=lambda r: max(measured_in_nats(r["measured"])[n] for n in self.limits))
+        return SearchMethod(best["method"])
+
+    def _corrected(self, record: dict, target: float) -> float:
+        """The next target: the budget scaled by predicted / measured damage of the last candidate."""
+        predicted = record["predicted"]["nll_increase"]
+        measured = measured_in_nats(record["measured"])
+        if predicted <= 0:
+            return target
+        allowed = [limit * predicted / measured[name] for name, limit in self.limits.items() if measured[name] > 0]
+        return TARGET_MARGIN * min(allowed) if allowed else 2 * max(target, predicted)
+
+    def _bisect(self, records: list[dict], tried: set[float]) -> float | None:
+        """A target between the best candidate that met the budget and the cheapest one that missed it (by
+        predicted damage), or None when there is no such gap left to try."""
+        met = [r["predicted"]["nll_increase"] for r in records if r["meets_budget"]]
+        missed = [r["predicted"]["nll_increase"] for r in records if not r["meets_budget"]]
+        if not met or not missed:
+            return None
+        low, high = max(met), min(missed)
+        middle = (low + high) / 2
+        if high <= low or round(middle, 12) in tried:
+            return None
+        tried.add(round(middle, 12))
+        return middle
+
+    def candidate(
+        self,
+        index,
+        key,
+        method,
+        assignment,
+        predicted,
+        target,
+        loaded,
+        original,
+        linears,
+        calibration,
+        evaluation,
+        baseline,
+        scratch,
+    ) -> dict:
+        """Build, export and measure one candidate, or read it back when an earlier attempt finished it."""
+        report = self.stage(3 + index)
+        done = self.state.read(f"candidates/{key}.json")
+        if done is not None and self.state.path(f"candidates/{key}.tar").is_file():
+            report(1.0, f"candidate {index + 1} finished by an earlier attempt")
+            return done
+        started = time.perf_counter()
+        report(0.0, f"building candidate {index + 1} with {method.value}")
+        model = cpu_copy(original).to(self.device)
+        working = dict(model.named_modules())
+        layer_modules = {name: working[name] for name in linears}
+        quantized = cand.build_(
+            model, layer_modules, assignment, method, calibration, self.device, lambda f, m: report(0.6 * f, m)
+        )
+        folder = scratch / key
+        manifest = {
+            "search": self.spec.model_dump(mode="json"),
+            "candidate": {"method": method.value, "assignment": dict(assignment)},
+            "libraries": library_versions(),
+            "source_format": self.request.model_format,
+        }
+        cand.export_(model, loaded.tokenizer, quantized, folder, manifest)
+        del model, working, layer_modules
+        measured = cand.measure(
+            folder,
+            evaluation,
+            self.device,
+            self.state.path(REFERENCE),
+            baseline["perplexity"],
+            lambda f, m: report(0.65 + 0.35 * f, m),
+        )
+        self.state.completed(cand.pack(folder, self.state.path(f"candidates/{key}.tar")))
+        shutil.rmtree(folder, ignore_errors=True)
+        record = {
+            "key": key,
+            "method": method.value,
+            "formats": cand.format_counts(assignment),
+            "assignment": dict(assignment),
+            "target_nll_increase": target,
+            "predicted": {
+                "nll_increase": predicted,
+                "perplexity_increase": math.expm1(predicted),
+                "kl_divergence": predicted,
+                "size_bytes": cand.predicted_size(loaded.model, linears, assignment),
+                "linear_weight_bytes": cand.linear_weight_bytes(loaded.model, linears, assignment),
+            },
+            "measured": measured,
+            "meets_budget": meets(self.limits, measured),
+            "duration_s": time.perf_counter() - started,
+        }
+        self.state.write(f"candidates/{key}.json", record)
+        report(1.0, f"candidate {index + 1}: perplexity {measured['perplexity']:.4g}")
+        return record
+
+    # --- The choice ----------------------------------------------------------------------------------------------
+
+    def objective_value(self, record: dict) -> float:
+        if self.spec.objective == SearchObjective.size:
+            return float(record["measured"]["size_bytes"])
+        return float(record["predicted"]["linear_weight_bytes"])
+
+    def finish(self, records: list[dict], baseline: dict, sensitivity: Sensitivity, output_dir: Path, report):
+        report(0.0, "choosing")
+        front = pareto_front(
+            [(self.objective_value(r), max(measured_in_nats(r["measured"])[n] for n in self.limits)) for r in records]
+        )
+        for i, (record, on_front) in enumerate(zip(records, front, strict=True)):
+            record["id"] = f"c{i + 1}"
+            record["pareto"] = on_front
+        meeting = [r for r in records if r["meets_budget"]]
+        chosen = min(meeting, key=lambda r: (self.objective_value(r), r["measured"]["nll_increase"]), default=None)
+        if chosen is not None:
+            shutil.copyfile(self.state.path(f"candidates/{chosen['key']}.tar"), output_dir / "model.tar")
+        result = {
+            "kind": "search",
+            "search": self.spec.model_dump(mode="json"),
+            "device": device_name(self.device),
+            "libraries": library_versions(),
+            "baseline": baseline,
+            "sensitivity": {
+                "windows": sensitivity.windows,
+                "tokens": sensitivity.tokens,
+                "layers": len(sensitivity.scores),
+                "method": "AutoQuantize's Fisher estimate: ½ Σ (∂ℓ/∂Y)² (Ŷ − Y)² per layer and format, weights "
+                "rounded to nearest, one forward and backward pass per calibration window; predicted mean NLL "
+                "increase in nats per token, layers summed",
+            },
+            "objective": {
+                "name": self.spec.objective.value,
+                "method": "bytes of the artifact's *.safetensors files on disk"
+                if self.spec.objective == SearchObjective.size
+                else "bytes-moved model: weight bytes of every Linear (output head included) as stored, read once "
+                "per decoded token; fewer bytes decode faster where decoding is bound by memory bandwidth "
+                "(predicted, not timed)",
+            },
+            "candidates": records,
+            "pareto_front": [r["id"] for r in records if r["pareto"]],
+            "chosen": None if chosen is None else chosen["id"],
+            "message": self.message(chosen, records, baseline),
+        }
+        (output_dir / "report.json").write_text(json.dumps(result, indent=2))
+        report(1.0, result["message"])
+        return result
+
+    def message(self, chosen: dict | None, records: list[dict], baseline: dict) -> str:
+        budget = self.spec.budget
+        limits = []
+        if budget.perplexity_increase is not None:
+            limits.append(f"perplexity +{100 * budget.perplexity_increase:.3g}%")
+        if budget.kl_divergence is not None:
+            limits.append(f"KL {budget.kl_divergence:.3g} nats")
+        wanted = " and ".join(limits)
+        if chosen is not None:
+            measured = chosen["measured"]
+            share = measured["size_bytes"] / baseline["size_bytes"]
+            return (
+                f"{chosen['id']} meets the budget ({wanted}) as measured: perplexity "
+                f"{100 * measured['perplexity_increase']:+.2f}%, {measured['size_bytes']} bytes on disk "
+                f"({100 * share:.1f}% of the model as uploaded)"
+            )
+        closest = min(records, key=lambda r: r["measured"]["nll_increase"])
+        return (
+            f"no candidate met the budget ({wanted}) as measured; the closest, {closest['id']}, measured perplexity "
+            f"{100 * closest['measured']['perplexity_increase']:+.2f}%: allow more loss or more formats (bf16)"
+        )
