@@ -30,12 +30,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from modelpress.specs import JobSpec, SearchSpec  # noqa: E402
+from modelpress.specs import AWQQuantize, SearchMethod, SearchSpec, WeightQuantArgs  # noqa: E402
 from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, gemma3_gguf, smollm2_dir  # noqa: E402
-from worker.engine import EngineError, EngineRequest, run_pipeline  # noqa: E402
+from worker.engine import EngineRequest  # noqa: E402
+from worker.engine.calibrate.targets import select_linears  # noqa: E402
+from worker.engine.calibrate.windows import token_windows  # noqa: E402
 from worker.engine.evaluate.report import library_versions  # noqa: E402
 from worker.engine.load.checkpoint import load_model  # noqa: E402
+from worker.engine.pipeline import cpu_copy  # noqa: E402
+from worker.engine.search import candidates as cand  # noqa: E402
 from worker.engine.search import run_search  # noqa: E402
+from worker.engine.search.runner import REFERENCE  # noqa: E402
+from worker.engine.steps import StepContext, run_step  # noqa: E402
 
 log = logging.getLogger("search_budget")
 
@@ -49,6 +55,10 @@ UNIFORM = [
     )
 ]
 FORMATS = ["bf16", "int8", "int4_g128", "int4_g64"]
+
+
+def source_format(source: Path) -> str:
+    return "hf" if source.is_dir() else "gguf"
 
 
 def model_source(name: str) -> Path:
@@ -66,7 +76,7 @@ def model_source(name: str) -> Path:
 def request(source: Path, spec, out: Path, device: str, checkpoint: Path | None = None) -> EngineRequest:
     return EngineRequest(
         model_path=source,
-        model_format="gguf",
+        model_format=source_format(source),
         spec=spec,
         calibration_path=SHARED_DATA / "wikitext2-valid.txt",
         calibration_format="txt",
@@ -78,52 +88,9 @@ def request(source: Path, spec, out: Path, device: str, checkpoint: Path | None 
     )
 
 
-def linear_widths(source: Path) -> set[int]:
-    """The input widths of the model's Linears (a group size must divide every one for a uniform recipe)."""
-    loaded = load_model(source, "gguf", torch.device("cpu"))
-    return {m.in_features for m in loaded.model.modules() if isinstance(m, torch.nn.Linear)}
-
-
-def run_uniform(source: Path, args, work: Path) -> list[dict]:
-    rows = []
-    widths = linear_widths(source)
-    for method, label, weights in UNIFORM:
-        group = weights["group_size"]
-        if group and any(width % group for width in widths):
-            rows.append({"recipe": f"{method} {label}", "error": f"group {group} does not divide widths {widths}"})
-            continue
-        spec = JobSpec.model_validate(
-            {
-                "model_id": "bench",
-                "recipe": [{"type": "quantize", "method": method, "weights": weights}],
-                "calibration": {"dataset_id": "valid", "samples": args.calibration_windows, "seq_len": args.seq_len},
-                "evaluation": {"dataset_id": "test", "seq_len": args.seq_len, "max_windows": args.eval_windows},
-            }
-        )
-        started = time.perf_counter()
-        try:
-            report = run_pipeline(request(source, spec, work / f"{method}-{label}", args.device), lambda e: None)
-        except EngineError as exc:
-            rows.append({"recipe": f"{method} {label}", "error": f"{exc.code}: {exc.message}"})
-            log.info("%s %s: %s", method, label, exc.message)
-            continue
-        base, opt = report["baseline"], report["optimized"]
-        rows.append(
-            {
-                "recipe": f"{method} {label}",
-                "perplexity": opt["perplexity"],
-                "baseline_perplexity": base["perplexity"],
-                "perplexity_increase": opt["perplexity"] / base["perplexity"] - 1,
-                "kl_divergence": report["quality"]["kl_divergence"]["mean"],
-                "size_bytes": opt["size_bytes"],
-                "wall_s": time.perf_counter() - started,
-            }
-        )
-        log.info("%s", rows[-1])
-    return rows
-
-
-def run_searches(source: Path, args, work: Path) -> list[dict]:
+def run_searches(source: Path, args, state: Path) -> list[dict]:
+    """One search per budget, in one state folder: the first measures the baseline and the sensitivity, later
+    ones read them back (and any candidate an earlier budget already built), as a resumed search would."""
     results = []
     for budget in args.budgets:
         spec = SearchSpec.model_validate(
@@ -138,15 +105,22 @@ def run_searches(source: Path, args, work: Path) -> list[dict]:
                 "sensitivity_windows": args.sensitivity_windows,
             }
         )
-        folder = work / f"search-{budget}"
+        messages: list[str] = []
+
+        def progress(event, messages=messages) -> None:
+            if event.fraction in (0.0, 1.0):
+                messages.append(event.message)
+                log.info("%s: %s", event.step, event.message)
+
         started = time.perf_counter()
-        report = run_search(request(source, spec, folder / "out", args.device, folder / "state"), lambda e: None)
+        report = run_search(request(source, spec, state.parent / f"out-{budget}", args.device, state), progress)
         wall = time.perf_counter() - started
         chosen = next((c for c in report["candidates"] if c["id"] == report["chosen"]), None)
         results.append(
             {
                 "budget": budget,
                 "wall_s": wall,
+                "reused": [m for m in messages if "earlier attempt" in m],
                 "chosen": report["chosen"],
                 "message": report["message"],
                 "baseline": report["baseline"],
@@ -176,8 +150,65 @@ def run_searches(source: Path, args, work: Path) -> list[dict]:
     return results
 
 
+def run_uniform(source: Path, args, state: Path, work: Path) -> list[dict]:
+    """Each uniform recipe built, exported and measured by the same code the search's candidates go through,
+    against the search's baseline (its perplexity and top-k): `wall_s` is the quantize step, the export and the
+    measurement (the job's load and baseline evaluation are not counted)."""
+    loaded = load_model(source, source_format(source), torch.device(args.device))
+    original = cpu_copy(loaded.model)
+    calibration = token_windows(
+        loaded.tokenizer, SHARED_DATA / "wikitext2-valid.txt", "txt", args.seq_len, args.calibration_windows, "c"
+    )
+    evaluation = token_windows(
+        loaded.tokenizer, SHARED_DATA / "wikitext2-test.txt", "txt", args.seq_len, args.eval_windows, "e"
+    )
+    baseline = json.loads((state / "search" / "baseline.json").read_text())
+    widths = {m.in_features for m in original.modules() if isinstance(m, torch.nn.Linear)}
+    rows = []
+    for method, label, weights in UNIFORM:
+        name = f"{method} {label}"
+        group = weights["group_size"]
+        if group and any(width % group for width in widths):
+            rows.append({"recipe": name, "error": f"group size {group} does not divide the widths {sorted(widths)}"})
+            continue
+        started = time.perf_counter()
+        model = cpu_copy(original).to(args.device)
+        device = torch.device(args.device)
+        linears = select_linears(model)
+        if method == "awq":
+            step = AWQQuantize(weights=WeightQuantArgs(**weights))
+            context = StepContext(calibration=calibration, report_progress=lambda f, m: None, device=device)
+            quantized = run_step(model, step, context).quantized
+        else:
+            fmt = "int8" if weights["bits"] == 8 else f"int4_g{group}"
+            assignment = dict.fromkeys(linears, fmt)
+            quantized = cand.build_(
+                model, linears, assignment, SearchMethod(method), calibration, device, lambda f, m: None
+            )
+        folder = work / name.replace(" ", "-")
+        cand.export_(model, loaded.tokenizer, quantized, folder, {"recipe": name})
+        del model
+        measured = cand.measure(
+            folder, evaluation, device, state / "search" / REFERENCE, baseline["perplexity"], lambda f, m: None
+        )
+        rows.append(
+            {
+                "recipe": name,
+                "perplexity": measured["perplexity"],
+                "baseline_perplexity": baseline["perplexity"],
+                "perplexity_increase": measured["perplexity_increase"],
+                "kl_divergence": measured["kl_divergence"]["mean"],
+                "size_bytes": measured["size_bytes"],
+                "wall_s": time.perf_counter() - started,
+            }
+        )
+        log.info("%s", rows[-1])
+    return rows
+
+
 def tables(model: str, uniform: list[dict], searches: list[dict]) -> str:
     gptq_job = next((u["wall_s"] for u in uniform if u["recipe"] == "gptq int4 g64" and "wall_s" in u), None)
+    # the first search measured the baseline and the sensitivity; later budgets read them back
     lines = [
         f"### {model}: search against the best uniform recipe",
         "",
@@ -241,15 +272,22 @@ def main() -> None:
     parser.add_argument("--max-candidates", type=int, default=4)
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["gptq"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model-path", type=Path, help="a Hugging Face folder instead of the packaged GGUF")
     parser.add_argument("--skip-uniform", action="store_true", help="searches only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    source = model_source(args.model)
+    source = args.model_path or model_source(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        searches = run_searches(source, args, work)
-        uniform = [] if args.skip_uniform else run_uniform(source, args, work)
+        searches = run_searches(source, args, work / "state")
+        save(args, [], searches)
+        uniform = [] if args.skip_uniform else run_uniform(source, args, work / "state", work)
+    save(args, uniform, searches)
+
+
+def save(args, uniform: list[dict], searches: list[dict]) -> None:
+    """Print the tables and write the results (again after each part, so a stopped run keeps what it measured)."""
     text = tables(args.model, uniform, searches)
     print(text)
     stamp = datetime.date.today().isoformat()

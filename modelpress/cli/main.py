@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from modelpress.cli import render, resumable
+from modelpress.cli import search as search_command
 from modelpress.cli import watch as watching
 from modelpress.cli.client import DEFAULT_URL, ApiError, Client
 from modelpress.cli.recipe import RecipeError, build_job_body
@@ -388,6 +389,43 @@ def submit(
         console.print(f"job {job.get('id')} {job.get('status', 'queued')}", highlight=False)
         if watch_job:
             raise typer.Exit(follow(client, str(job["id"])))
+
+
+@app.command()
+def search(
+    model: Annotated[str, typer.Option(help="Model id.", show_default=False)] = ...,
+    budget: Annotated[
+        list[str], typer.Option(help="ppl=2% (perplexity increase) and/or kl=0.01 (mean KL, nats).", show_default=False)
+    ] = ...,
+    calibration: Annotated[str, typer.Option(help="Dataset id for the sensitivity pass and GPTQ.")] = ...,
+    evaluation: Annotated[str, typer.Option(help="Dataset id every candidate is measured on.")] = ...,
+    objective: Annotated[str, typer.Option(help="size (bytes on disk) or decode_speed.")] = "size",
+    formats: Annotated[list[str] | None, typer.Option("--format", help="Allowed layer format (repeat).")] = None,
+    methods: Annotated[list[str] | None, typer.Option("--method", help="rtn or gptq (repeat).")] = None,
+    max_candidates: Annotated[int | None, typer.Option(help="Most candidates built and measured.")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Retrying with the same key and body returns the same search.")
+    ] = None,
+    watch_search: Annotated[bool, typer.Option("--watch", help="Follow it, then print the front.")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Search per-layer formats for the smallest (or fastest) model within a quality budget."""
+    try:
+        body = search_command.search_body(
+            model, budget, objective, calibration, evaluation, formats, methods, max_candidates
+        )
+    except search_command.BudgetError as exc:
+        raise fail(str(exc)) from None
+    with api(url, api_key) as client:
+        created = client.submit_search(body, idempotency_key)
+        console.print(f"search {created.get('id')} {created.get('status', 'queued')}", highlight=False)
+        if watch_search:
+            code = follow(client, str(created["id"]))
+            finished = client.search(str(created["id"]))
+            if finished.get("result"):
+                console.print(search_command.front_table(finished))
+            raise typer.Exit(code)
 
 
 def follow(client: Client, job_id: str, interval: float = 1.0) -> int:

@@ -39,6 +39,7 @@ class FakeApi:
     script: list[dict[str, Any]] = field(default_factory=list)
     artifacts: dict[str, tuple[dict[str, Any], bytes]] = field(default_factory=dict)
     report: dict[str, Any] | None = None
+    search_result: dict[str, Any] | None = None  # a finished search's `result`
     requests: list[httpx.Request] = field(default_factory=list)
     # the event stream: each request answers the next batch of (id, job) events, then closes; None: no such route
     event_batches: list[list[tuple[str, dict[str, Any]]]] | None = None
@@ -86,6 +87,14 @@ class FakeApi:
             job = {"id": "job1", "status": "queued", "progress": {}, "error": None}
             self.jobs["job1"] = job
             return httpx.Response(202, json=job, headers={"location": "/v1/jobs/job1"})
+        if method == "POST" and path == "/v1/searches":
+            body = json.loads(request.content)
+            self.job_bodies.append((body, request.headers.get("idempotency-key")))
+            job = {"id": "search1", "kind": "search", "status": "queued", "progress": {}, "error": None}
+            self.jobs["search1"] = job
+            return httpx.Response(202, json=job, headers={"location": "/v1/searches/search1"})
+        if match := re.fullmatch(r"/v1/searches/([^/]+)", path):
+            return httpx.Response(200, json={**self.jobs[match[1]], "result": self.search_result})
         if method == "POST" and (match := re.fullmatch(r"/v1/jobs/([^/]+)/cancel", path)):
             self.jobs[match[1]]["status"] = "cancelled"
             return httpx.Response(200, json=self.jobs[match[1]])
