@@ -1,0 +1,96 @@
+"""Searches over real HTTP with a real Celery worker on a tiny model: refused bodies, a budget of 0 (the
+unquantized model), a budget nobody meets (succeeded, nothing chosen), and a mixed-precision choice whose
+downloaded artifact transformers alone reloads at the perplexity the result states."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.utils.checks import perplexity_in_clean_process, unpack
+from tests.utils.factories import build_tiny_model, tar_folder, write_text_dataset
+from tests.utils.stack import Client, Stack
+
+SEQ_LEN, WINDOWS = 32, 4
+
+
+@pytest.fixture(scope="module")
+def client(e2e_stack: Stack) -> Client:
+    return e2e_stack.client()
+
+
+@pytest.fixture(scope="module")
+def uploaded(client: Client, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    archive = tar_folder(build_tiny_model(root / "model"), root / "tiny.tar")
+    text = write_text_dataset(root / "text.txt")
+    model = client.upload("/v1/models", archive, name="tiny").json()
+    dataset = client.upload("/v1/datasets", text, name="text").json()
+    return {"model": model["id"], "dataset": dataset["id"], "text": text}
+
+
+def body(uploaded: dict, budget: dict, formats=("bf16", "int8", "int4_g32"), **extra) -> dict:
+    return {
+        "model_id": uploaded["model"],
+        "calibration": {"dataset_id": uploaded["dataset"], "samples": WINDOWS, "seq_len": SEQ_LEN},
+        "evaluation": {"dataset_id": uploaded["dataset"], "seq_len": SEQ_LEN, "max_windows": WINDOWS},
+        "budget": budget,
+        "space": {"formats": list(formats), "methods": ["rtn"]},
+        "sensitivity_windows": 2,
+        **extra,
+    }
+
+
+def run_search(client: Client, e2e_stack: Stack, data: dict) -> tuple[dict, dict[str, dict]]:
+    response = client.http.post("/v1/searches", json=data)
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == f"/v1/searches/{response.json()['id']}"
+    assert client.wait(response.json()["id"], 300, e2e_stack.workers[0])["status"] == "succeeded"
+    search = client.http.get(f"/v1/searches/{response.json()['id']}").json()
+    artifacts = client.http.get(f"/v1/searches/{search['id']}/artifacts").json()["data"]
+    return search, {a["kind"]: a for a in artifacts}
+
+
+def test_bad_searches_are_refused_with_what_to_fix(client: Client, uploaded: dict) -> None:
+    no_limit = client.http.post("/v1/searches", json=body(uploaded, {}))
+    assert no_limit.status_code == 422 and "perplexity_increase" in no_limit.text
+    assert client.http.post("/v1/searches", json=body(uploaded, {"ppl": 0.1})).status_code == 422
+    unknown = client.http.post("/v1/searches", json={**body(uploaded, {"kl_divergence": 1}), "model_id": "x" * 8})
+    assert unknown.status_code == 404
+    nothing = client.http.post(
+        "/v1/searches", json=body(uploaded, {"kl_divergence": 1}) | {"space": {"targets": ["x"]}}
+    )
+    assert nothing.status_code == 422 and "select none" in nothing.json()["detail"]
+
+
+def test_budget_zero_chooses_the_unquantized_model(client: Client, e2e_stack: Stack, uploaded: dict) -> None:
+    search, artifacts = run_search(client, e2e_stack, body(uploaded, {"perplexity_increase": 0}))
+    result = search["result"]
+    assert result["chosen"] == "c1" and result["candidates"][0]["formats"] == {"bf16": 14}
+    assert result["candidates"][0]["perplexity_increase"] == pytest.approx(0, abs=1e-6)
+    assert set(artifacts) == {"model", "report"}
+    jobs = client.http.get("/v1/jobs").json()["data"]
+    assert any(j["id"] == search["id"] and j["kind"] == "search" for j in jobs)  # a job underneath
+
+
+def test_a_budget_nobody_meets_succeeds_with_nothing_chosen(client: Client, e2e_stack: Stack, uploaded: dict) -> None:
+    search, artifacts = run_search(client, e2e_stack, body(uploaded, {"kl_divergence": 1e-9}, formats=("int4_g32",)))
+    assert search["status"] == "succeeded" and search["result"]["chosen"] is None
+    assert search["result"]["message"].startswith("no candidate met the budget")
+    assert set(artifacts) == {"report"}  # no model to download
+
+
+def test_the_chosen_mix_reloads_with_transformers_alone(
+    client: Client, e2e_stack: Stack, uploaded: dict, tmp_path: Path
+) -> None:
+    data = body(uploaded, {"kl_divergence": 2e-4}, formats=("bf16", "int8", "int4_g32", "fp8"), max_candidates=2)
+    search, artifacts = run_search(client, e2e_stack, data)
+    result = client.http.get(f"/v1/searches/{search['id']}/result").json()
+    chosen = next(c for c in result["candidates"] if c["id"] == result["chosen"])
+    assert chosen["measured"]["kl_divergence"]["mean"] <= 2e-4 and chosen["meets_budget"]
+    assert len(chosen["assignment"]) == 14 and search["result"]["pareto_front"]
+    archive = client.download(artifacts["model"], tmp_path / "model.tar")
+    folder = unpack(archive, tmp_path / "model")
+    measured = perplexity_in_clean_process(folder, uploaded["text"], SEQ_LEN, WINDOWS)
+    assert measured["perplexity"] == pytest.approx(chosen["measured"]["perplexity"], rel=0.01)
