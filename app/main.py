@@ -21,7 +21,7 @@ from app.schemas import JobCreate
 from app.uploads import sweep_abandoned
 from modelpress.logs import configure_logging
 from modelpress.settings import get_settings
-from modelpress.storage import get_storage
+from modelpress.storage import StorageUnavailable, get_storage
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def _on_os_error(_request: Request, exc: Exception) -> JSONResponse:
     """A full disk answers 507 (the upload was removed); other I/O errors stay 500s, logged."""
+    if isinstance(exc, StorageUnavailable):
+        logger.error("object store unavailable: %s", exc)
+        detail = "the server's object store is not answering; nothing was stored: try again in a minute"
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "60"})
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         logger.error("storage is full: %s", exc)
         return JSONResponse({"detail": "the server's storage is full; try again later"}, status_code=507)

@@ -27,13 +27,14 @@ class JobError(BaseModel):
 
 
 class AttemptPublic(BaseModel):
-    """One attempt at running the job: `outcome` is running, succeeded, failed, cancelled, or lost (its worker
-    died and the job was queued again)."""
+    """One attempt at running the job: `outcome` is running, succeeded, failed, cancelled, lost (its worker
+    died and the job was queued again) or released (its worker had no room in its cache for the job's inputs and
+    handed the job back to the queue for another worker)."""
 
     started_at: datetime
     finished_at: datetime | None
     worker: str | None
-    outcome: Literal["running", "lost", "succeeded", "failed", "cancelled"]
+    outcome: Literal["running", "lost", "released", "succeeded", "failed", "cancelled"]
 
 
 class JobPublic(BaseModel):

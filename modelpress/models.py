@@ -24,10 +24,12 @@ class Base(DeclarativeBase):
 
 
 class AttemptOutcome(StrEnum):
-    """How one attempt at a job ended: a final job status, `lost` (its worker died), or still `running`."""
+    """How one attempt at a job ended: a final job status, `lost` (its worker died), `released` (its worker had no
+    room for the inputs and handed the job back to the queue), or still `running`."""
 
     running = "running"
     lost = "lost"
+    released = "released"
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"

@@ -44,12 +44,20 @@ class Settings(BaseSettings):
     aws_region: str | None = Field(default=None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
     s3_part_size_bytes: int = Field(default=64 * 1024**2, ge=5 * 1024**2)  # multipart part size (S3's minimum: 5 MiB)
     s3_public_endpoint_url: str | None = None  # the endpoint clients reach for presigned URLs, when it differs
+    # how long one store operation keeps retrying while the store does not answer (connection refused, 5xx),
+    # with backoff; past it the operation raises StorageUnavailable and a job fails with `storage_unavailable`
+    storage_retry_s: float = Field(default=120.0, ge=0)
     download_redirect: bool = False  # answer artifact downloads with a presigned URL (307) instead of the bytes
     download_url_ttl_s: int = Field(default=300, ge=1, le=7 * 24 * 3600)
 
     # the worker's local cache of models and datasets fetched from storage
     cache_dir: Path | None = None  # default: <data_dir>/cache
     cache_max_bytes: int = Field(default=100 * GiB, ge=1)
+    # import torch and the engine once in the worker's parent, so that each job's fresh child is forked with them
+    # loaded (milliseconds, not seconds of imports per job); the parent still never initialises CUDA
+    preload_engine: bool = False
+    # a worker that handed a job back for want of cache room leaves it to other workers this long
+    release_hold_s: float = Field(default=60.0, ge=0)
 
     # uploads
     max_upload_bytes: int = 64 * GiB

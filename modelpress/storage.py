@@ -20,6 +20,10 @@ from typing import BinaryIO, Protocol
 CHUNK = 1024 * 1024
 
 
+class StorageUnavailable(ConnectionError):
+    """The store did not answer within its retry budget (`MODELPRESS_STORAGE_RETRY_S`); nothing was half-written."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One stored object: its key (relative to the tree asked for, in `list_tree`), size and version tag."""

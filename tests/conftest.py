@@ -156,11 +156,11 @@ def start_api(env: dict[str, str], log: Path) -> LiveProcess:
     raise RuntimeError(f"API did not start:\n{log.read_text()}")
 
 
-def start_worker(env: dict[str, str], log: Path) -> LiveProcess:
-    """Run a real Celery worker process on this test session's queue."""
+def start_worker(env: dict[str, str], log: Path, name: str | None = None) -> LiveProcess:
+    """Run a real Celery worker process on this test session's queue (as `name`@host, when given)."""
     handle = log.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--loglevel", "INFO"],
+        [sys.executable, "-m", "worker", "--loglevel", "INFO", *(["--hostname", f"{name}@%h"] if name else [])],
         cwd=REPO,
         env={**os.environ, **env},
         stdout=handle,

@@ -15,6 +15,7 @@ without `ready`, which the next fetch of that object (or eviction) removes. Lock
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -36,6 +37,11 @@ META, READY, DATA = "meta.json", "ready", "data"
 
 class CacheFull(OSError):
     """The object does not fit: the cache is smaller than it, or the rest is in use by running jobs."""
+
+
+class NoRoomNow(CacheFull):
+    """The object would fit this cache, but not now: running jobs hold the rest, or the disk under it is full.
+    Another worker, or this one later, may have room: the job goes back to the queue instead of failing."""
 
 
 class FileCache:
@@ -86,8 +92,17 @@ class FileCache:
         with _locked(self.root / f"{name}.use", fcntl.LOCK_SH):
             with _locked(self.root / f"{name}.fetch", fcntl.LOCK_EX):
                 if not (entry / READY).exists():
-                    self._reserve(entry, key, size)
-                    self._download(storage, key, objects, tree, entry)
+                    try:
+                        self._reserve(entry, key, size)
+                        self._download(storage, key, objects, tree, entry)
+                    except BaseException as exc:
+                        shutil.rmtree(entry, ignore_errors=True)  # no half-written entry, no reserved room
+                        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise NoRoomNow(
+                                f"the disk under the worker's cache ({self.root}) filled while fetching {key} "
+                                f"({size} bytes): {exc.strerror}"
+                            ) from exc
+                        raise
                 now = time.time_ns()  # the clock, not the file system's coarser timestamps: order matters
                 os.utime(entry / META, ns=(now, now))  # most recently used
             yield entry / DATA
@@ -120,7 +135,7 @@ class FileCache:
                 total -= size
                 log.info("cache: evicted %s (%d bytes)", folder.name, size)
         if total + needed > self.max_bytes:
-            raise CacheFull(
+            raise NoRoomNow(
                 f"the worker's cache ({self.max_bytes} bytes, MODELPRESS_CACHE_MAX_BYTES) is held by running jobs "
                 f"({total} bytes); {needed} more do not fit: retry when they finish, or raise the limit"
             )

@@ -44,6 +44,22 @@ def create_celery(settings: Settings | None = None) -> Celery:
 _registration: list[Registration] = []  # this parent's registration, once the worker is ready
 
 
+@signals.worker_init.connect
+def _preload_engine(**_kwargs) -> None:
+    """With MODELPRESS_PRELOAD_ENGINE, import the job runner (torch, transformers, the engine) in the parent before
+    the pool forks: a child per job then starts with them loaded. Importing torch does not initialise CUDA; the
+    child that runs a job is the first to touch a GPU, so forking stays safe."""
+    if not get_settings().preload_engine:
+        return
+    import transformers
+
+    import worker.engine.pipeline  # noqa: F401
+    import worker.jobs  # noqa: F401
+
+    transformers.AutoModelForCausalLM  # noqa: B018  (its lazy module: resolve it now, once)
+    log.info("torch and the engine preloaded in the worker's parent process")
+
+
 @signals.worker_ready.connect
 def _start_reconciler(sender=None, **_kwargs) -> None:
     from modelpress.webhooks import WebhookSender

@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,13 @@ from modelpress.models import (
     Model,
     utcnow,
 )
+from modelpress.queue import enqueue_job
 from modelpress.settings import Settings, get_settings
 from modelpress.specs import TASK_DATASET_FORMAT, stored_spec
-from modelpress.storage import Storage, get_storage
+from modelpress.storage import Storage, StorageUnavailable, get_storage
 from worker.artifacts import remove as remove_artifacts
 from worker.artifacts import store_outputs
-from worker.cache import CacheFull, get_cache
+from worker.cache import CacheFull, NoRoomNow, get_cache
 from worker.job_files import CheckpointSync, JobFiles
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,31 @@ class JobCancelled(Exception):
     """Raised from the progress callback when the user asked to cancel; unwinds the engine."""
 
 
+PASS_PAUSE_S = 1.0  # a worker passing on a job it handed back waits this long before sending it on
+
+
+class Pass(Exception):
+    """This worker handed the job back lately (no room in its cache): another worker should take it."""
+
+
 def claim(job_id: str, worker_name: str, settings: Settings) -> Job | None:
     """Mark a job running on this worker, or return None when it is not ours to run; publishes what changed."""
-    job = _claim(job_id, worker_name, settings)
+    try:
+        job = _claim(job_id, worker_name, settings)
+    except Pass:
+        log.info("job %s: handed back by this worker lately; sent on for another worker", job_id)
+        time.sleep(PASS_PAUSE_S)  # a lone worker does not spin on the job it cannot hold
+        enqueue_job(job_id, settings, front=True)
+        return None
     publish_job(job_id)
     return job
+
+
+def _released_here_lately(job: Job, worker_name: str, now: datetime, settings: Settings) -> bool:
+    last = (job.attempt_history or [{}])[-1]
+    if last.get("outcome") != AttemptOutcome.released or last.get("worker") != worker_name:
+        return False
+    return now - datetime.fromisoformat(last["finished_at"]) < timedelta(seconds=settings.release_hold_s)
 
 
 def _claim(job_id: str, worker_name: str, settings: Settings) -> Job | None:
@@ -77,16 +98,10 @@ def _claim(job_id: str, worker_name: str, settings: Settings) -> Job | None:
             _finish(job, JobStatus.cancelled, error=None)
             return None
         if job.attempts >= settings.max_attempts:
-            _finish(
-                job,
-                JobStatus.failed,
-                error={
-                    "code": "too_many_attempts",
-                    "message": f"the job's worker died {job.attempts} times (limit {settings.max_attempts}); "
-                    "the last attempt may have run out of memory: try a smaller recipe or a larger worker",
-                },
-            )
+            _finish(job, JobStatus.failed, error=_attempts_spent(job, settings))
             return None
+        if _released_here_lately(job, worker_name, now, settings):
+            raise Pass(job_id)
         job.status = JobStatus.running
         job.start_attempt(worker_name, now)
         job.heartbeat_at = now
@@ -95,6 +110,36 @@ def _claim(job_id: str, worker_name: str, settings: Settings) -> Job | None:
         session.flush()
         session.expunge(job)
         return job
+
+
+def _attempts_spent(job: Job, settings: Settings) -> dict[str, str]:
+    if (job.attempt_history or [{}])[-1].get("outcome") == AttemptOutcome.released:
+        return {
+            "code": "cache_full",
+            "message": f"no worker had room in its cache for the job's model and datasets in {job.attempts} "
+            f"attempts (limit {settings.max_attempts}); free disk space under MODELPRESS_CACHE_DIR, raise "
+            "MODELPRESS_CACHE_MAX_BYTES, or add a worker with more room, then submit the job again",
+        }
+    return {
+        "code": "too_many_attempts",
+        "message": f"the job's worker died {job.attempts} times (limit {settings.max_attempts}); "
+        "the last attempt may have run out of memory: try a smaller recipe or a larger worker",
+    }
+
+
+def release(job_id: str, worker_name: str, reason: str, settings: Settings) -> None:
+    """Hand a running job back to the queue, ahead of newer jobs, for another worker: this one has no room for
+    its inputs. The attempt counts (outcome `released`), so a job no worker can hold ends after max_attempts."""
+    with session_scope() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.status != JobStatus.running or job.worker != worker_name:
+            return
+        job.end_attempt(AttemptOutcome.released, utcnow())
+        job.status, job.worker = JobStatus.queued, None
+        job.progress = {**(job.progress or {}), "message": f"handed back by {worker_name}: {reason}"}
+    log.warning("job %s: handed back to the queue: %s", job_id, reason)
+    publish_job(job_id)
+    enqueue_job(job_id, settings, front=True)
 
 
 def _finish(job: Job, status: JobStatus, *, error: dict[str, str] | None) -> None:
@@ -258,6 +303,8 @@ def _error_for(exc: BaseException) -> dict[str, str]:
         return {"code": "missing_input", "message": str(exc)}
     if isinstance(exc, CacheFull):
         return {"code": "cache_full", "message": str(exc)}
+    if isinstance(exc, StorageUnavailable):
+        return {"code": "storage_unavailable", "message": str(exc)}
     if _is_out_of_memory(exc):
         return {
             "code": "out_of_memory",
@@ -296,6 +343,8 @@ def execute(job_id: str, worker_name: str) -> None:
     except JobCancelled:
         log.info("job %s: cancelled", job_id)
         _record_end(job_id, JobStatus.cancelled, None)
+    except NoRoomNow as exc:
+        release(job_id, worker_name, str(exc), settings)
     except Exception as exc:
         log.exception("job %s failed", job_id)
         _record_end(job_id, JobStatus.failed, _error_for(exc))
@@ -303,7 +352,10 @@ def execute(job_id: str, worker_name: str) -> None:
         heartbeat.stopped.set()
         local.close()
         shutil.rmtree(output_dir, ignore_errors=True)
-    storage.delete(checkpoint_key(job_id))  # the job has ended; only a crash keeps them for the retry
+    try:
+        storage.delete(checkpoint_key(job_id))  # the job has ended; only a crash keeps them for the retry
+    except StorageUnavailable as exc:
+        log.warning("job %s: its checkpoints stay in the store: %s", job_id, exc)
 
 
 def _record_success(job_id: str, report: dict[str, Any], artifacts: list[Artifact], storage: Storage) -> None:

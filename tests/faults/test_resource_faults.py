@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.utils.factories import build_tiny_model, tar_folder, write_text_dataset
-from tests.utils.stack import Stack
-
-
-def submit(stack: Stack, archive: Path, text: Path, seq_len: int, windows: int) -> str:
-    client = stack.client()
-    model = client.upload("/v1/models", archive)
-    assert model.status_code == 201, model.text
-    dataset = client.upload("/v1/datasets", text)
-    assert dataset.status_code == 201, dataset.text
-    body = {
-        "model_id": model.json()["id"],
-        "recipe": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}],
-        "evaluation": {"dataset_id": dataset.json()["id"], "seq_len": seq_len, "max_windows": windows},
-    }
-    response = client.http.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
+from tests.utils.stack import Stack, submit_prune
 
 
 def test_job_over_its_memory_limit_fails_and_the_worker_serves_on(stack: Stack, tmp_path: Path) -> None:
@@ -37,28 +20,22 @@ def test_job_over_its_memory_limit_fails_and_the_worker_serves_on(stack: Stack, 
     worker = stack.start_worker(MODELPRESS_JOB_MEMORY_LIMIT_BYTES=str(150 * 2**20))
     client = stack.client()
 
-    hungry = submit(stack, archive, big_text, seq_len=16384, windows=2)
+    hungry = submit_prune(stack, archive, big_text, seq_len=16384, windows=2)
     job = client.wait(hungry, 180, worker)
     assert job["status"] == "failed", job
     assert job["error"]["code"] == "out_of_memory"
     assert "MODELPRESS_JOB_MEMORY_LIMIT_BYTES" in job["error"]["message"]
     assert client.http.get(f"/v1/jobs/{hungry}/artifacts").json()["data"] == []
 
-    modest = submit(stack, archive, small_text, seq_len=128, windows=2)
+    modest = submit_prune(stack, archive, small_text, seq_len=128, windows=2)
     assert client.wait(modest, 180, worker)["status"] == "succeeded"
     assert worker.process.poll() is None
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):
+def small_disk(tmpfs) -> Path:
     """A 4.5 MiB tmpfs: room for the upload, not for the upload plus its exported copy."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4608k", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    return tmpfs("4608k")
 
 
 def test_disk_filling_during_export_fails_the_job_cleanly(stack: Stack, tmp_path: Path, small_disk: Path) -> None:
@@ -70,7 +47,7 @@ def test_disk_filling_during_export_fails_the_job_cleanly(stack: Stack, tmp_path
     worker = stack.start_worker()
     client = stack.client()
 
-    job_id = submit(stack, archive, text, seq_len=64, windows=2)
+    job_id = submit_prune(stack, archive, text, seq_len=64, windows=2)
     job = client.wait(job_id, 180, worker)
     assert job["status"] == "failed", job
     assert job["error"]["code"] == "disk_full", job["error"]

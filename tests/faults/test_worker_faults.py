@@ -15,31 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.utils.factories import build_tiny_model, tar_folder, write_text_dataset
-from tests.utils.stack import Stack, job_status, kill_group, wait_for
-
-PRUNE = [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]
-
-
-@pytest.fixture(scope="module")
-def slow_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A model and text big enough that evaluating it takes seconds on the CPU: time to inject a fault."""
-    root = tmp_path_factory.mktemp("slow-model")
-    archive = tar_folder(build_tiny_model(root / "model", hidden=256, layers=4), root / "model.tar")
-    return {"archive": archive, "text": write_text_dataset(root / "text.txt", lines=6000)}
+from tests.utils.stack import Stack, job_status, kill_group, submit_prune, wait_for
 
 
 def submit(stack: Stack, slow_model: dict[str, Path], windows: int = 60) -> str:
-    client = stack.client()
-    model = client.upload("/v1/models", slow_model["archive"]).json()
-    dataset = client.upload("/v1/datasets", slow_model["text"]).json()
-    body = {
-        "model_id": model["id"],
-        "recipe": PRUNE,
-        "evaluation": {"dataset_id": dataset["id"], "seq_len": 128, "max_windows": windows},
-    }
-    response = client.http.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
+    return submit_prune(stack, slow_model["archive"], slow_model["text"], windows=windows)
 
 
 def test_worker_killed_mid_job_is_retried_on_another_worker(stack: Stack, slow_model) -> None:

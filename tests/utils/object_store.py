@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
@@ -31,12 +31,14 @@ class S3Server:
     bucket: str = "modelpress-test"
     process: subprocess.Popen | None = None
     port: int = 0
+    ports: dict[str, int] = field(default_factory=dict)  # chosen at the first start, kept for a restart
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> None:
+        """Start the server; a restart after `stop()` keeps its ports, data and bucket (an outage, not a new store)."""
         self.secret_key = self.secret_key or secrets.token_hex(16)
         config = self.folder / "s3.json"
         identity = {
@@ -47,14 +49,14 @@ class S3Server:
         config.write_text(json.dumps({"identities": [identity]}))
         data = self.folder / "data"
         data.mkdir(exist_ok=True)
-        ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
-        grpc = {name: free_port() for name in ports}
-        self.port = ports["s3"]
+        names = ("master", "volume", "filer", "s3")
+        self.ports = self.ports or {n: free_port() for n in names} | {f"{n}.grpc": free_port() for n in names}
+        self.port = self.ports["s3"]
         args = [WEED, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3"]
-        for name in ports:
-            args += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={grpc[name]}"]
+        for name in names:
+            args += [f"-{name}.port={self.ports[name]}", f"-{name}.port.grpc={self.ports[f'{name}.grpc']}"]
         args += [f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64"]
-        log = (self.folder / "weed.log").open("w")
+        log = (self.folder / "weed.log").open("a")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         client = self.client()
         deadline = time.monotonic() + timeout
@@ -64,24 +66,26 @@ class S3Server:
             try:
                 client.create_bucket(Bucket=self.bucket)
                 return
-            except (BotoCoreError, ClientError) as exc:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"SeaweedFS S3 did not answer in {timeout}s:\n{self.log()[-4000:]}") from exc
-                time.sleep(0.25)
+            except ClientError as exc:
+                if exc.response["Error"]["Code"] in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    return  # restarted: the bucket is still there
+                failure: Exception = exc
+            except BotoCoreError as exc:
+                failure = exc
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"SeaweedFS S3 did not answer in {timeout}s:\n{self.log()[-4000:]}") from failure
+            time.sleep(0.25)
 
     def log(self) -> str:
         path = self.folder / "weed.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
+        """Kill the server at once, as a crash or a lost machine would (a polite SIGTERM takes it 20 s)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+            self.process.kill()
+            self.process.wait(timeout=10)
 
     def client(self):
         return boto3.client(
@@ -103,6 +107,13 @@ class S3Server:
             "AWS_REGION": "us-east-1",
         }
 
-    def storage(self, scratch: Path, prefix: str | None = None, part_size: int = 5 * 1024**2) -> S3Storage:
+    def storage(
+        self, scratch: Path, prefix: str | None = None, part_size: int = 5 * 1024**2, retry_s: float = 120.0
+    ) -> S3Storage:
         """An S3Storage under a fresh prefix (or `prefix`), as the service builds it."""
-        return S3Storage(self.client(), self.bucket, prefix or f"t-{secrets.token_hex(4)}", scratch, part_size)
+        from modelpress.object_storage import s3_client
+        from modelpress.settings import Settings
+
+        settings = Settings(**self.env(""), _env_file=None)  # the service's client: its timeouts and retries
+        prefix = prefix or f"t-{secrets.token_hex(4)}"
+        return S3Storage(s3_client(settings), self.bucket, prefix, scratch, part_size, retry_s=retry_s)

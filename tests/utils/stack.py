@@ -96,8 +96,9 @@ class Stack:
         self.api = start_api(self.env, self.logs / f"api-{secrets.token_hex(2)}.log")
         return self.api
 
-    def start_worker(self, **extra_env: str) -> LiveProcess:
-        worker = start_worker({**self.env, **extra_env}, self.logs / f"worker-{len(self.workers)}.log")
+    def start_worker(self, name: str | None = None, **extra_env: str) -> LiveProcess:
+        log = self.logs / f"worker-{len(self.workers)}.log"
+        worker = start_worker({**self.env, **extra_env}, log, name)
         self.workers.append(worker)
         return worker
 
@@ -180,6 +181,29 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
 
 def job_status(client: Client, job_id: str) -> dict:
     return client.http.get(f"/v1/jobs/{job_id}").json()
+
+
+def submit_prune(stack: Stack, archive: Path, text: Path, seq_len: int = 128, windows: int = 60) -> str:
+    """Upload a model and a text, then submit a 50% magnitude prune evaluated on `windows` windows; the job id."""
+    client = stack.client()
+    model = client.upload("/v1/models", archive)
+    assert model.status_code == 201, model.text
+    dataset = client.upload("/v1/datasets", text)
+    assert dataset.status_code == 201, dataset.text
+    body = {
+        "model_id": model.json()["id"],
+        "recipe": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}],
+        "evaluation": {"dataset_id": dataset.json()["id"], "seq_len": seq_len, "max_windows": windows},
+    }
+    response = client.http.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def step_started(client: Client, job_id: str) -> bool:
+    """The job runs an engine step: its inputs are already in its worker's cache."""
+    job = job_status(client, job_id)
+    return job["status"] == "running" and bool(job["progress"].get("step"))
 
 
 class Client:

@@ -4,13 +4,14 @@ and a new version of an object fetched again. Against local storage and a real S
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from modelpress.storage import LocalStorage, Storage
-from worker.cache import CacheFull, FileCache
+from worker.cache import CacheFull, FileCache, NoRoomNow
 from worker.job_files import CheckpointSync
 
 
@@ -81,7 +82,7 @@ def test_an_entry_in_use_is_never_evicted(storage: CountingStorage, tmp_path: Pa
     put(storage, tmp_path, "models/b/model.gguf", b"b" * 600)
     cache = FileCache(tmp_path / "cache", 1000)
     with cache.file(storage, "models/a/model.gguf") as held:
-        with pytest.raises(CacheFull, match="held by running jobs"):
+        with pytest.raises(NoRoomNow, match="held by running jobs"):  # another worker may have room
             with cache.file(storage, "models/b/model.gguf"):
                 pass
         assert held.read_bytes() == b"a" * 600
@@ -92,10 +93,33 @@ def test_an_entry_in_use_is_never_evicted(storage: CountingStorage, tmp_path: Pa
 
 def test_an_object_larger_than_the_cache_is_refused(storage: CountingStorage, tmp_path: Path) -> None:
     put(storage, tmp_path, "models/big/model.gguf", b"x" * 2000)
-    with pytest.raises(CacheFull, match="MODELPRESS_CACHE_MAX_BYTES"):
+    with pytest.raises(CacheFull, match="MODELPRESS_CACHE_MAX_BYTES") as refused:
         with FileCache(tmp_path / "cache", 1000).file(storage, "models/big/model.gguf"):
             pass
+    assert not isinstance(refused.value, NoRoomNow), "too big for this cache: no later attempt here would fit it"
     assert storage.downloads() == []
+
+
+def test_a_full_disk_leaves_no_half_written_entry(storage: CountingStorage, tmp_path: Path) -> None:
+    """A real ENOSPC (a 64 KiB tmpfs under a cache whose own limit is far larger): no partial file is kept, and
+    the room reserved for the object is given back."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        put(storage, tmp_path, "models/big/model.gguf", b"x" * 256 * 1024)
+        put(storage, tmp_path, "datasets/small/data.txt", b"y" * 1000)
+        cache = FileCache(disk, 10**9)
+        with pytest.raises(NoRoomNow, match="No space left on device"):
+            with cache.file(storage, "models/big/model.gguf"):
+                pass
+        assert [p.name for p in disk.iterdir() if p.is_dir()] == [] and cache.used_bytes() == 0
+        with cache.file(storage, "datasets/small/data.txt") as path:  # the disk is usable again
+            assert path.read_bytes() == b"y" * 1000
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_replaced_object_is_fetched_again(storage: CountingStorage, tmp_path: Path) -> None:

@@ -1,0 +1,122 @@
+"""Load: 500 small jobs (a tiny model, one magnitude-prune step, no evaluation) across 3 real worker processes on S3
+storage, each worker with a data folder of its own.
+
+It checks that every job ran exactly once (one attempt, two artifact rows, one object per artifact) and that none
+is stuck, and prints jobs per minute and the p50/p99 queue wait (submission to start). Workers preload the engine
+(`MODELPRESS_PRELOAD_ENGINE`): with a fresh child per job, the imports would otherwise cost more than the job.
+Marked `load`: it runs in `make test`; `-m "not load"` leaves it out of a quick local run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.utils.factories import build_tiny_model, tar_folder
+from tests.utils.stack import FINAL, Stack, open_stack
+
+JOBS = int(os.environ.get("MODELPRESS_LOAD_JOBS", "500"))
+WORKERS = 3
+DEADLINE_S = float(os.environ.get("MODELPRESS_LOAD_DEADLINE_S", "900"))
+RECIPE = [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]
+
+pytestmark = pytest.mark.load
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def submit_all(stack: Stack, model_id: str) -> list[str]:
+    def submit(_: int) -> str:
+        response = client.http.post("/v1/jobs", json={"model_id": model_id, "recipe": RECIPE})
+        assert response.status_code == 202, response.text
+        return response.json()["id"]
+
+    client = stack.client()
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(submit, range(JOBS)))
+
+
+def rows(database_url: str) -> tuple[list[dict], Counter]:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            jobs = [dict(r._mapping) for r in conn.execute(text("SELECT * FROM jobs"))]
+            artifacts = Counter(r.job_id for r in conn.execute(text("SELECT job_id FROM artifacts")))
+    finally:
+        engine.dispose()
+    return jobs, artifacts
+
+
+def test_500_small_jobs_run_exactly_once_across_3_workers(
+    migrated: dict[str, str], s3_server, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    prefix = f"load-{os.getpid()}-{int(time.time())}"
+    env = {
+        **s3_server.env(prefix),
+        "MODELPRESS_PRELOAD_ENGINE": "true",
+        "MODELPRESS_PROGRESS_INTERVAL_S": "5",
+        "MODELPRESS_RATE_LIMIT_PER_MINUTE": "0",
+    }
+    archive = tar_folder(build_tiny_model(tmp_path / "model", hidden=32, layers=1), tmp_path / "model.tar")
+    with open_stack(migrated, tmp_path, **env) as stack:
+        stack.start_api()
+        model = stack.client().upload("/v1/models", archive)
+        assert model.status_code == 201, model.text
+        workers = [stack.start_worker(f"load{i}", DATA_DIR=str(tmp_path / f"machine-{i}")) for i in range(WORKERS)]
+
+        began = time.monotonic()
+        job_ids = submit_all(stack, model.json()["id"])
+        submitted_s = time.monotonic() - began
+        database_url = stack.env["DATABASE_URL"]
+        while time.monotonic() - began < DEADLINE_S:
+            jobs, _ = rows(database_url)
+            if all(j["status"] in FINAL for j in jobs):
+                break
+            assert all(w.process.poll() is None for w in workers), "a worker died"
+            time.sleep(2)
+        jobs, artifacts = rows(database_url)
+        keys = [o["Key"] for page in s3_server.client().get_paginator("list_objects_v2").paginate(
+            Bucket=s3_server.bucket, Prefix=f"{prefix}/artifacts/") for o in page.get("Contents", [])]  # fmt: skip
+
+    assert sorted(j["id"] for j in jobs) == sorted(job_ids)
+    stuck = [j["id"] for j in jobs if j["status"] not in FINAL]
+    assert not stuck, f"{len(stuck)} of {JOBS} jobs not finished after {DEADLINE_S:.0f}s"
+    failed = [(j["id"], j["error"]) for j in jobs if j["status"] != "succeeded"]
+    assert not failed, failed[:3]
+    assert all(j["attempts"] == 1 and len(j["attempt_history"]) == 1 for j in jobs), "a job ran more than once"
+    assert all(artifacts[j] == 2 for j in job_ids), "each job stores its model and its report exactly once"
+    assert Counter(k.split("/")[2] for k in keys) == Counter(dict.fromkeys(job_ids, 2))
+
+    created = [j["created_at"] for j in jobs]
+    waits = [(j["started_at"] - j["created_at"]).total_seconds() for j in jobs]
+    span_s = (max(j["finished_at"] for j in jobs) - min(created)).total_seconds()
+    per_worker = Counter(j["worker"].split("@")[0] for j in jobs)
+    figures = {
+        "jobs": JOBS,
+        "workers": WORKERS,
+        "submitted_in_s": round(submitted_s, 1),
+        "first_submission_to_last_finish_s": round(span_s, 1),
+        "jobs_per_minute": round(JOBS / span_s * 60, 1),
+        "queue_wait_p50_s": round(percentile(waits, 50), 2),
+        "queue_wait_p99_s": round(percentile(waits, 99), 2),
+        "jobs_per_worker": dict(sorted(per_worker.items())),
+        "cpus": os.cpu_count(),
+        "date": datetime.now().date().isoformat(),
+    }
+    assert len(per_worker) == WORKERS, f"every worker took jobs: {per_worker}"
+    with capsys.disabled():
+        print("\n| figure | value |\n| --- | --- |")
+        for name, value in figures.items():
+            print(f"| {name} | {value} |")
+        print(json.dumps(figures))
