@@ -37,7 +37,7 @@ test: lint chromium
 	$(VENV)/bin/pytest
 
 test-fast: install chromium
-	$(VENV)/bin/pytest -m "not slow"
+	$(VENV)/bin/pytest -m "not slow and not load"
 
 migrate: install
 	$(VENV)/bin/modelpress migrate

@@ -40,6 +40,14 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"archive": archive, "text": write_text_dataset(root / "text.txt", lines=6000)}
 
 
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The default tiny model and a short text: a job that takes seconds, for faults aimed at its storage."""
+    root = tmp_path_factory.mktemp("small-model")
+    archive = tar_folder(build_tiny_model(root / "model"), root / "model.tar")
+    return {"archive": archive, "text": write_text_dataset(root / "text.txt", lines=400)}
+
+
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     """Mounts small tmpfs file systems (`tmpfs("4608k")`): a disk that really fills (ENOSPC). Needs root, as CI
