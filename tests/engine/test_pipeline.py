@@ -101,7 +101,11 @@ def test_report_shape(job):
         "calibration",
         "notes",
         "speed",
+        "execution",
     }
+    execution = report["execution"]
+    assert execution["mode"] == "whole" and execution["device"] == "cpu" and execution["peak_gpu_bytes"] is None
+    assert execution["peak_host_bytes"] > execution["model_bytes"] > 0
     speed = report["speed"]
     assert speed["path"].startswith("cpu: eager") and "no low-bit kernel" in speed["path"]
     for side in ("baseline", "optimized"):

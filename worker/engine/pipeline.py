@@ -4,6 +4,12 @@ The baseline's evaluation keeps its top-k next-token log-probabilities in a file
 (beside the staged artifact); the artifact's evaluation reads them for the KL divergence, so the two models are
 never in memory together. The job's lm-eval tasks are scored in the same two stages, on the same two models.
 
+Where the model lives is decided once, after loading (`execution.plan_execution`): `whole` on the device when
+it fits there with room for the job's work, else `onloaded`: the model stays in host memory and every stage
+that walks the decoder layers (calibrated steps, perplexity and KL divergence, export) moves one layer at a
+time to the device. Onloaded jobs measure no speed and generate no samples (both need the whole model on the
+device) and cannot distill. The report's `execution` says which mode ran and the job's peak GPU and host memory.
+
 Stages, in order, each reported through the progress callback: "load", "evaluate baseline", one per recipe
 step ("prune:magnitude", ...), "export", "evaluate optimized". `step_index` counts from 1 to `total_steps`;
 `fraction` is the stage's own progress in [0, 1]. The callback may raise (the worker does so to cancel): the
@@ -44,7 +50,15 @@ from worker.engine.evaluate import (
     task_sources,
     tasks_section,
 )
-from worker.engine.export import save_compressed_, tar_folder, write_manifest
+from worker.engine.evaluate.measure import tensor_bytes_in_memory
+from worker.engine.execution import (
+    ExecutionPlan,
+    ProcessPeaks,
+    device_free_bytes,
+    job_working_bytes,
+    plan_execution,
+)
+from worker.engine.export import save_compressed_, tar_folder, write_layerwise_, write_manifest
 from worker.engine.load.checkpoint import LoadedModel, load_model, pick_device, require_tokenizer
 from worker.engine.prune import sparsity_of
 from worker.engine.speed import CPU_SPEED_PATH, CUDA_SPEED_PATH, measure_copy_bandwidth, semi_structured_violations
@@ -81,6 +95,7 @@ class EngineRequest:
     datasets: dict[str, tuple[Path, str]] = field(default_factory=dict)  # id -> (path, "txt" | "jsonl"), distill
     checkpoint_dir: Path | None = None  # kept across retries of the same job; the worker deletes it at the end
     on_checkpoint: Callable[[Path], None] | None = None  # called with each checkpoint file once it is complete
+    device_memory_bytes: int | None = None  # device memory the execution plan assumes free; None: measured
 
 
 def run_pipeline(request: EngineRequest, progress: ProgressFn) -> dict:
@@ -104,9 +119,12 @@ class _Runner:
         self.notes: list[str] = []
         self.tokenizer: Any | None = None
         self.tasks = task_sources(request.spec, request.datasets)
+        self.peaks = ProcessPeaks(self.device)
+        self.execution: ExecutionPlan | None = None
 
     def stage(self, index: int) -> Callable[[float, str], None]:
         def report(fraction: float, message: str) -> None:
+            self.peaks.sample()
             event = ProgressEvent(
                 index + 1, len(self.stages), self.stages[index], min(max(fraction, 0.0), 1.0), message
             )
@@ -127,11 +145,15 @@ class _Runner:
             baseline = self.evaluate(loaded, plan, self.stage(1), baseline_speed, reference)
             baseline_tasks = self.score_tasks(loaded.model, loaded.tokenizer, scratch, self.stage(1))
             baseline["metrics"]["size_bytes"] = state_dict_bytes(loaded.model)
-            baseline["metrics"]["size_method"] = "tensor bytes save_pretrained writes in float32 (tied tensors once)"
+            baseline["metrics"]["size_method"] = (
+                "tensor bytes of the model's state dict in its dtype (tied tensors once)"
+            )
             divergence = None if reference is None else ReferenceReader(reference.save())
             steps, quantized, pruned = self.run_recipe(loaded.model, calibration)
             export_stage = self.stage(len(self.stages) - 2)
-            sparse_24 = self._sparse_24(loaded.model, pruned) if self.device.type == "cuda" else set()
+            sparse_24 = (
+                self._sparse_24(loaded.model, pruned) if self.device.type == "cuda" and not self.onloaded else set()
+            )
             optimized_speed = self.gpu_speed(loaded.model, plan, quantized, sparse_24, export_stage)
             staging = scratch / "artifact"
             staging.mkdir()
@@ -161,15 +183,16 @@ class _Runner:
             tasks=tasks_section(baseline_tasks, optimized_tasks),
         )
         report["speed"] = self.speed_section(baseline["speed"], optimized["speed"])
+        report["execution"] = {**self.execution.to_dict(), **self.peaks.to_dict()}
         (output_dir / "report.json").write_text(json.dumps(report, indent=2))
         return report
 
     def load(self, report: Callable[[float, str], None]):
         request, spec = self.request, self.request.spec
         report(0.0, f"loading {request.model_format} model")
-        loaded = load_model(Path(request.model_path), request.model_format, self.device)
+        loaded = load_model(Path(request.model_path), request.model_format, self.device, to_device=False)
         self.tokenizer = loaded.tokenizer
-        report(0.6, "model loaded")
+        report(0.5, "model loaded into host memory")
         windows = calibration = evaluation_info = None
         if spec.evaluation is not None:
             windows = self._windows(
@@ -186,12 +209,50 @@ class _Runner:
             calibration = self._windows(
                 loaded, spec.calibration, request.calibration_path, request.calibration_format, "calibration"
             )
-        report(0.9, "datasets tokenized")
+        report(0.8, "datasets tokenized")
+        self.execution = self.choose_execution(loaded, calibration, windows)
+        if not self.execution.onloaded:
+            loaded.model.to(self.device)
+        report(0.9, f"execution: {self.execution.mode} ({self.execution.reason})")
         plan = EvalPlan(device=self.device, windows=windows, latency_ids=self._latency_ids(loaded, windows))
         if loaded.tokenizer is None:
             self.notes.append("the model has no tokenizer: no generated samples")
         report(1.0, "loaded")
         return loaded, plan, evaluation_info, calibration
+
+    def choose_execution(self, loaded: LoadedModel, calibration: torch.Tensor | None, windows: torch.Tensor | None):
+        """Whole on the device or onloaded layer by layer (see the module docstring), refused for what an
+        onloaded model cannot run."""
+        model = loaded.model
+        working = job_working_bytes(
+            model.config,
+            model.dtype.itemsize,
+            None if calibration is None else tuple(calibration.shape),
+            None if windows is None else tuple(windows.shape),
+        )
+        free = self.request.device_memory_bytes
+        if free is None:
+            free = device_free_bytes(self.device)
+        plan = plan_execution(tensor_bytes_in_memory(model), working, free, self.device)
+        log.info("execution plan: %s (%s)", plan.mode, plan.reason)
+        if plan.onloaded:
+            distill = [spec.key for spec in self.recipe if isinstance(spec, KnowledgeDistill)]
+            if distill:
+                raise EngineError(
+                    "model_too_large",
+                    f"{distill[0]} trains the whole model on the device, and this model does not fit it "
+                    f"({plan.reason}): run the job on a GPU with more memory, or without the distill step",
+                )
+            self.notes.append(
+                f"execution onloaded ({plan.reason}): the model stayed in host memory and each decoder layer ran on "
+                f"{self.device} in turn; speed and generated samples need the whole model on the device and were "
+                "not measured"
+            )
+        return plan
+
+    @property
+    def onloaded(self) -> bool:
+        return self.execution is not None and self.execution.onloaded
 
     def _windows(
         self,
@@ -220,7 +281,14 @@ class _Runner:
     def score_tasks(
         self, model: torch.nn.Module, tokenizer: Any, scratch: Path, report: Callable[[float, str], None]
     ) -> list[dict]:
-        """The job's tasks scored on `model`; their progress as messages at the stage's end."""
+        """The job's tasks scored on `model`; their progress as messages at the stage's end. Onloaded, each task
+        says it was not scored: lm-eval runs the whole model on the device."""
+        if self.onloaded:
+            reason = "not scored: the model does not fit the device, and lm-eval runs the whole model there"
+            return [
+                {"source": s.spec.model_dump(mode="json", exclude_none=True), "task": s.spec.name, "error": reason}
+                for s in self.tasks
+            ]
         return score_tasks(model, tokenizer, self.tasks, scratch, lambda _, message: report(1.0, message))
 
     def evaluate(
@@ -232,7 +300,7 @@ class _Runner:
         observer: ReferenceWriter | None,
     ) -> dict:
         report(0.0, "evaluating")
-        return evaluate(loaded.model, loaded.tokenizer, plan, report, speed, observer)
+        return evaluate(loaded.model, loaded.tokenizer, plan, report, speed, observer, self.onloaded)
 
     def gpu_speed(
         self, model: torch.nn.Module, plan: EvalPlan, quantized: dict, sparse_24: set[str], report
@@ -240,7 +308,7 @@ class _Runner:
         """On CUDA: the model's speed on its serving kernels (bfloat16; quantized and 2:4 Linears on their
         low-bit kernels), measured before export changes anything. None on CPU (evaluate times the model as
         evaluated), and None with a note when the GPU harness fails (evaluate then times the model as it is)."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or self.onloaded:
             return None
         report(0.0, "timing the model on its GPU kernels")
         try:
@@ -271,7 +339,7 @@ class _Runner:
             "baseline": baseline,
             "optimized": optimized,
         }
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and baseline is not None and optimized is not None:
             bandwidth = measure_copy_bandwidth(self.device)
             section["copy_bandwidth"] = bandwidth
             for result in (baseline, optimized):
@@ -330,7 +398,7 @@ class _Runner:
         sparsity = {name: sparsity_of(modules[name].weight) for name in sorted(pruned) if name in modules}
         quantization_config = None
         if quantized:
-            quantization_config = save_compressed_(loaded.model, quantized, folder)
+            quantization_config = save_compressed_(loaded.model, quantized, folder, self.device)
             self.notes.append(
                 "transformers runs compressed-tensors checkpoints by decompressing the weights to float at load: "
                 + (
@@ -341,7 +409,7 @@ class _Runner:
                 )
             )
         else:
-            loaded.model.save_pretrained(folder)
+            write_layerwise_(loaded.model, folder, self.device)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(folder)
         report(0.6, "writing manifest")
@@ -370,8 +438,8 @@ class _Runner:
     ) -> tuple[dict, list[dict]]:
         """The artifact's metrics, and its task scores, measured on the model transformers reloads from disk."""
         report(0.0, "reloading the artifact with transformers")
-        reloaded = load_model(folder, "hf", self.device)
-        result = evaluate(reloaded.model, reloaded.tokenizer, plan, report, speed, divergence)
+        reloaded = load_model(folder, "hf", self.device, to_device=not self.onloaded)
+        result = evaluate(reloaded.model, reloaded.tokenizer, plan, report, speed, divergence, self.onloaded)
         result["metrics"]["size_bytes"] = safetensors_bytes(folder)
         result["metrics"]["size_method"] = "bytes of the artifact's *.safetensors files on disk"
         return result, self.score_tasks(reloaded.model, reloaded.tokenizer, scratch, report)

@@ -14,6 +14,7 @@ A model that lives on another device (CPU while `device` is CUDA) is moved there
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -170,12 +171,17 @@ def _pre_layer_modules(model: torch.nn.Module, layers: torch.nn.ModuleList) -> l
 
 
 def sequential_layers(
-    model: torch.nn.Module, windows: torch.Tensor, device: torch.device | str, progress: ProgressFn | None = None
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    device: torch.device | str,
+    progress: ProgressFn | None = None,
+    final: list[torch.Tensor] | None = None,
 ) -> Iterator[LayerPass]:
     """Yield a `LayerPass` per decoder layer, in order; advancing feeds the (modified) layer's outputs onward.
 
     `windows` is a [n, seq] tensor of token ids. The generator must be run to the end (or closed) to return
-    the moved layers to their home device.
+    the moved layers to their home device. `final`, when given, receives the last layer's outputs (one per
+    window, on `device`) once the generator has run to the end.
     """
     device = torch.device(device)
     prefix, layers = decoder_layers(model)
@@ -198,8 +204,25 @@ def sequential_layers(
                     layer.to(home)
             if progress is not None:
                 progress((index + 1) / len(layers), f"calibrated {prefix}.{index}")
+        if final is not None:
+            final.extend(hidden)
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def onloaded(module: torch.nn.Module, device: torch.device | str) -> Iterator[torch.nn.Module]:
+    """The module on `device` for the block, back where it lived after (nothing moves when it is there)."""
+    device = torch.device(device)
+    home = _device_of(module)
+    if home is None or home == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
 
 
 class Statistic(Protocol):

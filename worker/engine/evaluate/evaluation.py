@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.engine.evaluate.divergence import DEFAULT_TOP_K
+from worker.engine.evaluate.onloaded import onloaded_logits
 from worker.engine.evaluate.measure import PeakMemory, count_parameters, device_name, tensor_bytes_in_memory
 from worker.engine.speed import measure_speed
 from worker.engine.steps import QuantizedWeight
@@ -55,11 +56,26 @@ def window_nll(
 ) -> tuple[float, int]:
     """Summed next-token NLL of one window scored on its own (standard shifted labels), and its token count;
     `observe` also sees the scored logits."""
-    logits = model(input_ids=window.unsqueeze(0), use_cache=False).logits[0, :-1].float()
+    logits = model(input_ids=window.unsqueeze(0), use_cache=False).logits[0, :-1]
+    return scored_nll(logits, window, observe)
+
+
+def scored_nll(
+    logits: torch.Tensor, window: torch.Tensor, observe: Callable[[torch.Tensor], None] | None = None
+) -> tuple[float, int]:
+    """Summed NLL of a window's tokens after the first under its logits [positions, vocabulary] (in float32)."""
+    logits = logits.float()
     nll = F.cross_entropy(logits, window[1:], reduction="sum")
     if observe is not None:
         observe(logits)
     return float(nll), window.numel() - 1
+
+
+@torch.no_grad()
+def _window_logits(model: torch.nn.Module, windows: torch.Tensor, device: torch.device, progress: Progress):
+    for i, window in enumerate(windows):
+        yield i, model(input_ids=window.unsqueeze(0).to(device), use_cache=False).logits[0, :-1]
+        progress((i + 1) / len(windows), f"perplexity window {i + 1}/{len(windows)}")
 
 
 def perplexity(
@@ -68,15 +84,18 @@ def perplexity(
     device: torch.device,
     progress: Progress,
     observer: LogitObserver | None = None,
+    onloaded: bool = False,
 ) -> dict:
-    """exp(mean token NLL) over non-overlapping windows; `observer` sees each window's logits."""
+    """exp(mean token NLL) over non-overlapping windows; `observer` sees each window's logits. `onloaded`: the
+    model stays where it is (host memory) and its decoder layers visit `device` one at a time
+    (`onloaded_logits`); the same figures, without the whole model on the device."""
     total_nll, total_tokens = 0.0, 0
-    for i, window in enumerate(windows):
+    source = (onloaded_logits if onloaded else _window_logits)(model, windows, device, progress)
+    for i, logits in source:
         observe = None if observer is None else lambda logits, i=i: observer.observe(i, logits)
-        nll, tokens = window_nll(model, window.to(device), observe)
+        nll, tokens = scored_nll(logits, windows[i].to(device), observe)
         total_nll += nll
         total_tokens += tokens
-        progress((i + 1) / len(windows), f"perplexity window {i + 1}/{len(windows)}")
     return {"perplexity": math.exp(total_nll / total_tokens), "tokens": total_tokens, "windows": len(windows)}
 
 
@@ -148,24 +167,35 @@ def evaluate(
     progress: Progress,
     speed: dict | None = None,
     observer: LogitObserver | None = None,
+    onloaded: bool = False,
 ) -> dict:
     """All metrics of one model, except its size on disk (the caller knows how it is stored). `speed`: what the
     harness measured on this model's serving form (CUDA: see `kernel_speed`); None: measure the model as it is.
     `prefill_ms` and `decode_ms_per_token` (batch 1) come from it; the result's `speed` holds all of it.
-    `observer` sees the logits of every evaluation window (the KL divergence to the baseline is built on it)."""
-    warm_up_(model, plan)
+    `observer` sees the logits of every evaluation window (the KL divergence to the baseline is built on it).
+
+    `onloaded`: the model stays in host memory and perplexity is measured layer by layer on the device
+    (`onloaded_logits`); speed and generated samples need the whole model on the device and are not measured
+    (None and no samples)."""
+    if not onloaded:
+        warm_up_(model, plan)
     parameters, nonzero = count_parameters(model)
     with PeakMemory(plan.device) as peak:
         ppl = None
         if plan.windows is not None:
             ppl = perplexity(
-                model, plan.windows, plan.device, lambda fraction, message: progress(0.7 * fraction, message), observer
+                model,
+                plan.windows,
+                plan.device,
+                lambda fraction, message: progress(0.7 * fraction, message),
+                observer,
+                onloaded,
             )
-        if speed is None:
+        if speed is None and not onloaded:
             progress(0.75, "timing prefill and decode")
             speed = measure_model_speed(model, plan)
     progress(0.9, "generating samples")
-    samples = generate_samples(model, tokenizer, plan) if tokenizer is not None else []
+    samples = generate_samples(model, tokenizer, plan) if tokenizer is not None and not onloaded else []
     progress(1.0, "evaluated")
     return {
         "metrics": {
@@ -173,10 +203,10 @@ def evaluate(
             "nonzero_parameters": nonzero,
             "perplexity": ppl["perplexity"] if ppl else None,
             "evaluation_tokens": ppl["tokens"] if ppl else None,
-            "prefill_ms": speed["prefill"]["ms"],
-            "prefill_tokens": speed["prefill"]["tokens"],
-            "decode_ms_per_token": speed["decode"][0]["ms_per_step"],
-            "decode_tokens": speed["decode"][0]["steps"],
+            "prefill_ms": speed["prefill"]["ms"] if speed else None,
+            "prefill_tokens": speed["prefill"]["tokens"] if speed else None,
+            "decode_ms_per_token": speed["decode"][0]["ms_per_step"] if speed else None,
+            "decode_tokens": speed["decode"][0]["steps"] if speed else None,
             "peak_memory": {
                 "bytes": peak.bytes,
                 "model_tensor_bytes": tensor_bytes_in_memory(model),

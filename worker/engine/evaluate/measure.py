@@ -33,7 +33,7 @@ def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
     return statistics.median(times)
 
 
-def _read_vm_hwm() -> int | None:
+def read_peak_rss() -> int | None:
     status = Path("/proc/self/status")
     if not status.exists():
         return None
@@ -79,7 +79,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.bytes = int(torch.cuda.max_memory_allocated(self.device))
         elif self._can_reset:
-            self.bytes = _read_vm_hwm()
+            self.bytes = read_peak_rss()
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -8,8 +8,10 @@ from worker.engine.export.compressed import (
     storage_format,
     stored_weight_bytes,
 )
+from worker.engine.export.sharded import MAX_SHARD_BYTES, write_layerwise_
 
 __all__ = [
+    "MAX_SHARD_BYTES",
     "folder_files",
     "require_compressed_tensors",
     "save_compressed_",
@@ -17,5 +19,6 @@ __all__ = [
     "storage_format",
     "stored_weight_bytes",
     "tar_folder",
+    "write_layerwise_",
     "write_manifest",
 ]

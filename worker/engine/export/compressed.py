@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from worker.engine.export.sharded import write_layerwise_
 from worker.engine.quantize import fake_quantize, fp8_fake_quantize
 from worker.engine.steps import EngineError, QuantizedWeight
 
@@ -141,23 +142,35 @@ def _set_qparams_(module: torch.nn.Module, q: QuantizedWeight, name: str) -> Non
         )
 
 
-def save_compressed_(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], folder: Path) -> dict:
-    """Write `model` (whose quantized Linears hold fake-quantized weights) as a compressed-tensors checkpoint.
+def save_compressed_(
+    model: torch.nn.Module, quantized: dict[str, QuantizedWeight], folder: Path, device: torch.device | None = None
+) -> dict:
+    """Write `model` (whose quantized Linears hold fake-quantized weights) as a compressed-tensors checkpoint,
+    one decoder layer at a time (`write_layerwise_`): each layer's quantized Linears get their scales and are
+    packed on `device` (default: where the model is), then written.
 
     The model is modified in place (compressed) and should not be used afterwards. Returns the
     `quantization_config` written to config.json.
     """
     require_compressed_tensors()
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import apply_quantization_config
+    from compressed_tensors.compressors.base import compress_module
+    from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
 
     apply_quantization_config(model, _quantization_config(model, quantized), show_progress=False)
-    modules = dict(model.named_modules())
-    for name, q in quantized.items():
-        _set_qparams_(modules[name], q, name)
     compressor = ModelCompressor.from_pretrained_model(model)
-    compressor.compress_model(model)
-    model.save_pretrained(folder)
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def pack_(module: torch.nn.Module) -> None:
+        for sub in module.modules():
+            name = names.get(id(sub))
+            if name in quantized:
+                _set_qparams_(sub, quantized[name], name)
+                compress_module(sub, compressor.force_compression_format)
+
+    home = model.get_input_embeddings().weight.device
+    write_layerwise_(model, folder, device or home, pack_)
+    compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
     compressor.update_config(str(folder))
     log.info(
         "saved %d quantized layers as compressed-tensors (%s)", len(quantized), compressor.quantization_config.format

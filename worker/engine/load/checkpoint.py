@@ -1,4 +1,6 @@
-"""Load a causal LM and its tokenizer from a Hugging Face folder or a GGUF file, in float32, offline."""
+"""Load a causal LM and its tokenizer from a Hugging Face folder or a GGUF file, offline, in the checkpoint's own
+dtype (bf16 and fp16 stay so; the steps do their math in float32 one layer at a time). A GGUF file is
+dequantized: to bfloat16 on a CUDA worker, to float32 on a CPU one (where bf16 matmuls are slow and rough)."""
 
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ _SOURCES = {"hf": _hf_sources, "gguf": _gguf_sources}
 
 
 def _forget_gguf_origin_(model: PreTrainedModel) -> None:
-    """A GGUF import is dequantized to dense float32; drop the `gguf` quantization marker so saving writes a
+    """A GGUF import is dequantized to dense floats; drop the `gguf` quantization marker so saving writes a
     plain float checkpoint (and not a config that asks loaders for a GGUF file)."""
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
@@ -58,20 +60,34 @@ def _forget_gguf_origin_(model: PreTrainedModel) -> None:
         model.is_quantized = False
 
 
-def load_model(path: Path, model_format: str, device: torch.device) -> LoadedModel:
-    """Load model (float32, eval mode, on `device`) and tokenizer (None when there is none)."""
+def load_dtype(model_format: str, device: torch.device) -> torch.dtype | str:
+    """The dtype transformers loads in: "auto" (the checkpoint's) for a Hugging Face folder; for GGUF, whose
+    blocks are dequantized anyway, bfloat16 on CUDA and float32 on the CPU."""
+    if model_format == "gguf":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return "auto"
+
+
+def load_model(path: Path, model_format: str, device: torch.device, to_device: bool = True) -> LoadedModel:
+    """Load model (its checkpoint's dtype, eval mode) and tokenizer (None when there is none). The model is read
+    into host memory and moved to `device` unless `to_device` is False (the pipeline decides that from its
+    execution plan: a model larger than the GPU stays in host memory and its layers visit the GPU one by one)."""
     if model_format not in _SOURCES:
         raise EngineError("bad_model", f"model format {model_format!r} is not one of {sorted(_SOURCES)}")
     folder, extra = _SOURCES[model_format](Path(path))
     log.info("loading %s model from %s", model_format, path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra, **_SAFE)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=load_dtype(model_format, device), **extra, **_SAFE
+        )
     except (OSError, ValueError, KeyError) as exc:
         raise EngineError("bad_model", f"transformers could not load the model at {path}: {exc}") from exc
     if "gguf_file" in extra:
         _forget_gguf_origin_(model)
     unfuse_experts_(model)
-    model.to(device).eval()
+    if to_device:
+        model.to(device)
+    model.eval()
     return LoadedModel(model=model, tokenizer=load_tokenizer(folder, extra))
 
 

@@ -21,6 +21,7 @@ summary say so, measured on the quantized weights: `sparsity_before`, `sparsity_
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ from worker.engine.load.experts import is_expert_linear
 from worker.engine.quantize.quant_math import (
     fake_quantize,
     fake_quantize_tokens,
+    fp8_fake_quantize,
+    requantize_in_dtype,
     rtn_params,
 )
 from worker.engine.steps import EngineError, QuantizedWeight, StepContext, StepResult
@@ -158,6 +161,35 @@ def attach_activation_quant_(linear: torch.nn.Linear, kind: str) -> None:
     linear.register_forward_pre_hook(lambda _module, args: (fake_quantize_tokens(args[0], kind), *args[1:]))
 
 
+# --- The result as the checkpoint holds it ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def settle_(linear: torch.nn.Linear, q: QuantizedWeight, home: torch.device | None) -> QuantizedWeight:
+    """`q` as the artifact stores it: for a bf16 / fp16 weight the scales in that dtype and the weight recomputed
+    from them as a loader does (`requantize_in_dtype`), so export reproduces it exactly; the scales moved to
+    `home` (where the model lives: host memory when its layers are onloaded one at a time, so that no step's
+    results pile up on the GPU)."""
+    weight, scale, zero = linear.weight, q.scale, q.zero_point
+    if weight.dtype in (torch.bfloat16, torch.float16) and scale.dtype != weight.dtype:
+        if q.kind == "float":
+            scale = scale.to(weight.dtype)
+            weight.copy_(fp8_fake_quantize(weight, scale))
+        else:
+            requantized, scale = requantize_in_dtype(weight, scale, zero, q.bits, q.group_size, weight.dtype)
+            weight.copy_(requantized)
+    if home is not None:
+        scale = scale.to(home)
+        zero = None if zero is None else zero.to(home)
+    return dataclasses.replace(q, scale=scale, zero_point=zero)
+
+
+def model_home(model: torch.nn.Module) -> torch.device | None:
+    """Where the model's weights live between layers (its input embeddings' device)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return None if embeddings is None else embeddings.weight.device
+
+
 # --- Records --------------------------------------------------------------------------------------------------
 
 
@@ -252,6 +284,11 @@ def quantize_layers(
     `uses_stats=False` (the quantizer ignores its statistics): calibration only feeds the report's output_error,
     measured while the first `REPORT_WINDOWS` windows pass once through each quantized layer."""
     layers, quantized = [], {}
+    home = model_home(model)
+    quantize_raw = quantize
+
+    def quantize(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> QuantizedWeight:
+        return settle_(linear, quantize_raw(name, linear, stats), home)
 
     def run(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> None:
         original = linear.weight.detach().clone()
@@ -379,7 +416,9 @@ def _quantize_measured(
 
 @torch.no_grad()
 def quantize_(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> QuantizedWeight:
-    """Replace `weight` in place by its round-to-nearest quantized values; return the scales used."""
-    scale, zero_point = rtn_params(weight, bits, group_size, symmetric)
-    weight.copy_(fake_quantize(weight, scale, zero_point, bits, group_size))
+    """Replace `weight` in place by its round-to-nearest quantized values; return the scales used (computed in
+    float32 whatever the weight's dtype; `settle_` expresses them in it)."""
+    full = weight.float()
+    scale, zero_point = rtn_params(full, bits, group_size, symmetric)
+    weight.copy_(fake_quantize(full, scale, zero_point, bits, group_size))
     return QuantizedWeight(scale=scale, zero_point=zero_point, bits=bits, group_size=group_size, symmetric=symmetric)

@@ -97,6 +97,24 @@ def fake_quantize(
     return dequantize(quantize(weight, scale, zero_point, bits, group_size), scale, zero_point, group_size)
 
 
+def requantize_in_dtype(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, scale) of an already quantized weight, expressed in `dtype` (bf16 / fp16) as a loader computes
+    it from the stored scale: the same integer codes (read in float32, where they are exact), the scale rounded to
+    `dtype`, and the weight dequantized in `dtype`. The checkpoint then reproduces the in-memory weight bit for
+    bit; each weight moves by at most one rounding of the scale (2⁻⁹ relative in bf16)."""
+    codes = quantize(weight.float(), scale.float(), None if zero_point is None else zero_point.float(), bits, group_size)
+    scale = scale.to(dtype)
+    zero = None if zero_point is None else zero_point.to(dtype)
+    return dequantize(codes.to(dtype), scale, zero, group_size), scale
+
+
 # --- FP8 E4M3 and dynamic per-token activations (compressed-tensors' operation order) -------------------------
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
