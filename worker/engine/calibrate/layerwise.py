@@ -225,6 +225,53 @@ def onloaded(module: torch.nn.Module, device: torch.device | str) -> Iterator[to
         module.to(home)
 
 
+@contextlib.contextmanager
+def streamed(model: torch.nn.Module, device: torch.device | str) -> Iterator[torch.nn.Module]:
+    """Whole-model forwards on `device` for a model whose decoder layers live elsewhere (host memory): the
+    modules outside the layers move to `device` for the block, and each layer visits it during its own forward
+    only. Every window then moves every layer (slow for large models: the layer-major `sequential_layers` is
+    the fast path); a model already on `device` runs as it is."""
+    device = torch.device(device)
+    _, layers = decoder_layers(model)
+    homes = [_device_of(layer) for layer in layers]
+    outside_home = _device_of(model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
+    if all(home in (None, device) for home in homes) and outside_home in (None, device):
+        yield model
+        return
+    real = list(layers)
+    for index in range(len(real)):
+        layers[index] = torch.nn.Identity()  # out of the way while the rest of the model moves
+    try:
+        model.to(device)
+    finally:
+        for index, layer in enumerate(real):
+            layers[index] = layer
+    hooks = []
+    for layer, home in zip(real, homes, strict=True):
+        if home not in (None, device):
+            hooks.append(layer.register_forward_pre_hook(_mover(device)))
+            hooks.append(layer.register_forward_hook(_mover(home)))
+    try:
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for index in range(len(real)):
+            layers[index] = torch.nn.Identity()
+        model.to(outside_home)
+        for index, layer in enumerate(real):
+            layers[index] = layer
+
+
+def _mover(device: torch.device) -> Callable[..., None]:
+    """A forward (pre-)hook that moves its module to `device`."""
+
+    def move(module: torch.nn.Module, *_: Any) -> None:
+        module.to(device)
+
+    return move
+
+
 class Statistic(Protocol):
     def add(self, x: torch.Tensor) -> None: ...
 

@@ -60,7 +60,11 @@ class ShardWriter:
         return the file names."""
         self.flush()
         count = len(self.shards)
-        names = ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        )
         weight_map = {}
         for (path, tensors), name in zip(self.shards, names, strict=True):
             path.rename(self.folder / name)

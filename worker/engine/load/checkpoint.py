@@ -77,9 +77,7 @@ def load_model(path: Path, model_format: str, device: torch.device, to_device: b
     folder, extra = _SOURCES[model_format](Path(path))
     log.info("loading %s model from %s", model_format, path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=load_dtype(model_format, device), **extra, **_SAFE
-        )
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=load_dtype(model_format, device), **extra, **_SAFE)
     except (OSError, ValueError, KeyError) as exc:
         raise EngineError("bad_model", f"transformers could not load the model at {path}: {exc}") from exc
     if "gguf_file" in extra:

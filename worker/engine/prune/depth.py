@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from modelpress.specs import DepthPrune
-from worker.engine.calibrate.layerwise import decoder_layers
+from worker.engine.calibrate.layerwise import decoder_layers, streamed
 from worker.engine.prune.size import model_size, size_summary
 from worker.engine.steps import EngineError, StepContext, StepResult, register
 
@@ -90,10 +90,11 @@ def prune_depth(model: torch.nn.Module, spec: DepthPrune, context: StepContext) 
     was_training = model.training
     model.eval()
     context.report_progress(0.1, "measuring layer importance (angular distance)")
-    single, single_errors = block_distances(model, context.calibration, device, 1)
-    blocks, errors = (
-        (single, single_errors) if count == 1 else block_distances(model, context.calibration, device, count)
-    )
+    with streamed(model, device):  # a model in host memory: each layer visits the device in turn
+        single, single_errors = block_distances(model, context.calibration, device, 1)
+        blocks, errors = (
+            (single, single_errors) if count == 1 else block_distances(model, context.calibration, device, count)
+        )
     model.train(was_training)
     candidates = blocks[: total - count]  # blocks that end before the last layer
     start = int(candidates.argmin())

@@ -18,7 +18,7 @@ import torch
 
 from modelpress.specs import StructuredPrune
 from worker.engine.calibrate.damage import layer_damage
-from worker.engine.calibrate.layerwise import decoder_layers
+from worker.engine.calibrate.layerwise import decoder_layers, streamed
 from worker.engine.prune.size import model_size, size_summary
 from worker.engine.steps import EngineError, StepContext, StepResult, register
 
@@ -123,7 +123,8 @@ def prune_structured(model: torch.nn.Module, spec: StructuredPrune, context: Ste
     context.report_progress(0.05, "measuring channel importance on the calibration data")
     was_training = model.training
     model.eval()
-    mlp_scores, attn_scores = channel_importance(model, context.calibration, device)
+    with streamed(model, device):  # a model in host memory: each layer visits the device in turn
+        mlp_scores, attn_scores = channel_importance(model, context.calibration, device)
     model.train(was_training)
     prefix, layers = decoder_layers(model)
     width = layers[0].mlp.down_proj.in_features

@@ -109,7 +109,9 @@ def requantize_in_dtype(
     it from the stored scale: the same integer codes (read in float32, where they are exact), the scale rounded to
     `dtype`, and the weight dequantized in `dtype`. The checkpoint then reproduces the in-memory weight bit for
     bit; each weight moves by at most one rounding of the scale (2⁻⁹ relative in bf16)."""
-    codes = quantize(weight.float(), scale.float(), None if zero_point is None else zero_point.float(), bits, group_size)
+    codes = quantize(
+        weight.float(), scale.float(), None if zero_point is None else zero_point.float(), bits, group_size
+    )
     scale = scale.to(dtype)
     zero = None if zero_point is None else zero_point.to(dtype)
     return dequantize(codes.to(dtype), scale, zero, group_size), scale
