@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from worker.engine.evaluate.divergence import DEFAULT_TOP_K
-from worker.engine.evaluate.onloaded import onloaded_logits
 from worker.engine.evaluate.measure import PeakMemory, count_parameters, device_name, tensor_bytes_in_memory
+from worker.engine.evaluate.onloaded import onloaded_logits
 from worker.engine.speed import measure_speed
 from worker.engine.steps import QuantizedWeight
 
