@@ -31,6 +31,7 @@ compressed_tensors is imported here only, lazily: the rest of the engine runs wi
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -122,6 +123,10 @@ def _quantization_config(model: torch.nn.Module, quantized: dict[str, QuantizedW
 def _set_qparams_(module: torch.nn.Module, q: QuantizedWeight, name: str) -> None:
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
 
+    device = module.weight.device  # the step's scales may live in host memory (an onloaded model)
+    q = dataclasses.replace(
+        q, scale=q.scale.to(device), zero_point=None if q.zero_point is None else q.zero_point.to(device)
+    )
     module.weight_scale.data.copy_(q.scale.reshape(module.weight_scale.shape))
     zero_point = getattr(module, "weight_zero_point", None)
     if q.zero_point is not None:
