@@ -12,6 +12,7 @@ reverted per layer (`revert_weight_conversion`, as transformers does shard by sh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -133,7 +134,7 @@ def write_layerwise_(
             before[name] = tensor
     take(before)
     for index, layer in enumerate(layers):
-        with onloaded(layer, device):
+        with onloaded(layer, device) if prepare_ is not None else contextlib.nullcontext():
             if prepare_ is not None:
                 prepare_(layer)
             take(layer.state_dict(prefix=f"{prefix}.{index}."))
