@@ -14,8 +14,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from modelpress.specs import JobSpec
-from tests.utils.factories import build_sharded_model, build_tiny_model, tiny_llama
+from tests.utils.factories import build_sharded_model, build_tiny_model, build_tiny_model_of, tiny_llama
 from worker.engine import EngineError, EngineRequest, run_pipeline
+from worker.engine.evaluate.evaluation import perplexity
 from worker.engine.execution import ONLOADED, WHOLE, job_working_bytes, plan_execution
 from worker.engine.export import sharded
 from worker.engine.export.sharded import INDEX_NAME, write_layerwise_
@@ -113,6 +114,15 @@ def test_a_distill_step_that_cannot_fit_is_refused_before_any_work(bf16_model, t
         run_pipeline(request, lambda _e: None)
     assert error.value.code == "model_too_large" and "distill:kd" in error.value.message
     assert not (tmp_path / "out" / "model.tar").exists()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])  # gemma3: a sliding-window layer, then a global one
+def test_layer_by_layer_perplexity_is_the_whole_models(tmp_path, model_type):
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model_of(tmp_path / "m", model_type)).eval()
+    windows = torch.randint(0, model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    whole = perplexity(model, windows, CPU, lambda _f, _m: None)
+    onloaded = perplexity(model, windows, CPU, lambda _f, _m: None, onloaded=True)
+    assert onloaded == whole
 
 
 # --- the layer-by-layer writer --------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Sequential, layer-by-layer calibration shared by GPTQ, AWQ, SmoothQuant, Wanda and SparseGPT.
 
-`sequential_layers` captures what the first decoder layer receives (the embeddings and the keyword arguments
-the model passes every layer: position embeddings, attention mask, position ids), then yields one `LayerPass`
+`sequential_layers` captures what the first decoder layer receives (the embeddings) and the keyword arguments
+the model passes each layer (position embeddings, attention mask, position ids: sliding-window and global layers
+get their own), then yields one `LayerPass`
 per decoder layer. The caller observes the layer's Linear inputs, changes its weights, and advances; the
 runner then recomputes that layer's outputs with the changed weights and feeds them to the next layer, so a
 later layer is calibrated on the outputs of the already pruned or quantized earlier ones.
@@ -74,6 +75,31 @@ class _Catcher(torch.nn.Module):
         raise _Captured
 
 
+class _Recorder(torch.nn.Module):
+    """Stands in for one decoder layer while the keyword arguments of every layer are recorded (models with
+    sliding-window and global layers pass each kind its own mask and position embeddings): keeps them, hands
+    the hidden states through, and stops the forward at the last layer."""
+
+    def __init__(self, layer: torch.nn.Module, last: bool) -> None:
+        super().__init__()
+        self.last = last
+        self.kwargs: dict[str, Any] | None = None
+        if hasattr(layer, "attention_type"):  # models that pick each layer's mask by its attention type
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.kwargs = kwargs
+        if self.last:
+            raise _Captured
+        return hidden_states
+
+
+def _layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    kept = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
+    kept["use_cache"] = False
+    return kept
+
+
 class LayerPass:
     """One decoder layer during a sequential pass: its inputs are cached, its weights may be changed."""
 
@@ -132,23 +158,32 @@ def _capture(model: torch.nn.Module, layers: torch.nn.ModuleList, windows: torch
     homes = [_device_of(m) for m in moved]
     for module in moved:
         module.to(device)
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
+    real = list(layers)
+    recorders = [_Recorder(layer, last=i == len(real) - 1) for i, layer in enumerate(real)]
+    catcher = _Catcher(real[0])
     try:
+        for index, recorder in enumerate(recorders):
+            layers[index] = recorder
+        if len(windows):
+            try:
+                model(input_ids=windows[0].unsqueeze(0).to(device), use_cache=False)
+            except _Captured:
+                pass
+        for index, layer in enumerate(real):
+            layers[index] = catcher if index == 0 else layer
         for window in windows:
             try:
                 model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
             except _Captured:
                 pass
     finally:
-        layers[0] = catcher.layer
+        for index, layer in enumerate(real):
+            layers[index] = layer
         for module, home in zip(moved, homes, strict=True):
             module.to(home)
-    if catcher.kwargs is None:
+    if catcher.kwargs is None or any(recorder.kwargs is None for recorder in recorders):
         raise EngineError("bad_spec", "no calibration windows: sequential calibration needs at least one")
-    kwargs = {k: v for k, v in catcher.kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
-    kwargs["use_cache"] = False
-    return catcher.hidden, kwargs
+    return catcher.hidden, [_layer_kwargs(recorder.kwargs) for recorder in recorders]
 
 
 def _device_of(module: torch.nn.Module) -> torch.device | None:
@@ -187,14 +222,14 @@ def sequential_layers(
     prefix, layers = decoder_layers(model)
     was_training = model.training
     model.eval()
-    hidden, kwargs = _capture(model, layers, windows, device)
+    hidden, layer_kwargs = _capture(model, layers, windows, device)
     try:
         for index, layer in enumerate(layers):
             home = _device_of(layer)
             if home is not None and home != device:
                 layer.to(device)
             try:
-                step = LayerPass(index, f"{prefix}.{index}", layer, hidden, kwargs)
+                step = LayerPass(index, f"{prefix}.{index}", layer, hidden, layer_kwargs[index])
                 yield step
                 hidden = step.forward()
                 step.release()
