@@ -63,8 +63,9 @@ def job_working_bytes(
     config: Any, element_bytes: int, calibration: tuple[int, int] | None, evaluation: tuple[int, int] | None
 ) -> int:
     """An estimate of the device memory the job needs beside the weights (whichever stage needs most): a layer's
-    calibration inputs and outputs for every window (model dtype), one Linear's float32 math (weight copies, a
-    Hessian and its inverse), one window's activations and float32 logits, and a fixed overhead."""
+    activations for every window (model dtype; advancing replaces inputs by outputs), one Linear's float32 math
+    (weight copies, a Hessian and its inverse), one window's activations and float32 logits, and a fixed
+    overhead."""
     hidden = config.hidden_size
     inner = getattr(config, "intermediate_size", None) or 4 * hidden
     vocab = config.vocab_size
@@ -74,7 +75,7 @@ def job_working_bytes(
     for windows in (calibration, evaluation):
         if windows is not None:
             count, seq = windows
-            activations = 2 * count * seq * hidden * element_bytes
+            activations = count * seq * hidden * element_bytes
             one_window = seq * (3 * inner * element_bytes + LOGIT_COPIES * vocab * 4)
             stages.append(activations + one_window + linear_math)
     return max(stages) + FIXED_OVERHEAD_BYTES
