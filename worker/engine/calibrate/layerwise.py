@@ -83,6 +83,8 @@ class _Recorder(torch.nn.Module):
 
     def __init__(self, layer: torch.nn.Module, last: bool) -> None:
         super().__init__()
+        self.layer = layer  # still a submodule: a model-wide forward pre-hook (compressed-tensors decompresses
+        # the weights on the first forward) reaches it
         self.last = last
         self.kwargs: dict[str, Any] | None = None
         if hasattr(layer, "attention_type"):  # models that pick each layer's mask by its attention type
