@@ -158,9 +158,11 @@ class LayerPass:
         """Replace the cached inputs by the layer's outputs, window by window, and hand them over: an input is
         not needed once its output exists, so one set of activations is held instead of two (2.7 GB for
         128 × 2048 tokens at hidden 5120 in bf16). The pass holds nothing after."""
-        hidden, self._hidden = self._hidden, []
+        hidden = list(self._hidden)  # a list of our own: a caller may still hold the inputs' list
+        self._hidden = []
         for i, window in enumerate(hidden):
             hidden[i] = _layer_output(self.layer(window, **self.kwargs))
+            del window
         return hidden
 
 
@@ -243,6 +245,7 @@ def sequential_layers(
                 layer.to(device)
             try:
                 step = LayerPass(index, f"{prefix}.{index}", layer, hidden, layer_kwargs[index])
+                hidden = None  # the pass owns the inputs now: advancing frees each once its output exists
                 yield step
                 hidden = step.advance_()
                 del step
