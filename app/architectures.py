@@ -21,7 +21,10 @@ class Architecture:
     """Recipe step key ("prune:structured") → why it cannot run on this architecture."""
 
 
-_NO_STRUCTURED = "structured pruning rewrites separate q/k/v/o and gate/up/down projections, which this model lacks"
+_NO_STRUCTURED = (
+    "structured pruning rewrites the q/k/v/o and gate/up/down projections (or Phi-3's fused qkv and gate_up), "
+    "which this model lacks"
+)
 
 _MOE_UNSUPPORTED = {
     "prune:structured": "structured pruning removes channels of one dense MLP; a mixture-of-experts layer has a "
@@ -38,7 +41,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("gemma", "GemmaForCausalLM"),
     Architecture("gemma2", "Gemma2ForCausalLM", gguf="gemma2"),
     Architecture("gemma3_text", "Gemma3ForCausalLM", gguf="gemma3"),
-    Architecture("phi3", "Phi3ForCausalLM", gguf="phi3", unsupported={"prune:structured": _NO_STRUCTURED}),
+    Architecture("phi3", "Phi3ForCausalLM", gguf="phi3"),
     Architecture("opt", "OPTForCausalLM", unsupported={"prune:structured": _NO_STRUCTURED}),
     Architecture("qwen3_moe", "Qwen3MoeForCausalLM", unsupported=_MOE_UNSUPPORTED),
     Architecture("mixtral", "MixtralForCausalLM", unsupported=_MOE_UNSUPPORTED),

@@ -5,31 +5,51 @@ These deliberately share no code with the engine, so an engine bug cannot hide i
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-PERPLEXITY_SCRIPT = r"""
-import json, math, sys
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+
+def transformers_perplexity(folder, text_path, seq_len, max_windows):
+    """Perplexity of a model folder on a text's first non-overlapping windows, with torch and transformers alone
+    (its source is also the script the clean-process check runs, so it imports nothing else). A tokenizer that
+    starts every text with <bos> gets it at the head of every window, as a model trained so expects."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    with open(text_path, encoding="utf-8") as text:
+        ids = tokenizer(text.read(), add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id
+    lead = [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
+    step = seq_len - len(lead)
+    windows = [torch.tensor(lead + ids[i : i + step]) for i in range(0, len(ids) - step + 1, step)][:max_windows]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows:
+            out = model(window[None], labels=window[None])
+            nll += out.loss.item() * (len(window) - 1)
+            count += len(window) - 1
+    return {"perplexity": math.exp(nll / count), "windows": len(windows)}
+
+
+PERPLEXITY_SCRIPT = (
+    inspect.getsource(transformers_perplexity)
+    + r"""
+import json, sys
 folder, text_path, seq_len, max_windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 assert "modelpress" not in sys.modules and "worker" not in sys.modules
-model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-ids = tokenizer(open(text_path).read(), add_special_tokens=False, return_tensors="pt").input_ids[0]
-windows = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:max_windows]
-nll, count = 0.0, 0
-with torch.no_grad():
-    for window in windows:
-        out = model(window[None], labels=window[None])
-        nll += out.loss.item() * (len(window) - 1)
-        count += len(window) - 1
+result = transformers_perplexity(folder, text_path, seq_len, max_windows)
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("modelpress", "worker", "app"))
-print(json.dumps({"perplexity": math.exp(nll / count), "windows": len(windows), "leaked": leaked}))
+print(json.dumps({**result, "leaked": leaked}))
 """
+)
 
 
 def unpack(archive: Path, folder: Path) -> Path:

@@ -168,6 +168,46 @@ def build_tiny_model_of(folder: Path, model_type: str, *, seed: int = 0) -> Path
     return folder
 
 
+def run_engine_job(
+    model_path: Path,
+    recipe: list[dict],
+    out: Path,
+    *,
+    model_format: str = "hf",
+    calibration: tuple[Path, dict] | None = None,
+    evaluation: tuple[Path, dict] | None = None,
+    datasets: dict[str, tuple[Path, str]] | None = None,
+) -> tuple[dict, Path]:
+    """One job through the engine's pipeline on the CPU, as a worker runs it: (its report, the artifact unpacked
+    under out/artifact). `calibration` and `evaluation` are (a .txt dataset, its spec fields: samples or
+    max_windows, seq_len); `datasets` are the distillation steps' (path, format) by id."""
+    from modelpress.specs import JobSpec
+    from tests.utils.checks import unpack
+    from worker.engine import EngineRequest, run_pipeline
+
+    spec = {
+        "model_id": "m",
+        "recipe": recipe,
+        "calibration": None if calibration is None else {"dataset_id": "calibration", **calibration[1]},
+        "evaluation": None if evaluation is None else {"dataset_id": "evaluation", **evaluation[1]},
+    }
+    request = EngineRequest(
+        model_path=model_path,
+        model_format=model_format,
+        spec=JobSpec.model_validate(spec),
+        calibration_path=None if calibration is None else calibration[0],
+        calibration_format=None if calibration is None else "txt",
+        evaluation_path=None if evaluation is None else evaluation[0],
+        evaluation_format=None if evaluation is None else "txt",
+        output_dir=out,
+        device="cpu",
+        datasets=datasets or {},
+        checkpoint_dir=out / "checkpoints",
+    )
+    report = run_pipeline(request, lambda event: None)
+    return report, unpack(out / "model.tar", out / "artifact")
+
+
 def tar_folder(folder: Path, archive: Path, *, gzip: bool = False) -> Path:
     """Pack a model folder's files at the archive root, as a user would upload it."""
     with tarfile.open(archive, "w:gz" if gzip else "w") as tar:

@@ -7,7 +7,7 @@ import torch
 
 from modelpress.specs import MagnitudePrune, RTNQuantize
 from worker.engine.calibrate.targets import fitted_linears, matches, select_linears
-from worker.engine.calibrate.windows import read_text, split_windows, token_windows
+from worker.engine.calibrate.windows import leading_special_ids, read_text, split_windows, token_windows
 from worker.engine.steps import EngineError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -17,6 +17,28 @@ def test_windows_are_non_overlapping_and_limited():
     ids = torch.arange(10)
     assert split_windows(ids, 3, None).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert split_windows(ids, 3, 2).tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_windows_led_by_bos_hold_the_text_in_order():
+    ids = torch.arange(10, 17)
+    assert split_windows(ids, 3, None, (2,)).tolist() == [[2, 10, 11], [2, 12, 13], [2, 14, 15]]
+    assert split_windows(ids, 3, 1, (2,)).tolist() == [[2, 10, 11]]
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_it(tiny, text_dataset):
+    """Gemma-style tokenizers put <bos> before every text; the tiny model's tokenizer adds nothing."""
+    from tokenizers.processors import TemplateProcessing
+
+    plain = token_windows(tiny.tokenizer, text_dataset, "txt", 32, 3, "evaluation")
+    assert leading_special_ids(tiny.tokenizer) == ()
+    bos = tiny.tokenizer.bos_token_id
+    tiny.tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tiny.tokenizer.bos_token} $A", special_tokens=[(tiny.tokenizer.bos_token, bos)]
+    )
+    assert leading_special_ids(tiny.tokenizer) == (bos,)
+    led = token_windows(tiny.tokenizer, text_dataset, "txt", 32, 3, "evaluation")
+    assert led.shape == (3, 32) and (led[:, 0] == bos).all()
+    assert led[:, 1:].flatten().tolist() == plain.flatten()[: 3 * 31].tolist()  # the same text, 31 tokens a window
 
 
 def test_jsonl_and_txt_datasets(tiny, jsonl_dataset, text_dataset):

@@ -11,8 +11,10 @@ import textwrap
 import pytest
 import torch
 
+from tests.utils.factories import build_tiny_model_of
 from worker.engine import steps as engine
 from worker.engine.calibrate.layerwise import decoder_layers
+from worker.engine.load import load_model
 from worker.engine.prune.structured import kept_width
 from worker.engine.steps import StepContext, step_spec
 
@@ -108,6 +110,39 @@ def test_structured_damage_is_the_removed_channels_share_of_the_output(tiny):
     removed = torch.ones(weight.shape[1], dtype=torch.bool)
     removed[kept] = False
     assert entry["output_error"] == pytest.approx((energy[removed].sum() / energy.sum()).sqrt().item(), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def phi3_dir(tmp_path_factory):
+    return build_tiny_model_of(tmp_path_factory.mktemp("phi3") / "model", "phi3")
+
+
+def test_structured_prunes_phi3_fused_projections_consistently(phi3_dir, tmp_path):
+    """Odd MLP channels and key/value head 0 are silenced (their up rows and v rows zeroed), so pruning must pick
+    exactly them, and removing them from the fused gate_up_proj and qkv_proj leaves the model's outputs unchanged."""
+    model = load_model(phi3_dir, "hf", torch.device("cpu")).model
+    config = model.config
+    width, hidden, head_dim = config.intermediate_size, config.hidden_size, config.head_dim
+    q_width, kv_width = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate_up_proj.weight[width + 1 :: 2] = 0  # up rows of the odd channels
+            layer.self_attn.qkv_proj.weight[q_width + kv_width : q_width + kv_width + head_dim] = 0  # v of head 0
+    ids = _calibration(model, 1, 16)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    result = run_step(model, method="structured", mlp_sparsity=0.5, attention_sparsity=0.5)
+    assert (config.intermediate_size, config.num_attention_heads, config.num_key_value_heads) == (width // 2, 2, 1)
+    shrunk = [entry for entry in result.layers if "kv_groups_kept" in entry]
+    for entry, layer in zip(shrunk, model.model.layers, strict=True):
+        assert entry["kv_groups_kept"] == [1]
+        assert layer.mlp.gate_up_proj.weight.shape == (width, hidden)
+        assert layer.mlp.down_proj.weight.shape == (hidden, width // 2)
+        assert layer.self_attn.qkv_proj.weight.shape == (4 * head_dim, hidden)  # 2 q heads, 1 k, 1 v
+        assert layer.self_attn.o_proj.weight.shape == (hidden, 2 * head_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert_reloads_with_same_logits(model, tmp_path)
 
 
 def test_structured_keeps_the_most_active_channels(tiny):

@@ -138,11 +138,12 @@ def test_folding_scales_keeps_the_function(tiny, folds):
     folded = 0
     for layer in model.model.layers:
         group = LayerGroup(step=_Pass(layer, model), linears=select_linears(model), stats={})
-        for producer, consumers, head_dim in fold_groups(group, folds):
-            s = 0.25 + 4 * torch.rand(producer.weight.shape[0], generator=g)
-            assert fold_checked_(producer, [group.linears[c] for c in consumers], s, head_dim)
+        for site in fold_groups(group, folds):
+            s = 0.25 + 4 * torch.rand(site.features, generator=g)
+            assert fold_checked_(site, [group.linears[c] for c in site.consumers], s)
             folded += 1
-    assert folded == len(folds) * len(model.model.layers)  # v_proj → o_proj too, under grouped-query attention
+    llama_folds = 4 if folds is FOLDS else 2  # v_proj → o_proj too, under grouped-query attention
+    assert folded == llama_folds * len(model.model.layers)
     torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-4)
 
 

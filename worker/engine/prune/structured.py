@@ -7,6 +7,8 @@ k/v head and its o_proj columns along. Channels are ranked per layer, but every 
 (a Hugging Face config has one intermediate_size and one head count for all layers). The kept MLP width is
 rounded to a multiple of 64 (else 32, else 8) so the matrices stay friendly to tensor cores. Each down_proj and
 o_proj that lost input channels carries the uniform damage fields (`calibrate.layer_damage`, from input norms).
+Phi-3's fused projections lose the same rows: a channel's gate and up rows of gate_up_proj, a head's q, k and v
+rows of qkv_proj.
 """
 
 from __future__ import annotations
@@ -75,6 +77,34 @@ def removed_inputs_damage(
     return {"name": name, "removed_inputs": removed, **layer_damage(weight, changed, input_norms=input_norms)}
 
 
+@torch.no_grad()
+def shrink_mlp_(mlp: torch.nn.Module, kept: torch.Tensor, width: int) -> None:
+    """Keep MLP channels `kept` of `width`: their gate and up rows (both halves of Phi-3's fused gate_up_proj,
+    gate | up) and their down_proj columns."""
+    if hasattr(mlp, "gate_up_proj"):
+        shrink_linear_(mlp.gate_up_proj, torch.cat([kept, kept + width]), 0)
+    else:
+        shrink_linear_(mlp.gate_proj, kept, 0)
+        shrink_linear_(mlp.up_proj, kept, 0)
+    shrink_linear_(mlp.down_proj, kept, 1)
+
+
+@torch.no_grad()
+def shrink_attention_(attn: torch.nn.Module, q_heads: torch.Tensor, kv_heads: torch.Tensor, head_dim: int) -> None:
+    """Keep query heads `q_heads` and key/value heads `kv_heads`: their q/k/v rows (in Phi-3's fused qkv_proj,
+    laid out q | k | v) and the o_proj columns of the kept query heads."""
+    q_rows, kv_rows = head_rows(q_heads, head_dim), head_rows(kv_heads, head_dim)
+    if hasattr(attn, "qkv_proj"):
+        q_width = attn.o_proj.in_features
+        kv_width = (attn.qkv_proj.out_features - q_width) // 2
+        shrink_linear_(attn.qkv_proj, torch.cat([q_rows, q_width + kv_rows, q_width + kv_width + kv_rows]), 0)
+    else:
+        shrink_linear_(attn.q_proj, q_rows, 0)
+        shrink_linear_(attn.k_proj, kv_rows, 0)
+        shrink_linear_(attn.v_proj, kv_rows, 0)
+    shrink_linear_(attn.o_proj, q_rows, 1)
+
+
 # --- importance -----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def channel_importance(model: torch.nn.Module, windows: torch.Tensor, device: torch.device):
@@ -138,9 +168,7 @@ def prune_structured(model: torch.nn.Module, spec: StructuredPrune, context: Ste
             damage.append(
                 removed_inputs_damage(f"{prefix}.{i}.mlp.down_proj", layer.mlp.down_proj, kept, mlp_scores[i])
             )
-            shrink_linear_(layer.mlp.gate_proj, kept, 0)
-            shrink_linear_(layer.mlp.up_proj, kept, 0)
-            shrink_linear_(layer.mlp.down_proj, kept, 1)
+            shrink_mlp_(layer.mlp, kept, width)
             entry["mlp_channels"] = [width, keep_mlp]
         if keep_groups < kv_heads:
             group_scores = attn_scores[i].view(kv_heads, group * head_dim).norm(dim=1)
@@ -151,10 +179,7 @@ def prune_structured(model: torch.nn.Module, spec: StructuredPrune, context: Ste
             damage.append(
                 removed_inputs_damage(f"{prefix}.{i}.self_attn.o_proj", attn.o_proj, kept_inputs, attn_scores[i])
             )
-            shrink_linear_(attn.q_proj, head_rows(q_heads, head_dim), 0)
-            shrink_linear_(attn.k_proj, head_rows(kept_groups, head_dim), 0)
-            shrink_linear_(attn.v_proj, head_rows(kept_groups, head_dim), 0)
-            shrink_linear_(attn.o_proj, head_rows(q_heads, head_dim), 1)
+            shrink_attention_(attn, q_heads, kept_groups, head_dim)
             entry["kv_groups_kept"] = kept_groups.tolist()
             entry["attention_heads"] = [heads, keep_groups * group]
         details.append(entry)
@@ -166,6 +191,8 @@ def prune_structured(model: torch.nn.Module, spec: StructuredPrune, context: Ste
     for layer in layers:
         if hasattr(layer.self_attn, "num_key_value_groups"):
             layer.self_attn.num_key_value_groups = group
+        if hasattr(layer.self_attn, "num_key_value_heads"):  # Phi-3 splits its fused qkv output by this count
+            layer.self_attn.num_key_value_heads = keep_groups
     summary = {
         "intermediate_size": [width, keep_mlp],
         "num_attention_heads": [heads, keep_groups * group],

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -46,13 +48,59 @@ from worker.engine.steps import QuantizedWeight, StepContext, StepResult, regist
 
 log = logging.getLogger(__name__)
 
-FOLDS = (  # producer → consumers, by name inside a Llama-style decoder layer, in AWQ's order
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.v_proj", ("self_attn.o_proj",)),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", ("mlp.down_proj",)),
+
+def _value_rows(layer: torch.nn.Module) -> slice:
+    """Phi-3's qkv_proj stacks q | k | v rows; o_proj reads the attention over v (q's width, heads repeated)."""
+    fused, q_width = layer.self_attn.qkv_proj.out_features, layer.self_attn.o_proj.in_features
+    return slice(q_width + (fused - q_width) // 2, fused)
+
+
+def _up_rows(layer: torch.nn.Module) -> slice:
+    """Phi-3's gate_up_proj stacks gate | up rows; down_proj reads up · act(gate), linear in the up half only."""
+    width = layer.mlp.down_proj.in_features
+    return slice(width, 2 * width)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """A producer whose output (or the `rows` of it, in a fused projection) the consumers read linearly."""
+
+    producer: str
+    consumers: tuple[str, ...]
+    rows: Callable[[torch.nn.Module], slice] | None = None
+
+
+FOLDS = (  # by name inside a decoder layer, in AWQ's order: the Llama layout, then Phi-3's fused projections
+    Fold("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Fold("self_attn.v_proj", ("self_attn.o_proj",)),
+    Fold("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    Fold("mlp.up_proj", ("mlp.down_proj",)),
+    Fold("input_layernorm", ("self_attn.qkv_proj",)),
+    Fold("self_attn.qkv_proj", ("self_attn.o_proj",), _value_rows),
+    Fold("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    Fold("mlp.gate_up_proj", ("mlp.down_proj",), _up_rows),
 )
-NORM_FOLDS = (FOLDS[0], FOLDS[2])  # SmoothQuant smooths the inputs of the norms' consumers only
+NORM_FOLDS = tuple(f for f in FOLDS if f.producer.endswith("layernorm"))  # SmoothQuant smooths only these
+
+
+@dataclass(frozen=True)
+class FoldSite:
+    """A fold found in one layer: the producer module, the consumers' full names, the head size when the
+    consumers read repeated heads, and the producer's output rows the consumers read (None: all)."""
+
+    producer: torch.nn.Module
+    consumers: list[str]
+    head_dim: int | None
+    rows: slice | None
+
+    @property
+    def features(self) -> int:
+        """How many of the producer's output channels the consumers read."""
+        if self.rows is not None:
+            return self.rows.stop - self.rows.start
+        if isinstance(self.producer, torch.nn.Linear):
+            return self.producer.out_features
+        return self.producer.weight.numel()
 
 
 def _mlp_input_norm(layer: torch.nn.Module, producer_name: str) -> str:
@@ -63,35 +111,37 @@ def _mlp_input_norm(layer: torch.nn.Module, producer_name: str) -> str:
     return producer_name
 
 
-def fold_groups(group: LayerGroup, folds=FOLDS) -> list[tuple[torch.nn.Module, list[str], int | None]]:
-    """(producer module, full consumer names, head size when the consumers read repeated heads) for each fold
-    that applies here: every module exists, every consumer is targeted, and the shapes line up."""
+def fold_groups(group: LayerGroup, folds=FOLDS) -> list[FoldSite]:
+    """The folds that apply here: every module exists, every consumer is targeted, and the shapes line up."""
     found = []
-    for producer_name, consumer_names in folds:
-        producer_name = _mlp_input_norm(group.step.layer, producer_name)
+    layer = group.step.layer
+    for fold in folds:
+        producer_name = _mlp_input_norm(layer, fold.producer)
         try:
-            producer = group.step.layer.get_submodule(producer_name)
+            producer = layer.get_submodule(producer_name)
         except AttributeError:
             continue
-        consumers = [f"{group.step.name}.{c}" for c in consumer_names]
+        consumers = [f"{group.step.name}.{c}" for c in fold.consumers]
         if not all(c in group.linears for c in consumers):
             continue
-        head_dim = None
+        head_dim, rows = None, fold.rows(layer) if fold.rows else None
         if isinstance(producer, torch.nn.Linear):
-            features, width = producer.out_features, group.linears[consumers[0]].in_features
+            site = FoldSite(producer, consumers, None, rows)
+            width, features = group.linears[consumers[0]].in_features, site.features
             if width != features:
-                head_dim = getattr(group.step.layer.get_submodule(producer_name.rsplit(".", 1)[0]), "head_dim", None)
+                head_dim = getattr(layer.get_submodule(producer_name.rsplit(".", 1)[0]), "head_dim", None)
                 if head_dim is None or width % features or features % head_dim:
                     continue
-        found.append((producer, consumers, head_dim))
+        found.append(FoldSite(producer, consumers, head_dim, rows))
     return found
 
 
 @torch.no_grad()
-def fold_checked_(producer: torch.nn.Module, consumers: list[torch.nn.Linear], s: torch.Tensor, head_dim) -> bool:
+def fold_checked_(site: FoldSite, consumers: list[torch.nn.Linear], s: torch.Tensor) -> bool:
     """Fold s; for a norm, first check on a random input that its output really scales by 1/s (a norm that
     computes x · (1 + weight) would not), and leave everything untouched when it does not. The check allows
     the rounding of the norm's dtype (bf16 models)."""
+    producer = site.producer
     if not isinstance(producer, torch.nn.Linear):
         dtype = producer.weight.dtype
         probe = torch.randn(4, s.numel(), dtype=dtype, device=producer.weight.device)
@@ -101,9 +151,9 @@ def fold_checked_(producer: torch.nn.Module, consumers: list[torch.nn.Linear], s
         if not torch.allclose((producer(probe) * s).float(), before, rtol=rtol, atol=1e-5):
             fold_scales_(producer, [], 1 / s)
             return False
-        scale_inputs_(consumers, s, head_dim)
+        scale_inputs_(consumers, s, site.head_dim)
         return True
-    fold_scales_(producer, consumers, s, head_dim)
+    fold_scales_(producer, consumers, s, site.head_dim, site.rows)
     return True
 
 
@@ -126,11 +176,12 @@ def quantize_awq(model: torch.nn.Module, spec: AWQQuantize, context: StepContext
     notes: list[str] = []
 
     def prepare(group: LayerGroup) -> None:
-        for producer, consumers, head_dim in fold_groups(group):
+        for site in fold_groups(group):
+            producer, consumers, head_dim = site.producer, site.consumers, site.head_dim
             stats = group.stats[consumers[0]]
             weights = [group.linears[c].weight for c in consumers]
             # o_proj may read each value head several times: one scale per value channel
-            features = producer.out_features if head_dim is not None else weights[0].shape[1]
+            features = weights[0].shape[1] if head_dim is None else site.features
             x_mean = per_producer_channel(stats.abs_mean, features, head_dim)
             w_mean = per_producer_channel(weight_means(weights, group_size), features, head_dim)
             # v → o and up → down: the module holding the one consumer outputs what the Gram loss measures
@@ -142,7 +193,7 @@ def quantize_awq(model: torch.nn.Module, spec: AWQQuantize, context: StepContext
                 score = functools.partial(scaled_error, weights, stats.gram, **weight_kwargs, clipped=clipped_search)
             s, alpha, duo, loss, plain = search_scales(score, weights[0].shape[1], x_mean, w_mean, candidates, head_dim)
             s = s.to(weights[0].dtype).float()  # the scales as folding applies them in the model's dtype
-            if not fold_checked_(producer, [group.linears[c] for c in consumers], s, head_dim):
+            if not fold_checked_(site, [group.linears[c] for c in consumers], s):
                 notes.append(f"awq: {type(producer).__name__} does not scale linearly; its consumers kept s = 1")
                 continue
             rescale_inputs_(group, consumers, expand_scales(s, weights[0].shape[1], head_dim))

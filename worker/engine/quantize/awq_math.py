@@ -143,18 +143,24 @@ def clip_search(
 
 @torch.no_grad()
 def fold_scales_(
-    producer: torch.nn.Module, consumers: list[torch.nn.Linear], s: torch.Tensor, head_dim: int | None = None
+    producer: torch.nn.Module,
+    consumers: list[torch.nn.Linear],
+    s: torch.Tensor,
+    head_dim: int | None = None,
+    rows: slice | None = None,
 ) -> None:
-    """Divide the producer's output channels by s and multiply the consumers' input columns by s (expanded
-    from the producer's channels to the consumers' when heads repeat, as v_proj → o_proj under GQA). The
-    model computes the same function afterwards, up to float rounding."""
+    """Divide the producer's output channels (only `rows` of a fused projection: the value rows of qkv_proj,
+    the up rows of gate_up_proj) by s and multiply the consumers' input columns by s (expanded from the
+    producer's channels to the consumers' when heads repeat, as v_proj → o_proj under GQA). The model computes
+    the same function afterwards, up to float rounding."""
     s = s.to(producer.weight.dtype)
+    rows = rows or slice(None)
     if isinstance(producer, torch.nn.Linear):
-        producer.weight.div_(s.unsqueeze(1))
+        producer.weight[rows].div_(s.unsqueeze(1))  # a view: the rows change in place
     else:  # a norm: y = weight · normalized(x) (+ bias)
         producer.weight.div_(s)
     if getattr(producer, "bias", None) is not None:
-        producer.bias.div_(s)
+        producer.bias[rows].div_(s)
     scale_inputs_(consumers, s, head_dim)
 
 

@@ -1,7 +1,8 @@
 """`quantize:smoothquant`: SmoothQuant W8A8 (Xiao et al., 2022), sequential over decoder layers.
 
 Per decoder layer, the inputs of the norms' consumers (q/k/v after input_layernorm, gate/up after
-post_attention_layernorm) are smoothed: s_j = max|X_j|^α / max|W_j|^(1−α) (W over all consumers), folded into
+post_attention_layernorm; Phi-3's fused qkv_proj and gate_up_proj, each one Linear reading the norm) are
+smoothed: s_j = max|X_j|^α / max|W_j|^(1−α) (W over all consumers), folded into
 the norm. Then every targeted Linear gets int8 symmetric per-channel weights and dynamic symmetric per-token
 int8 input activations, saved as compressed-tensors `int-quantized` (llm-compressor's W8A8 scheme). The model
 in memory fake-quantizes the activations too, as compressed-tensors does when transformers runs the artifact.
@@ -43,11 +44,12 @@ def quantize_smoothquant(model: torch.nn.Module, spec: SmoothQuant, context: Ste
     smoothed: set[str] = set()
 
     def prepare(group: LayerGroup) -> None:
-        for producer, consumers, _ in fold_groups(group, NORM_FOLDS):
+        for site in fold_groups(group, NORM_FOLDS):
+            consumers = site.consumers
             weights = [group.linears[c].weight for c in consumers]
             s = smoothing_factors(group.stats[consumers[0]].abs_max, weights, alpha)
             s = s.to(weights[0].dtype).float()  # the factors as folding applies them in the model's dtype
-            if fold_checked_(producer, [group.linears[c] for c in consumers], s, None):
+            if fold_checked_(site, [group.linears[c] for c in consumers], s):
                 rescale_inputs_(group, consumers, s)
                 smoothed.update(consumers)
 

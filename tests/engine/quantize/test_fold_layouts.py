@@ -1,5 +1,7 @@
-"""AWQ and SmoothQuant scale folding on the Gemma 3 layout: (1 + weight) norms refuse a fold, and the MLP's input
-norm is `pre_feedforward_layernorm` (Gemma's `post_attention_layernorm` normalizes the attention output)."""
+"""AWQ and SmoothQuant scale folding beyond the Llama layout. Gemma 3: (1 + weight) norms refuse a fold, and the
+MLP's input norm is `pre_feedforward_layernorm` (Gemma's `post_attention_layernorm` normalizes the attention
+output). Phi-3: the norms fold into the fused qkv_proj and gate_up_proj as a whole, v → o into qkv_proj's value
+rows and up → down into gate_up_proj's up rows only."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from tests.utils.factories import build_tiny_model_of
 from worker.engine.calibrate import select_linears
 from worker.engine.load import load_model
-from worker.engine.quantize.awq import FOLDS, fold_checked_, fold_groups
+from worker.engine.quantize.awq import FOLDS, NORM_FOLDS, fold_checked_, fold_groups
 from worker.engine.quantize.common import LayerGroup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,7 +48,7 @@ def gemma3(folder, plain_norms: bool):
     return model
 
 
-def fold_every_layer(model) -> list[tuple[str, bool]]:
+def fold_every_layer(model, folds=FOLDS) -> list[tuple[str, bool]]:
     """Fold random scales wherever fold_groups allows; (producer name, folded) for each."""
     g = torch.Generator().manual_seed(0)
     linears = select_linears(model)
@@ -54,10 +56,10 @@ def fold_every_layer(model) -> list[tuple[str, bool]]:
     for index, layer in enumerate(model.model.layers):
         group = LayerGroup(step=_Pass(layer, f"model.layers.{index}"), linears=linears, stats={})
         names = {id(m): n for n, m in layer.named_modules()}
-        for producer, consumers, head_dim in fold_groups(group, FOLDS):
-            s = 0.25 + 4 * torch.rand(producer.weight.shape[0], generator=g)
-            folded = fold_checked_(producer, [linears[c] for c in consumers], s, head_dim)
-            done.append((names[id(producer)], folded))
+        for site in fold_groups(group, folds):
+            s = 0.25 + 4 * torch.rand(site.features, generator=g)
+            folded = fold_checked_(site, [linears[c] for c in site.consumers], s)
+            done.append((names[id(site.producer)], folded))
     return done
 
 
@@ -75,3 +77,32 @@ def test_gemma3_folds_keep_the_function(folder, plain_norms) -> None:
     assert all(folded for name, folded in done if name.endswith("_proj"))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def phi3_folder(tmp_path_factory):
+    return build_tiny_model_of(tmp_path_factory.mktemp("phi3") / "model", "phi3")
+
+
+@pytest.mark.parametrize("folds", [FOLDS, NORM_FOLDS], ids=["awq", "smoothquant"])
+def test_phi3_fused_folds_keep_the_function(phi3_folder, folds) -> None:
+    """Scales folded across the fused projections leave the model's outputs unchanged (before any rounding)."""
+    model = load_model(phi3_folder, "hf", torch.device("cpu")).model
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        gate_rows = [layer.mlp.gate_up_proj.weight[:128].clone() for layer in model.model.layers]
+        qk_rows = [layer.self_attn.qkv_proj.weight[:96].clone() for layer in model.model.layers]
+    done = fold_every_layer(model, folds)
+    expected_producers = ["input_layernorm", "self_attn.qkv_proj", "post_attention_layernorm", "mlp.gate_up_proj"]
+    if folds is NORM_FOLDS:
+        expected_producers = ["input_layernorm", "post_attention_layernorm"]
+    assert done == [(name, True) for name in expected_producers] * len(model.model.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    if folds is FOLDS:  # only the value rows and the up rows took a producer's 1/s; q/k and gate rows kept theirs
+        for layer, gate, qk in zip(model.model.layers, gate_rows, qk_rows, strict=True):
+            ratio_gate = layer.mlp.gate_up_proj.weight[:128] / gate
+            ratio_qk = layer.self_attn.qkv_proj.weight[:96] / qk
+            assert ratio_gate.std(dim=0).max() < 1e-5  # each column scaled once (by the norm's s), rows alike
+            assert ratio_qk.std(dim=0).max() < 1e-5
