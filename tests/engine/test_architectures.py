@@ -7,26 +7,24 @@ transformers config; the artifact is then loaded by transformers and its perplex
 from __future__ import annotations
 
 import json
-import math
 import re
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from app.architectures import ARCHITECTURES, GGUF_ARCHITECTURES, REFUSED, SUPPORTED_ARCHITECTURES
-from modelpress.specs import JobSpec
-from tests.utils.factories import build_tiny_model_of
-from worker.engine import EngineError, EngineRequest, run_pipeline
+from tests.utils.checks import transformers_perplexity
+from tests.utils.factories import build_tiny_model_of, run_engine_job
+from worker.engine import EngineError
 from worker.engine.load import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SEQ_LEN, WINDOWS = 32, 2
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
+README = DOCS.parents[1] / "README.md"
 
 CORE = {
     "magnitude+rtn-int8": [
@@ -79,56 +77,38 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory):
     return of
 
 
-def run(folder: Path, recipe: list[dict], text: Path, out: Path) -> dict:
-    spec = {
-        "model_id": "m",
-        "recipe": recipe,
-        "calibration": {"dataset_id": "d", "samples": 4, "seq_len": SEQ_LEN},
-        "evaluation": {"dataset_id": "d", "seq_len": SEQ_LEN, "max_windows": WINDOWS},
-    }
-    request = EngineRequest(
-        model_path=folder,
-        model_format="hf",
-        spec=JobSpec.model_validate(spec),
-        calibration_path=text,
-        calibration_format="txt",
-        evaluation_path=text,
-        evaluation_format="txt",
-        output_dir=out,
-        device="cpu",
+def run(folder: Path, recipe: list[dict], text: Path, out: Path) -> tuple[dict, Path]:
+    """(report, unpacked artifact) of one job on the tiny model, calibrated and evaluated on `text`."""
+    return run_engine_job(
+        folder,
+        recipe,
+        out,
+        calibration=(text, {"samples": 4, "seq_len": SEQ_LEN}),
+        evaluation=(text, {"seq_len": SEQ_LEN, "max_windows": WINDOWS}),
         datasets={"d": (text, "txt")},
-        checkpoint_dir=out / "checkpoints",
     )
-    return run_pipeline(request, lambda event: None)
-
-
-def unpack(out: Path) -> Path:
-    folder = out / "artifact"
-    with tarfile.open(out / "model.tar") as tar:
-        tar.extractall(folder, filter="data")
-    return folder
 
 
 def reloaded_perplexity(folder: Path, text: Path) -> float:
-    """Perplexity of the artifact as transformers loads it, over the windows the report used."""
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    ids = torch.tensor(tokenizer(text.read_text(), add_special_tokens=False)["input_ids"])
-    windows = ids[: SEQ_LEN * WINDOWS].reshape(WINDOWS, SEQ_LEN)
-    with torch.no_grad():
-        losses = [model(input_ids=w[None], labels=w[None]).loss for w in windows]
-    return math.exp(float(torch.stack(losses).mean()))
+    """Perplexity of the artifact as transformers alone loads it, over the windows the report used."""
+    return transformers_perplexity(folder, text, SEQ_LEN, WINDOWS)["perplexity"]
+
+
+def all_linears(folder: Path) -> set[str]:
+    """Every Linear of the model as the engine sees it (one per expert matrix in a mixture-of-experts model)."""
+    model = load_model(folder, "hf", torch.device("cpu")).model
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def head_and_routers(folder: Path) -> set[str]:
+    """What every step ignores by default: the output head and the experts' routers (`mlp.gate`)."""
+    model = load_model(folder, "hf", torch.device("cpu")).model
+    return {"lm_head"} | {n for n, _ in model.named_modules() if n.endswith(".mlp.gate")}
 
 
 def decoder_linears(folder: Path) -> set[str]:
-    """The decoder's Linears as the engine sees them (one per expert matrix in a mixture-of-experts model),
-    without the output head and the experts' routers."""
-    model = load_model(folder, "hf", torch.device("cpu")).model
-    return {
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and n != "lm_head" and not n.endswith(".mlp.gate")
-    }
+    """The Linears every step targets by default: all but the output head and the experts' routers."""
+    return all_linears(folder) - head_and_routers(folder)
 
 
 ON_DISK = {"mixtral": (".mlp.", ".block_sparse_moe.")}
@@ -144,11 +124,29 @@ def config_ignore(config: dict) -> set[str]:
     return set(config["quantization_config"]["ignore"])
 
 
+def assert_quantization_config(artifact: Path, model_type: str, skipped: set[str]) -> None:
+    """compressed-tensors' config targets Linear, ignores exactly the `skipped` modules (the head and the
+    routers), and no quantized tensor on disk belongs to one of them."""
+    config = json.loads((artifact / "config.json").read_text())
+    quantization = config["quantization_config"]
+    assert quantization["quant_method"] == "compressed-tensors"
+    assert [group["targets"] for group in quantization["config_groups"].values()] == [["Linear"]]
+    skipped_on_disk = {disk_name(model_type, n) for n in skipped}
+    assert {disk_name(model_type, n) for n in config_ignore(config)} == skipped_on_disk
+    tensors = load_file(artifact / "model.safetensors")
+    quantized = {n.rsplit(".", 1)[0] for n in tensors if n.endswith(".weight_scale")}
+    assert quantized and not quantized & skipped_on_disk
+
+
+LAYOUT_KEYS = ("rope_parameters", "layer_types", "sliding_window", "tie_word_embeddings")
+"""Config fields the artifact must keep as the upload had them (Llama 3 rope scaling, Gemma 3's sliding layers)."""
+
+
 @pytest.mark.parametrize("recipe", list(CORE), ids=list(CORE))
 @pytest.mark.parametrize("model_type", list(SUPPORTED_ARCHITECTURES))
 def test_listed_architecture_prunes_and_quantizes(model_type, recipe, tiny_models, text_dataset, tmp_path) -> None:
     folder = tiny_models(model_type)
-    report = run(folder, CORE[recipe], text_dataset, tmp_path)
+    report, artifact = run(folder, CORE[recipe], text_dataset, tmp_path)
 
     prune, quant = report["steps"]
     linears = decoder_linears(folder)
@@ -157,10 +155,11 @@ def test_listed_architecture_prunes_and_quantizes(model_type, recipe, tiny_model
     assert all(layer["sparsity"] == pytest.approx(0.5, abs=0.02) for layer in prune["layers"])
     assert {layer["name"] for layer in quant["layers"]} == linears
 
-    artifact = unpack(tmp_path)
     config = json.loads((artifact / "config.json").read_text())
     assert config["model_type"] == model_type
-    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    uploaded = json.loads((folder / "config.json").read_text())
+    assert {k: config.get(k) for k in LAYOUT_KEYS} == {k: uploaded.get(k) for k in LAYOUT_KEYS}
+    assert_quantization_config(artifact, model_type, head_and_routers(folder))
     tensors = load_file(artifact / "model.safetensors")
     saved = {disk_name(model_type, name) for name in linears}
     assert all(f"{name}.weight_scale" in tensors for name in saved), "a targeted Linear was saved unquantized"
@@ -182,9 +181,9 @@ def test_listed_architecture_runs_the_other_methods(model_type, recipe, tiny_mod
         return
     if not steps:
         pytest.skip(f"{model_type} cannot run any step of {recipe}")
-    report = run(tiny_models(model_type), steps, text_dataset, tmp_path)
+    report, artifact = run(tiny_models(model_type), steps, text_dataset, tmp_path)
     assert [f"{s['type']}:{s['method']}" for s in report["steps"]] == [f"{s['type']}:{s['method']}" for s in steps]
-    artifact = unpack(tmp_path)
+    assert_quantization_config(artifact, model_type, head_and_routers(artifact))  # depth pruning drops a layer
     assert reloaded_perplexity(artifact, text_dataset) == pytest.approx(report["optimized"]["perplexity"], rel=0.01)
 
 
@@ -215,13 +214,35 @@ def test_gguf_names_are_ones_transformers_dequantizes() -> None:
     assert {model_type for _, model_type in GGUF_ARCHITECTURES.values()} <= set(SUPPORTED_ARCHITECTURES)
 
 
+def table_lines(path: Path) -> list[str]:
+    """The rows of the architecture table in a markdown file."""
+    lines = path.read_text().splitlines()
+    start = lines.index("| architecture | model_type | GGUF | methods that run | limits |")
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    return lines[start:end]
+
+
+def test_readme_shows_the_docs_table() -> None:
+    assert table_lines(README) == table_lines(DOCS)
+
+
 def test_docs_table_matches_the_allow_list() -> None:
     """docs/architectures.md lists each allow-listed architecture with the methods it runs, and the refused ones."""
     rows = {}
-    for line in DOCS.read_text().splitlines():
+    for line in table_lines(DOCS):
         cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
         if len(cells) >= 4 and cells[1] in SUPPORTED_ARCHITECTURES | REFUSED.keys():
             rows[cells[1]] = (cells[0], set(re.findall(r"[a-z]+:[a-z0-9]+", cells[3])))
     expected = {a.model_type: (a.hf_class, ALL_METHODS - set(a.unsupported or {})) for a in ARCHITECTURES}
     assert {k: v for k, v in rows.items() if k in SUPPORTED_ARCHITECTURES} == expected
     assert {k: methods for k, (_, methods) in rows.items() if k in REFUSED} == {k: set() for k in REFUSED}
+
+
+def test_tiny_models_have_the_layouts_under_test(tiny_models) -> None:
+    """The llama model uses Llama 3.x rope scaling; gemma3_text alternates a sliding layer (a window shorter than
+    the test windows) with a global one and ties its embeddings."""
+    llama = json.loads((tiny_models("llama") / "config.json").read_text())
+    assert llama["rope_parameters"]["rope_type"] == "llama3"
+    gemma3 = json.loads((tiny_models("gemma3_text") / "config.json").read_text())
+    assert gemma3["layer_types"] == ["sliding_attention", "full_attention"] and gemma3["sliding_window"] < SEQ_LEN
+    assert gemma3["tie_word_embeddings"]

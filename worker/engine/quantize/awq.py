@@ -6,7 +6,9 @@ llm-compressor's s = mean|x|^α / (mean|Ŵ|^(1−α) + 1e-4), Ŵ the weights rel
 tries both families) that minimize the consumers' output error with quantized weights, then fold s into the
 model (producer outputs ÷ s, consumer input columns × s: the same function before quantization). Then
 each targeted Linear's weight range is clipped per group by a searched ratio and rounded to nearest. A targeted
-Linear outside the decoder layers is rounded to nearest, with a note.
+Linear outside the decoder layers is rounded to nearest, with a note. Phi-3 fuses q/k/v into qkv_proj and gate/up
+into gate_up_proj: the norms fold into each fused Linear whole, v → o into qkv_proj's value rows only and
+up → down into gate_up_proj's up rows only (down_proj reads up · act(gate)).
 
 The output error is computed from the consumers' input Gram matrix by default (`loss: "gram"`); with
 `loss: "block"` the two norm folds are scored, as AutoAWQ and llm-compressor do, on the output of the module
