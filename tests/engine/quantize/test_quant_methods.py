@@ -347,35 +347,22 @@ def test_artifact_loads_alone_with_the_same_logits(artifacts, scheme):
 
 
 def test_pipeline_report_matches_the_artifact_in_a_clean_process(tiny_model_dir, text_dataset, tmp_path):
-    from modelpress.specs import JobSpec
-    from tests.utils.checks import perplexities_in_clean_process, unpack
-    from worker.engine import EngineRequest, run_pipeline
+    from tests.utils.checks import perplexities_in_clean_process
+    from tests.utils.factories import run_engine_job
 
     reports, folders = [], []
     for name in ("smoothquant", "gptq-act-order"):  # W8A8 with dynamic activations, and int4 GPTQ
-        spec = {
-            "model_id": "m1",
-            "recipe": [{"type": "quantize", **SCHEMES[name][0]}],
-            "calibration": {"dataset_id": "d1", "samples": 4, "seq_len": 64},
-            "evaluation": {"dataset_id": "d1", "seq_len": 64, "max_windows": 6},
-        }
-        out = tmp_path / name
-        request = EngineRequest(
-            model_path=tiny_model_dir,
-            model_format="hf",
-            spec=JobSpec.model_validate(spec),
-            calibration_path=text_dataset,
-            calibration_format="txt",
-            evaluation_path=text_dataset,
-            evaluation_format="txt",
-            output_dir=out,
-            device="cpu",
+        report, folder = run_engine_job(
+            tiny_model_dir,
+            [{"type": "quantize", **SCHEMES[name][0]}],
+            tmp_path / name,
+            calibration=(text_dataset, {"samples": 4, "seq_len": 64}),
+            evaluation=(text_dataset, {"seq_len": 64, "max_windows": 6}),
         )
-        report = run_pipeline(request, lambda event: None)
         (quant,) = report["steps"]
         assert all(0 < layer["output_error"] < 0.2 for layer in quant["layers"]), name
         reports.append(report)
-        folders.append(unpack(out / "model.tar", tmp_path / f"{name}-artifact"))
+        folders.append(folder)
     measured = perplexities_in_clean_process(folders, text_dataset, 64, 6)
     for report, folder in zip(reports, folders, strict=True):
         assert measured[folder]["perplexity"] == pytest.approx(report["optimized"]["perplexity"], rel=0.01)

@@ -11,11 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-from modelpress.specs import JobSpec
 from tests.engine.quantize.test_quant_methods import correlated_inputs
-from tests.utils.checks import unpack
-from tests.utils.factories import build_tiny_model
-from worker.engine import EngineRequest, pipeline, run_pipeline
+from tests.utils.factories import build_tiny_model, run_engine_job
+from worker.engine import pipeline
 from worker.engine.load.checkpoint import load_model
 from worker.engine.prune.masks import nm_mask
 from worker.engine.quantize.common import quantize_layers
@@ -47,7 +45,6 @@ QUANTIZERS = {
     "fp8": {"method": "fp8"},
     "fp8-gptq": {"method": "fp8", "gptq": True},
 }
-CALIBRATION = {"dataset_id": "d1", "samples": 4, "seq_len": 64}
 UNTIMED = {"prefill": {"ms": 0.0, "tokens": 0}, "decode": [{"ms_per_step": 0.0, "steps": 0}]}
 
 
@@ -78,21 +75,8 @@ def pruned_positions(model_dir, prune: dict) -> dict[str, torch.Tensor]:
 
 def run_recipe(model_dir, recipe: list[dict], text_dataset, out, datasets=None) -> tuple[dict, dict]:
     """Run `recipe` through the pipeline; (report, {Linear name: weight} of the artifact dequantized on reload)."""
-    spec = {"model_id": "m1", "recipe": recipe, "calibration": CALIBRATION, "evaluation": None}
-    request = EngineRequest(
-        model_path=model_dir,
-        model_format="hf",
-        spec=JobSpec.model_validate(spec),
-        calibration_path=text_dataset,
-        calibration_format="txt",
-        evaluation_path=None,
-        evaluation_format=None,
-        output_dir=out,
-        device="cpu",
-        datasets=datasets or {},
-    )
-    report = run_pipeline(request, lambda event: None)
-    folder = unpack(out / "model.tar", out / "artifact")
+    calibration = (text_dataset, {"samples": 4, "seq_len": 64})
+    report, folder = run_engine_job(model_dir, recipe, out, calibration=calibration, datasets=datasets)
     quantized = "quantization_config" in json.loads((folder / "config.json").read_text())
     dequantized = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if quantized else {}
     loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **dequantized)
