@@ -29,6 +29,7 @@ import gc
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ TINY |= {"num_key_value_heads": 2, "vocab_size": 512}
 CASES = {  # name -> (shape, step, GPU memory cap)
     "llama8b-uncapped": ("llama8b", "gptq", None),
     "llama8b-capped12": ("llama8b", "gptq", CAP_BYTES),
+    "qwen32b-gptq-capped16": ("qwen32b", "gptq", 16 * GIB),
+    "qwen32b-gptq-capped24": ("qwen32b", "gptq", 24 * GIB),
     "qwen32b-gptq": ("qwen32b", "gptq", None),
     "qwen32b-wanda": ("qwen32b", "wanda", None),
     "qwen32b-sparsegpt": ("qwen32b", "sparsegpt", None),
@@ -167,7 +170,7 @@ def windows(config, count: int, length: int, seed: int) -> torch.Tensor:
 
 def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     shape, step, cap = CASES[name]
-    device = torch.device("cpu" if args.tiny else "cuda")
+    device = torch.device("cpu") if args.tiny else torch.device("cuda", 0)
     if cap is not None and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(cap / total, device)
@@ -235,10 +238,19 @@ def run_llmcompressor(model, calibration, device: torch.device, args: argparse.N
     from datasets import Dataset  # noqa: PLC0415 - a wheel only this case needs
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     data = Dataset.from_dict(
         {"input_ids": calibration.tolist(), "attention_mask": torch.ones_like(calibration).tolist()}
     )
+    # oneshot re-reads the model's config from its name_or_path and insists on a processor, though the dataset
+    # is already token ids: a saved config and a one-token tokenizer satisfy both
+    config_dir = tempfile.mkdtemp()
+    model.config.save_pretrained(config_dir)
+    model.config._name_or_path = config_dir
+    vocab = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    processor = PreTrainedTokenizerFast(tokenizer_object=vocab)
     recipe = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])
     reset_gpu_peak(device)
     started = time.perf_counter()
@@ -246,6 +258,7 @@ def run_llmcompressor(model, calibration, device: torch.device, args: argparse.N
         model=model,
         dataset=data,
         recipe=recipe,
+        processor=processor,
         max_seq_length=calibration.shape[1],
         num_calibration_samples=calibration.shape[0],
     )

@@ -86,10 +86,11 @@ def device_free_bytes(device: torch.device) -> int | None:
     (`torch.cuda.set_per_process_memory_fraction`) what is left of it; None for the CPU."""
     if device.type != "cuda":
         return None
-    free, total = torch.cuda.mem_get_info(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # mem_get_info needs one
+    free, total = torch.cuda.mem_get_info(index)
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     if get_fraction is not None:
-        cap = int(get_fraction(device) * total) - torch.cuda.memory_reserved(device)
+        cap = int(get_fraction(index) * total) - torch.cuda.memory_reserved(index)
         free = min(free, cap)
     return max(free, 0)
 

@@ -27,10 +27,12 @@ class LoadedModel:
 
 
 def pick_device(device: str | None) -> torch.device:
-    """The device asked for, else CUDA when available, else CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device asked for, else CUDA when available, else CPU. A CUDA device always carries its index: some
+    torch.cuda calls (`mem_get_info`, the per-process memory fraction) refuse a bare "cuda"."""
+    chosen = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if chosen.type == "cuda" and chosen.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return chosen
 
 
 def _hf_sources(path: Path) -> tuple[Path, dict[str, Any]]:
