@@ -120,6 +120,20 @@ def test_walkthrough(browser, dashboard_stack: Stack, files: dict[str, Path], sc
     page.wait_for_url(re.compile(r"#/jobs/[0-9a-f-]{36}$"))
     job_id = page.url.rsplit("/", 1)[1]
     extra = api.post("/v1/jobs", json={**spec, "recipe": EXTRA_RECIPE}).json()["id"]  # a second point on the plot
+    windows = {"dataset_id": dataset["id"], "seq_len": 32, "max_windows": 4}
+    search = api.post(  # its candidates are plotted beside the jobs
+        "/v1/searches",
+        json={
+            "model_id": model["id"],
+            "calibration": {"dataset_id": dataset["id"], "samples": 4, "seq_len": 32},
+            "evaluation": windows,
+            "budget": {"perplexity_increase": 0.5},
+            "space": {"formats": ["bf16", "int8"], "methods": ["rtn"]},
+            "sensitivity_windows": 2,
+        },
+    )
+    assert search.status_code == 202, search.text
+    search_id = search.json()["id"]
 
     # the jobs list follows each job over its event stream: statuses change without a reload
     page.click("nav a:text('Jobs')")
@@ -157,12 +171,22 @@ def test_walkthrough(browser, dashboard_stack: Stack, files: dict[str, Path], sc
 
     # the model's plot: every succeeded job with a perplexity, and the Pareto front
     dashboard_stack.client().wait(extra, 300, dashboard_stack.workers[0])
+    assert dashboard_stack.client().wait(search_id, 300, dashboard_stack.workers[0])["status"] == "succeeded"
+    candidates = api.get(f"/v1/searches/{search_id}").json()["result"]["candidates"]
+    assert candidates
     page.click("a:text('model tiny-llama')")
     page.wait_for_selector("#tradeoff-charts canvas >> nth=1")
-    assert page.locator("#points tbody tr").count() == 3  # the two jobs and the model as uploaded
+    # the two jobs, the search's candidates and the model as uploaded
+    assert page.locator("#points tbody tr").count() == 3 + len(candidates)
+    assert page.locator("#points tbody tr", has_text="search candidate").count() == len(candidates)
     page.screenshot(path=screenshots / "model-plot.png", full_page=True)
     page.click(f"#points a[href='#/jobs/{job_id}']")
     page.wait_for_selector("#comparison")
+
+    # a search's own page lists its candidates with the choice and the front marked
+    page.goto(f"/#/jobs/{search_id}")
+    page.wait_for_selector("#candidates tbody tr")
+    assert page.locator("#candidates tbody tr").count() == len(candidates)
 
     # the key travels only in a header: never in a URL, never in a cookie; the page's CSP blocked nothing and no
     # script failed (the one failed load is the refused job above)

@@ -65,7 +65,7 @@ export function tradeoffChart(container, { points, xLabel, yLabel, better, title
           data: points,
           pointRadius: 6,
           pointHoverRadius: 8,
-          backgroundColor: points.map((p) => (p.baseline ? "#6b7a8f" : "#2456c7")),
+          backgroundColor: points.map((p) => (p.baseline ? "#6b7a8f" : p.candidate ? "#1e7a3c" : "#2456c7")),
         },
         {
           label: "Pareto front",

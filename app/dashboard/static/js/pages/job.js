@@ -153,10 +153,47 @@ function artifacts(list, message) {
   );
 }
 
+/** A search's outcome: every candidate it built, measured, with the Pareto front and the choice marked. */
+function candidates(search) {
+  const result = search.result;
+  return h(
+    "section",
+    { class: "card", "aria-labelledby": "candidates-title" },
+    h("h2", { id: "candidates-title" }, "Search candidates"),
+    h("p", {}, result.message),
+    h(
+      "table",
+      { id: "candidates" },
+      h("thead", {}, h("tr", {}, ["candidate", "formats", "size", "perplexity", "increase", "predicted", "KL (mean)", "budget", "front"].map((c) => h("th", { scope: "col" }, c)))),
+      h(
+        "tbody",
+        {},
+        result.candidates.map((c) =>
+          h(
+            "tr",
+            {},
+            h("td", {}, result.chosen === c.id ? `${c.id} (chosen)` : c.id),
+            h("td", {}, Object.entries(c.formats).map(([format, count]) => `${count}× ${format}`).join(", ")),
+            h("td", { class: "num" }, bytes(c.size_bytes)),
+            h("td", { class: "num" }, number(c.perplexity, 4)),
+            h("td", { class: "num" }, `${number(100 * c.perplexity_increase, 3)}%`),
+            h("td", { class: "num" }, `${number(100 * c.predicted_perplexity_increase, 3)}%`),
+            h("td", { class: "num" }, number(c.kl_divergence, 4)),
+            h("td", {}, c.meets_budget ? "met" : "missed"),
+            h("td", {}, c.pareto ? "yes" : ""),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
 export async function renderJob(main, { params, signal }) {
   const [jobId] = params;
   let job = await api(`/v1/jobs/${jobId}`);
-  const report = job.status === "succeeded" ? await api(`/v1/jobs/${jobId}/report`) : null;
+  const isSearch = job.kind === "search"; // a search's report is its candidates, shown from /v1/searches
+  const search = job.status === "succeeded" && isSearch ? await api(`/v1/searches/${jobId}`) : null;
+  const report = job.status === "succeeded" && !isSearch ? await api(`/v1/jobs/${jobId}/report`) : null;
   const files = job.status === "succeeded" ? (await api(`/v1/jobs/${jobId}/artifacts`)).data : [];
   const message = h("div", { "aria-live": "polite" });
   const status = h("span", { id: "job-status" }, statusBadge(job.status));
@@ -198,7 +235,12 @@ export async function renderJob(main, { params, signal }) {
           h("section", { class: "card", "aria-labelledby": "samples-title" }, h("h2", { id: "samples-title" }, "Sample generations"), samples(report)),
           h("section", { class: "card", "aria-labelledby": "artifacts-title" }, h("h2", { id: "artifacts-title" }, "Artifacts"), artifacts(files, message)),
         ]
-      : h("p", { class: "muted", id: "report-pending" }, "The report and the artifacts appear here when the job has succeeded."),
+      : search
+        ? [
+            candidates(search),
+            h("section", { class: "card", "aria-labelledby": "artifacts-title" }, h("h2", { id: "artifacts-title" }, "Artifacts"), artifacts(files, message)),
+          ]
+        : h("p", { class: "muted", id: "report-pending" }, "The report and the artifacts appear here when the job has succeeded."),
   );
   if (damageParts) damageParts.draw();
   if (!FINAL.has(job.status)) {

@@ -42,6 +42,21 @@ function pointsOf(results, quality) {
   return points;
 }
 
+/** One point per candidate of each succeeded search on this model, as measured on its reloaded artifact. */
+function candidatePoints(searches, quality) {
+  const points = [];
+  for (const search of searches) {
+    for (const c of (search.result && search.result.candidates) || []) {
+      const y = quality === "kl" ? c.kl_divergence : c.perplexity;
+      if (y === null || y === undefined) continue;
+      const formats = Object.entries(c.formats).map(([format, count]) => `${count}× ${format}`).join(", ");
+      const recipe = `search ${search.id.slice(0, 8)} candidate ${c.id}${search.result.chosen === c.id ? " (chosen)" : ""}: ${c.method}, ${formats}`;
+      points.push({ jobId: null, searchId: search.id, candidate: true, size: c.size_bytes / 1e6, speed: null, y, recipe, label: recipe });
+    }
+  }
+  return points;
+}
+
 function pointTable(points) {
   return h(
     "table",
@@ -54,7 +69,7 @@ function pointTable(points) {
         h(
           "tr",
           {},
-          h("td", {}, p.jobId ? h("a", { href: `#/jobs/${p.jobId}`, class: "mono" }, p.jobId.slice(0, 8)) : "baseline"),
+          h("td", {}, p.jobId ? h("a", { href: `#/jobs/${p.jobId}`, class: "mono" }, p.jobId.slice(0, 8)) : p.candidate ? "search candidate" : "baseline"),
           h("td", {}, p.recipe),
           h("td", { class: "num" }, number(p.size, 4)),
           h("td", { class: "num" }, number(p.speed, 4)),
@@ -68,7 +83,9 @@ function pointTable(points) {
 export async function renderModel(main, { params, query }) {
   const [modelId] = params;
   const model = await api(`/v1/models/${modelId}`);
-  const jobs = (await api(`/v1/jobs?model_id=${encodeURIComponent(modelId)}&status=succeeded&limit=200`)).data;
+  const finished = (await api(`/v1/jobs?model_id=${encodeURIComponent(modelId)}&status=succeeded&limit=200`)).data;
+  const jobs = finished.filter((job) => job.kind !== "search"); // a search's candidates are plotted from its result
+  const searches = (await api("/v1/searches?limit=200")).data.filter((s) => s.model_id === modelId && s.status === "succeeded");
   const results = await Promise.all(jobs.map(async (job) => ({ job, report: await api(`/v1/jobs/${job.id}/report`) })));
   const quality = query.get("quality") === "kl" ? "kl" : "perplexity";
   const select = h(
@@ -81,7 +98,7 @@ export async function renderModel(main, { params, query }) {
     location.hash = `#/models/${modelId}?quality=${select.value}`;
   });
   const charts = h("div", { class: "charts", id: "tradeoff-charts" });
-  const points = pointsOf(results, quality);
+  const points = [...pointsOf(results, quality), ...candidatePoints(searches, quality)];
   const jobPoints = points.filter((p) => !p.baseline);
   replace(
     main,
@@ -98,7 +115,7 @@ export async function renderModel(main, { params, query }) {
       h("h2", { id: "tradeoffs-title" }, "Finished jobs: quality against size and speed"),
       h("div", { class: "row" }, h("div", {}, h("label", { for: "quality" }, "Quality measure"), select)),
       jobPoints.length
-        ? [charts, h("p", { class: "muted" }, "Grey: the model as uploaded. The line joins the jobs no other job beats on both axes. Click a point to open its job."), pointTable(points)]
+        ? [charts, h("p", { class: "muted" }, "Grey: the model as uploaded; green: search candidates (size only: a search does not time decoding). The line joins the points no other point beats on both axes. Click a job's point to open it."), pointTable(points)]
         : h("p", { class: "muted", id: "no-points" }, `No succeeded job on this model has a ${quality === "kl" ? "KL divergence" : "perplexity"} yet (a job measures it when it has an evaluation dataset).`),
     ),
   );
