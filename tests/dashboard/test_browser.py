@@ -120,7 +120,7 @@ def test_walkthrough(browser, dashboard_stack: Stack, files: dict[str, Path], sc
     page.wait_for_url(re.compile(r"#/jobs/[0-9a-f-]{36}$"))
     job_id = page.url.rsplit("/", 1)[1]
     extra = api.post("/v1/jobs", json={**spec, "recipe": EXTRA_RECIPE}).json()["id"]  # a second point on the plot
-    windows = {"dataset_id": dataset["id"], "seq_len": 32, "max_windows": 4}
+    windows = {"dataset_id": dataset["id"], "seq_len": 64, "max_windows": 4}  # the jobs' evaluation windows
     search = api.post(  # its candidates are plotted beside the jobs
         "/v1/searches",
         json={
@@ -138,6 +138,7 @@ def test_walkthrough(browser, dashboard_stack: Stack, files: dict[str, Path], sc
     # the jobs list follows each job over its event stream: statuses change without a reload
     page.click("nav a:text('Jobs')")
     page.wait_for_selector(f"tr[data-job='{job_id}']")
+    assert "quality-budget search" in page.inner_text(f"tr[data-job='{search_id}']")  # a search is listed as one
     page.evaluate(
         """() => { window.seen = []; new MutationObserver(() => {
              for (const s of document.querySelectorAll('#jobs-table [data-status]')) window.seen.push(s.dataset.status);

@@ -48,7 +48,7 @@ function jobRow(job, models, signal, message) {
     { "data-job": job.id },
     h("td", {}, h("a", { href: `#/jobs/${job.id}`, class: "mono" }, job.id.slice(0, 8))),
     h("td", {}, models.get(job.model_id) ? h("a", { href: `#/models/${job.model_id}` }, models.get(job.model_id)) : "—"),
-    h("td", {}, job.recipe.map(stepName).join(" → ")),
+    h("td", {}, job.kind === "search" ? "quality-budget search" : job.recipe.map(stepName).join(" → ")),
     status,
     h("td", {}, progress.element),
     h("td", {}, when(job.created_at)),
