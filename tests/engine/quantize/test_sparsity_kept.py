@@ -55,8 +55,8 @@ def untimed(monkeypatch):
     monkeypatch.setattr(
         pipeline,
         "evaluate",
-        lambda model, _tokenizer, plan, report, _speed, observer=None: real(
-            model, None, plan, report, UNTIMED, observer
+        lambda model, _tokenizer, plan, report, _speed, observer=None, onloaded=False: real(
+            model, None, plan, report, UNTIMED, observer, onloaded
         ),
     )
 
