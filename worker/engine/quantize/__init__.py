@@ -9,19 +9,29 @@ from worker.engine.quantize.quant_math import (  # isort: skip  (the formats bef
     INT8_HALF_RANGE,
     dequantize,
     fake_quantize,
+    fake_quantize_tokens,
     fp8_fake_quantize,
     fp8_params,
     quantize,
     rtn_params,
 )
 from worker.engine.quantize import awq, fp8, gptq, rtn, smoothquant  # noqa: F401, E402  (registers the steps)
+from worker.engine.quantize.common import InputStats, quantize_, quantize_layers  # noqa: E402
+from worker.engine.quantize.fp8 import fp8_quantize_  # noqa: E402
+from worker.engine.quantize.gptq_math import gptq_quantize  # noqa: E402
 
 __all__ = [
     "FP8_MAX",
     "INT8_HALF_RANGE",
     "dequantize",
+    "InputStats",
     "fake_quantize",
+    "fake_quantize_tokens",
     "fp8_fake_quantize",
+    "fp8_quantize_",
+    "gptq_quantize",
+    "quantize_",
+    "quantize_layers",
     "fp8_params",
     "quantize",
     "rtn_params",

@@ -23,9 +23,7 @@ from modelpress.specs import GPTQQuantize, SearchFormat, SearchMethod
 from worker.engine.evaluate import ReferenceReader, perplexity, state_dict_bytes
 from worker.engine.export import save_compressed_, stored_weight_bytes, tar_folder, write_manifest
 from worker.engine.load.checkpoint import load_model
-from worker.engine.quantize.common import InputStats, quantize_, quantize_layers
-from worker.engine.quantize.fp8 import fp8_quantize_
-from worker.engine.quantize.gptq_math import gptq_quantize
+from worker.engine.quantize import InputStats, fp8_quantize_, gptq_quantize, quantize_, quantize_layers
 from worker.engine.steps import QuantizedWeight, StepContext
 
 Progress = Callable[[float, str], None]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from modelpress.specs import SearchFormat
-from worker.engine.quantize.quant_math import (
+from worker.engine.quantize import (
     fake_quantize,
     fake_quantize_tokens,
     fp8_fake_quantize,
