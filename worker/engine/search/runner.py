@@ -20,6 +20,7 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +42,31 @@ log = logging.getLogger(__name__)
 
 TARGET_MARGIN = 0.97  # aim a little under the corrected target: the correction is itself an estimate
 REFERENCE = "baseline-top-k.safetensors"
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What every candidate of one search is built from and measured against, gathered once."""
+
+    loaded: LoadedModel  # the model as loaded (its tokenizer, and its byte counts)
+    original: torch.nn.Module  # an untouched CPU copy every candidate starts from
+    linears: dict[str, torch.nn.Linear]  # the targeted layers some allowed format fits
+    options: dict[str, list[Option]]  # each layer's formats with their bytes and predicted damage
+    calibration: torch.Tensor
+    evaluation: torch.Tensor
+    baseline: dict
+    scratch: Path  # where candidates are exported before they are packed
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One candidate to build: its method and assignment, and the target its assignment was solved for."""
+
+    key: str
+    method: SearchMethod
+    assignment: dict[str, str]
+    predicted: float  # summed predicted damage, nats per token
+    target: float
 
 
 def run_search(request: EngineRequest, progress: ProgressFn) -> dict:
@@ -125,8 +151,10 @@ class _Search:
             name: [Option(f.value, cand.format_bytes(linears[name], f), scores[name][f.value]) for f in fits]
             for name, fits in formats.items()
         }
-        original = cpu_copy(loaded.model)
-        records = self.explore(loaded, original, linears, options, calibration, evaluation, baseline, scratch)
+        context = SearchContext(
+            loaded, cpu_copy(loaded.model), linears, options, calibration, evaluation, baseline, scratch
+        )
+        records = self.explore(context)
         report = self.finish(records, baseline, sensitivity, output_dir, self.stage(len(self.stages) - 1))
         report["duration_s"] = time.perf_counter() - started
         return report
@@ -191,7 +219,8 @@ class _Search:
 
     # --- The loop ------------------------------------------------------------------------------------------------
 
-    def explore(self, loaded, original, linears, options, calibration, evaluation, baseline, scratch) -> list[dict]:
+    def explore(self, context: SearchContext) -> list[dict]:
+        options = context.options
         records: list[dict] = []
         methods = list(self.spec.space.methods)
         budget = min(self.limits.values())
@@ -211,21 +240,7 @@ class _Search:
                 continue
             tried_targets.add(round(target, 12))
             predicted = total(options, assignment, "damage")
-            record = self.candidate(
-                len(records),
-                key,
-                method,
-                assignment,
-                predicted,
-                target,
-                loaded,
-                original,
-                linears,
-                calibration,
-                evaluation,
-                baseline,
-                scratch,
-            )
+            record = self.candidate(len(records), Plan(key, method, assignment, predicted, target), context)
             record["feasible_as_predicted"] = feasible
             records.append(record)
             if budget == 0 or (not feasible and len(records) >= len(methods)):
@@ -263,23 +278,10 @@ class _Search:
         tried.add(round(middle, 12))
         return middle
 
-    def candidate(
-        self,
-        index,
-        key,
-        method,
-        assignment,
-        predicted,
-        target,
-        loaded,
-        original,
-        linears,
-        calibration,
-        evaluation,
-        baseline,
-        scratch,
-    ) -> dict:
+    def candidate(self, index: int, plan: Plan, context: SearchContext) -> dict:
         """Build, export and measure one candidate, or read it back when an earlier attempt finished it."""
+        key, method, assignment = plan.key, plan.method, plan.assignment
+        loaded, linears = context.loaded, context.linears
         report = self.stage(3 + index)
         done = self.state.read(f"candidates/{key}.json")
         if done is not None and self.state.path(f"candidates/{key}.tar").is_file():
@@ -287,13 +289,13 @@ class _Search:
             return done
         started = time.perf_counter()
         report(0.0, f"building candidate {index + 1} with {method.value}")
-        model = cpu_copy(original).to(self.device)
+        model = cpu_copy(context.original).to(self.device)
         working = dict(model.named_modules())
         layer_modules = {name: working[name] for name in linears}
         quantized = cand.build_(
-            model, layer_modules, assignment, method, calibration, self.device, lambda f, m: report(0.6 * f, m)
+            model, layer_modules, assignment, method, context.calibration, self.device, lambda f, m: report(0.6 * f, m)
         )
-        folder = scratch / key
+        folder = context.scratch / key
         manifest = {
             "search": self.spec.model_dump(mode="json"),
             "candidate": {"method": method.value, "assignment": dict(assignment)},
@@ -304,10 +306,10 @@ class _Search:
         del model, working, layer_modules
         measured = cand.measure(
             folder,
-            evaluation,
+            context.evaluation,
             self.device,
             self.state.path(REFERENCE),
-            baseline["perplexity"],
+            context.baseline["perplexity"],
             lambda f, m: report(0.65 + 0.35 * f, m),
         )
         self.state.completed(cand.pack(folder, self.state.path(f"candidates/{key}.tar")))
@@ -317,11 +319,11 @@ class _Search:
             "method": method.value,
             "formats": cand.format_counts(assignment),
             "assignment": dict(assignment),
-            "target_nll_increase": target,
+            "target_nll_increase": plan.target,
             "predicted": {
-                "nll_increase": predicted,
-                "perplexity_increase": math.expm1(predicted),
-                "kl_divergence": predicted,
+                "nll_increase": plan.predicted,
+                "perplexity_increase": math.expm1(plan.predicted),
+                "kl_divergence": plan.predicted,
                 "size_bytes": cand.predicted_size(loaded.model, linears, assignment),
                 "linear_weight_bytes": cand.linear_weight_bytes(loaded.model, linears, assignment),
             },
