@@ -197,6 +197,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         row.update(run_llmcompressor(model, calibration, device, args))
     else:
         # on the CPU (--tiny) a capped case poses a device with no room, so its onloaded path runs too
+        reset_gpu_peak(device)  # the free memory counts what building the model left in the allocator's cache
         free = 0 if cap is not None and device.type != "cuda" else device_free_bytes(device)
         row.update(run_engine(model, STEPS[step], calibration, evaluation, device, full_layers, free))
     row["peak_host_bytes"] = read_peak_rss()

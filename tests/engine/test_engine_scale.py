@@ -64,9 +64,9 @@ def test_cuda_bf16_hessian_matches_float32():
 def test_a_layer_pass_lets_go_of_its_inputs_once_the_runner_advances(tiny):
     passes = []
     for step in sequential_layers(tiny.model, windows(tiny.model), "cpu"):
-        assert len(step.inputs()) == 4
+        assert len(list(step.inputs())) == 4
         passes.append(step)
-    assert all(step.inputs() == [] for step in passes)  # a caller holding a pass no longer pins a layer's inputs
+    assert all(list(step.inputs()) == [] for step in passes)  # a caller holding a pass no longer pins a layer's inputs
 
 
 def test_quantizers_hold_one_layer_of_statistics_at_a_time(tiny, monkeypatch):

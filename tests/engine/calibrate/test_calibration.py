@@ -39,7 +39,7 @@ def test_unmodified_pass_reproduces_the_model(tiny: LoadedModel) -> None:
     outputs = None
     for step in sequential_layers(model, windows, "cpu"):
         assert step.name == f"model.layers.{step.index}"
-        assert len(step.inputs()) == len(windows)
+        assert sum(1 for _ in step.inputs()) == len(windows)
         outputs = step.forward()
     torch.testing.assert_close(torch.cat(outputs), expected, rtol=1e-5, atol=1e-5)
 
@@ -66,7 +66,7 @@ def test_modified_layer_is_seen_by_the_next(tiny: LoadedModel) -> None:
                 step.layer.mlp.down_proj.weight.mul_(0.5)
             after = step.forward()
         if step.index == 1:
-            inputs_of_layer_1 = step.inputs()
+            inputs_of_layer_1 = list(step.inputs())
     assert not torch.allclose(torch.cat(before), torch.cat(after))
     torch.testing.assert_close(torch.cat(inputs_of_layer_1), torch.cat(after))
     # and the whole model now agrees with the pass
@@ -91,3 +91,20 @@ def test_empty_windows_are_refused(tiny: LoadedModel) -> None:
 
     with pytest.raises(EngineError):
         next(sequential_layers(tiny.model, torch.zeros(0, 8, dtype=torch.long), "cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device beside host memory")
+def test_onloaded_pass_keeps_activations_in_host_memory(tiny: LoadedModel) -> None:
+    """A model in host memory calibrated on the GPU: each layer visits the GPU, its inputs stay on the host
+    (the GPU holds one window at a time), and the pass still reproduces the model."""
+    model, windows = tiny.model, _windows(tiny.model)
+    expected = _final_hidden(model, windows)
+    cuda = torch.device("cuda")
+    final: list[torch.Tensor] = []
+    for step in sequential_layers(model, windows, cuda, final=final):
+        assert all(window.device.type == "cpu" for window in step._hidden)
+        assert next(step.layer.parameters()).device.type == "cuda"
+        assert all(window.device.type == "cuda" for window in step.inputs())
+    assert all(p.device.type == "cpu" for p in model.parameters()), "every layer went back to host memory"
+    assert all(window.device.type == "cpu" for window in final)
+    torch.testing.assert_close(torch.cat(final), expected, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,7 @@ import torch
 from tests.engine.quantize.test_quant_methods import INT4_G32, calibration_windows, correlated_inputs, run_step
 from worker.engine.calibrate.layerwise import input_stages, sequential_layers
 from worker.engine.calibrate.targets import select_linears
+from worker.engine.quantize import gptq_math
 from worker.engine.quantize.awq_math import scaled_error
 from worker.engine.quantize.common import calibrated_layers, quantize_, quantize_layers
 from worker.engine.quantize.gptq_math import gptq_quantize
@@ -147,3 +148,37 @@ def test_clipped_scale_search_scores_with_the_clipped_quantizer():
         rounded = scaled_error([w], eye, s, 4, 32, True)
         clipped = scaled_error([w], eye, s, 4, 32, True, clipped=True)
         assert clipped < rounded
+
+
+def _reference_inverse_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    damped = hessian + dampening * torch.diag(hessian).mean() * torch.eye(hessian.shape[0])
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3], ids=["positive-definite", "needs-more-dampening"])
+def test_inverse_cholesky_in_place_equals_the_copying_path(shift):
+    """GPTQ's inverse factor made in H's own buffer (as large Hessians are) equals the one made beside an
+    untouched H, and both equal the textbook formula at the dampening that first succeeds."""
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    hessian = 2 / 256 * x.T @ x
+    hessian.diagonal().sub_(shift * torch.diag(hessian).mean())  # below zero: the first dampening fails
+    kept = hessian.clone()
+    beside = gptq_math.inverse_cholesky(hessian, 0.01)
+    assert torch.equal(hessian, kept), "without rebuild H is left as it was"
+    rebuilt = []
+
+    def rebuild() -> torch.Tensor:
+        rebuilt.append(1)
+        return kept.clone()
+
+    in_place = gptq_math.inverse_cholesky(kept.clone(), 0.01, rebuild=rebuild)
+    assert torch.equal(in_place, beside)
+    attempt = 0
+    while attempt < gptq_math.MAX_DAMPENING_RETRIES:
+        try:
+            expected = _reference_inverse_factor(kept, 0.01 * 10**attempt)
+            break
+        except torch.linalg.LinAlgError:
+            attempt += 1
+    assert shift == 0 or attempt > 0, "the shifted Hessian needs more than the first dampening"
+    torch.testing.assert_close(in_place, expected, rtol=1e-4, atol=1e-5)

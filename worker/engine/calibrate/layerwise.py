@@ -8,10 +8,12 @@ runner then recomputes that layer's outputs with the changed weights and feeds t
 later layer is calibrated on the outputs of the already pruned or quantized earlier ones.
 
 Memory: only one layer's inputs are held (advancing replaces each window's input by its output), in the model
-dtype on `device`: for 128 windows of 2048 tokens at hidden size 4096 in bf16, 2 GiB. The layer runs one window
-at a time, so its intermediate activations (the MLP's 2048 × 14336 per window) are never materialized for all
-windows at once.
-A model that lives on another device (CPU while `device` is CUDA) is moved there one layer at a time.
+dtype: for 128 windows of 2048 tokens at hidden size 4096 in bf16, 2 GiB. The layer runs one window at a time, so
+its intermediate activations (the MLP's 2048 × 14336 per window) are never materialized for all windows at once.
+A model that lives on another device (CPU while `device` is CUDA: the onloaded mode) is moved there one layer at
+a time, and its activations stay in host memory too, each window visiting `device` only while the layer reads
+it, as llm-compressor's sequential pipeline keeps them: at 32B (hidden 5120) one set is 2.7 GB, which the GPU
+then does not hold beside the layer and its float32 Hessians.
 """
 
 from __future__ import annotations
@@ -107,17 +109,29 @@ class LayerPass:
     """One decoder layer during a sequential pass: its inputs are cached, its weights may be changed."""
 
     def __init__(
-        self, index: int, name: str, layer: torch.nn.Module, hidden: list[torch.Tensor], kwargs: dict[str, Any]
+        self,
+        index: int,
+        name: str,
+        layer: torch.nn.Module,
+        hidden: list[torch.Tensor],
+        kwargs: dict[str, Any],
+        device: torch.device | None = None,
     ) -> None:
         self.index = index
         self.name = name  # "model.layers.3"
         self.layer = layer
-        self._hidden = hidden
+        self._hidden = hidden  # on `device`, or in host memory when the model is onloaded
         self.kwargs = kwargs  # what the model passes every layer (position_embeddings, attention_mask, ...)
+        self.device = device
 
-    def inputs(self) -> list[torch.Tensor]:
-        """The layer's input hidden states, one [1, seq, hidden] tensor per calibration window."""
-        return self._hidden
+    def _on_device(self, window: torch.Tensor) -> torch.Tensor:
+        return window if self.device is None else window.to(self.device, non_blocking=True)
+
+    def inputs(self) -> Iterator[torch.Tensor]:
+        """The layer's input hidden states, one [1, seq, hidden] tensor per calibration window, each on the
+        layer's device while it is read."""
+        for window in self._hidden:
+            yield self._on_device(window)
 
     def release(self) -> None:
         """Drop the cached inputs (the runner calls this once it has the outputs: whoever still holds this
@@ -141,7 +155,7 @@ class LayerPass:
         ]
         try:
             for hidden in self._hidden[:windows]:
-                self.layer(hidden, **self.kwargs)
+                self.layer(self._on_device(hidden), **self.kwargs)
         finally:
             for handle in handles:
                 handle.remove()
@@ -149,7 +163,8 @@ class LayerPass:
     @torch.no_grad()
     def forward(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The layer's outputs with its current weights, one per window (on `inputs`, or the cached inputs)."""
-        return [_layer_output(self.layer(hidden, **self.kwargs)) for hidden in (inputs or self._hidden)]
+        windows = inputs or self._hidden
+        return [_layer_output(self.layer(self._on_device(hidden), **self.kwargs)) for hidden in windows]
 
     run = forward
 
@@ -161,8 +176,9 @@ class LayerPass:
         hidden = list(self._hidden)  # a list of our own: a caller may still hold the inputs' list
         self._hidden = []
         for i, window in enumerate(hidden):
-            hidden[i] = _layer_output(self.layer(window, **self.kwargs))
-            del window
+            output = _layer_output(self.layer(self._on_device(window), **self.kwargs))
+            hidden[i] = output if window.device == output.device else output.to(window.device)
+            del window, output
         return hidden
 
 
@@ -231,20 +247,27 @@ def sequential_layers(
 
     `windows` is a [n, seq] tensor of token ids. The generator must be run to the end (or closed) to return
     the moved layers to their home device. `final`, when given, receives the last layer's outputs (one per
-    window, on `device`) once the generator has run to the end.
+    window, on `device`, or in host memory when the model's layers live there) once the generator has run to
+    the end.
     """
     device = torch.device(device)
     prefix, layers = decoder_layers(model)
     was_training = model.training
     model.eval()
     hidden, layer_kwargs = _capture(model, layers, windows, device)
+    onloaded = any(_device_of(layer) not in (None, device) for layer in layers)
+    if onloaded:  # the activations live where the model does, each window visiting `device` when read
+        host = _device_of(layers[0])
+        hidden = [window.to(host) for window in hidden]
     try:
         for index, layer in enumerate(layers):
             home = _device_of(layer)
             if home is not None and home != device:
                 layer.to(device)
             try:
-                step = LayerPass(index, f"{prefix}.{index}", layer, hidden, layer_kwargs[index])
+                step = LayerPass(
+                    index, f"{prefix}.{index}", layer, hidden, layer_kwargs[index], device if onloaded else None
+                )
                 hidden = None  # the pass owns the inputs now: advancing frees each once its output exists
                 yield step
                 hidden = step.advance_()

@@ -62,7 +62,7 @@ def onloaded_logits(
     try:
         model.to(device)  # the layers are out: only the embeddings, final norm and output layer move
         for index, window in enumerate(windows):
-            replay.hidden, final[index] = final[index], None
+            replay.hidden, final[index] = final[index].to(device), None
             logits = model(input_ids=window.unsqueeze(0).to(device), use_cache=False).logits[0, :-1]
             replay.hidden = None
             yield index, logits

@@ -26,6 +26,8 @@ llm-compressor's GPTQ does for its FP8 schemes: the error of each rounded column
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from worker.engine.quantize.awq_math import clip_search as searched_params
@@ -35,27 +37,48 @@ from worker.engine.steps import EngineError
 MAX_DAMPENING_RETRIES = 6
 
 
-def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(H with dead channels set to 1, weight with dead columns zeroed, dead mask), all float32 copies."""
-    hessian, weight = hessian.float().clone(), weight.float().clone()
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1.0
-    weight[:, dead] = 0.0
-    return hessian, weight, dead
+def permuted_hessian(hessian: torch.Tensor, order: torch.Tensor | None, rows_per_chunk: int = 2048) -> torch.Tensor:
+    """A float32 copy of H[order][:, order] (H itself when `order` is None), dead channels (H_ii = 0) set to 1.
+
+    One copy of H is made: the rows are gathered into it, then each chunk of rows has its columns permuted
+    through a chunk-sized buffer, so building it never holds two permuted copies beside H (the down_proj
+    Hessian of a 32B model is 3 GB in float32)."""
+    if order is None:
+        out = hessian.float().clone()
+    else:
+        out = hessian.float().index_select(0, order)
+        for start in range(0, out.shape[0], rows_per_chunk):
+            rows = out[start : start + rows_per_chunk]
+            rows.copy_(rows.index_select(1, order))
+    diagonal = out.diagonal()
+    diagonal.masked_fill_(diagonal == 0, 1.0)  # dead channels; their off-diagonal entries are zero already
+    return out
 
 
-def inverse_cholesky(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening · mean(diag H), raising λ while H is not PD."""
-    mean_diag = torch.diag(hessian).mean()
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+def inverse_cholesky(
+    hessian: torch.Tensor, dampening: float, rebuild: Callable[[], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = dampening · mean(diag H), raising λ while H is not PD.
+
+    Two H-sized buffers are used beside H: the damped matrix (reused for the inverse) and the factor. Given
+    `rebuild` (which returns a fresh copy of H), H's own buffer is the damped matrix and is overwritten, so only
+    one buffer is added; a retry after the inverse failed its factorization asks `rebuild` for H again."""
+    diagonal = torch.diag(hessian).clone()
+    mean_diag = diagonal.mean()
     for attempt in range(MAX_DAMPENING_RETRIES):
-        damped = hessian + (dampening * 10**attempt) * mean_diag * eye
+        if hessian is None:
+            hessian = rebuild()
+        damped = hessian if rebuild is not None else hessian.clone()
+        damped.diagonal().copy_(diagonal + (dampening * 10**attempt) * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            torch.cholesky_inverse(lower, out=damped)
+            upper, info = torch.linalg.cholesky_ex(damped, upper=True, out=(lower, info))
             if info == 0:
                 return upper
+            if rebuild is not None:  # the damped buffer, H's own, now holds the inverse
+                hessian = None
+        del damped, lower
     raise EngineError(
         "numerical_error",
         "the layer Hessian is not positive definite even with strong dampening: use more calibration samples",
@@ -81,7 +104,12 @@ def gptq_quantize(
     """
     if kind == "float" and (bits != 8 or group_size is not None or not symmetric or clip_search):
         raise ValueError("FP8 GPTQ takes bits 8, per-channel scales, symmetric weights and no clip search")
-    hessian, w, _ = prepare_hessian(hessian, weight)
+    # H is read, never written: the dead channels' fix and the permutation happen in the one copy that becomes
+    # the damped matrix and its inverse (the clip search may read H itself: a dead channel's weights are zero,
+    # so its row of H weighs nothing either way)
+    dead = torch.diag(hessian) == 0
+    w = weight.float().clone()
+    w[:, dead] = 0.0
     keep = sparsity_keep_mask(weight)
     columns = w.shape[1]
     static = act_order or group_size is None  # scales fixed up front from the (dead-zeroed) weights
@@ -90,14 +118,19 @@ def gptq_quantize(
     else:
         scale, zero = (None, None)
         if static:
-            scale, zero = _group_params(w, hessian if clip_search else None, bits, group_size, symmetric)
-    order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(columns)
+            scale, zero = _group_params(w, hessian.float() if clip_search else None, bits, group_size, symmetric)
+    diagonal = torch.diag(hessian).float().masked_fill(dead, 1.0)
+    order = torch.argsort(diagonal, descending=True) if act_order else torch.arange(columns)
     order = order.to(w.device)
     # the dynamic sweep reads columns on the host: one transfer, not one device sync per column
     order_host = None if static else order.tolist()
-    w, hessian = w[:, order], hessian[order][:, order]
+
+    def working_copy() -> torch.Tensor:
+        return permuted_hessian(hessian, order if act_order else None)
+
+    h_inv = inverse_cholesky(working_copy(), dampening, rebuild=working_copy)
+    w = w[:, order]
     keep = None if keep is None else keep[:, order]
-    h_inv = inverse_cholesky(hessian, dampening)
     quantized = torch.zeros_like(w)
     if not static:
         scale = torch.zeros(w.shape[0], columns // group_size, dtype=w.dtype, device=w.device)
@@ -121,7 +154,7 @@ def gptq_quantize(
                 group_size,
                 bits,
                 symmetric,
-                hessian if clip_search else None,
+                hessian.float() if clip_search else None,
                 None if keep is None else keep[:, start:],
             )
             done = block
