@@ -2,62 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.architectures import unsupported_step
 from app.deps import ROW_ID, JobDep, Limit, Offset, SessionDep, SettingsDep, TenantDep
-from app.json_body import read_json
 from app.resources import list_page
 from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
+from app.submissions import IdempotencyKey, Submission, body_openapi, spec_digest, submit_responses, validated_body
 from modelpress.events import publish
 from modelpress.fleet import live_classes
 from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, Webhook, new_id, utcnow
-from modelpress.queue import enqueue_job
 from modelpress.routing import route, waiting_reason
 from modelpress.settings import Settings
 from modelpress.specs import TASK_DATASET_FORMAT, DepthPrune, JobSpec, SearchSpec, WeightQuantArgs, check_fit
 from modelpress.webhooks import RefusedUrl, check_url
 
-logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-JOB_BODY_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobCreate"}}},
-    }
-}
-
-
-async def job_body(request: Request) -> JobSpec:
-    """The request body as a validated `JobCreate` (bounded, finite JSON; 422 naming each problem)."""
-    data = await read_json(request)
-    try:
-        return JobCreate.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from exc
-
-
-def spec_digest(spec: JobSpec | SearchSpec) -> tuple[dict[str, Any], str]:
-    """The spec as stored (without `notify`, whose secret lives only in the webhook row) and the sha256 of the
-    whole body's canonical form (sorted keys, no spaces), secret included, for `Idempotency-Key` replays."""
-    data = spec.model_dump(mode="json", exclude={"notify"} if isinstance(spec, JobSpec) else None)
-    whole = dict(data)
-    if getattr(spec, "notify", None) is not None:
-        whole["notify"] = {"url": spec.notify.url, "secret": spec.notify.secret.get_secret_value()}
-    canonical = json.dumps(whole, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return data, hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _webhook(spec: JobSpec, tenant: str, settings: Settings) -> Webhook | None:
@@ -69,18 +34,6 @@ def _webhook(spec: JobSpec, tenant: str, settings: Settings) -> Webhook | None:
     except RefusedUrl as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
     return Webhook(tenant=tenant, url=spec.notify.url, secret=spec.notify.secret.get_secret_value())
-
-
-def replay(session: Session, tenant: str, key: str, digest: str) -> Job | None:
-    """The job created earlier with this Idempotency-Key, if any; 422 when its body differed."""
-    job = session.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
-    if job is not None and job.spec_sha256 != digest:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY,
-            f"Idempotency-Key {key!r} was already used for job {job.id} with a different body; "
-            "use a new key for a different job",
-        )
-    return job
 
 
 def check_references(session: Session, tenant: str, spec: JobSpec | SearchSpec) -> Model:
@@ -174,47 +127,36 @@ def _check_fits_model(spec: JobSpec, model: Model) -> None:
                 )
 
 
-def _answer(job: Job, response: Response, replayed: bool = False) -> JobPublic:
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return JobPublic.of(job)
-
-
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobPublic,
-    openapi_extra=JOB_BODY_OPENAPI,
-    responses={
-        404: {"description": "the model or a dataset does not exist"},
-        413: {"description": "the JSON body is larger than 1 MiB"},
-        415: {"description": "the body is not `application/json`"},
-        422: {
-            "description": "the body is not a job this service can run. Besides what the `JobCreate` schema says: "
-            "`sparsity` or `pattern` (not a sparsity that contradicts the pattern, and a pattern only with `scope` "
-            '"row"); structured pruning with some sparsity above 0; `targets`/`ignore` patterns that are not empty '
-            "and compile after `re:`; a `calibration` section for the steps that learn from data; quantization as "
-            "the last step, once; a `teacher_step` earlier than its step; "
-            "a `group_size` that divides every Linear input width of the model; fewer layers dropped than "
-            "the model has; a model with a tokenizer when datasets are used; no NaN, Infinity, U+0000 or JSON "
-            "nested deeper than 32; an `Idempotency-Key` reused only with the same body; a `notify.url` whose host "
-            "resolves to a public address (loopback, link-local and private networks are refused unless the "
-            "operator allows them)"
-        },
-    },
+    openapi_extra=body_openapi("JobCreate"),
+    responses=submit_responses(
+        "the body is not a job this service can run. Besides what the `JobCreate` schema says: "
+        "`sparsity` or `pattern` (not a sparsity that contradicts the pattern, and a pattern only with `scope` "
+        '"row"); structured pruning with some sparsity above 0; `targets`/`ignore` patterns that are not empty '
+        "and compile after `re:`; a `calibration` section for the steps that learn from data; quantization as "
+        "the last step, once; a `teacher_step` earlier than its step; "
+        "a `group_size` that divides every Linear input width of the model; fewer layers dropped than "
+        "the model has; a model with a tokenizer when datasets are used; no NaN, Infinity, U+0000 or JSON "
+        "nested deeper than 32; an `Idempotency-Key` reused only with the same body; a `notify.url` whose host "
+        "resolves to a public address (loopback, link-local and private networks are refused unless the "
+        "operator allows them)"
+    ),
 )
 def create_job(
     tenant: TenantDep,
-    spec: Annotated[JobSpec, Depends(job_body)],
+    spec: Annotated[JobSpec, Depends(validated_body(JobCreate))],
     session: SessionDep,
     settings: SettingsDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     data, digest = spec_digest(spec)
-    if idempotency_key is not None and (earlier := replay(session, tenant, idempotency_key, digest)):
-        return _answer(earlier, response, replayed=True)
+    submission = Submission(session, tenant, idempotency_key, digest, response, "job", router.prefix, JobPublic.of)
+    if (earlier := submission.earlier()) is not None:
+        return earlier
     model = check_references(session, tenant, spec)
     _check_fits_model(spec, model)
     webhook = _webhook(spec, tenant, settings)
@@ -231,23 +173,10 @@ def create_job(
         memory_bytes=need.memory_bytes,
         waiting_reason=waiting_reason(need, live_classes(session, settings)),
     )
-    session.add(job)
     if webhook is not None:
         webhook.job_id = job.id = new_id()
-        session.add(webhook)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        earlier = replay(session, tenant, idempotency_key, digest) if idempotency_key else None
-        if earlier is None:
-            raise
-        return _answer(earlier, response, replayed=True)
-    try:
-        enqueue_job(job.id)
-    except Exception:  # the broker is down: the row stays queued and the reconciler re-enqueues it
-        logger.warning("could not enqueue job %s; it stays queued for the reconciler", job.id, exc_info=True)
-    return _answer(job, response)
+        return submission.commit(job, webhook)
+    return submission.commit(job)
 
 
 @router.get("", response_model=JobsPublic)

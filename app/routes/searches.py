@@ -3,46 +3,24 @@ cancellation, progress and artifacts), poll, list, cancel, and read its full res
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, HTTPException, Response, status
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError
 
 from app.architectures import unsupported_step
 from app.deps import Limit, Offset, SearchDep, SessionDep, SettingsDep, TenantDep
-from app.json_body import read_json
 from app.resources import list_page
-from app.routes.jobs import cancel, check_references, list_artifacts, replay, spec_digest
+from app.routes.jobs import cancel, check_references, list_artifacts
 from app.schemas import ArtifactsPublic, SearchCreate, SearchesPublic, SearchPublic
+from app.submissions import IdempotencyKey, Submission, body_openapi, spec_digest, submit_responses, validated_body
 from modelpress.fleet import live_classes
 from modelpress.models import Job, JobKind, JobStatus, Model
-from modelpress.queue import enqueue_job
 from modelpress.routing import Need, route, waiting_reason
 from modelpress.settings import Settings
 from modelpress.specs import GPTQQuantize, JobSpec, SearchFormat, SearchSpec, selected
 
-logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/searches", tags=["searches"])
-
-SEARCH_BODY_OPENAPI = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchSpec"}}},
-    }
-}
-
-
-async def search_body(request: Request) -> SearchSpec:
-    """The request body as a validated `SearchCreate` (bounded, finite JSON; 422 naming each problem)."""
-    data = await read_json(request)
-    try:
-        return SearchCreate.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False)) from exc
 
 
 def _check_space_fits(spec: SearchSpec, model: Model) -> None:
@@ -82,40 +60,31 @@ def _need(spec: SearchSpec, model: Model, settings: Settings) -> Need:
     return route(2 * model.parameters, model.details, proxy, settings.cpu_job_max_bytes)
 
 
-def _answer(job: Job, response: Response, replayed: bool = False) -> SearchPublic:
-    response.headers["Location"] = f"/v1/searches/{job.id}"
-    if replayed:
-        response.headers["Idempotent-Replayed"] = "true"
-    return SearchPublic.of(job)
-
-
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=SearchPublic,
-    openapi_extra=SEARCH_BODY_OPENAPI,
-    responses={
-        404: {"description": "the model or a dataset does not exist"},
-        413: {"description": "the JSON body is larger than 1 MiB"},
-        415: {"description": "the body is not `application/json`"},
-        422: {
-            "description": "the body is not a search this service can run: besides the `SearchSpec` schema, a "
-            "budget with at least one limit, each format and method once, targets that select a Linear that some "
-            "format fits, a model with a tokenizer, an `Idempotency-Key` reused only with the same body"
-        },
-    },
+    openapi_extra=body_openapi("SearchSpec"),
+    responses=submit_responses(
+        "the body is not a search this service can run: besides the `SearchSpec` schema, a budget with at least "
+        "one limit, each format and method once, targets that select a Linear that some format fits, a model "
+        "with a tokenizer, an `Idempotency-Key` reused only with the same body"
+    ),
 )
 def create_search(
     tenant: TenantDep,
-    spec: Annotated[SearchSpec, Depends(search_body)],
+    spec: Annotated[SearchSpec, Depends(validated_body(SearchCreate))],
     session: SessionDep,
     settings: SettingsDep,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> SearchPublic:
     data, digest = spec_digest(spec)
-    if idempotency_key is not None and (earlier := replay(session, tenant, idempotency_key, digest)):
-        return _answer(earlier, response, replayed=True)
+    submission = Submission(
+        session, tenant, idempotency_key, digest, response, "search", router.prefix, SearchPublic.of
+    )
+    if (earlier := submission.earlier()) is not None:
+        return earlier
     model = check_references(session, tenant, spec)
     _check_space_fits(spec, model)
     need = _need(spec, model, settings)
@@ -133,20 +102,7 @@ def create_search(
         memory_bytes=need.memory_bytes,
         waiting_reason=waiting_reason(need, live_classes(session, settings)),
     )
-    session.add(job)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        earlier = replay(session, tenant, idempotency_key, digest) if idempotency_key else None
-        if earlier is None:
-            raise
-        return _answer(earlier, response, replayed=True)
-    try:
-        enqueue_job(job.id)
-    except Exception:  # the broker is down: the row stays queued and the reconciler re-enqueues it
-        logger.warning("could not enqueue search %s; it stays queued for the reconciler", job.id, exc_info=True)
-    return _answer(job, response)
+    return submission.commit(job)
 
 
 @router.get("", response_model=SearchesPublic)
