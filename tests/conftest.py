@@ -210,9 +210,7 @@ def make_key(tenant: str, database_url: str | None = None) -> str:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """A SeaweedFS S3 server on loopback for the whole test session, with one bucket; stopped at the end."""
-    from tests.utils.object_store import S3Server
+    from tests.utils.object_store import running_server
 
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    server.start()
-    yield server
-    server.stop()
+    with running_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server

@@ -14,18 +14,15 @@ from pathlib import Path
 import pytest
 
 from modelpress.storage import StorageUnavailable
-from tests.utils.object_store import S3Server
+from tests.utils.object_store import S3Server, running_server
 
 PAYLOAD = bytes(range(256)) * 4100
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[S3Server]:
-    store = S3Server(tmp_path / "s3")
-    store.folder.mkdir()
-    store.start()
-    yield store
-    store.stop()
+    with running_server(tmp_path / "s3") as store:
+        yield store
 
 
 def source(tmp_path: Path, size: int = len(PAYLOAD)) -> Path:

@@ -4,7 +4,6 @@ other files, missing data and unsafe templates are refused with nothing stored; 
 from __future__ import annotations
 
 import io
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -12,31 +11,13 @@ import httpx
 import pytest
 import yaml
 
+from modelpress.cloze_task import ClozeOptions, task_config
 from tests.api.conftest import storage_root
 from tests.api.test_jobs import spec
-from tests.utils.factories import write_cloze_task
+from tests.utils.factories import tar_of, write_cloze_task
 
 DOCS = b'{"context": "the model prunes", "choices": ["weights", "servers"], "label": 0}\n' * 3
-TASK = {
-    "task": "tiny",
-    "dataset_path": "json",
-    "dataset_kwargs": {"data_files": {"test": "test.jsonl"}},
-    "test_split": "test",
-    "output_type": "multiple_choice",
-    "doc_to_text": "{{context}}",
-    "doc_to_choice": "choices",
-    "doc_to_target": "label",
-}
-
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+TASK = task_config(ClozeOptions(name="tiny"))  # the config the product's cloze builder writes
 
 
 def upload(client: httpx.Client, data: bytes, name: str = "task.tar") -> httpx.Response:

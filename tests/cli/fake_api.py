@@ -6,26 +6,14 @@ It mimics only the shapes the CLI relies on (the API's contract); the live tests
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 KEY = "mp_test"
-
-
-def tar_bytes(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 @dataclass

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from modelpress.cli import main as cli
 from modelpress.cli import watch as watching
 from modelpress.cli.client import Client
-from tests.cli.fake_api import KEY, FakeApi, tar_bytes
+from tests.cli.fake_api import KEY, FakeApi
+from tests.utils.factories import tar_of
 
 runner = CliRunner()
 
@@ -201,7 +202,7 @@ def test_watch_unknown_job_is_a_clean_404(fake: FakeApi) -> None:
 
 
 def test_download_verifies_checksums_and_extracts(fake: FakeApi, tmp_path: Path) -> None:
-    fake.add_artifact("model.tar", tar_bytes({"config.json": b"{}", "model.safetensors": b"weights"}))
+    fake.add_artifact("model.tar", tar_of({"config.json": b"{}", "model.safetensors": b"weights"}))
     fake.add_artifact("report.json", b'{"ok": true}', kind="report")
     out = tmp_path / "out"
     result = invoke("download", "job1", "--out", str(out), "--extract")

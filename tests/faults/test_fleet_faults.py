@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils.object_store import S3Server
+from tests.utils.object_store import S3Server, running_server
 from tests.utils.stack import Stack, job_status, kill_group, step_started, submit_prune, wait_for
 
 OUTAGE_S = 30
@@ -25,11 +25,8 @@ OUTAGE_S = 30
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[S3Server]:
     """A SeaweedFS server of this test's own, so that stopping it hits nothing else."""
-    server = S3Server(tmp_path / "s3")
-    server.folder.mkdir()
-    server.start()
-    yield server
-    server.stop()
+    with running_server(tmp_path / "s3") as server:
+        yield server
 
 
 @pytest.fixture

@@ -228,6 +228,17 @@ def tar_folder(folder: Path, archive: Path, *, gzip: bool = False) -> Path:
     return archive
 
 
+def tar_of(files: dict[str, bytes]) -> bytes:
+    """An uncompressed tar archive in memory, one member per name, in the order given."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def write_text_dataset(path: Path, lines: int = 400, seed: int = 1) -> Path:
     path.write_text(sample_text(lines, seed))
     return path

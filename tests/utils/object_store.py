@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,3 +119,16 @@ class S3Server:
         settings = Settings(**self.env(""), _env_file=None)  # the service's client: its timeouts and retries
         prefix = prefix or f"t-{secrets.token_hex(4)}"
         return S3Storage(s3_client(settings), self.bucket, prefix, scratch, part_size, retry_s=retry_s)
+
+
+@contextmanager
+def running_server(folder: Path) -> Iterator[S3Server]:
+    """A server of its own with its data in `folder` (created), started, and killed on leaving: stopping it
+    mid-test hits nothing else."""
+    folder.mkdir(parents=True, exist_ok=True)
+    server = S3Server(folder)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -10,12 +10,13 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from modelpress.settings import DeclaredGpu, Settings
 from tests.conftest import REPO
 from tests.utils.stack import open_stack, wait_for
-from worker.per_gpu import GpuSupervisor, child_plans, supervise
+from worker.per_gpu import ChildPlan, GpuSupervisor, child_plans, supervise
 from worker.registration import Gpu
 
 GPUS = [
@@ -44,6 +45,30 @@ def starts(out: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@dataclass
+class Supervised:
+    """A supervisor of stand-in children (CHILD) running in a thread; each child records itself under `out`, and
+    `result` receives the supervisor's exit code."""
+
+    out: Path
+    plans: list[ChildPlan]
+    supervisor: GpuSupervisor
+    thread: threading.Thread
+    result: list[int]
+
+
+def supervise_stand_ins(tmp_path: Path, gpus: list[Gpu]) -> Supervised:
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [sys.executable, "-c", CHILD]
+    plans = child_plans(gpus, tmp_path / "cache", [], environ={"OUT": str(out)}, host="box", command=command)
+    supervisor = GpuSupervisor(plans, restart_delay_s=0.0)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(supervisor.run()), daemon=True)
+    thread.start()
+    return Supervised(out, plans, supervisor, thread, result)
+
+
 def test_each_child_is_pinned_to_its_gpu_with_its_own_name_and_cache(tmp_path: Path) -> None:
     plans = child_plans(GPUS, tmp_path / "cache", ["--loglevel", "INFO"], environ={"PATH": "/bin"}, host="box")
     assert [p.name for p in plans] == ["gpu0@box", "gpu1@box", "gpu2@box"]
@@ -55,14 +80,8 @@ def test_each_child_is_pinned_to_its_gpu_with_its_own_name_and_cache(tmp_path: P
 
 
 def test_the_supervisor_restarts_a_dead_child_and_drains_all_on_stop(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    command = [sys.executable, "-c", CHILD]
-    plans = child_plans(GPUS[:2], tmp_path / "cache", [], environ={"OUT": str(out)}, host="box", command=command)
-    supervisor = GpuSupervisor(plans, restart_delay_s=0.0)
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(supervisor.run()), daemon=True)
-    thread.start()
+    running = supervise_stand_ins(tmp_path, GPUS[:2])
+    out, plans = running.out, running.plans
     try:
         first = wait_for(lambda: starts(out, "gpu1@box"), 30, "gpu1's child")[0]
         assert first["CUDA_VISIBLE_DEVICES"] == "GPU-bbbb"
@@ -75,26 +94,19 @@ def test_the_supervisor_restarts_a_dead_child_and_drains_all_on_stop(tmp_path: P
         wait_for(lambda: plans[0].drained, 30, "gpu0's drained child noticed")
         assert len(starts(out, "gpu0@box")) == 1, "a child that exited 0 after a drain is not restarted"
     finally:
-        supervisor.request_stop(signal.SIGTERM)
-        thread.join(timeout=30)
-    assert result == [0]
+        running.supervisor.request_stop(signal.SIGTERM)
+        running.thread.join(timeout=30)
+    assert running.result == [0]
     assert (out / "gpu0@box.drained").exists() and (out / "gpu1@box.drained").exists()
     assert all(plan.process is None or plan.process.poll() is not None for plan in plans)
 
 
 def test_the_supervisor_exits_once_every_child_was_drained(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    command = [sys.executable, "-c", CHILD]
-    plans = child_plans(GPUS[:1], tmp_path / "cache", [], environ={"OUT": str(out)}, host="box", command=command)
-    supervisor = GpuSupervisor(plans, restart_delay_s=0.0)
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(supervisor.run()), daemon=True)
-    thread.start()
-    pid = wait_for(lambda: starts(out, "gpu0@box"), 30, "gpu0's child")[0]["pid"]
+    running = supervise_stand_ins(tmp_path, GPUS[:1])
+    pid = wait_for(lambda: starts(running.out, "gpu0@box"), 30, "gpu0's child")[0]["pid"]
     subprocess.run(["kill", "-TERM", str(pid)], check=True)
-    thread.join(timeout=30)
-    assert result == [0] and len(starts(out, "gpu0@box")) == 1
+    running.thread.join(timeout=30)
+    assert running.result == [0] and len(starts(running.out, "gpu0@box")) == 1
 
 
 def test_per_gpu_without_a_gpu_is_an_error() -> None:
