@@ -1,6 +1,7 @@
 """What the resource routes share: receiving an upload into storage (models, datasets), a page of the tenant's
-rows (models, datasets, jobs), a delete that refuses while a queued or running job still needs the row
-(models, datasets), and the list / read / delete routes of an uploaded resource, declared once.
+rows (models, datasets, jobs), the list of a job's rows (artifacts, webhook attempts), a delete that refuses while
+a queued or running job still needs the row (models, datasets), and the list / read / delete routes of an uploaded
+resource, declared once.
 
 Each route keeps its own URLs, schemas and wording; these helpers hold the logic once, so a fix to the upload's
 clean-up or to the delete's locking reaches both resources.
@@ -20,11 +21,12 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import Limit, Offset, Row, SessionDep, StorageDep, TenantDep, newest_page
 from app.metrics import route_template
 from app.uploads import Upload, receive_upload
-from modelpress.models import Dataset, Model
+from modelpress.models import Artifact, Dataset, Job, Model, WebhookAttempt
 from modelpress.settings import Settings
 from modelpress.storage import Storage
 
 Stored = TypeVar("Stored", Model, Dataset)
+JobRow = TypeVar("JobRow", Artifact, WebhookAttempt)
 Page = TypeVar("Page")
 
 
@@ -60,6 +62,22 @@ def list_page(
     """One `{data, count}` page of the tenant's rows that match `where`, newest first, each shown as `public(row)`."""
     rows, count = newest_page(session, table, tenant, limit, offset, *where)
     return page(data=[public(r) for r in rows], count=count)
+
+
+def job_rows_page(
+    session: Session,
+    table: type[JobRow],
+    job: Job,
+    public: Callable[[JobRow], Any],
+    page: Callable[..., Page],
+    *order: ColumnElement[Any],
+) -> Page:
+    """The `{data, count}` list of all the job's rows in `table` (its artifacts, its webhook attempts), oldest
+    first by `order`, each shown as `public(row)`."""
+    rows = session.scalars(
+        select(table).where(table.job_id == job.id, table.tenant == job.tenant).order_by(*order)
+    ).all()
+    return page(data=[public(r) for r in rows], count=len(rows))
 
 
 def delete_unless_used(

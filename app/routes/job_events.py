@@ -19,10 +19,10 @@ from fastapi import APIRouter, Header
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from redis.exceptions import RedisError
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import JobDep, SessionDep, SettingsDep
+from app.resources import job_rows_page
 from modelpress.db import session_scope
 from modelpress.events import EVENT_ID, parse_id, stream_key
 from modelpress.job_resource import JobPublic
@@ -177,10 +177,12 @@ class DeliveriesPublic(BaseModel):
 @router.get("/{job_id}/deliveries", response_model=DeliveriesPublic, responses={404: {"description": "no such job"}})
 def list_deliveries(job: JobDep, session: SessionDep) -> DeliveriesPublic:
     """Every attempt at the job's webhook (`notify`), oldest first; empty until the job ends."""
-    rows = session.scalars(
-        select(WebhookAttempt)
-        .where(WebhookAttempt.job_id == job.id, WebhookAttempt.tenant == job.tenant)
-        .order_by(WebhookAttempt.attempt, WebhookAttempt.created_at)
-    ).all()
-    data = [DeliveryPublic.model_validate(row, from_attributes=True) for row in rows]
-    return DeliveriesPublic(data=data, count=len(data))
+    return job_rows_page(
+        session,
+        WebhookAttempt,
+        job,
+        lambda row: DeliveryPublic.model_validate(row, from_attributes=True),
+        DeliveriesPublic,
+        WebhookAttempt.attempt,
+        WebhookAttempt.created_at,
+    )

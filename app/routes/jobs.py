@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.architectures import unsupported_step
 from app.deps import ROW_ID, JobDep, Limit, Offset, SessionDep, SettingsDep, TenantDep
-from app.resources import list_page
+from app.resources import job_rows_page, list_page
 from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
 from app.submissions import IdempotencyKey, Submission, body_openapi, spec_digest, submit_responses, validated_body
 from modelpress.events import publish
@@ -253,9 +253,4 @@ def get_report(job: JobDep) -> JSONResponse:
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, responses={404: {"description": "no such job"}})
 def list_artifacts(job: JobDep, session: SessionDep) -> ArtifactsPublic:
-    rows = session.scalars(
-        select(Artifact)
-        .where(Artifact.job_id == job.id, Artifact.tenant == job.tenant)
-        .order_by(Artifact.created_at, Artifact.name)
-    ).all()
-    return ArtifactsPublic(data=[ArtifactPublic.of(r) for r in rows], count=len(rows))
+    return job_rows_page(session, Artifact, job, ArtifactPublic.of, ArtifactsPublic, Artifact.created_at, Artifact.name)
