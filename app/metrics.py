@@ -6,10 +6,17 @@ workers are other processes (Celery prefork children that come and go with each 
 counts in memory could be trusted. Reading at scrape also gives every API replica the same figures.
 
 Job duration (the last attempt's, as `started_at` holds it) and queue wait (submission to the latest attempt's
-start: a retried job's lost attempts count as waiting) are cumulative histograms, computed in one aggregate query
-per scrape rather than observed by the API: the API never sees a job end (the worker writes the row), an
-observation would be lost on restart and counted once per replica, and the rows already hold the start, end
-and submission times. Jobs are hours of GPU work each, so the table stays small enough to aggregate whole.
+start: a retried job's lost attempts count as waiting) are cumulative histograms, aggregated in SQL at scrape
+rather than observed by the API: the API never sees a job end (the worker writes the row), an observation would
+be lost on restart and counted once per replica, and the rows already hold the start, end and submission times.
+
+A job that has ended never changes again (`finished_at` is set once, with its final status), so a scrape does
+not read it twice: once it ended more than `FOLD_AFTER` ago its figures are folded into totals this process
+keeps, and each scrape reads only the jobs not ended and those that ended since the last fold (the `finished_at`
+index). Each row is in exactly one of the two, so the figures are the whole table's; a scrape's cost follows the
+recent jobs, not the table's history, and only a process's first scrape reads the whole table. `FOLD_AFTER` is
+far longer than a worker takes from stamping `finished_at` to committing it, and than the clock drift between
+machines, so no job is stamped as ended before a fold it missed.
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ import time
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -33,8 +40,9 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy import ColumnElement, and_, case, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelpress.db import new_session
@@ -49,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 JOB_DURATION_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400)
 QUEUE_WAIT_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 14400)
+FOLD_AFTER = timedelta(hours=1)
+FINAL_VALUES = sorted(s.value for s in FINAL_STATUSES)
 REDIS_TIMEOUT_S = 0.5
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 """An `X-Request-ID` a client or proxy sends is kept when it looks like an id; anything else is replaced."""
@@ -151,6 +161,47 @@ def histogram_buckets(row: Iterable[Any], buckets: Iterable[float]) -> tuple[lis
     return [*pairs, ("+Inf", float(count))], float(total or 0.0)
 
 
+def _added(a: list[float], b: list[float]) -> list[float]:
+    return [x + y for x, y in zip(a, b, strict=True)] if a and b else a or b
+
+
+@dataclass
+class JobFigures:
+    """Jobs by status, the duration histogram by final status and the queue-wait histogram, each histogram as
+    `[count, sum, at or below each bound...]`. The figures of two disjoint sets of rows add up."""
+
+    jobs: dict[str, float] = field(default_factory=dict)
+    ran: dict[str, list[float]] = field(default_factory=dict)
+    waited: list[float] = field(default_factory=list)
+
+    def __add__(self, other: JobFigures) -> JobFigures:
+        return JobFigures(
+            jobs={k: self.jobs.get(k, 0) + other.jobs.get(k, 0) for k in self.jobs.keys() | other.jobs.keys()},
+            ran={k: _added(self.ran.get(k, []), other.ran.get(k, [])) for k in self.ran.keys() | other.ran.keys()},
+            waited=_added(self.waited, other.waited),
+        )
+
+
+def job_figures(session: Session, where: ColumnElement[bool]) -> JobFigures:
+    """The figures of the job rows that match `where`, aggregated in SQL (three queries)."""
+    dialect = session.get_bind().dialect.name
+    counts = session.execute(select(Job.status, func.count()).where(where).group_by(Job.status)).all()
+    ran = seconds_between(Job.started_at, Job.finished_at, dialect)
+    durations = session.execute(
+        histogram_query(ran, JOB_DURATION_BUCKETS, Job.status)
+        .where(where, Job.status.in_(FINAL_VALUES), Job.started_at.is_not(None))
+        .where(Job.finished_at.is_not(None))
+        .group_by(Job.status)
+    ).all()
+    waited = seconds_between(Job.created_at, Job.started_at, dialect)
+    waits = session.execute(histogram_query(waited, QUEUE_WAIT_BUCKETS).where(where, Job.started_at.is_not(None)))
+    return JobFigures(
+        jobs={status: float(n) for status, n in counts},
+        ran={status: [float(v or 0) for v in row] for status, *row in durations},
+        waited=[float(v or 0) for v in waits.one()],
+    )
+
+
 class ServiceCollector(Collector):
     """Reads jobs from the database and queue depth and worker reports from Redis each time Prometheus scrapes.
 
@@ -161,6 +212,9 @@ class ServiceCollector(Collector):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._redis: redis.Redis | None = None
+        self._folded = JobFigures()  # the jobs that ended before `_through`
+        self._through: datetime | None = None
+        self._fold_lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily(
@@ -177,30 +231,32 @@ class ServiceCollector(Collector):
             yield from families
         yield up
 
+    def _job_figures(self, session: Session) -> JobFigures:
+        """Every job's figures: the folded totals, after folding in the jobs that ended since the last fold and
+        more than `FOLD_AFTER` ago, plus the rows of the jobs still active or ended since."""
+        with self._fold_lock:
+            until = utcnow() - FOLD_AFTER
+            ended = Job.finished_at < until
+            if self._through is not None:
+                ended = and_(ended, Job.finished_at >= self._through)
+            self._folded = self._folded + job_figures(session, ended)
+            self._through = until
+            folded, through = self._folded, self._through
+        return folded + job_figures(session, or_(Job.finished_at.is_(None), Job.finished_at >= through))
+
     def _database(self) -> Iterator[Metric]:
         with new_session() as session:
-            dialect = session.get_bind().dialect.name
-            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            ran = seconds_between(Job.started_at, Job.finished_at, dialect)
-            durations = session.execute(
-                histogram_query(ran, JOB_DURATION_BUCKETS, Job.status)
-                .where(Job.status.in_([s.value for s in FINAL_STATUSES]), Job.started_at.is_not(None))
-                .where(Job.finished_at.is_not(None))
-                .group_by(Job.status)
-            ).all()
-            waited = seconds_between(Job.created_at, Job.started_at, dialect)
-            waits = session.execute(histogram_query(waited, QUEUE_WAIT_BUCKETS).where(Job.started_at.is_not(None)))
-            wait_row = waits.one()
+            figures = self._job_figures(session)
         jobs = GaugeMetricFamily("modelpress_jobs", "Jobs in the database, by status", labels=["status"])
         for status in JobStatus:
-            jobs.add_metric([status.value], counts.get(status.value, 0))
+            jobs.add_metric([status.value], figures.jobs.get(status.value, 0))
         yield jobs
         duration = HistogramMetricFamily(
             "modelpress_job_duration_seconds",
             "From the start of a job's last attempt to its end, over every finished job, by final status",
             labels=["status"],
         )
-        for status, *row in durations:
+        for status, row in sorted(figures.ran.items()):
             buckets, total = histogram_buckets(row, JOB_DURATION_BUCKETS)
             duration.add_metric([status], buckets, total)
         yield duration
@@ -208,7 +264,7 @@ class ServiceCollector(Collector):
             "modelpress_job_queue_wait_seconds",
             "From a job's submission to the start of its latest attempt, over every started job",
         )
-        buckets, total = histogram_buckets(wait_row, QUEUE_WAIT_BUCKETS)
+        buckets, total = histogram_buckets(figures.waited, QUEUE_WAIT_BUCKETS)
         wait.add_metric([], buckets, total)
         yield wait
         yield from self._fleet()

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -17,9 +18,10 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
+from sqlalchemy import delete, select
 
-from app.metrics import port_app
-from modelpress.models import Job, JobStatus, Worker, utcnow
+from app.metrics import JOB_DURATION_BUCKETS, QUEUE_WAIT_BUCKETS, ServiceCollector, port_app
+from modelpress.models import FINAL_STATUSES, Job, JobStatus, Worker, utcnow
 from modelpress.settings import Settings
 from modelpress.telemetry import GpuMemory, gpu_memory_key, record_gpu_memory, record_heartbeat, workers_key
 from tests.api.conftest import client_for
@@ -162,10 +164,14 @@ def test_a_submitted_job_counts_as_queued_and_in_the_queue(scrape, acme: httpx.C
     )
 
 
-def insert_finished_job(model_id: str, waited_s: float, ran_s: float, status: JobStatus) -> str:
+def insert_finished_job(
+    model_id: str, waited_s: float, ran_s: float | None, status: JobStatus, created: datetime | None = None
+) -> str:
+    """A job row submitted at `created` (an hour ago by default), started `waited_s` later and ended `ran_s` after
+    its start (`ran_s` None: not ended)."""
     from modelpress.db import session_scope
 
-    created = utcnow() - timedelta(hours=1)
+    created = created or utcnow() - timedelta(hours=1)
     started = created + timedelta(seconds=waited_s)
     with session_scope() as session:
         job = Job(
@@ -176,7 +182,7 @@ def insert_finished_job(model_id: str, waited_s: float, ran_s: float, status: Jo
             status=status,
             created_at=created,
             started_at=started,
-            finished_at=started + timedelta(seconds=ran_s),
+            finished_at=None if ran_s is None else started + timedelta(seconds=ran_s),
         )
         session.add(job)
         session.flush()
@@ -200,6 +206,75 @@ def test_finished_jobs_fill_the_duration_and_wait_histograms(scrape, model: dict
     assert grew(f"{wait}_count") == 1
     assert grew(f"{wait}_sum") == pytest.approx(42.5, abs=1e-3)
     assert grew(f"{wait}_bucket", le="30.0") == 0 and grew(f"{wait}_bucket", le="60.0") == 1
+
+
+JOB_FAMILIES = ("modelpress_jobs", "modelpress_job_duration_seconds", "modelpress_job_queue_wait_seconds")
+
+
+def job_samples(collector: ServiceCollector) -> dict[tuple[str, frozenset], float]:
+    """The job families of one scrape by `collector`."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in collector.collect()
+        if family.name in JOB_FAMILIES
+        for s in family.samples
+    }
+
+
+def whole_table_job_samples() -> dict[tuple[str, frozenset], float]:
+    """The job families computed here, in Python, from every row of the jobs table."""
+    from modelpress.db import new_session
+
+    page: dict[tuple[str, frozenset], float] = defaultdict(float)
+
+    def observe(name: str, buckets: tuple, seconds: float, **labels: str) -> None:
+        for bound in [*map(str, map(float, buckets)), "+Inf"]:
+            page[(f"{name}_bucket", frozenset({**labels, "le": bound}.items()))] += bound == "+Inf" or seconds <= float(
+                bound
+            )
+        page[(f"{name}_count", frozenset(labels.items()))] += 1
+        page[(f"{name}_sum", frozenset(labels.items()))] += seconds
+
+    for status in JobStatus:
+        page[("modelpress_jobs", frozenset({"status": status.value}.items()))] = 0
+    with new_session() as session:
+        rows = session.execute(select(Job.status, Job.created_at, Job.started_at, Job.finished_at)).all()
+    for status, created, started, finished in rows:
+        page[("modelpress_jobs", frozenset({"status": status}.items()))] += 1
+        if started is not None:
+            observe("modelpress_job_queue_wait_seconds", QUEUE_WAIT_BUCKETS, (started - created).total_seconds())
+        if status in FINAL_STATUSES and started is not None and finished is not None:
+            seconds = (finished - started).total_seconds()
+            observe("modelpress_job_duration_seconds", JOB_DURATION_BUCKETS, seconds, status=status)
+    return dict(page)
+
+
+def test_job_figures_match_the_whole_table_and_ended_jobs_are_read_once(migrated, model: dict) -> None:
+    from modelpress.db import session_scope
+    from modelpress.settings import get_settings
+
+    days_ago = utcnow() - timedelta(days=3)
+    ended_long_ago = [
+        insert_finished_job(model["id"], waited_s=5, ran_s=700, status=JobStatus.failed, created=days_ago),
+        insert_finished_job(model["id"], waited_s=95, ran_s=4000, status=JobStatus.succeeded, created=days_ago),
+        insert_finished_job(model["id"], waited_s=20, ran_s=30, status=JobStatus.cancelled, created=days_ago),
+    ]
+    recent = [
+        insert_finished_job(model["id"], waited_s=3, ran_s=50, status=JobStatus.succeeded),
+        insert_finished_job(model["id"], waited_s=12, ran_s=None, status=JobStatus.running, created=utcnow()),
+    ]
+    try:
+        expected = whole_table_job_samples()
+        collector = ServiceCollector(get_settings())
+        assert job_samples(collector) == pytest.approx(expected, abs=1e-6)  # folds every job that ended an hour ago
+        assert job_samples(collector) == pytest.approx(expected, abs=1e-6)  # the folded totals plus the recent rows
+        with session_scope() as session:
+            session.execute(delete(Job).where(Job.id.in_(ended_long_ago)))
+        assert whole_table_job_samples() != pytest.approx(expected, abs=1e-6)
+        assert job_samples(collector) == pytest.approx(expected, abs=1e-6), "a folded job was read again"
+    finally:
+        with session_scope() as session:
+            session.execute(delete(Job).where(Job.id.in_(ended_long_ago + recent)))
 
 
 @pytest.fixture
