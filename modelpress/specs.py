@@ -696,10 +696,53 @@ class SearchFormat(StrEnum):
 
 
 class SearchMethod(StrEnum):
-    """How a candidate's quantized layers are rounded: to nearest, or by GPTQ (fp8 layers by GPTQ's E4M3 loop)."""
+    """How a candidate's quantized layers are rounded: to nearest; by GPTQ (fp8 layers by GPTQ's E4M3 loop); or
+    by AWQ (activation-aware scales searched for each int layer's own format, then clipped rounding; fp8 layers
+    rounded to nearest)."""
 
     rtn = "rtn"
     gptq = "gptq"
+    awq = "awq"
+
+
+class SearchPruneMethod(StrEnum):
+    """The unstructured pruning methods a search may put before its quantization."""
+
+    magnitude = "magnitude"
+    wanda = "wanda"
+    sparsegpt = "sparsegpt"
+
+
+class SearchPruning(Spec):
+    """One pruning option: a family of candidates whose model is pruned this way (the space's targets and ignore,
+    the method's default options, calibrated as the recipe step is) before its assignment is quantized."""
+
+    method: SearchPruneMethod
+    sparsity: float | None = Field(default=None, gt=0.0, lt=1.0, description="fraction of weights set to zero")
+    pattern: SparsityPattern | None = Field(default=None, description='N:M sparsity instead of a fraction: "2:4"')
+
+    @model_validator(mode="after")
+    def _is_a_step(self) -> SearchPruning:
+        try:
+            self.as_step(("Linear",), DEFAULT_IGNORE)
+        except ValueError as exc:  # the recipe step's own message: sparsity or pattern, matching
+            errors = getattr(exc, "errors", None)
+            message = errors()[0]["msg"].removeprefix("Value error, ") if callable(errors) else str(exc)
+            raise ValueError(message) from None
+        return self
+
+    def as_step(self, targets: tuple[str, ...], ignore: tuple[str, ...]) -> _UnstructuredPrune:
+        """The recipe step that prunes as this option says."""
+        step = {SearchPruneMethod.magnitude: MagnitudePrune, SearchPruneMethod.wanda: WandaPrune}.get(
+            self.method, SparseGPTPrune
+        )
+        return step(sparsity=self.sparsity, pattern=self.pattern, targets=targets, ignore=ignore)
+
+    @property
+    def label(self) -> str:
+        """A short name: "wanda 50%", "sparsegpt 2:4"."""
+        amount = self.pattern.value if self.pattern is not None else f"{100 * self.sparsity:.3g}%"
+        return f"{self.method.value} {amount}"
 
 
 class SearchObjective(StrEnum):
@@ -739,17 +782,24 @@ class SearchSpace(Spec):
     methods: tuple[SearchMethod, ...] = Field(
         default=(SearchMethod.gptq,),
         min_length=1,
-        description="rounding methods; every method given is tried on the first assignment and the best measured "
-        "one builds the rest",
+        description="rounding methods (rtn, gptq, awq); every method given is tried on the first assignment and "
+        "the best measured one builds the rest",
+    )
+    pruning: tuple[SearchPruning, ...] = Field(
+        default=(),
+        max_length=4,
+        description="pruning options, each one more family of candidates: the model is pruned first (calibrated), "
+        "then the family searches its own assignments on the pruned model. Pruned weights are stored dense: a "
+        "pruned candidate takes as many bytes as the same assignment unpruned",
     )
     targets: tuple[str, ...] = Field(default=("Linear",), min_length=1)
     ignore: tuple[str, ...] = DEFAULT_IGNORE
 
-    @field_validator("formats", "methods")
+    @field_validator("formats", "methods", "pruning")
     @classmethod
     def _distinct(cls, values: tuple) -> tuple:
         if len(set(values)) != len(values):
-            raise ValueError("list each format or method once")
+            raise ValueError("list each format, method or pruning option once")
         return values
 
     _patterns_compile = field_validator("targets", "ignore")(TargetedStep._patterns_compile.__func__)
@@ -762,7 +812,13 @@ class SearchSpace(Spec):
         weights = fmt.weights or WeightQuantArgs()
         if method == SearchMethod.gptq:
             return GPTQQuantize(weights=weights, **common)
+        if method == SearchMethod.awq:
+            return AWQQuantize(weights=weights, **common)
         return RTNQuantize(weights=weights, **common)
+
+    def prune_steps(self) -> list[_UnstructuredPrune]:
+        """The recipe steps of the pruning options, on the space's targets (for fit checks and for the engine)."""
+        return [option.as_step(self.targets, self.ignore) for option in self.pruning]
 
 
 class SearchSpec(Spec):
@@ -777,7 +833,11 @@ class SearchSpec(Spec):
     objective: SearchObjective = SearchObjective.size
     space: SearchSpace = SearchSpace()
     max_candidates: int = Field(
-        default=4, ge=1, le=16, description="most assignments built and measured (each method tried counts)"
+        default=4,
+        ge=1,
+        le=16,
+        description="most assignments built and measured per family (the unpruned one and one per pruning option; "
+        "each method tried counts)",
     )
     sensitivity_windows: int = Field(
         default=16, ge=1, le=4096, description="calibration windows the per-layer sensitivity pass reads"

@@ -165,68 +165,107 @@ def rescale_inputs_(group: LayerGroup, consumers: list[str], factors: torch.Tens
         stats.rescale_(factors)
 
 
+WeightArgsOf = Callable[[str], "tuple[int, int | None, bool] | None"]  # (bits, group_size, symmetric) or None
+
+
+def fold_awq_scales_(
+    group: LayerGroup,
+    spec: AWQQuantize,
+    args_of: WeightArgsOf,
+    notes: list[str],
+    untouched: tuple[torch.nn.Module, ...] = (),
+) -> dict[str, dict]:
+    """Search and fold AWQ's scales into every fold site of one decoder layer; returns each scaled consumer's
+    record. A site applies when all its consumers are in `group.linears` and its producer is not one of the
+    `untouched` modules. `args_of(name)` gives the int format a consumer will be rounded to, or None for one
+    that is not rounded to int (fp8): it takes the fold (it computes the same function) but adds nothing to the
+    loss, and a site with no int consumer is left alone. Consumers of one site may have different formats (a
+    search's mixed assignment): the Gram loss sums each one's error in its own format; the block loss needs one
+    format for the whole site and falls back to the Gram loss otherwise."""
+    candidates = scale_candidates(spec.grid, spec.duo_scaling)
+    chosen: dict[str, dict] = {}
+    for site in fold_groups(group):
+        producer, consumers, head_dim = site.producer, site.consumers, site.head_dim
+        rounded = [c for c in consumers if args_of(c) is not None]
+        if not rounded or any(producer is module for module in untouched):
+            continue
+        stats = group.stats[consumers[0]]
+        weights = [group.linears[c].weight for c in rounded]
+        formats = {args_of(c) for c in rounded}
+        # o_proj may read each value head several times: one scale per value channel
+        features = weights[0].shape[1] if head_dim is None else site.features
+        x_mean = per_producer_channel(stats.abs_mean, features, head_dim)
+        w_mean = per_producer_channel(weight_means(weights, args_of(rounded[0])[1]), features, head_dim)
+        # v → o and up → down: the module holding the one consumer outputs what the Gram loss measures
+        uniform = len(formats) == 1 and len(rounded) == len(consumers)
+        block = spec.loss.value == "block" and uniform and not isinstance(producer, torch.nn.Linear)
+        if block:
+            module = containing_module(group.step, consumers)
+            score = block_loss(group.step, module, [group.linears[c] for c in consumers], *args_of(rounded[0]))
+        else:
+            score = functools.partial(
+                _mixed_error, [(w, args_of(c)) for w, c in zip(weights, rounded, strict=True)], stats.gram, spec
+            )
+        s, alpha, duo, loss, plain = search_scales(score, weights[0].shape[1], x_mean, w_mean, candidates, head_dim)
+        s = s.to(weights[0].dtype).float()  # the scales as folding applies them in the model's dtype
+        if not fold_checked_(site, [group.linears[c] for c in consumers], s):
+            notes.append(f"awq: {type(producer).__name__} does not scale linearly; its consumers kept s = 1")
+            continue
+        rescale_inputs_(group, consumers, expand_scales(s, weights[0].shape[1], head_dim))
+        for c in rounded:
+            chosen[c] = {
+                "awq_alpha": alpha,
+                "awq_duo": duo,
+                "awq_loss": "block" if block else "gram",
+                "awq_loss_vs_rtn": loss / plain if plain > 0 else None,
+            }
+    return chosen
+
+
+def _mixed_error(weighted: list, gram: torch.Tensor, spec: AWQQuantize, s: torch.Tensor) -> float:
+    """The Gram loss summed over consumers that may each have their own (bits, group_size, symmetric)."""
+    return sum(scaled_error([w], gram, s, *args, clipped=spec.clipped_search) for w, args in weighted)
+
+
+@torch.no_grad()
+def awq_round_(
+    linear: torch.nn.Linear, stats: InputStats, bits: int, group_size: int | None, symmetric: bool
+) -> QuantizedWeight:
+    """AWQ's final rounding of one (already scaled) Linear: its weight range clipped per group by the searched
+    ratio, then rounded to nearest, in place."""
+    scale, zero = clip_search(linear.weight, stats.gram, bits, group_size, symmetric)
+    linear.weight.copy_(fake_quantize(linear.weight.float(), scale, zero, bits, group_size))
+    return QuantizedWeight(scale=scale, zero_point=zero, bits=bits, group_size=group_size, symmetric=symmetric)
+
+
 @register(AWQQuantize)
 def quantize_awq(model: torch.nn.Module, spec: AWQQuantize, context: StepContext) -> StepResult:
     bits, group_size, symmetric = spec.weights.bits, spec.weights.group_size, spec.weights.symmetric
-    grid, duo_scaling, loss_kind = spec.grid, spec.duo_scaling, spec.loss.value
-    candidates = scale_candidates(grid, duo_scaling)
-    true_sequential, clipped_search = spec.true_sequential, spec.clipped_search
-    weight_kwargs = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
     require_calibration(context, spec.key)
     linears = targeted_linears(model, spec)
     chosen: dict[str, dict] = {}
     notes: list[str] = []
 
     def prepare(group: LayerGroup) -> None:
-        for site in fold_groups(group):
-            producer, consumers, head_dim = site.producer, site.consumers, site.head_dim
-            stats = group.stats[consumers[0]]
-            weights = [group.linears[c].weight for c in consumers]
-            # o_proj may read each value head several times: one scale per value channel
-            features = weights[0].shape[1] if head_dim is None else site.features
-            x_mean = per_producer_channel(stats.abs_mean, features, head_dim)
-            w_mean = per_producer_channel(weight_means(weights, group_size), features, head_dim)
-            # v → o and up → down: the module holding the one consumer outputs what the Gram loss measures
-            search = "block" if loss_kind == "block" and not isinstance(producer, torch.nn.Linear) else "gram"
-            if search == "block":
-                module = containing_module(group.step, consumers)
-                score = block_loss(group.step, module, [group.linears[c] for c in consumers], **weight_kwargs)
-            else:
-                score = functools.partial(scaled_error, weights, stats.gram, **weight_kwargs, clipped=clipped_search)
-            s, alpha, duo, loss, plain = search_scales(score, weights[0].shape[1], x_mean, w_mean, candidates, head_dim)
-            s = s.to(weights[0].dtype).float()  # the scales as folding applies them in the model's dtype
-            if not fold_checked_(site, [group.linears[c] for c in consumers], s):
-                notes.append(f"awq: {type(producer).__name__} does not scale linearly; its consumers kept s = 1")
-                continue
-            rescale_inputs_(group, consumers, expand_scales(s, weights[0].shape[1], head_dim))
-            for c in consumers:
-                chosen[c] = {
-                    "awq_alpha": alpha,
-                    "awq_duo": duo,
-                    "awq_loss": search,
-                    "awq_loss_vs_rtn": loss / plain if plain > 0 else None,
-                }
+        chosen.update(fold_awq_scales_(group, spec, lambda name: (bits, group_size, symmetric), notes))
 
-    @torch.no_grad()
     def quantize(name: str, linear: torch.nn.Linear, stats: InputStats | None) -> QuantizedWeight:
         if stats is None:
             notes.append(f"awq: {name} lies outside the decoder layers and was rounded to nearest")
             return quantize_(linear.weight, bits, group_size, symmetric)
-        scale, zero = clip_search(linear.weight, stats.gram, bits, group_size, symmetric)
-        linear.weight.copy_(fake_quantize(linear.weight.float(), scale, zero, bits, group_size))
-        return QuantizedWeight(scale=scale, zero_point=zero, bits=bits, group_size=group_size, symmetric=symmetric)
+        return awq_round_(linear, stats, bits, group_size, symmetric)
 
-    result = quantize_layers(model, context, linears, quantize, prepare, true_sequential=true_sequential)
+    result = quantize_layers(model, context, linears, quantize, prepare, true_sequential=spec.true_sequential)
     for layer in result.layers:
         unscaled = {"awq_alpha": None, "awq_duo": None, "awq_loss": None, "awq_loss_vs_rtn": None}
         layer.update(chosen.get(layer["name"], unscaled))
     result.summary.update(
         {
-            "grid": grid,
-            "duo_scaling": duo_scaling,
-            "loss": loss_kind,
-            "true_sequential": true_sequential,
-            "clipped_search": clipped_search,
+            "grid": spec.grid,
+            "duo_scaling": spec.duo_scaling,
+            "loss": spec.loss.value,
+            "true_sequential": spec.true_sequential,
+            "clipped_search": spec.clipped_search,
             "scaled_layers": len(chosen),
         }
     )

@@ -14,20 +14,30 @@ import hashlib
 import json
 import math
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from modelpress.specs import GPTQQuantize, SearchFormat, SearchMethod
+from modelpress.specs import AWQQuantize, GPTQQuantize, SearchFormat, SearchMethod, SearchPruning
 from worker.engine.evaluate import ReferenceReader, perplexity, state_dict_bytes
 from worker.engine.export import save_compressed_, stored_weight_bytes, tar_folder, write_manifest
 from worker.engine.load.checkpoint import load_model
-from worker.engine.quantize import InputStats, fp8_quantize_, gptq_quantize, quantize_, quantize_layers
+from worker.engine.quantize import (
+    InputStats,
+    LayerGroup,
+    awq_round_,
+    fold_awq_scales_,
+    fp8_quantize_,
+    gptq_quantize,
+    quantize_,
+    quantize_layers,
+)
 from worker.engine.steps import QuantizedWeight, StepContext
 
 Progress = Callable[[float, str], None]
 GPTQ_DEFAULTS = GPTQQuantize()  # a search rounds with GPTQ's default options (true sequential, clip search)
+AWQ_DEFAULTS = AWQQuantize()  # and searches AWQ's scales with its defaults (Gram loss, plain scales, 20 points)
 
 
 # --- Formats that fit, and their bytes ------------------------------------------------------------------------
@@ -93,13 +103,16 @@ def tensor_bytes(folder: Path) -> int:
 
 
 def _round_layer(fmt: SearchFormat, method: SearchMethod, linear: torch.nn.Linear, stats: InputStats | None):
-    """Round one Linear in place to `fmt` by `method` (to nearest where there are no input statistics)."""
-    use_gptq = method == SearchMethod.gptq and stats is not None
+    """Round one Linear in place to `fmt` by `method` (to nearest where there are no input statistics; fp8 by
+    GPTQ's E4M3 loop under gptq, to nearest otherwise)."""
+    calibrated = method in (SearchMethod.gptq, SearchMethod.awq) and stats is not None
     if fmt == SearchFormat.fp8:
-        return fp8_quantize_(linear, stats if use_gptq else None)
+        return fp8_quantize_(linear, stats if calibrated and method == SearchMethod.gptq else None)
     args = fmt.weights
-    if not use_gptq:
+    if not calibrated:
         return quantize_(linear.weight, args.bits, args.group_size, args.symmetric)
+    if method == SearchMethod.awq:
+        return awq_round_(linear, stats, args.bits, args.group_size, args.symmetric)
     options = GPTQ_DEFAULTS
     weight, scale, zero = gptq_quantize(
         linear.weight,
@@ -116,6 +129,16 @@ def _round_layer(fmt: SearchFormat, method: SearchMethod, linear: torch.nn.Linea
     return QuantizedWeight(scale=scale, zero_point=zero, bits=args.bits, group_size=args.group_size, symmetric=True)
 
 
+def _int_args(assignment: Mapping[str, str]):
+    """For AWQ's scale search: each layer's int format as (bits, group_size, symmetric), None if not int."""
+
+    def args_of(name: str) -> tuple[int, int | None, bool] | None:
+        weights = SearchFormat(assignment.get(name, SearchFormat.bf16.value)).weights
+        return None if weights is None else (weights.bits, weights.group_size, weights.symmetric)
+
+    return args_of
+
+
 @torch.no_grad()
 def build_(
     model: torch.nn.Module,
@@ -126,20 +149,30 @@ def build_(
     device: torch.device,
     progress: Progress,
 ) -> dict[str, QuantizedWeight]:
-    """Quantize the model in place as the assignment says (bf16 layers untouched); returns the quantized
+    """Quantize the model in place as the assignment says (bf16 layers unquantized); returns the quantized
     layers' records for the export. GPTQ runs layer by layer on calibration inputs that went through the
-    already quantized layers, as the `quantize:gptq` step does."""
+    already quantized layers, as the `quantize:gptq` step does. AWQ first folds, in each decoder layer, scales
+    searched for the formats its int layers got (an fp8 layer reading the same input takes the fold, computing
+    the same function, and is then rounded to nearest), then clips and rounds each int layer, as the
+    `quantize:awq` step does. bf16 layers stay untouched: no fold is made whose producer or consumer is one."""
     chosen = {name: linears[name] for name, fmt in assignment.items() if fmt != SearchFormat.bf16}
     if not chosen:
         return {}
     context = StepContext(calibration=calibration, report_progress=progress, device=device)
+    untouched = tuple(linear for name, linear in linears.items() if name not in chosen)
+    notes: list[str] = []
+
+    def prepare(group: LayerGroup) -> None:  # group.linears holds only the quantized layers: bf16 consumers
+        fold_awq_scales_(group, AWQ_DEFAULTS, _int_args(assignment), notes, untouched)
+
     result = quantize_layers(
         model,
         context,
         chosen,
         lambda name, linear, stats: _round_layer(SearchFormat(assignment[name]), method, linear, stats),
+        prepare=prepare if method == SearchMethod.awq else None,
         true_sequential=method == SearchMethod.gptq and GPTQ_DEFAULTS.true_sequential,
-        uses_stats=method == SearchMethod.gptq,
+        uses_stats=method != SearchMethod.rtn,
     )
     return result.quantized
 
@@ -169,13 +202,21 @@ def pack(folder: Path, archive: Path) -> Path:
 
 
 def measure(
-    folder: Path, windows: torch.Tensor, device: torch.device, reference: Path, baseline_perplexity: float, progress
+    folder: Path,
+    windows: torch.Tensor,
+    device: torch.device,
+    reference: Path,
+    baseline_perplexity: float,
+    progress,
+    pruned: Sequence[str] = (),
 ) -> dict:
     """Perplexity, its increase over the baseline, the KL divergence to the baseline and the bytes on disk, of the
-    artifact as transformers reloads it."""
+    artifact as transformers reloads it; for a pruned candidate also the share of exact zeros in the `pruned`
+    layers' weights as reloaded."""
     reloaded = load_model(folder, "hf", device)
     divergence = ReferenceReader(reference)
     result = perplexity(reloaded.model, windows, device, progress, divergence)
+    sparsity = reloaded_sparsity(reloaded.model, pruned) if pruned else None
     del reloaded
     return {
         "perplexity": result["perplexity"],
@@ -184,7 +225,21 @@ def measure(
         "size_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors")),
         "tensor_bytes": tensor_bytes(folder),
         "nll_increase": math.log(result["perplexity"] / baseline_perplexity),
+        **({"sparsity": sparsity} if sparsity is not None else {}),
     }
+
+
+@torch.no_grad()
+def reloaded_sparsity(model: torch.nn.Module, names: Sequence[str]) -> float:
+    """The share of exact zeros over the named Linears' weights, as the loaded model computes with them (read
+    after a forward pass: compressed-tensors decompresses a layer's weight on its first one)."""
+    modules = dict(model.named_modules())
+    zeros = total = 0
+    for name in names:
+        weight = modules[name].weight
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros / total if total else 0.0
 
 
 def format_counts(assignment: Mapping[str, str]) -> dict[str, int]:
@@ -195,7 +250,16 @@ def format_counts(assignment: Mapping[str, str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def candidate_key(method: SearchMethod, assignment: Mapping[str, str]) -> str:
-    """A stable name for a (method, assignment) pair: equal pairs are built once, also across attempts."""
-    text = json.dumps([method.value, sorted(assignment.items())], separators=(",", ":"))
+def candidate_key(method: SearchMethod, assignment: Mapping[str, str], pruning: SearchPruning | None = None) -> str:
+    """A stable name for a (method, assignment, pruning) triple: equal ones are built once, also across attempts."""
+    parts = [method.value, sorted(assignment.items())]
+    if pruning is not None:
+        parts.append(pruning.model_dump(mode="json"))
+    text = json.dumps(parts, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def pruning_key(pruning: SearchPruning) -> str:
+    """A stable name for a pruning option (its sensitivity table's file)."""
+    text = json.dumps(pruning.model_dump(mode="json"), separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

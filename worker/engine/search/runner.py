@@ -9,11 +9,17 @@ the target is bisected between the best candidate that met the budget and the ch
 ends when that repeats too, or at `max_candidates`. Every method in the space is tried on the first assignment;
 the best measured one builds the rest.
 
-Stages reported: "load", "evaluate baseline", "sensitivity", "candidate 1" … "candidate N", "finish".
+Each pruning option in the space is one more family of candidates, searched the same way: the model is pruned
+once (calibrated, as the recipe step), its sensitivity measured on the pruned model, and the loop above runs on
+it. Every family's candidates are measured against the model as uploaded and chosen among together.
+
+Stages reported: "load", "evaluate baseline", "sensitivity", "candidate 1" … "candidate N", then per pruning
+option k "prune k" and "prune k candidate 1" … "prune k candidate N", then "finish".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,18 +31,19 @@ from pathlib import Path
 
 import torch
 
-from modelpress.specs import SearchMethod, SearchObjective, SearchSpec
+from modelpress.specs import SearchMethod, SearchObjective, SearchPruning, SearchSpec
 from worker.engine.calibrate.targets import select_linears
 from worker.engine.calibrate.windows import token_windows
 from worker.engine.evaluate import ReferenceWriter, device_name, library_versions, perplexity, state_dict_bytes
 from worker.engine.load.checkpoint import LoadedModel, load_model, pick_device, require_tokenizer
 from worker.engine.pipeline import EngineRequest, ProgressEvent, ProgressFn, cpu_copy
+from worker.engine.prune import sparsity_of
 from worker.engine.search import candidates as cand
 from worker.engine.search.pareto import pareto_front
 from worker.engine.search.sensitivity import Sensitivity, measure_sensitivity
 from worker.engine.search.solver import Option, least_damage, solve, total
 from worker.engine.search.state import SearchState
-from worker.engine.steps import EngineError
+from worker.engine.steps import EngineError, StepContext, run_step
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +53,20 @@ REFERENCE = "baseline-top-k.safetensors"
 
 @dataclass(frozen=True)
 class SearchContext:
-    """What every candidate of one search is built from and measured against, gathered once."""
+    """What every candidate of one family is built from and measured against, gathered once (per family: the
+    unpruned one, then one per pruning option, each with its own starting model and options)."""
 
     loaded: LoadedModel  # the model as loaded (its tokenizer, and its byte counts)
-    original: torch.nn.Module  # an untouched CPU copy every candidate starts from
+    original: torch.nn.Module  # a CPU copy every candidate of the family starts from (pruned, in a pruned family)
     linears: dict[str, torch.nn.Linear]  # the targeted layers some allowed format fits
     options: dict[str, list[Option]]  # each layer's formats with their bytes and predicted damage
     calibration: torch.Tensor
     evaluation: torch.Tensor
     baseline: dict
     scratch: Path  # where candidates are exported before they are packed
+    pruning: SearchPruning | None = None  # the family's pruning option (None: unpruned)
+    stage: str = "candidate"  # the family's candidate stages are "<stage> 1" … "<stage> N"
+    sparsity: dict[str, float] | None = None  # a pruned family: each pruned layer's share of exact zeros
 
 
 @dataclass(frozen=True)
@@ -103,17 +114,26 @@ class _Search:
         if not isinstance(request.spec, SearchSpec):
             raise EngineError("bad_spec", "run_search needs a search spec")
         self.request, self.spec, self.progress = request, request.spec, progress
+        candidates = range(1, self.spec.max_candidates + 1)
         self.stages = [
             "load",
             "evaluate baseline",
             "sensitivity",
-            *(f"candidate {i + 1}" for i in range(self.spec.max_candidates)),
+            *(f"candidate {i}" for i in candidates),
+            *(
+                stage
+                for k in range(1, len(self.spec.space.pruning) + 1)
+                for stage in (f"prune {k}", *(f"prune {k} candidate {i}" for i in candidates))
+            ),
             "finish",
         ]
         self.device = pick_device(request.device)
         self.limits = limits_in_nats(self.spec)
 
-    def stage(self, index: int):
+    def stage(self, index: int | str):
+        if isinstance(index, str):
+            index = self.stages.index(index)
+
         def report(fraction: float, message: str) -> None:
             fraction = min(max(fraction, 0.0), 1.0)
             self.progress(ProgressEvent(index + 1, len(self.stages), self.stages[index], fraction, message))
@@ -145,17 +165,28 @@ class _Search:
             )
         linears = {name: linears[name] for name in formats}
         baseline = self.baseline(loaded, evaluation, self.stage(1))
-        sensitivity = self.sensitivity(loaded, linears, formats, calibration, self.stage(2))
-        scores = sensitivity.scores
-        options = {
-            name: [Option(f.value, cand.format_bytes(linears[name], f), scores[name][f.value]) for f in fits]
-            for name, fits in formats.items()
-        }
+        sensitivity = self.sensitivity(loaded.model, linears, formats, calibration, self.stage(2))
         context = SearchContext(
-            loaded, cpu_copy(loaded.model), linears, options, calibration, evaluation, baseline, scratch
+            loaded,
+            cpu_copy(loaded.model),
+            linears,
+            self.options(linears, formats, sensitivity),
+            calibration,
+            evaluation,
+            baseline,
+            scratch,
         )
         records = self.explore(context)
+        families = [{"pruning": None, "candidates": len(records)}]
+        for k, option in enumerate(self.spec.space.pruning, start=1):
+            family = self.pruned_family(k, option, context, formats)
+            found = self.explore(family, first=len(records))
+            records += found
+            families.append(
+                {"pruning": option.model_dump(mode="json"), "label": option.label, "candidates": len(found)}
+            )
         report = self.finish(records, baseline, sensitivity, output_dir, self.stage(len(self.stages) - 1))
+        report["families"] = families
         report["duration_s"] = time.perf_counter() - started
         return report
 
@@ -205,21 +236,64 @@ class _Search:
         self.state.write("baseline.json", baseline)
         return baseline
 
-    def sensitivity(self, loaded, linears, formats, calibration, report) -> Sensitivity:
-        done = self.state.read("sensitivity.json")
+    def sensitivity(self, model, linears, formats, calibration, report, name="sensitivity.json") -> Sensitivity:
+        done = self.state.read(name)
         if done is not None:
             report(1.0, "sensitivity measured by an earlier attempt")
             return Sensitivity.from_json(done)
         started = time.perf_counter()
         windows = calibration[: self.spec.sensitivity_windows]
-        result = measure_sensitivity(loaded.model, linears, formats, windows, self.device, report)
+        result = measure_sensitivity(model, linears, formats, windows, self.device, report)
         data = {**result.to_json(), "duration_s": time.perf_counter() - started}
-        self.state.write("sensitivity.json", data)
+        self.state.write(name, data)
         return Sensitivity.from_json(data)
+
+    @staticmethod
+    def options(linears, formats, sensitivity: Sensitivity) -> dict[str, list[Option]]:
+        """Each layer's allowed formats with their bytes and predicted damage, for the solver."""
+        scores = sensitivity.scores
+        return {
+            name: [Option(f.value, cand.format_bytes(linears[name], f), scores[name][f.value]) for f in fits]
+            for name, fits in formats.items()
+        }
+
+    def pruned_family(self, k: int, option: SearchPruning, context: SearchContext, formats) -> SearchContext:
+        """The context of pruning option k: the model pruned as the option says (calibrated, as the recipe step
+        prunes), and the options from a sensitivity measured on the pruned model."""
+        report = self.stage(f"prune {k}")
+        report(0.0, f"pruning: {option.label}")
+        model = cpu_copy(context.original).to(self.device)
+        step = option.as_step(self.spec.space.targets, self.spec.space.ignore)
+        step_context = StepContext(
+            calibration=context.calibration, report_progress=lambda f, m: report(0.5 * f, m), device=self.device
+        )
+        result = run_step(model, step, step_context)
+        modules = dict(model.named_modules())
+        linears = {name: modules[name] for name in context.linears}
+        sensitivity = self.sensitivity(
+            model,
+            linears,
+            formats,
+            context.calibration,
+            lambda f, m: report(0.5 + 0.5 * f, m),
+            f"sensitivity-{cand.pruning_key(option)}.json",
+        )
+        sparsity = {name: sparsity_of(modules[name].weight) for name in sorted(result.sparsified)}
+        report(1.0, f"pruned {len(sparsity)} layers ({option.label})")
+        return dataclasses.replace(
+            context,
+            original=cpu_copy(model),
+            linears=linears,
+            options=self.options(linears, formats, sensitivity),
+            pruning=option,
+            stage=f"prune {k} candidate",
+            sparsity=sparsity,
+        )
 
     # --- The loop ------------------------------------------------------------------------------------------------
 
-    def explore(self, context: SearchContext) -> list[dict]:
+    def explore(self, context: SearchContext, first: int = 0) -> list[dict]:
+        """One family's candidates; `first`: how many the families before it built (the records' numbering)."""
         options = context.options
         records: list[dict] = []
         methods = list(self.spec.space.methods)
@@ -232,7 +306,7 @@ class _Search:
             feasible = assignment is not None
             assignment = assignment or least_damage(options)
             method = methods[len(records)] if len(records) < len(methods) else self._best_method(records)
-            key = cand.candidate_key(method, assignment)
+            key = cand.candidate_key(method, assignment, context.pruning)
             if any(r["key"] == key for r in records):
                 target = self._bisect(records, tried_targets)
                 if target is None:
@@ -240,7 +314,8 @@ class _Search:
                 continue
             tried_targets.add(round(target, 12))
             predicted = total(options, assignment, "damage")
-            record = self.candidate(len(records), Plan(key, method, assignment, predicted, target), context)
+            plan = Plan(key, method, assignment, predicted, target)
+            record = self.candidate(first + len(records), len(records), plan, context)
             record["feasible_as_predicted"] = feasible
             records.append(record)
             if budget == 0 or (not feasible and len(records) >= len(methods)):
@@ -278,17 +353,19 @@ class _Search:
         tried.add(round(middle, 12))
         return middle
 
-    def candidate(self, index: int, plan: Plan, context: SearchContext) -> dict:
-        """Build, export and measure one candidate, or read it back when an earlier attempt finished it."""
+    def candidate(self, index: int, in_family: int, plan: Plan, context: SearchContext) -> dict:
+        """Build, export and measure one candidate (the index-th of the search, the in_family-th of its family),
+        or read it back when an earlier attempt finished it."""
         key, method, assignment = plan.key, plan.method, plan.assignment
         loaded, linears = context.loaded, context.linears
-        report = self.stage(3 + index)
+        report = self.stage(f"{context.stage} {in_family + 1}")
         done = self.state.read(f"candidates/{key}.json")
         if done is not None and self.state.path(f"candidates/{key}.tar").is_file():
             report(1.0, f"candidate {index + 1} finished by an earlier attempt")
             return done
         started = time.perf_counter()
-        report(0.0, f"building candidate {index + 1} with {method.value}")
+        pruned = "" if context.pruning is None else f" on the {context.pruning.label} pruned model"
+        report(0.0, f"building candidate {index + 1} with {method.value}{pruned}")
         model = cpu_copy(context.original).to(self.device)
         working = dict(model.named_modules())
         layer_modules = {name: working[name] for name in linears}
@@ -296,11 +373,13 @@ class _Search:
             model, layer_modules, assignment, method, context.calibration, self.device, lambda f, m: report(0.6 * f, m)
         )
         folder = context.scratch / key
+        pruning = None if context.pruning is None else context.pruning.model_dump(mode="json")
         manifest = {
             "search": self.spec.model_dump(mode="json"),
-            "candidate": {"method": method.value, "assignment": dict(assignment)},
+            "candidate": {"method": method.value, "assignment": dict(assignment), "pruning": pruning},
             "libraries": library_versions(),
             "source_format": self.request.model_format,
+            "sparsity": {"layers": context.sparsity} if context.sparsity else None,
         }
         cand.export_(model, loaded.tokenizer, quantized, folder, manifest)
         del model, working, layer_modules
@@ -311,12 +390,14 @@ class _Search:
             self.state.path(REFERENCE),
             context.baseline["perplexity"],
             lambda f, m: report(0.65 + 0.35 * f, m),
+            sorted(context.sparsity or ()),
         )
         self.state.completed(cand.pack(folder, self.state.path(f"candidates/{key}.tar")))
         shutil.rmtree(folder, ignore_errors=True)
         record = {
             "key": key,
             "method": method.value,
+            "pruning": pruning,
             "formats": cand.format_counts(assignment),
             "assignment": dict(assignment),
             "target_nll_increase": plan.target,
@@ -396,8 +477,9 @@ class _Search:
         if chosen is not None:
             measured = chosen["measured"]
             share = measured["size_bytes"] / baseline["size_bytes"]
+            pruned = "" if chosen.get("pruning") is None else f", pruned {SearchPruning(**chosen['pruning']).label}"
             return (
-                f"{chosen['id']} meets the budget ({wanted}) as measured: perplexity "
+                f"{chosen['id']}{pruned} meets the budget ({wanted}) as measured: perplexity "
                 f"{100 * measured['perplexity_increase']:+.2f}%, {measured['size_bytes']} bytes on disk "
                 f"({100 * share:.1f}% of the model as uploaded)"
             )
