@@ -8,7 +8,7 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from modelpress.job_resource import AttemptPublic, JobError, JobPublic, Progress
-from modelpress.specs import JobSpec, SearchSpec
+from modelpress.specs import JobSpec, SearchPruning, SearchSpec
 
 __all__ = ["AttemptPublic", "JobCreate", "JobError", "JobPublic", "Progress"]
 
@@ -169,6 +169,12 @@ class SearchCandidatePublic(BaseModel):
 
     id: str
     method: str
+    pruning: str | None = Field(
+        default=None, description='the pruning option of its family ("wanda 50%", "sparsegpt 2:4"); null: unpruned'
+    )
+    sparsity: float | None = Field(
+        default=None, description="share of exact zeros in the pruned layers, measured on the reloaded artifact"
+    )
     formats: dict[str, int] = Field(description="how many layers got each format")
     size_bytes: int = Field(description="bytes of the artifact's *.safetensors files")
     perplexity: float
@@ -226,6 +232,8 @@ def _search_result(report: dict[str, Any]) -> SearchResultPublic:
         SearchCandidatePublic(
             id=c["id"],
             method=c["method"],
+            pruning=None if c.get("pruning") is None else SearchPruning.model_validate(c["pruning"]).label,
+            sparsity=c["measured"].get("sparsity"),
             formats=c["formats"],
             size_bytes=c["measured"]["size_bytes"],
             perplexity=c["measured"]["perplexity"],

@@ -18,15 +18,18 @@ from modelpress.fleet import live_classes
 from modelpress.models import Job, JobKind, JobStatus, Model
 from modelpress.routing import Need, route, waiting_reason
 from modelpress.settings import Settings
-from modelpress.specs import GPTQQuantize, JobSpec, SearchFormat, SearchSpec, selected
+from modelpress.specs import GPTQQuantize, JobSpec, SearchFormat, SearchSpec, check_fit, selected
 
 router = APIRouter(prefix="/v1/searches", tags=["searches"])
 
 
 def _check_space_fits(spec: SearchSpec, model: Model) -> None:
-    """The model's architecture runs the space's methods, and some targeted Linear takes some allowed format
-    (a group size must divide the input width), checked on the Linears read from the upload where it has them."""
+    """The model's architecture runs the space's methods and pruning options, some targeted Linear takes some
+    allowed format (a group size must divide the input width), and every pruning option fits the targeted Linears
+    (`check_fit`: an N:M pattern's M divides each input width), checked on the Linears read from the upload
+    where it has them."""
     keys = sorted({spec.space.as_step(f, m).key for f in spec.space.formats for m in spec.space.methods})
+    keys += sorted({step.key for step in spec.space.prune_steps()})
     refused = unsupported_step(model.details.get("model_type"), keys)
     if refused:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, refused)
@@ -40,6 +43,12 @@ def _check_space_fits(spec: SearchSpec, model: Model) -> None:
             f"space.targets {list(spec.space.targets)} and space.ignore {list(spec.space.ignore)} select none of the "
             f"model's {len(linears)} Linear layers; check them",
         )
+    shapes = {name: (shape[0], shape[1]) for name, shape in linears.items()}
+    for i, step in enumerate(spec.space.prune_steps()):
+        problems = check_fit(step, shapes)
+        if problems:
+            detail = "; ".join(p.message for p in problems)
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"space.pruning.{i}: {detail}")
     sizes = [f.weights.group_size for f in spec.space.formats if f.weights is not None]
     if SearchFormat.bf16 in spec.space.formats or SearchFormat.fp8 in spec.space.formats or None in sizes:
         return
@@ -53,11 +62,13 @@ def _check_space_fits(spec: SearchSpec, model: Model) -> None:
 
 def _need(spec: SearchSpec, model: Model, settings: Settings) -> Need:
     """The memory class a search runs in: like a GPTQ job on the same windows, with the model counted twice (the
-    loaded model stays while each candidate is built from a copy)."""
+    loaded model stays while each candidate is built from a copy), three times with pruning options (a pruned
+    family keeps its pruned copy too)."""
     proxy = JobSpec(
         model_id=spec.model_id, recipe=[GPTQQuantize()], calibration=spec.calibration, evaluation=spec.evaluation
     )
-    return route(2 * model.parameters, model.details, proxy, settings.cpu_job_max_bytes)
+    copies = 3 if spec.space.pruning else 2
+    return route(copies * model.parameters, model.details, proxy, settings.cpu_job_max_bytes)
 
 
 @router.post(
@@ -67,8 +78,9 @@ def _need(spec: SearchSpec, model: Model, settings: Settings) -> Need:
     openapi_extra=body_openapi("SearchSpec"),
     responses=submit_responses(
         "the body is not a search this service can run: besides the `SearchSpec` schema, a budget with at least "
-        "one limit, each format and method once, targets that select a Linear that some format fits, a model "
-        "with a tokenizer, an `Idempotency-Key` reused only with the same body"
+        "one limit, each format, method and pruning option once, a pruning option with `sparsity` or an N:M "
+        "`pattern` whose M divides every targeted input width, targets that select a Linear that some format "
+        "fits, a model with a tokenizer, an `Idempotency-Key` reused only with the same body"
     ),
 )
 def create_search(
@@ -88,7 +100,8 @@ def create_search(
     model = check_references(session, tenant, spec)
     _check_space_fits(spec, model)
     need = _need(spec, model, settings)
-    stages = 4 + spec.max_candidates
+    families = 1 + len(spec.space.pruning)  # each pruning option adds its "prune k" stage and its candidates
+    stages = 3 + families * spec.max_candidates + len(spec.space.pruning) + 1
     job = Job(
         tenant=tenant,
         kind=JobKind.search,

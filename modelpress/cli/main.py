@@ -401,8 +401,8 @@ def search(
     evaluation: Annotated[str, typer.Option(help="Dataset id every candidate is measured on.")] = ...,
     objective: Annotated[str, typer.Option(help="size (bytes on disk) or decode_speed.")] = "size",
     formats: Annotated[list[str] | None, typer.Option("--format", help="Allowed layer format (repeat).")] = None,
-    methods: Annotated[list[str] | None, typer.Option("--method", help="rtn or gptq (repeat).")] = None,
-    max_candidates: Annotated[int | None, typer.Option(help="Most candidates built and measured.")] = None,
+    methods: Annotated[list[str] | None, typer.Option("--method", help="rtn, gptq or awq (repeat).")] = None,
+    max_candidates: Annotated[int | None, typer.Option(help="Most candidates built and measured per family.")] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Retrying with the same key and body returns the same search.")
     ] = None,

@@ -173,7 +173,7 @@ function candidates(search) {
             "tr",
             {},
             h("td", {}, result.chosen === c.id ? `${c.id} (chosen)` : c.id),
-            h("td", {}, Object.entries(c.formats).map(([format, count]) => `${count}× ${format}`).join(", ")),
+            h("td", {}, (c.pruning ? `pruned ${c.pruning}; ` : "") + Object.entries(c.formats).map(([format, count]) => `${count}× ${format}`).join(", ")),
             h("td", { class: "num" }, bytes(c.size_bytes)),
             h("td", { class: "num" }, number(c.perplexity, 4)),
             h("td", { class: "num" }, `${number(100 * c.perplexity_increase, 3)}%`),

@@ -50,7 +50,7 @@ function candidatePoints(searches, quality) {
       const y = quality === "kl" ? c.kl_divergence : c.perplexity;
       if (y === null || y === undefined) continue;
       const formats = Object.entries(c.formats).map(([format, count]) => `${count}× ${format}`).join(", ");
-      const recipe = `search ${search.id.slice(0, 8)} candidate ${c.id}${search.result.chosen === c.id ? " (chosen)" : ""}: ${c.method}, ${formats}`;
+      const recipe = `search ${search.id.slice(0, 8)} candidate ${c.id}${search.result.chosen === c.id ? " (chosen)" : ""}: ${c.method}${c.pruning ? `, pruned ${c.pruning}` : ""}, ${formats}`;
       points.push({ jobId: null, searchId: search.id, candidate: true, size: c.size_bytes / 1e6, speed: null, y, recipe, label: recipe });
     }
   }
