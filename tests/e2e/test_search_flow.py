@@ -94,3 +94,20 @@ def test_the_chosen_mix_reloads_with_transformers_alone(
     folder = unpack(archive, tmp_path / "model")
     measured = perplexity_in_clean_process(folder, uploaded["text"], SEQ_LEN, WINDOWS)
     assert measured["perplexity"] == pytest.approx(chosen["measured"]["perplexity"], rel=0.01)
+
+
+def test_awq_and_a_pruning_family_through_the_service(client: Client, e2e_stack: Stack, uploaded: dict) -> None:
+    data = body(uploaded, {"kl_divergence": 5.0}, formats=("bf16", "int8"), max_candidates=2)
+    data["space"] |= {"methods": ["rtn", "awq"], "pruning": [{"method": "wanda", "pattern": "2:4"}]}
+    search, _ = run_search(client, e2e_stack, data)
+    assert search["progress"]["total_steps"] == 3 + 2 * 2 + 1 + 1  # prune 1 and its candidates counted
+    candidates = search["result"]["candidates"]
+    assert [(c["method"], c["pruning"]) for c in candidates] == [
+        ("rtn", None),
+        ("awq", None),
+        ("rtn", "wanda 2:4"),
+        ("awq", "wanda 2:4"),
+    ]
+    assert all(c["sparsity"] is None for c in candidates[:2]) and all(c["sparsity"] >= 0.5 for c in candidates[2:])
+    result = client.http.get(f"/v1/searches/{search['id']}/result").json()
+    assert [f["candidates"] for f in result["families"]] == [2, 2] and result["families"][1]["label"] == "wanda 2:4"
