@@ -1,5 +1,6 @@
 """The Pareto front of the built candidates: none of the others is at least as good on both axes and better
-on one (both axes are minimized: the objective's cost and the measured quality loss)."""
+on one (both axes are minimized: the objective's cost and the measured quality loss).
+The dashboard's `paretoFront` (charts.js) spans all jobs and searches of a model, which the engine never sees."""
 
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ export function damageChart(container, report) {
 /**
  * The points no other point beats on both axes: lower quality loss and, on x, `better` (smaller size, higher
  * speed). Returned in x order, to be drawn as a line.
+ * Apart from worker/engine/search/pareto.py (one search's candidates): this spans the points only this page gathers.
  */
 export function paretoFront(points, better) {
   const sorted = [...points].sort((a, b) => (better === "lower" ? a.x - b.x : b.x - a.x) || a.y - b.y);
