@@ -84,6 +84,7 @@ def test_awq_is_tried_on_the_first_assignment_beside_rtn(tiny_model_dir, text_da
     best = min((first, second), key=lambda c: c["measured"]["kl_divergence"]["mean"])
     assert all(c["method"] == best["method"] for c in report["candidates"][2:])  # the best one builds the rest
     assert report["families"] == [{"pruning": None, "candidates": len(report["candidates"])}]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["families"] == report["families"]
 
 
 def unpack_candidate(checkpoint, key: str, folder):
@@ -172,3 +173,39 @@ def test_pruning_options_are_listed_once():
     (step,) = spec.space.prune_steps()
     assert step.key == "prune:sparsegpt" and step.target_sparsity == 0.5 and step.targets == spec.space.targets
     assert SearchSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+class Killed(Exception):
+    """Stands for a worker that died during the pruned family."""
+
+
+def test_a_resumed_search_reads_back_the_pruned_familys_sensitivity_and_candidates(
+    tiny_model_dir, text_dataset, tmp_path
+):
+    spec = search_spec(
+        {"kl_divergence": 5.0},
+        methods=("rtn", "gptq"),
+        max_candidates=2,
+        pruning=[{"method": "wanda", "sparsity": 0.5}],
+    )
+    checkpoint = tmp_path / "checkpoint"
+
+    def die_in_the_pruned_family(event) -> None:
+        if event.step == "prune 1 candidate 2" and event.fraction == 0.0:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_search(
+            search_request(tiny_model_dir, text_dataset, tmp_path / "a", spec, checkpoint), die_in_the_pruned_family
+        )
+    events = []
+    report = run_search(search_request(tiny_model_dir, text_dataset, tmp_path / "b", spec, checkpoint), events.append)
+    done = [(e.step, e.message) for e in events if "earlier attempt" in e.message]
+    assert ("prune 1", "sensitivity measured by an earlier attempt") in done
+    assert ("prune 1 candidate 1", "candidate 3 finished by an earlier attempt") in done
+    assert [(c["method"], c["pruning"] is not None) for c in report["candidates"]] == [
+        ("rtn", False),
+        ("gptq", False),
+        ("rtn", True),
+        ("gptq", True),
+    ]

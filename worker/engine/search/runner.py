@@ -185,8 +185,7 @@ class _Search:
             families.append(
                 {"pruning": option.model_dump(mode="json"), "label": option.label, "candidates": len(found)}
             )
-        report = self.finish(records, baseline, sensitivity, output_dir, self.stage(len(self.stages) - 1))
-        report["families"] = families
+        report = self.finish(records, families, baseline, sensitivity, output_dir, self.stage(len(self.stages) - 1))
         report["duration_s"] = time.perf_counter() - started
         return report
 
@@ -423,7 +422,9 @@ class _Search:
             return float(record["measured"]["size_bytes"])
         return float(record["predicted"]["linear_weight_bytes"])
 
-    def finish(self, records: list[dict], baseline: dict, sensitivity: Sensitivity, output_dir: Path, report):
+    def finish(
+        self, records: list[dict], families: list[dict], baseline: dict, sensitivity: Sensitivity, output_dir, report
+    ):
         report(0.0, "choosing")
         front = pareto_front(
             [(self.objective_value(r), max(measured_in_nats(r["measured"])[n] for n in self.limits)) for r in records]
@@ -458,6 +459,7 @@ class _Search:
                 "(predicted, not timed)",
             },
             "candidates": records,
+            "families": families,
             "pareto_front": [r["id"] for r in records if r["pareto"]],
             "chosen": None if chosen is None else chosen["id"],
             "message": self.message(chosen, records, baseline),
