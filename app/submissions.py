@@ -1,6 +1,6 @@
 """What the submitting routes share (jobs, searches): the JSON body validated as the route's schema, its
 digest and the `Idempotency-Key` replay, the commit that a concurrent request with the same key may win, the
-enqueue, the `Location` answer, and the responses such a POST declares.
+enqueue, the `Location` answer, and the responses such a POST and its cancel declare.
 
 Each route keeps its own checks, row and wording of its 422; these helpers hold the plumbing once, so a fix to
 the replay or to the enqueue's fallback reaches both resources.
@@ -78,6 +78,16 @@ def spec_digest(spec: JobSpec | SearchSpec) -> tuple[dict[str, Any], str]:
         whole["notify"] = {"url": spec.notify.url, "secret": spec.notify.secret.get_secret_value()}
     canonical = json.dumps(whole, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return data, hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def cancel_responses(noun: str) -> dict[int | str, dict[str, Any]]:
+    """The responses a `POST /{id}/cancel` of a submitted `noun` declares."""
+    return {
+        200: {"description": f"the queued {noun} is cancelled"},
+        202: {"description": f"the running {noun} is asked to stop; it stops at its next progress check"},
+        404: {"description": f"no such {noun}"},
+        409: {"description": f"the {noun} has already finished"},
+    }
 
 
 def replay(session: Session, tenant: str, key: str, digest: str) -> Job | None:

@@ -13,7 +13,15 @@ from app.architectures import unsupported_step
 from app.deps import ROW_ID, JobDep, Limit, Offset, SessionDep, SettingsDep, TenantDep
 from app.resources import job_rows_page, list_page
 from app.schemas import ArtifactPublic, ArtifactsPublic, JobCreate, JobPublic, JobsPublic
-from app.submissions import IdempotencyKey, Submission, body_openapi, spec_digest, submit_responses, validated_body
+from app.submissions import (
+    IdempotencyKey,
+    Submission,
+    body_openapi,
+    cancel_responses,
+    spec_digest,
+    submit_responses,
+    validated_body,
+)
 from modelpress.events import publish
 from modelpress.fleet import live_classes
 from modelpress.models import Artifact, Dataset, Job, JobStatus, Model, Webhook, new_id, utcnow
@@ -204,12 +212,7 @@ def get_job(job: JobDep) -> JobPublic:
 @router.post(
     "/{job_id}/cancel",
     response_model=JobPublic,
-    responses={
-        200: {"description": "the queued job is cancelled"},
-        202: {"description": "the running job is asked to stop; it stops at its next progress check"},
-        404: {"description": "no such job"},
-        409: {"description": "the job has already finished"},
-    },
+    responses=cancel_responses("job"),
 )
 def cancel_job(job: JobDep, session: SessionDep, response: Response) -> JobPublic:
     cancel(job, session, response)

@@ -13,7 +13,15 @@ from app.deps import Limit, Offset, SearchDep, SessionDep, SettingsDep, TenantDe
 from app.resources import list_page
 from app.routes.jobs import cancel, check_references, list_artifacts
 from app.schemas import ArtifactsPublic, SearchCreate, SearchesPublic, SearchPublic
-from app.submissions import IdempotencyKey, Submission, body_openapi, spec_digest, submit_responses, validated_body
+from app.submissions import (
+    IdempotencyKey,
+    Submission,
+    body_openapi,
+    cancel_responses,
+    spec_digest,
+    submit_responses,
+    validated_body,
+)
 from modelpress.fleet import live_classes
 from modelpress.models import Job, JobKind, JobStatus, Model
 from modelpress.routing import Need, route, waiting_reason
@@ -131,12 +139,7 @@ def get_search(search: SearchDep) -> SearchPublic:
 @router.post(
     "/{search_id}/cancel",
     response_model=SearchPublic,
-    responses={
-        200: {"description": "the queued search is cancelled"},
-        202: {"description": "the running search is asked to stop; it stops at its next progress check"},
-        404: {"description": "no such search"},
-        409: {"description": "the search has already finished"},
-    },
+    responses=cancel_responses("search"),
 )
 def cancel_search(search: SearchDep, session: SessionDep, response: Response) -> SearchPublic:
     cancel(search, session, response)

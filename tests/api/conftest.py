@@ -78,13 +78,17 @@ def model(client: httpx.Client, tiny_tar: Path) -> dict:
     return response.json()
 
 
-@pytest.fixture(scope="session")
-def dataset(client: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    path = write_text_dataset(tmp_path_factory.mktemp("text") / "calib.txt")
-    with path.open("rb") as handle:
-        response = client.post("/v1/datasets", files={"file": ("calib.txt", handle)})
+def upload_text_dataset(client: httpx.Client, path: Path) -> dict:
+    """The factory's sample text written to `path` and uploaded as a dataset."""
+    with write_text_dataset(path).open("rb") as handle:
+        response = client.post("/v1/datasets", files={"file": (path.name, handle)})
     assert response.status_code == 201, response.text
     return response.json()
+
+
+@pytest.fixture(scope="session")
+def dataset(client: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return upload_text_dataset(client, tmp_path_factory.mktemp("text") / "calib.txt")
 
 
 def storage_root(env: dict[str, str]) -> Path:

@@ -10,17 +10,13 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from tests.utils.factories import write_text_dataset
+from tests.api.conftest import upload_text_dataset
 
 
 @pytest.fixture(scope="module")
 def dataset(client: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Text of this module's own: the searches left queued here keep no other test's dataset in use."""
-    path = write_text_dataset(tmp_path_factory.mktemp("text") / "search.txt")
-    with path.open("rb") as handle:
-        response = client.post("/v1/datasets", files={"file": ("search.txt", handle)})
-    assert response.status_code == 201, response.text
-    return response.json()
+    return upload_text_dataset(client, tmp_path_factory.mktemp("text") / "search.txt")
 
 
 def body(model: dict, dataset: dict, perplexity_increase: float = 0.05) -> dict:
