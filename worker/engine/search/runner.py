@@ -279,11 +279,10 @@ class _Search:
         )
         sparsity = {name: sparsity_of(modules[name].weight) for name in sorted(result.sparsified)}
         report(1.0, f"pruned {len(sparsity)} layers ({option.label})")
-        return dataclasses.replace(
+        return dataclasses.replace(  # `linears` stay the loaded model's (same shapes): the pruned one is let go
             context,
             original=cpu_copy(model),
-            linears=linears,
-            options=self.options(linears, formats, sensitivity),
+            options=self.options(context.linears, formats, sensitivity),
             pruning=option,
             stage=f"prune {k} candidate",
             sparsity=sparsity,
