@@ -182,3 +182,19 @@ def test_inverse_cholesky_in_place_equals_the_copying_path(shift):
             attempt += 1
     assert shift == 0 or attempt > 0, "the shifted Hessian needs more than the first dampening"
     torch.testing.assert_close(in_place, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_parking_its_hessian_in_host_memory_changes_nothing(monkeypatch, act_order):
+    """Where the device is short of room GPTQ parks the layer Hessian in host memory while it factorizes: the
+    result is the same, and the caller's Hessian is whole again afterwards."""
+    x = torch.randn(512, 96, generator=torch.Generator().manual_seed(2)) @ torch.randn(96, 96)
+    x[:, 7] = 0  # a dead channel
+    hessian = 2 / 512 * x.T @ x
+    weight = torch.randn(48, 96)
+    expected = gptq_quantize(weight, hessian, 4, 32, True, 32, 0.01, act_order, clip_search=True)
+    kept = hessian.clone()
+    monkeypatch.setattr(gptq_math, "short_of_room", lambda tensor, buffers: True)
+    parked = gptq_quantize(weight, hessian, 4, 32, True, 32, 0.01, act_order, clip_search=True)
+    assert all(torch.equal(a, b) for a, b in zip(expected[:2], parked[:2], strict=True))
+    assert torch.equal(hessian, kept)

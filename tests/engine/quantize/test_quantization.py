@@ -10,7 +10,14 @@ from safetensors import safe_open
 
 from worker.engine.calibrate.targets import select_linears
 from worker.engine.export.compressed import save_compressed_
-from worker.engine.quantize.quant_math import clipped_params, fake_quantize, int_range, quantize, rtn_params
+from worker.engine.quantize.quant_math import (
+    clipped_params,
+    fake_quantize,
+    int_range,
+    quantize,
+    requantize_in_dtype,
+    rtn_params,
+)
 from worker.engine.steps import StepContext, run_step, step_spec
 
 SCHEMES = [  # bits, group_size, symmetric, bound on the mean relative weight error
@@ -224,3 +231,22 @@ def test_clipped_params_scale_the_range_per_group_and_ratio_one_is_rtn(symmetric
     torch.testing.assert_close(scale, full_scale * ratio)
     half_scale, _ = clipped_params(w, 4, 32, symmetric, 0.5)
     torch.testing.assert_close(half_scale, full_scale * 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("bits", "group_size"), [(8, None), (8, 128), (4, 128)])
+def test_weights_held_in_half_precision_survive_compressed_tensors_round_trip(dtype, bits, group_size):
+    """compressed-tensors re-derives the codes from a bf16 / fp16 weight dividing in that dtype, which for 8-bit
+    codes can land one code away: the weight the engine keeps is the one its round trip reproduces."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+
+    weight = torch.randn(512, 1024, generator=torch.Generator().manual_seed(3)) * 0.02
+    scale, zero = rtn_params(weight, bits, group_size, True)
+    held, held_scale = requantize_in_dtype(
+        fake_quantize(weight, scale, zero, bits, group_size), scale, zero, bits, group_size, dtype
+    )
+    strategy = "channel" if group_size is None else "group"
+    args = QuantizationArgs(num_bits=bits, symmetric=True, strategy=strategy, group_size=group_size)
+    assert torch.equal(ct_fake_quantize(held, held_scale.reshape(512, -1), None, args), held)
+    assert held.dtype == dtype and held_scale.dtype == dtype

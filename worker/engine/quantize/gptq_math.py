@@ -26,7 +26,8 @@ llm-compressor's GPTQ does for its FP8 schemes: the error of each rounded column
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -53,6 +54,37 @@ def permuted_hessian(hessian: torch.Tensor, order: torch.Tensor | None, rows_per
     diagonal = out.diagonal()
     diagonal.masked_fill_(diagonal == 0, 1.0)  # dead channels; their off-diagonal entries are zero already
     return out
+
+
+def short_of_room(tensor: torch.Tensor, buffers: int) -> bool:
+    """Whether the CUDA device holding `tensor` lacks room for `buffers` more tensors of its size, counting the
+    allocator's cache and a per-process cap (`torch.cuda.set_per_process_memory_fraction`); never on the CPU."""
+    if tensor.device.type != "cuda":
+        return False
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    allocated, reserved = torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index)
+    room = free + reserved - allocated
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get_fraction is not None:
+        room = min(room, int(get_fraction(index) * total) - allocated)
+    return room < buffers * tensor.numel() * tensor.element_size()
+
+
+@contextlib.contextmanager
+def parked_in_host_memory(tensor: torch.Tensor, park: bool) -> Iterator[torch.Tensor]:
+    """With `park`, `tensor`'s values wait in host memory for the block and its device memory is freed (whoever
+    holds the tensor sees it empty until the block ends, then restored); yields where the values are."""
+    if not park:
+        yield tensor
+        return
+    host = tensor.detach().to("cpu", copy=True)
+    device = tensor.device
+    tensor.set_(torch.empty(0, dtype=tensor.dtype, device=device))
+    try:
+        yield host
+    finally:
+        tensor.set_(host.to(device))
 
 
 def inverse_cholesky(
@@ -125,10 +157,16 @@ def gptq_quantize(
     # the dynamic sweep reads columns on the host: one transfer, not one device sync per column
     order_host = None if static else order.tolist()
 
-    def working_copy() -> torch.Tensor:
-        return permuted_hessian(hessian, order if act_order else None)
+    working = permuted_hessian(hessian, order if act_order else None)
+    # the factorization adds two H-sized buffers; where the device has no room for them, H itself waits in host
+    # memory meanwhile (at 32B, down_proj's H is 3 GB and an onloaded layer works in 16 GB)
+    with parked_in_host_memory(hessian, short_of_room(hessian, buffers=3)) as values:
 
-    h_inv = inverse_cholesky(working_copy(), dampening, rebuild=working_copy)
+        def working_copy() -> torch.Tensor:
+            return permuted_hessian(values.to(hessian.device), order if act_order else None)
+
+        h_inv = inverse_cholesky(working, dampening, rebuild=working_copy)
+        del working
     w = w[:, order]
     keep = None if keep is None else keep[:, order]
     quantized = torch.zeros_like(w)

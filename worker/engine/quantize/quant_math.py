@@ -97,6 +97,10 @@ def fake_quantize(
     return dequantize(quantize(weight, scale, zero_point, bits, group_size), scale, zero_point, group_size)
 
 
+SETTLE_ROUNDS = 4
+"""Round trips `requantize_in_dtype` allows before it leaves the weight to the export's own check."""
+
+
 def requantize_in_dtype(
     weight: torch.Tensor,
     scale: torch.Tensor,
@@ -114,7 +118,16 @@ def requantize_in_dtype(
     )
     scale = scale.to(dtype)
     zero = None if zero_point is None else zero_point.to(dtype)
-    return dequantize(codes.to(dtype), scale, zero, group_size), scale
+    weight = dequantize(codes.to(dtype), scale, zero, group_size)
+    # compressed-tensors packs the codes it derives from this weight, dividing by the scale in `dtype`: with
+    # 8-bit codes that division can land one code away (bf16 keeps 8 significant bits); settle on the weight
+    # its round trip keeps, so the artifact holds what was measured
+    for _ in range(SETTLE_ROUNDS):
+        again = fake_quantize(weight, scale, zero, bits, group_size)
+        if torch.equal(again, weight):
+            break
+        weight = again
+    return weight, scale
 
 
 # --- FP8 E4M3 and dynamic per-token activations (compressed-tensors' operation order) -------------------------
