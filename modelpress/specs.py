@@ -762,11 +762,21 @@ class SearchBudget(Spec):
     kl_divergence: float | None = Field(
         default=None, ge=0.0, le=100.0, description="mean KL(baseline ‖ candidate) allowed, in nats per token"
     )
+    task_accuracy_drop: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="absolute accuracy drop allowed on every task of `evaluation.tasks` (0.02 = 2 points); needs "
+        "those tasks",
+    )
 
     @model_validator(mode="after")
     def _some_limit(self) -> SearchBudget:
-        if self.perplexity_increase is None and self.kl_divergence is None:
-            raise ValueError("give at least one limit: `perplexity_increase` (0.02 = +2%) or `kl_divergence` (nats)")
+        if self.perplexity_increase is None and self.kl_divergence is None and self.task_accuracy_drop is None:
+            raise ValueError(
+                "give at least one limit: `perplexity_increase` (0.02 = +2%), `kl_divergence` (nats) or "
+                "`task_accuracy_drop` (0.02 = 2 points, with evaluation.tasks)"
+            )
         return self
 
 
@@ -844,11 +854,16 @@ class SearchSpec(Spec):
     )
 
     @model_validator(mode="after")
-    def _no_tasks(self) -> SearchSpec:
-        if self.evaluation.tasks:
+    def _tasks_with_their_budget(self) -> SearchSpec:
+        if self.budget.task_accuracy_drop is not None and not self.evaluation.tasks:
             raise ValueError(
-                "evaluation.tasks: a search measures perplexity and KL divergence, not task accuracy; leave tasks "
-                "out (run a job with tasks on the chosen model)"
+                "budget.task_accuracy_drop needs the tasks it limits: list them in evaluation.tasks (an uploaded "
+                'lm-eval task: {"dataset_id": "<id>"}), or drop the task budget'
+            )
+        if self.evaluation.tasks and self.budget.task_accuracy_drop is None:
+            raise ValueError(
+                "evaluation.tasks: a search scores its tasks against budget.task_accuracy_drop; give that limit "
+                "(0.02 = 2 points; 1 only reports the accuracies), or leave tasks out"
             )
         return self
 
@@ -857,11 +872,16 @@ class SearchSpec(Spec):
         return [
             ("calibration.dataset_id", self.calibration.dataset_id),
             ("evaluation.dataset_id", self.evaluation.dataset_id),
+            *self.task_dataset_references(),
         ]
 
     def task_dataset_references(self) -> list[tuple[str, str]]:
-        """None: a search reads text only."""
-        return []
+        """(where in the spec, dataset id) for the uploaded lm-eval tasks the task budget is measured on."""
+        return [
+            (f"evaluation.tasks.{i}.dataset_id", task.dataset_id)
+            for i, task in enumerate(self.evaluation.tasks)
+            if task.dataset_id
+        ]
 
     def dataset_ids(self) -> set[str]:
         return {dataset_id for _, dataset_id in self.dataset_references()}

@@ -24,13 +24,18 @@ SEQ_LEN, WINDOWS = 32, 4
 
 
 def search_spec(
-    budget: dict, formats=("bf16", "int8", "int4_g32"), methods=("rtn",), pruning=(), **extra
+    budget: dict, formats=("bf16", "int8", "int4_g32"), methods=("rtn",), pruning=(), evaluation_tasks=(), **extra
 ) -> SearchSpec:
     return SearchSpec.model_validate(
         {
             "model_id": "m",
             "calibration": {"dataset_id": "c", "samples": WINDOWS, "seq_len": SEQ_LEN},
-            "evaluation": {"dataset_id": "e", "seq_len": SEQ_LEN, "max_windows": WINDOWS},
+            "evaluation": {
+                "dataset_id": "e",
+                "seq_len": SEQ_LEN,
+                "max_windows": WINDOWS,
+                "tasks": list(evaluation_tasks),
+            },
             "budget": budget,
             "space": {"formats": list(formats), "methods": list(methods), "pruning": list(pruning)},
             "sensitivity_windows": 2,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from modelpress.specs import TASK_DATASET_FORMAT, JobSpec, TaskSpec
+from modelpress.specs import TASK_DATASET_FORMAT, JobSpec, SearchSpec, TaskSpec
 from worker.engine.steps import EngineError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class TaskSource:
     folder: Path | None = None
 
 
-def task_sources(spec: JobSpec, datasets: dict[str, tuple[Path, str]]) -> list[TaskSource]:
+def task_sources(spec: JobSpec | SearchSpec, datasets: dict[str, tuple[Path, str]]) -> list[TaskSource]:
     """The job's tasks in order; an uploaded one with the folder of its stored YAML and data (from `datasets`,
     id -> (path, format))."""
     sources = []

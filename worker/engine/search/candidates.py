@@ -16,6 +16,7 @@ import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -209,16 +210,20 @@ def measure(
     baseline_perplexity: float,
     progress,
     pruned: Sequence[str] = (),
+    score: Callable[[torch.nn.Module, Any], list[dict]] | None = None,
 ) -> dict:
     """Perplexity, its increase over the baseline, the KL divergence to the baseline and the bytes on disk, of the
     artifact as transformers reloads it; for a pruned candidate also the share of exact zeros in the `pruned`
-    layers' weights as reloaded."""
+    layers' weights as reloaded; with `score`, also `tasks`: what it returns for the reloaded model and tokenizer
+    (the task scores)."""
     reloaded = load_model(folder, "hf", device)
     divergence = ReferenceReader(reference)
     result = perplexity(reloaded.model, windows, device, progress, divergence)
     sparsity = reloaded_sparsity(reloaded.model, pruned) if pruned else None
+    tasks = None if score is None else {"tasks": score(reloaded.model, reloaded.tokenizer)}
     del reloaded
     return {
+        **(tasks or {}),
         "perplexity": result["perplexity"],
         "perplexity_increase": result["perplexity"] / baseline_perplexity - 1.0,
         "kl_divergence": divergence.result(),

@@ -13,6 +13,10 @@ Each pruning option in the space is one more family of candidates, searched the 
 once (calibrated, as the recipe step), its sensitivity measured on the pruned model, and the loop above runs on
 it. Every family's candidates are measured against the model as uploaded and chosen among together.
 
+A task accuracy limit has no per-layer predictor: the predicted NLL increase stands in for it (see `budget`),
+the baseline's task scores are measured once and kept, and every built candidate is scored on the tasks. The
+`decode_speed` objective is timed on CUDA and modelled elsewhere (see `speed`).
+
 Stages reported: "load", "evaluate baseline", "sensitivity", "candidate 1" … "candidate N", then per pruning
 option k "prune k" and "prune k candidate 1" … "prune k candidate N", then "finish".
 """
@@ -34,14 +38,24 @@ import torch
 from modelpress.specs import SearchMethod, SearchObjective, SearchPruning, SearchSpec
 from worker.engine.calibrate.targets import select_linears
 from worker.engine.calibrate.windows import token_windows
-from worker.engine.evaluate import ReferenceWriter, device_name, library_versions, perplexity, state_dict_bytes
+from worker.engine.evaluate import (
+    TASKS_METHOD,
+    ReferenceWriter,
+    device_name,
+    library_versions,
+    perplexity,
+    score_tasks,
+    state_dict_bytes,
+    task_sources,
+)
 from worker.engine.load.checkpoint import LoadedModel, load_model, pick_device, require_tokenizer
 from worker.engine.pipeline import EngineRequest, ProgressEvent, ProgressFn, cpu_copy
 from worker.engine.prune import sparsity_of
 from worker.engine.search import candidates as cand
-from worker.engine.search.pareto import pareto_front
+from worker.engine.search import choice, speed
+from worker.engine.search.budget import Budget, compare_tasks, measured_in_nats
 from worker.engine.search.sensitivity import Sensitivity, measure_sensitivity
-from worker.engine.search.solver import Option, least_damage, solve, total
+from worker.engine.search.solver import Option, cheapest, least_damage, solve, total
 from worker.engine.search.state import SearchState
 from worker.engine.steps import EngineError, StepContext, run_step
 
@@ -49,6 +63,13 @@ log = logging.getLogger(__name__)
 
 TARGET_MARGIN = 0.97  # aim a little under the corrected target: the correction is itself an estimate
 REFERENCE = "baseline-top-k.safetensors"
+BASELINE_TASKS = "baseline-tasks.json"
+TASK_PROPOSAL = (
+    "no per-layer task predictor: the predicted NLL increase stands in for task damage; the first target is the "
+    "perplexity/KL limit (the cheapest assignment's predicted damage when only tasks are limited), a candidate "
+    "that drops a task by more than the limit puts later targets below its predicted damage and one within it "
+    "lets them rise, bisected geometrically between the two (4x steps while only one side is known)"
+)
 
 
 @dataclass(frozen=True)
@@ -62,8 +83,9 @@ class SearchContext:
     options: dict[str, list[Option]]  # each layer's formats with their bytes and predicted damage
     calibration: torch.Tensor
     evaluation: torch.Tensor
-    baseline: dict
+    baseline: dict  # with the task scores (`tasks`) when the budget limits them
     scratch: Path  # where candidates are exported before they are packed
+    prompt: torch.Tensor  # the decode prompt, on the device, where the objective times decoding
     pruning: SearchPruning | None = None  # the family's pruning option (None: unpruned)
     stage: str = "candidate"  # the family's candidate stages are "<stage> 1" … "<stage> N"
     sparsity: dict[str, float] | None = None  # a pruned family: each pruned layer's share of exact zeros
@@ -80,40 +102,24 @@ class Plan:
     target: float
 
 
-def run_search(request: EngineRequest, progress: ProgressFn) -> dict:
-    """Run a search; write report.json (and model.tar of the chosen candidate, if any) into request.output_dir."""
-    return _Search(request, progress).run()
-
-
-def limits_in_nats(spec: SearchSpec) -> dict[str, float]:
-    """Each budget limit on the scale the sensitivity predicts (nats per token): log(1 + r) for a perplexity
-    increase r, the KL itself for a KL limit."""
-    limits = {}
-    if spec.budget.perplexity_increase is not None:
-        limits["perplexity_increase"] = math.log1p(spec.budget.perplexity_increase)
-    if spec.budget.kl_divergence is not None:
-        limits["kl_divergence"] = spec.budget.kl_divergence
-    return limits
-
-
-def measured_in_nats(measured: dict) -> dict[str, float]:
-    """A candidate's measured damage on each limit's scale."""
-    kl = measured.get("kl_divergence") or {}
-    return {"perplexity_increase": measured["nll_increase"], "kl_divergence": kl.get("mean", math.inf)}
-
-
-def meets(limits: dict[str, float], measured: dict) -> bool:
-    damage = measured_in_nats(measured)
-    return all(damage[name] <= limit for name, limit in limits.items())
+def run_search(
+    request: EngineRequest, progress: ProgressFn, decode_speed: speed.DecodeSpeedFn = speed.measured_decode_speed
+) -> dict:
+    """Run a search; write report.json (and model.tar of the chosen candidate, if any) into request.output_dir.
+    `decode_speed` times a built candidate for the `decode_speed` objective (None: not measured, the speed model
+    stands); the default times on CUDA only."""
+    return _Search(request, progress, decode_speed).run()
 
 
 class _Search:
     """State of one search while it runs (dies with it)."""
 
-    def __init__(self, request: EngineRequest, progress: ProgressFn) -> None:
+    def __init__(self, request: EngineRequest, progress: ProgressFn, decode_speed: speed.DecodeSpeedFn) -> None:
         if not isinstance(request.spec, SearchSpec):
             raise EngineError("bad_spec", "run_search needs a search spec")
         self.request, self.spec, self.progress = request, request.spec, progress
+        self.tasks = task_sources(self.spec, request.datasets)
+        self.decode_speed = decode_speed if self.spec.objective == SearchObjective.decode_speed else None
         candidates = range(1, self.spec.max_candidates + 1)
         self.stages = [
             "load",
@@ -128,7 +134,8 @@ class _Search:
             "finish",
         ]
         self.device = pick_device(request.device)
-        self.limits = limits_in_nats(self.spec)
+        self.budget = Budget.of(self.spec.budget)
+        self.limits = self.budget.nats
 
     def stage(self, index: int | str):
         if isinstance(index, str):
@@ -164,7 +171,8 @@ class _Search:
                 "space.formats (a group size must divide a layer's input width)",
             )
         linears = {name: linears[name] for name in formats}
-        baseline = self.baseline(loaded, evaluation, self.stage(1))
+        prompt = speed.speed_prompt(loaded.model, evaluation, self.device)
+        baseline = self.baseline(loaded, evaluation, prompt, scratch, self.stage(1))
         sensitivity = self.sensitivity(loaded.model, linears, formats, calibration, self.stage(2))
         context = SearchContext(
             loaded,
@@ -175,6 +183,7 @@ class _Search:
             evaluation,
             baseline,
             scratch,
+            prompt,
         )
         records = self.explore(context)
         families = [{"pruning": None, "candidates": len(records)}]
@@ -217,12 +226,13 @@ class _Search:
         report(1.0, "loaded")
         return loaded, calibration, evaluation
 
-    def baseline(self, loaded: LoadedModel, evaluation: torch.Tensor, report) -> dict:
-        """The model as uploaded: perplexity, bytes, and its top-k kept for every candidate's KL divergence."""
+    def baseline(self, loaded: LoadedModel, evaluation: torch.Tensor, prompt: torch.Tensor, scratch: Path, report):
+        """The model as uploaded: perplexity, bytes, and its top-k kept for every candidate's KL divergence; its
+        decode speed where the objective times it, and its task scores where the budget limits them."""
         done = self.state.read("baseline.json")
         if done is not None and self.state.path(REFERENCE).is_file():
             report(1.0, "baseline measured by an earlier attempt")
-            return done
+            return {**done, "tasks": self.baseline_tasks(loaded, scratch, report)}
         writer = ReferenceWriter(self.state.path(REFERENCE))
         result = perplexity(loaded.model, evaluation, self.device, report, writer)
         self.state.completed(writer.save())
@@ -231,9 +241,30 @@ class _Search:
             "evaluation_tokens": result["tokens"],
             "size_bytes": state_dict_bytes(loaded.model),
             "size_method": "tensor bytes save_pretrained writes (tied tensors once)",
+            "decode": None if self.decode_speed is None else self.decode_speed(loaded.model, {}, prompt),
         }
         self.state.write("baseline.json", baseline)
-        return baseline
+        return {**baseline, "tasks": self.baseline_tasks(loaded, scratch, report)}
+
+    def baseline_tasks(self, loaded: LoadedModel, scratch: Path, report) -> list[dict]:
+        """The model as uploaded scored on the budget's tasks, once (kept for a resumed search). A task that cannot
+        be scored here fails the search: the task budget could not be checked."""
+        if not self.tasks:
+            return []
+        done = self.state.read(BASELINE_TASKS)
+        if done is not None:
+            report(1.0, "baseline task scores measured by an earlier attempt")
+            return done
+        entries = score_tasks(loaded.model, loaded.tokenizer, self.tasks, scratch, report)
+        for source, entry in zip(self.tasks, entries, strict=True):
+            if entry.get("error") is not None:
+                raise EngineError(
+                    "task_failed",
+                    f"evaluation.tasks {source.spec.label} could not be scored on the model as uploaded, so "
+                    f"budget.task_accuracy_drop cannot be checked: {entry['error']}",
+                )
+        self.state.write(BASELINE_TASKS, entries)
+        return entries
 
     def sensitivity(self, model, linears, formats, calibration, report, name="sensitivity.json") -> Sensitivity:
         done = self.state.read(name)
@@ -295,8 +326,9 @@ class _Search:
         options = context.options
         records: list[dict] = []
         methods = list(self.spec.space.methods)
-        budget = min(self.limits.values())
-        target, tried_targets = budget, set()
+        budget = min(self.limits.values(), default=None)
+        ceiling = total(options, cheapest(options), "damage")  # no target above it buys anything
+        target, tried_targets = (ceiling if budget is None else budget), set()
         for _ in range(4 * self.spec.max_candidates):  # every pass builds one or stops; bounded all the same
             if len(records) >= self.spec.max_candidates:
                 break
@@ -319,13 +351,22 @@ class _Search:
             if budget == 0 or (not feasible and len(records) >= len(methods)):
                 break  # nothing looser is allowed, or nothing tighter exists
             if len(records) >= len(methods):
-                target = self._corrected(record, target)
+                target = self._next_target(records, target, ceiling)
+                if target is None:
+                    break
         return records
+
+    def _next_target(self, records: list[dict], target: float, ceiling: float) -> float | None:
+        """The least of what the perplexity/KL limits (corrected by the last candidate) and the task limit (along
+        the ladder, see `budget`) ask for; None when neither asks for anything."""
+        proposals = [self._corrected(records[-1], target) if self.limits else None]
+        proposals.append(self.budget.task_target(records, ceiling))
+        return min((p for p in proposals if p is not None), default=None)
 
     def _best_method(self, records: list[dict]) -> SearchMethod:
         """The method whose candidate on the first assignment measured the least damage."""
         first = records[: len(self.spec.space.methods)]
-        best = min(first, key=lambda r: max(measured_in_nats(r["measured"])[n] for n in self.limits))
+        best = min(first, key=lambda r: (self.budget.shortfall(r), r["measured"]["nll_increase"]))
         return SearchMethod(best["method"])
 
     def _corrected(self, record: dict, target: float) -> float:
@@ -370,6 +411,10 @@ class _Search:
         quantized = cand.build_(
             model, layer_modules, assignment, method, context.calibration, self.device, lambda f, m: report(0.6 * f, m)
         )
+        decode = None
+        if self.decode_speed is not None:
+            report(0.6, f"timing candidate {index + 1}'s decode")
+            decode = self.decode_speed(model, quantized, context.prompt)
         folder = context.scratch / key
         pruning = None if context.pruning is None else context.pruning.model_dump(mode="json")
         manifest = {
@@ -381,15 +426,22 @@ class _Search:
         }
         cand.export_(model, loaded.tokenizer, quantized, folder, manifest)
         del model, working, layer_modules
+
+        def score(model, tokenizer) -> list[dict]:
+            return score_tasks(model, tokenizer, self.tasks, context.scratch, lambda f, m: report(0.9 + 0.1 * f, m))
+
         measured = cand.measure(
             folder,
             context.evaluation,
             self.device,
             self.state.path(REFERENCE),
             context.baseline["perplexity"],
-            lambda f, m: report(0.65 + 0.35 * f, m),
+            lambda f, m: report(0.65 + (0.25 if self.tasks else 0.35) * f, m),
             sorted(context.sparsity or ()),
+            score if self.tasks else None,
         )
+        tasks = compare_tasks(context.baseline["tasks"], measured.pop("tasks")) if self.tasks else None
+        measured["decode"] = decode
         self.state.completed(cand.pack(folder, self.state.path(f"candidates/{key}.tar")))
         shutil.rmtree(folder, ignore_errors=True)
         record = {
@@ -405,34 +457,26 @@ class _Search:
                 "kl_divergence": plan.predicted,
                 "size_bytes": cand.predicted_size(loaded.model, linears, assignment),
                 "linear_weight_bytes": cand.linear_weight_bytes(loaded.model, linears, assignment),
+                "task_accuracy_drop": None,  # no per-layer task predictor
             },
             "measured": measured,
-            "meets_budget": meets(self.limits, measured),
+            "tasks": tasks,
+            "speed_source": speed.MODEL if decode is None else speed.MEASURED,
             "duration_s": time.perf_counter() - started,
         }
+        record["meets_budget"] = self.budget.meets(record)
         self.state.write(f"candidates/{key}.json", record)
         report(1.0, f"candidate {index + 1}: perplexity {measured['perplexity']:.4g}")
         return record
 
     # --- The choice ----------------------------------------------------------------------------------------------
 
-    def objective_value(self, record: dict) -> float:
-        if self.spec.objective == SearchObjective.size:
-            return float(record["measured"]["size_bytes"])
-        return float(record["predicted"]["linear_weight_bytes"])
-
     def finish(
         self, records: list[dict], families: list[dict], baseline: dict, sensitivity: Sensitivity, output_dir, report
     ):
         report(0.0, "choosing")
-        front = pareto_front(
-            [(self.objective_value(r), max(measured_in_nats(r["measured"])[n] for n in self.limits)) for r in records]
-        )
-        for i, (record, on_front) in enumerate(zip(records, front, strict=True)):
-            record["id"] = f"c{i + 1}"
-            record["pareto"] = on_front
-        meeting = [r for r in records if r["meets_budget"]]
-        chosen = min(meeting, key=lambda r: (self.objective_value(r), r["measured"]["nll_increase"]), default=None)
+        objective = self.spec.objective
+        chosen = choice.choose_(objective, self.budget, records)
         if chosen is not None:
             shutil.copyfile(self.state.path(f"candidates/{chosen['key']}.tar"), output_dir / "model.tar")
         result = {
@@ -449,43 +493,16 @@ class _Search:
                 "rounded to nearest, one forward and backward pass per calibration window; predicted mean NLL "
                 "increase in nats per token, layers summed",
             },
-            "objective": {
-                "name": self.spec.objective.value,
-                "method": "bytes of the artifact's *.safetensors files on disk"
-                if self.spec.objective == SearchObjective.size
-                else "bytes-moved model: weight bytes of every Linear (output head included) as stored, read once "
-                "per decoded token; fewer bytes decode faster where decoding is bound by memory bandwidth "
-                "(predicted, not timed)",
-            },
+            "objective": choice.objective_section(objective, choice.is_timed(objective, records)),
+            "tasks": None
+            if not self.tasks
+            else {"method": TASKS_METHOD, "proposal": TASK_PROPOSAL, "baseline": baseline["tasks"]},
             "candidates": records,
             "families": families,
             "pareto_front": [r["id"] for r in records if r["pareto"]],
             "chosen": None if chosen is None else chosen["id"],
-            "message": self.message(chosen, records, baseline),
+            "message": choice.message(self.spec.budget, self.budget, chosen, records, baseline),
         }
         (output_dir / "report.json").write_text(json.dumps(result, indent=2))
         report(1.0, result["message"])
         return result
-
-    def message(self, chosen: dict | None, records: list[dict], baseline: dict) -> str:
-        budget = self.spec.budget
-        limits = []
-        if budget.perplexity_increase is not None:
-            limits.append(f"perplexity +{100 * budget.perplexity_increase:.3g}%")
-        if budget.kl_divergence is not None:
-            limits.append(f"KL {budget.kl_divergence:.3g} nats")
-        wanted = " and ".join(limits)
-        if chosen is not None:
-            measured = chosen["measured"]
-            share = measured["size_bytes"] / baseline["size_bytes"]
-            pruned = "" if chosen.get("pruning") is None else f", pruned {SearchPruning(**chosen['pruning']).label}"
-            return (
-                f"{chosen['id']}{pruned} meets the budget ({wanted}) as measured: perplexity "
-                f"{100 * measured['perplexity_increase']:+.2f}%, {measured['size_bytes']} bytes on disk "
-                f"({100 * share:.1f}% of the model as uploaded)"
-            )
-        closest = min(records, key=lambda r: r["measured"]["nll_increase"])
-        return (
-            f"no candidate met the budget ({wanted}) as measured; the closest, {closest['id']}, measured perplexity "
-            f"{100 * closest['measured']['perplexity_increase']:+.2f}%: allow more loss or more formats (bf16)"
-        )

@@ -50,9 +50,12 @@ def cheapest(options: Options) -> Assignment:
 def solve(options: Options, budget: float, bins: int = DEFAULT_BINS) -> Assignment | None:
     """The assignment of least total cost whose total damage is at most `budget`; None when even the least
     damaging one exceeds it. Damages are rounded up to multiples of budget / bins (a budget of 0 allows only
-    options without damage)."""
+    options without damage); a budget that the cheapest assignment fits gets it."""
     if budget < 0:
         raise ValueError(f"the budget must be at least 0, got {budget}")
+    least_cost = cheapest(options)
+    if total(options, least_cost, "damage") <= budget:
+        return least_cost  # the cheapest of all fits: no rounding of damages may take it away
     if budget == 0:
         free = {layer: [o for o in opts if o.damage <= 0] for layer, opts in options.items()}
         if any(not opts for opts in free.values()):
