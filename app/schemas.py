@@ -164,6 +164,20 @@ class WorkersPublic(BaseModel):
     count: int
 
 
+class SearchTaskPublic(BaseModel):
+    """One task's accuracy on a candidate beside the model as uploaded (lm-eval's acc and its standard error)."""
+
+    task: str | None
+    accuracy: float | None = Field(description="null when the task could not be scored on the candidate")
+    stderr: float | None
+    baseline_accuracy: float
+    baseline_stderr: float | None
+    drop: float | None = Field(description="baseline − candidate accuracy, absolute (0.02 = 2 points lost)")
+    predicted_drop: float | None = Field(description="null: the search has no per-layer task predictor")
+    n: int | None = Field(description="documents scored")
+    error: str | None
+
+
 class SearchCandidatePublic(BaseModel):
     """One built candidate, as measured on the artifact transformers reloads (predicted figures beside)."""
 
@@ -183,6 +197,14 @@ class SearchCandidatePublic(BaseModel):
     predicted_perplexity_increase: float
     predicted_size_bytes: int = Field(description="tensor bytes predicted from the assignment")
     linear_weight_bytes: int = Field(description="weight bytes every decoded token reads from the Linears")
+    decode_tokens_per_s: float | None = Field(
+        description="decode tokens/s at batch 1 measured on the serving kernels (CUDA workers, decode_speed "
+        "objective); null where not timed"
+    )
+    speed_source: Literal["model", "measured"] = Field(
+        description="`measured`: the decode speed was timed; `model`: the weight bytes read per token stand for it"
+    )
+    tasks: list[SearchTaskPublic] | None = Field(description="task accuracies, when the budget limits them")
     meets_budget: bool
     pareto: bool
 
@@ -242,6 +264,9 @@ def _search_result(report: dict[str, Any]) -> SearchResultPublic:
             predicted_perplexity_increase=c["predicted"]["perplexity_increase"],
             predicted_size_bytes=c["predicted"]["size_bytes"],
             linear_weight_bytes=c["predicted"]["linear_weight_bytes"],
+            decode_tokens_per_s=(c["measured"].get("decode") or {}).get("tokens_per_s"),
+            speed_source=c.get("speed_source", "model"),
+            tasks=None if c.get("tasks") is None else [SearchTaskPublic.model_validate(t) for t in c["tasks"]],
             meets_budget=c["meets_budget"],
             pareto=c["pareto"],
         )

@@ -86,7 +86,8 @@ def _need(spec: SearchSpec, model: Model, settings: Settings) -> Need:
     openapi_extra=body_openapi("SearchSpec"),
     responses=submit_responses(
         "the body is not a search this service can run: besides the `SearchSpec` schema, a budget with at least "
-        "one limit, each format, method and pruning option once, a pruning option with `sparsity` or an N:M "
+        "one limit, a task budget with its `evaluation.tasks` (uploaded lm-eval tasks) and tasks only with a task "
+        "budget, each format, method and pruning option once, a pruning option with `sparsity` or an N:M "
         "`pattern` whose M divides every targeted input width, targets that select a Linear that some format "
         "fits, a model with a tokenizer, an `Idempotency-Key` reused only with the same body"
     ),

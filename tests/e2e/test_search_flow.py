@@ -1,6 +1,7 @@
 """Searches over real HTTP with a real Celery worker on a tiny model: refused bodies, a budget of 0 (the
-unquantized model), a budget nobody meets (succeeded, nothing chosen), and a mixed-precision choice whose
-downloaded artifact transformers alone reloads at the perplexity the result states."""
+unquantized model), a budget nobody meets (succeeded, nothing chosen), a mixed-precision choice whose
+downloaded artifact transformers alone reloads at the perplexity the result states, and a task accuracy budget
+on an uploaded cloze task."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.utils.checks import perplexity_in_clean_process, unpack
-from tests.utils.factories import build_tiny_model, tar_folder, write_text_dataset
+from tests.utils.factories import build_tiny_model, tar_folder, write_cloze_task, write_text_dataset
 from tests.utils.stack import Client, Stack
 
 SEQ_LEN, WINDOWS = 32, 4
@@ -27,7 +28,8 @@ def uploaded(client: Client, tmp_path_factory: pytest.TempPathFactory) -> dict:
     text = write_text_dataset(root / "text.txt")
     model = client.upload("/v1/models", archive, name="tiny").json()
     dataset = client.upload("/v1/datasets", text, name="text").json()
-    return {"model": model["id"], "dataset": dataset["id"], "text": text}
+    task = client.upload("/v1/datasets", write_cloze_task(root / "cloze.tar"), name="cloze").json()
+    return {"model": model["id"], "dataset": dataset["id"], "text": text, "task": task["id"]}
 
 
 def body(uploaded: dict, budget: dict, formats=("bf16", "int8", "int4_g32"), **extra) -> dict:
@@ -111,3 +113,23 @@ def test_awq_and_a_pruning_family_through_the_service(client: Client, e2e_stack:
     assert all(c["sparsity"] is None for c in candidates[:2]) and all(c["sparsity"] >= 0.5 for c in candidates[2:])
     result = client.http.get(f"/v1/searches/{search['id']}/result").json()
     assert [f["candidates"] for f in result["families"]] == [2, 2] and result["families"][1]["label"] == "wanda 2:4"
+
+
+def test_a_task_budget_scores_every_candidate_on_the_uploaded_task(
+    client: Client, e2e_stack: Stack, uploaded: dict
+) -> None:
+    data = body(uploaded, {"task_accuracy_drop": 1.0}, objective="decode_speed")
+    data["evaluation"]["tasks"] = [{"dataset_id": uploaded["task"], "limit": 16}]
+    search, artifacts = run_search(client, e2e_stack, data)
+    result = search["result"]
+    (only,) = result["candidates"]  # task-only: the cheapest assignment first; it meets, nothing is cheaper
+    assert result["chosen"] == only["id"] and only["formats"] == {"int4_g32": 14}
+    assert set(artifacts) == {"model", "report"}
+    (task,) = only["tasks"]
+    assert task["task"] == "cloze" and task["n"] == 16 and task["error"] is None and task["predicted_drop"] is None
+    assert task["stderr"] is not None and task["baseline_stderr"] is not None
+    assert task["drop"] == pytest.approx(task["baseline_accuracy"] - task["accuracy"])
+    assert only["speed_source"] == "model" and only["decode_tokens_per_s"] is None  # the worker runs on a CPU
+    full = client.http.get(f"/v1/searches/{search['id']}/result").json()
+    assert full["tasks"]["baseline"][0]["accuracy"] == task["baseline_accuracy"]
+    assert full["objective"]["speed_source"] == "model"
