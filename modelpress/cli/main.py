@@ -395,7 +395,12 @@ def submit(
 def search(
     model: Annotated[str, typer.Option(help="Model id.", show_default=False)] = ...,
     budget: Annotated[
-        list[str], typer.Option(help="ppl=2% (perplexity increase) and/or kl=0.01 (mean KL, nats).", show_default=False)
+        list[str],
+        typer.Option(
+            help="ppl=2% (perplexity increase), kl=0.01 (mean KL, nats) and/or task=2% (accuracy points each --task "
+            "may lose).",
+            show_default=False,
+        ),
     ] = ...,
     calibration: Annotated[str, typer.Option(help="Dataset id for the sensitivity pass and GPTQ.")] = ...,
     evaluation: Annotated[str, typer.Option(help="Dataset id every candidate is measured on.")] = ...,
@@ -403,6 +408,11 @@ def search(
     formats: Annotated[list[str] | None, typer.Option("--format", help="Allowed layer format (repeat).")] = None,
     methods: Annotated[list[str] | None, typer.Option("--method", help="rtn, gptq or awq (repeat).")] = None,
     max_candidates: Annotated[int | None, typer.Option(help="Most candidates built and measured per family.")] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option("--task", help="Uploaded lm-eval task dataset id the task budget limits (repeat)."),
+    ] = None,
+    task_limit: Annotated[int | None, typer.Option(help="Score each task on at most this many documents.")] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Retrying with the same key and body returns the same search.")
     ] = None,
@@ -413,7 +423,7 @@ def search(
     """Search per-layer formats for the smallest (or fastest) model within a quality budget."""
     try:
         body = search_command.search_body(
-            model, budget, objective, calibration, evaluation, formats, methods, max_candidates
+            model, budget, objective, calibration, evaluation, formats, methods, max_candidates, tasks, task_limit
         )
     except search_command.BudgetError as exc:
         raise fail(str(exc)) from None
