@@ -11,6 +11,7 @@ import tarfile
 
 import pytest
 import torch
+import yaml
 
 from tests.engine.search.test_search import Killed, search_request, search_spec
 from tests.utils.factories import unpack_task, write_cloze_task
@@ -20,6 +21,7 @@ from worker.engine.load.checkpoint import load_model
 from worker.engine.search import run_search
 from worker.engine.search.budget import DROP_TOLERANCE, LADDER_STEP, Budget
 from worker.engine.search.pareto import pareto_front
+from worker.engine.steps import EngineError
 
 LIMIT = 24
 TASKS = [{"dataset_id": "d-task", "limit": LIMIT}]
@@ -179,3 +181,20 @@ def test_a_candidate_meets_only_when_every_limit_holds():
     two = {**record(0.0, 0.01, kl=0.05), "tasks": [{"drop": 0.01}, {"drop": 0.021}]}
     assert not budget.meets(two) and budget.losses(two) == (0.05, 0.021)
     assert budget.shortfall(two) == pytest.approx(0.021 / 0.02)
+
+
+def test_a_task_the_baseline_cannot_be_scored_on_fails_the_search_saying_why(
+    tiny_model_dir, text_dataset, task_folder, tmp_path
+):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "test.jsonl").write_text((task_folder / "test.jsonl").read_text())
+    config = yaml.safe_load((task_folder / "task.yaml").read_text())
+    config["doc_to_text"] = "{{ context.__class__.__mro__[1].__subclasses__() }}"  # refused by the sandbox
+    (broken / "task.yaml").write_text(yaml.safe_dump(config))
+    request = task_search({"task_accuracy_drop": 0.05}, broken, tiny_model_dir, text_dataset, tmp_path / "out")
+    with pytest.raises(EngineError) as failed:
+        run_search(request, lambda event: None)
+    assert failed.value.code == "task_failed"
+    assert "evaluation.tasks dataset:d-task could not be scored on the model as uploaded" in str(failed.value)
+    assert "budget.task_accuracy_drop cannot be checked" in str(failed.value) and "SecurityError" in str(failed.value)
