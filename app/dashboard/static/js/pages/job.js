@@ -153,9 +153,20 @@ function artifacts(list, message) {
   );
 }
 
-/** A search's outcome: every candidate it built, measured, with the Pareto front and the choice marked. */
+/** A search's outcome: every candidate it built, measured, with the Pareto front and the choice marked; the timed
+ * decode speed where a decode_speed search measured it, and each task's accuracy where the budget limits tasks. */
 function candidates(search) {
   const result = search.result;
+  const timed = result.candidates.some((c) => c.speed_source === "measured");
+  const tasks = result.candidates.some((c) => c.tasks && c.tasks.length);
+  const columns = ["candidate", "formats", "size", "perplexity", "increase", "predicted", "KL (mean)"];
+  if (timed) columns.push("decode (tokens/s)");
+  if (tasks) columns.push("tasks (accuracy ± stderr, drop)");
+  columns.push("budget", "front");
+  const taskText = (t) =>
+    t.accuracy === null || t.accuracy === undefined
+      ? `${t.task}: not scored`
+      : `${t.task} ${number(t.accuracy, 3)} ± ${number(t.stderr, 3)} (${number(-100 * t.drop + 0, 2)} pts)`;
   return h(
     "section",
     { class: "card", "aria-labelledby": "candidates-title" },
@@ -164,7 +175,7 @@ function candidates(search) {
     h(
       "table",
       { id: "candidates" },
-      h("thead", {}, h("tr", {}, ["candidate", "formats", "size", "perplexity", "increase", "predicted", "KL (mean)", "budget", "front"].map((c) => h("th", { scope: "col" }, c)))),
+      h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col" }, c)))),
       h(
         "tbody",
         {},
@@ -179,6 +190,8 @@ function candidates(search) {
             h("td", { class: "num" }, `${number(100 * c.perplexity_increase, 3)}%`),
             h("td", { class: "num" }, `${number(100 * c.predicted_perplexity_increase, 3)}%`),
             h("td", { class: "num" }, number(c.kl_divergence, 4)),
+            timed ? h("td", { class: "num" }, c.speed_source === "measured" ? number(c.decode_tokens_per_s, 4) : "not timed") : null,
+            tasks ? h("td", {}, (c.tasks || []).map(taskText).join("; ")) : null,
             h("td", {}, c.meets_budget ? "met" : "missed"),
             h("td", {}, c.pareto ? "yes" : ""),
           ),

@@ -51,7 +51,8 @@ function candidatePoints(searches, quality) {
       if (y === null || y === undefined) continue;
       const formats = Object.entries(c.formats).map(([format, count]) => `${count}× ${format}`).join(", ");
       const recipe = `search ${search.id.slice(0, 8)} candidate ${c.id}${search.result.chosen === c.id ? " (chosen)" : ""}: ${c.method}${c.pruning ? `, pruned ${c.pruning}` : ""}, ${formats}`;
-      points.push({ jobId: null, searchId: search.id, candidate: true, size: c.size_bytes / 1e6, speed: null, y, recipe, label: recipe });
+      const speed = c.speed_source === "measured" ? c.decode_tokens_per_s : null; // timed by a decode_speed search on CUDA
+      points.push({ jobId: null, searchId: search.id, candidate: true, size: c.size_bytes / 1e6, speed, y, recipe, label: recipe });
     }
   }
   return points;
@@ -115,7 +116,7 @@ export async function renderModel(main, { params, query }) {
       h("h2", { id: "tradeoffs-title" }, "Finished jobs: quality against size and speed"),
       h("div", { class: "row" }, h("div", {}, h("label", { for: "quality" }, "Quality measure"), select)),
       jobPoints.length
-        ? [charts, h("p", { class: "muted" }, "Grey: the model as uploaded; green: search candidates (size only: a search does not time decoding). The line joins the points no other point beats on both axes. Click a job's point to open it."), pointTable(points)]
+        ? [charts, h("p", { class: "muted" }, "Grey: the model as uploaded; green: search candidates (on the speed plot only where a decode_speed search timed them on a GPU). The line joins the points no other point beats on both axes. Click a job's point to open it."), pointTable(points)]
         : h("p", { class: "muted", id: "no-points" }, `No succeeded job on this model has a ${quality === "kl" ? "KL divergence" : "perplexity"} yet (a job measures it when it has an evaluation dataset).`),
     ),
   );
