@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, default=None, help="default: the model's package's GGUF")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--distill-steps", type=int, default=400)
+    parser.add_argument("--distill-steps", type=int, default=400, help="0: no distillation")
     parser.add_argument("--only", default=None, help="comma-separated row names (default: all)")
     parser.add_argument("--calibration-windows", type=int, default=64)
     parser.add_argument("--eval-windows", type=int, default=40)
@@ -173,27 +173,26 @@ def main() -> None:
         (result,) = run_steps(model, [spec], calibration, device, tokenizer, datasets)
         quality = probe.measure(model.eval(), tokenizer, evaluation, device)
         pruned = quality["perplexity"]
-        started = time.perf_counter()
-        (distilled_result,) = run_steps(
-            model, [distill_spec(args.distill_steps)], None, device, tokenizer, datasets, teacher
-        )
-        seconds = time.perf_counter() - started
-        distilled = ppl(model, evaluation, device)
-        rows.append(
-            {
-                **quality,
-                "row": name,
-                "ppl": pruned,
-                "x_dense": pruned / dense_ppl,
-                "distilled_ppl": distilled,
-                "recovered": (pruned - distilled) / (pruned - dense_ppl),
-                "parameter_reduction": 1 - parameter_count(model) / base_params,
-                "size_reduction": 1 - parameter_bytes(model) / base_bytes,
-                "distill": {**distilled_result.summary, "seconds": seconds},
-                "summary": {k: v for k, v in result.summary.items() if k != "calibration_windows"},
-            }
-        )
-        log.info("%s pruned %.3f distilled %.3f", name, pruned, distilled)
+        row = {
+            **quality,
+            "row": name,
+            "ppl": pruned,
+            "x_dense": pruned / dense_ppl,
+            "parameter_reduction": 1 - parameter_count(model) / base_params,
+            "size_reduction": 1 - parameter_bytes(model) / base_bytes,
+            "summary": {k: v for k, v in result.summary.items() if k != "calibration_windows"},
+        }
+        if args.distill_steps > 0:  # 0: the pruned model only (distillation takes hours on a CPU)
+            started = time.perf_counter()
+            (distilled_result,) = run_steps(
+                model, [distill_spec(args.distill_steps)], None, device, tokenizer, datasets, teacher
+            )
+            distilled = ppl(model, evaluation, device)
+            row["distilled_ppl"] = distilled
+            row["recovered"] = (pruned - distilled) / (pruned - dense_ppl)
+            row["distill"] = {**distilled_result.summary, "seconds": time.perf_counter() - started}
+        rows.append(row)
+        log.info("%s pruned %.3f distilled %s", name, pruned, row.get("distilled_ppl"))
         del model
     write_report(rows, args, device, gguf, probe.documents, bool(leading_special_ids(tokenizer)))
     scratch.cleanup()
@@ -222,7 +221,16 @@ def write_report(
         )
     table = "\n".join(lines)
     print(table)
-    distill = distill_spec(args.distill_steps)
+    distill = distill_spec(max(args.distill_steps, 1))
+    distilling = (
+        "Distillation: teacher = the dense model, trained on wikitext2-valid "
+        f"windows of 512 tokens, {distill['steps']} steps × batch {distill['batch_size']} "
+        f"({distill['steps'] * distill['batch_size'] * 512 / 1e6:.1f} M tokens), AdamW lr {distill['learning_rate']}, "
+        f"warm-up {distill['warmup_steps']} then cosine, alpha {distill['alpha']}, T {distill['temperature']}, "
+        "bf16 autocast on CUDA. 'recovered' = (pruned − distilled) / (pruned − dense)."
+        if args.distill_steps > 0
+        else "Distillation: not run (--distill-steps 0)."
+    )
     header = [
         f"# Pruning quality: {MODELS[args.model][0]}",
         "",
@@ -237,12 +245,7 @@ def write_report(
         "pruned) in nats on those positions (dense top-64 + rest, as a job report's quality.kl_divergence); top-1 "
         f"agreement: share of positions where both pick the same next token. Cloze: {cloze_documents} "
         f"wikitext2-test paragraphs (at most {args.cloze_context_words} words of context), the last word among 4 of "
-        "the paragraph's words (chance 25%), lm-eval-harness acc ± stderr (as a report's quality.tasks). "
-        "Distillation: teacher = the dense model, trained on wikitext2-valid "
-        f"windows of 512 tokens, {distill['steps']} steps × batch {distill['batch_size']} "
-        f"({distill['steps'] * distill['batch_size'] * 512 / 1e6:.1f} M tokens), AdamW lr {distill['learning_rate']}, "
-        f"warm-up {distill['warmup_steps']} then cosine, alpha {distill['alpha']}, T {distill['temperature']}, "
-        "bf16 autocast on CUDA. 'recovered' = (pruned − distilled) / (pruned − dense).",
+        "the paragraph's words (chance 25%), lm-eval-harness acc ± stderr (as a report's quality.tasks). " + distilling,
         "",
         "",
     ]

@@ -25,6 +25,7 @@ import datetime
 import json
 import logging
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -276,7 +277,10 @@ def main() -> None:
     p.add_argument("--model", choices=tuple(MODELS), default="smollm2", help="the real model (GGUF)")
     p.add_argument("--only", choices=("model", "small", "smollm2"), help="one section (smollm2: --only model)")
     p.add_argument(
-        "--rows", type=lambda v: set(v.split(",")), default=None, help="comma-separated schemes (default all)"
+        "--rows",
+        type=lambda v: set(re.split(r",(?=\S)", v)),
+        default=None,
+        help="comma-separated schemes (default all); a comma followed by a space stays in the name",
     )
     p.add_argument("--eval-windows", type=int, default=40, help="the model: 512-token windows of wikitext2-test")
     p.add_argument("--cloze-documents", type=int, default=200, help="the model: cloze documents (0: no cloze column)")
