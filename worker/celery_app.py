@@ -5,7 +5,9 @@ Pool: prefork with one child per GPU (concurrency 1 by default) and a fresh chil
 each job runs in a new process that gives all its GPU and host memory back when it exits, and a child that
 dies (SIGKILL, OOM killer) is noticed by the parent (acks_late + reject_on_worker_lost), which records the
 lost attempt and sends the job to the front of the queue (worker/tasks.py). The cost is a second or two of
-torch import per job, nothing next to a GPU job.
+torch import per job, nothing next to a GPU job, or a fork of a parent that preloaded it
+(`MODELPRESS_PRELOAD_ENGINE`); a child exits as soon as its job is done and the pool (worker/pool.py) forks the
+next one at once.
 The parent also runs the reconciler thread (worker/reconcile.py), the webhook sender (modelpress/webhooks.py) and
 the worker's registration heartbeat (worker/registration.py).
 
@@ -15,6 +17,7 @@ consuming, finishes the job it runs, and exits; its row says `draining` meanwhil
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -32,7 +35,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
     app = Celery("modelpress-worker")
     app.conf.update(celery_config(settings))
     app.conf.update(
-        worker_pool="prefork",
+        worker_pool="worker.pool:JobTaskPool",  # prefork; the next child forked at once
         worker_concurrency=settings.worker_concurrency,
         worker_max_tasks_per_child=1,
         worker_send_task_events=False,
@@ -57,6 +60,8 @@ def _preload_engine(**_kwargs) -> None:
     import worker.jobs  # noqa: F401
 
     transformers.AutoModelForCausalLM  # noqa: B018  (its lazy module: resolve it now, once)
+    gc.collect()
+    gc.freeze()  # a child's collections skip what it inherited, and leave those pages shared with the parent
     log.info("torch and the engine preloaded in the worker's parent process")
 
 
@@ -103,6 +108,17 @@ def _fresh_database_pool(**_kwargs) -> None:
     from modelpress import db
 
     db.reset()
+
+
+@signals.worker_process_shutdown.connect
+def _exit_at_once(exitcode: int | None = None, **_kwargs) -> None:
+    """A job's child exits as soon as its job is done. Left to the pool, it would announce its end and sleep a
+    second first, and the parent, woken by that announcement while the child still lived, would fork the next
+    child only on its pool-maintenance tick, up to five seconds later. Exiting now, the parent sees the process
+    gone and forks the next one at once. Nothing is lost: the job's outcome is in its row, the task's result
+    already with the parent, and the pool's own exit that follows is the same `os._exit`."""
+    logging.shutdown()  # flush the log handlers, as os._exit does not
+    os._exit(exitcode or 0)
 
 
 @signals.task_prerun.connect

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modelpress.specs import JobSpec, StepType, TargetedStep
 from worker.engine import EngineError, EngineRequest, ProgressEvent, registered_steps, run_pipeline
+from worker.engine.execution import PARAMETERS_PER_THREAD, cpu_threads_for
 
 SEQ_LEN, WINDOWS = 64, 8
 RECIPE = [
@@ -105,6 +106,7 @@ def test_report_shape(job):
     }
     execution = report["execution"]
     assert execution["mode"] == "whole" and execution["device"] == "cpu" and execution["peak_gpu_bytes"] is None
+    assert execution["cpu_threads"] == 1 and report["baseline"]["device"] == "cpu (1 threads)"
     assert execution["peak_host_bytes"] > execution["model_bytes"] > 0
     speed = report["speed"]
     assert speed["path"].startswith("cpu: eager") and "no low-bit kernel" in speed["path"]
@@ -248,3 +250,27 @@ def test_unknown_step_fails_before_any_work(tiny_model_dir, text_dataset, tmp_pa
     with pytest.raises(EngineError) as info:
         run_pipeline(request(tiny_model_dir, tmp_path, text_dataset, spec=bad), events.append)
     assert info.value.code == "unknown_step" and events == []
+
+
+def test_a_job_sizes_its_cpu_threads_to_the_model_and_gives_the_setting_back(tiny_model_dir, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+        job = {"model_id": "m", "recipe": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}]}
+        report = run_pipeline(
+            request(tiny_model_dir, tmp_path, None, spec=job, evaluation_path=None, evaluation_format=None),
+            lambda event: seen.append(torch.get_num_threads()),
+        )
+        assert report["execution"]["cpu_threads"] == 1
+        assert seen[0] == 2 and set(seen[seen.index(1) :]) == {1}  # loading as set, then one thread for the rest
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_threads_grow_with_the_model_up_to_what_the_process_has():
+    assert cpu_threads_for(50_000, 8) == 1
+    assert cpu_threads_for(3 * PARAMETERS_PER_THREAD, 8) == 3
+    assert cpu_threads_for(135_000_000, 8) == 8
+    assert cpu_threads_for(135_000_000, 1) == 1

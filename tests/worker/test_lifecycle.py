@@ -18,7 +18,7 @@ from modelpress.queue import enqueue_job, job_queue, queue_keys
 from modelpress.settings import get_settings
 from tests.conftest import clear_caches, fresh_database, sqlalchemy_url
 from worker.jobs import ProgressReporter, _record_end, claim
-from worker.reconcile import reconcile_once, requeue_lost
+from worker.reconcile import already_handled, reconcile_once, requeue_lost
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +167,19 @@ def test_claim_honours_cancel_and_final_states(settings) -> None:
     done = make_job(status=JobStatus.succeeded)
     assert claim(done, "w", settings) is None
     assert job_row(done).status == JobStatus.succeeded
+
+
+def test_a_message_needs_no_child_only_for_a_job_that_ended_or_runs_under_a_live_lease(settings) -> None:
+    queued = make_job()
+    assert already_handled(queued, settings) is None, "a queued job's message goes to a child, which claims it"
+    assert claim(queued, "w1", settings) is not None
+    assert already_handled(queued, settings) == "running under a live lease"
+    with session_scope() as session:
+        session.get(Job, queued).heartbeat_at = utcnow() - timedelta(seconds=settings.lease_s + 1)
+    assert already_handled(queued, settings) is None, "a stale lease is the child's to take over"
+    assert already_handled(make_job(status=JobStatus.succeeded), settings) == "already succeeded"
+    assert already_handled(make_job(cancel_requested=True), settings) is None, "the child records the cancel"
+    assert already_handled("00000000-0000-0000-0000-000000000000", settings) == "no such job"
 
 
 def test_reconciler_resends_everything_when_the_broker_lost_its_data(settings, broker) -> None:

@@ -4,11 +4,14 @@ decoder layer moved to the device only while it is calibrated, pruned, quantized
 `plan_execution` is a pure function of the model's bytes, the extra memory the job's work needs beside it and
 the device's free memory, so a test can pose any device. `job_working_bytes` estimates that extra need from
 the model's shape and the job's windows. `ProcessPeaks` follows the peak GPU and host memory the report gives.
+`cpu_threads_for` sizes the job's intra-op CPU threads to its model.
 """
 
 from __future__ import annotations
 
 import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +82,27 @@ def job_working_bytes(
             one_window = seq * (3 * inner * element_bytes + LOGIT_COPIES * vocab * 4)
             stages.append(activations + one_window + linear_math)
     return max(stages) + FIXED_OVERHEAD_BYTES
+
+
+PARAMETERS_PER_THREAD = 1_000_000
+
+
+def cpu_threads_for(parameters: int, available: int) -> int:
+    """Intra-op CPU threads for a model of `parameters` weights: one per PARAMETERS_PER_THREAD, at least one, at
+    most `available`. A small model's matrix products are too small to split: each extra thread costs more to
+    wake and synchronise than it saves, and on a shared machine its idle spinning takes other jobs' cores."""
+    return max(1, min(available, parameters // PARAMETERS_PER_THREAD))
+
+
+@contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` intra-op CPU threads, then give back the process's own setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def device_free_bytes(device: torch.device) -> int | None:

@@ -9,6 +9,9 @@ it fits there with room for the job's work, else `onloaded`: the model stays in 
 that walks the decoder layers (calibrated steps, perplexity and KL divergence, export) moves one layer at a
 time to the device. Onloaded jobs measure no speed and generate no samples (both need the whole model on the
 device) and cannot distill. The report's `execution` says which mode ran and the job's peak GPU and host memory.
+From loading on, the job runs with as many intra-op CPU threads as its model's size can use
+(`execution.cpu_threads_for`, at most the process's own setting; `execution.cpu_threads` in the report): one for a
+model under two million weights, whose matrix products are too small to split.
 
 Stages, in order, each reported through the progress callback: "load", "evaluate baseline", one per recipe
 step ("prune:magnitude", ...), "export", "evaluate optimized". `step_index` counts from 1 to `total_steps`;
@@ -54,6 +57,8 @@ from worker.engine.evaluate.measure import tensor_bytes_in_memory
 from worker.engine.execution import (
     ExecutionPlan,
     ProcessPeaks,
+    cpu_threads,
+    cpu_threads_for,
     device_free_bytes,
     job_working_bytes,
     plan_execution,
@@ -121,6 +126,7 @@ class _Runner:
         self.tasks = task_sources(request.spec, request.datasets)
         self.peaks = ProcessPeaks(self.device)
         self.execution: ExecutionPlan | None = None
+        self.threads = torch.get_num_threads()  # intra-op CPU threads from loading on: sized to the model
 
     def stage(self, index: int) -> Callable[[float, str], None]:
         def report(fraction: float, message: str) -> None:
@@ -136,6 +142,13 @@ class _Runner:
         output_dir = Path(self.request.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         loaded, plan, evaluation_info, calibration = self.load(self.stage(0))
+        with cpu_threads(self.threads):
+            return self.run_loaded(loaded, plan, evaluation_info, calibration, output_dir)
+
+    def run_loaded(
+        self, loaded: LoadedModel, plan: EvalPlan, evaluation_info: dict | None, calibration, output_dir: Path
+    ) -> dict:
+        """Everything after loading: the baseline's measurements, the recipe, export and the artifact's."""
         scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=output_dir))  # the baseline's top-k, for the KL
         try:
             reference = (
@@ -183,7 +196,7 @@ class _Runner:
             tasks=tasks_section(baseline_tasks, optimized_tasks),
         )
         report["speed"] = self.speed_section(baseline["speed"], optimized["speed"])
-        report["execution"] = {**self.execution.to_dict(), **self.peaks.to_dict()}
+        report["execution"] = {**self.execution.to_dict(), "cpu_threads": self.threads, **self.peaks.to_dict()}
         (output_dir / "report.json").write_text(json.dumps(report, indent=2))
         return report
 
@@ -211,9 +224,10 @@ class _Runner:
             )
         report(0.8, "datasets tokenized")
         self.execution = self.choose_execution(loaded, calibration, windows)
+        self.threads = cpu_threads_for(sum(p.numel() for p in loaded.model.parameters()), torch.get_num_threads())
         if not self.execution.onloaded:
             loaded.model.to(self.device)
-        report(0.9, f"execution: {self.execution.mode} ({self.execution.reason})")
+        report(0.9, f"execution: {self.execution.mode} ({self.execution.reason}), {self.threads} CPU thread(s)")
         plan = EvalPlan(device=self.device, windows=windows, latency_ids=self._latency_ids(loaded, windows))
         if loaded.tokenizer is None:
             self.notes.append("the model has no tokenizer: no generated samples")
