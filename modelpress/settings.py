@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     # import torch and the engine once in the worker's parent, so that each job's fresh child is forked with them
     # loaded (milliseconds, not seconds of imports per job); the parent still never initialises CUDA
     preload_engine: bool = False
+    # fork a job's child as soon as the last one exits (worker/pool.py) instead of at the pool's five-second tick:
+    # for fleets of short jobs; off by default, since forking while the parent's webhook sender is busy has been
+    # seen to leave a fresh child that never takes its job
+    fork_at_once: bool = False
     # a worker that handed a job back for want of cache room leaves it to other workers this long
     release_hold_s: float = Field(default=60.0, ge=0)
 

@@ -35,7 +35,8 @@ def create_celery(settings: Settings | None = None) -> Celery:
     app = Celery("modelpress-worker")
     app.conf.update(celery_config(settings))
     app.conf.update(
-        worker_pool="worker.pool:JobTaskPool",  # prefork; the next child forked at once
+        # prefork; with fork_at_once the next child is forked as soon as the last one exits
+        worker_pool="worker.pool:JobTaskPool" if settings.fork_at_once else "prefork",
         worker_concurrency=settings.worker_concurrency,
         worker_max_tasks_per_child=1,
         worker_send_task_events=False,
@@ -117,6 +118,8 @@ def _exit_at_once(exitcode: int | None = None, **_kwargs) -> None:
     child only on its pool-maintenance tick, up to five seconds later. Exiting now, the parent sees the process
     gone and forks the next one at once. Nothing is lost: the job's outcome is in its row, the task's result
     already with the parent, and the pool's own exit that follows is the same `os._exit`."""
+    if not get_settings().fork_at_once:
+        return
     logging.shutdown()  # flush the log handlers, as os._exit does not
     os._exit(exitcode or 0)
 

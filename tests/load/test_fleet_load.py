@@ -81,6 +81,7 @@ def test_small_jobs_run_exactly_once_across_3_workers(
     env = {
         **s3_server.env(prefix),
         "MODELPRESS_PRELOAD_ENGINE": "true",
+        "MODELPRESS_FORK_AT_ONCE": "true",
         "MODELPRESS_PROGRESS_INTERVAL_S": "5",
         "MODELPRESS_RATE_LIMIT_PER_MINUTE": "0",
     }
