@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from worker.engine.execution import device_free_bytes
 from worker.engine.quantize.awq_math import clip_search as searched_params
 from worker.engine.quantize.quant_math import fake_quantize, fp8_fake_quantize, fp8_params, int_range, rtn_params
 from worker.engine.steps import EngineError
@@ -57,17 +58,13 @@ def permuted_hessian(hessian: torch.Tensor, order: torch.Tensor | None, rows_per
 
 
 def short_of_room(tensor: torch.Tensor, buffers: int) -> bool:
-    """Whether the CUDA device holding `tensor` lacks room for `buffers` more tensors of its size, counting the
-    allocator's cache and a per-process cap (`torch.cuda.set_per_process_memory_fraction`); never on the CPU."""
+    """Whether the CUDA device holding `tensor` lacks room for `buffers` more tensors of its size: what this process
+    may still allocate (`device_free_bytes`, a per-process cap included) plus what its allocator holds unused; never
+    on the CPU."""
     if tensor.device.type != "cuda":
         return False
-    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
-    free, total = torch.cuda.mem_get_info(index)
-    allocated, reserved = torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index)
-    room = free + reserved - allocated
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
-    if get_fraction is not None:
-        room = min(room, int(get_fraction(index) * total) - allocated)
+    device = tensor.device
+    room = device_free_bytes(device) + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return room < buffers * tensor.numel() * tensor.element_size()
 
 
@@ -139,7 +136,8 @@ def gptq_quantize(
     # H is read, never written: the dead channels' fix and the permutation happen in the one copy that becomes
     # the damped matrix and its inverse (the clip search may read H itself: a dead channel's weights are zero,
     # so its row of H weighs nothing either way)
-    dead = torch.diag(hessian) == 0
+    diagonal = torch.diag(hessian).float()
+    dead = diagonal == 0
     w = weight.float().clone()
     w[:, dead] = 0.0
     keep = sparsity_keep_mask(weight)
@@ -151,19 +149,19 @@ def gptq_quantize(
         scale, zero = (None, None)
         if static:
             scale, zero = _group_params(w, hessian.float() if clip_search else None, bits, group_size, symmetric)
-    diagonal = torch.diag(hessian).float().masked_fill(dead, 1.0)
-    order = torch.argsort(diagonal, descending=True) if act_order else torch.arange(columns)
+    order = torch.argsort(diagonal.masked_fill(dead, 1.0), descending=True) if act_order else torch.arange(columns)
     order = order.to(w.device)
     # the dynamic sweep reads columns on the host: one transfer, not one device sync per column
     order_host = None if static else order.tolist()
 
-    working = permuted_hessian(hessian, order if act_order else None)
+    permutation = order if act_order else None
+    working = permuted_hessian(hessian, permutation)
     # the factorization adds two H-sized buffers; where the device has no room for them, H itself waits in host
     # memory meanwhile (at 32B, down_proj's H is 3 GB and an onloaded layer works in 16 GB)
     with parked_in_host_memory(hessian, short_of_room(hessian, buffers=3)) as values:
 
         def working_copy() -> torch.Tensor:
-            return permuted_hessian(values.to(hessian.device), order if act_order else None)
+            return permuted_hessian(values.to(hessian.device), permutation)
 
         h_inv = inverse_cholesky(working, dampening, rebuild=working_copy)
         del working
