@@ -14,8 +14,9 @@ memory (VmHWM, whole run) and the time per decoder layer, and writes one JSON pe
     python benchmarks/onload_scale.py --case all --tiny --out /tmp/onload          # tiny shapes on the CPU
 
 Cases: llama8b-uncapped, llama8b-capped12 (`torch.cuda.set_per_process_memory_fraction` to 12 GiB),
-qwen32b-gptq, qwen32b-wanda, qwen32b-sparsegpt, qwen32b-awq, and llmcompressor-8b (llm-compressor's `oneshot`
-GPTQ W4A16 g128 on the same 8B shape and calibration tokens; llmcompressor is imported only there).
+qwen32b-gptq-capped16 (16 GiB), qwen32b-gptq-capped16gb (16 × 10⁹ bytes), qwen32b-gptq-capped24, qwen32b-gptq,
+qwen32b-wanda, qwen32b-sparsegpt, qwen32b-awq, and llmcompressor-8b (llm-compressor's `oneshot` GPTQ W4A16 g128
+on the same 8B shape and calibration tokens; llmcompressor is imported only there).
 
 `--layers N` builds and runs only the first N decoder layers and prints the projected whole-model time: the
 first layer as measured (it includes capturing the embeddings) plus the mean of the others for each layer left.
@@ -84,6 +85,7 @@ CASES = {  # name -> (shape, step, GPU memory cap)
     "llama8b-uncapped": ("llama8b", "gptq", None),
     "llama8b-capped12": ("llama8b", "gptq", CAP_BYTES),
     "qwen32b-gptq-capped16": ("qwen32b", "gptq", 16 * GIB),
+    "qwen32b-gptq-capped16gb": ("qwen32b", "gptq", 16 * 10**9),  # the target's 16 GB read as 10⁹ bytes
     "qwen32b-gptq-capped24": ("qwen32b", "gptq", 24 * GIB),
     "qwen32b-gptq": ("qwen32b", "gptq", None),
     "qwen32b-wanda": ("qwen32b", "wanda", None),
