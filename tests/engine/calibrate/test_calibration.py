@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.engine.calibrate.layerwise import HessianAccumulator, decoder_layers, sequential_layers
+from worker.engine.calibrate.layerwise import HessianAccumulator, _capture, decoder_layers, sequential_layers
 from worker.engine.load.checkpoint import LoadedModel
 
 
@@ -86,6 +86,31 @@ def test_hessian_accumulator_is_a_running_mean() -> None:
     torch.testing.assert_close(accumulator.hessian.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def _tensors(value) -> list[torch.Tensor]:
+    """The tensors in a keyword argument (a tensor, or a tuple of them such as the position embeddings)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for item in value for t in _tensors(item)] if isinstance(value, tuple | list) else []
+
+
+def test_captured_embeddings_go_where_they_are_stored(tiny: LoadedModel) -> None:
+    """The capture computes the embeddings on the compute device and puts each window's where the activations are
+    stored (host memory for an onloaded model; the meta device stands in for it here), while the layers' keyword
+    arguments stay on the compute device, where the layers read them. Without a store, nothing moves."""
+    model, windows = tiny.model, _windows(tiny.model)
+    _, layers = decoder_layers(model)
+    cpu = torch.device("cpu")
+    kept, kept_kwargs = _capture(model, layers, windows, cpu)
+    stored, stored_kwargs = _capture(model, layers, windows, cpu, torch.device("meta"))
+    assert [w.device.type for w in kept] == ["cpu"] * len(windows)
+    assert [w.device.type for w in stored] == ["meta"] * len(windows)
+    assert [w.shape for w in stored] == [w.shape for w in kept] == [(1, windows.shape[1], model.config.hidden_size)] * 3
+    for kwargs in (*kept_kwargs, *stored_kwargs):
+        assert kwargs["position_embeddings"] is not None
+        assert all(t.device.type == "cpu" for value in kwargs.values() for t in _tensors(value))
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
 def test_empty_windows_are_refused(tiny: LoadedModel) -> None:
     from worker.engine.steps import EngineError
 
@@ -108,3 +133,29 @@ def test_onloaded_pass_keeps_activations_in_host_memory(tiny: LoadedModel) -> No
     assert all(p.device.type == "cpu" for p in model.parameters()), "every layer went back to host memory"
     assert all(window.device.type == "cpu" for window in final)
     torch.testing.assert_close(torch.cat(final), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device beside host memory")
+def test_onloaded_capture_holds_one_window_on_the_gpu(tiny: LoadedModel) -> None:
+    """An onloaded model's embeddings go to host memory window by window as they are captured: until the first
+    layer pass, the GPU holds the moved modules (embeddings, rotary, layer 0) and about one window, never the
+    whole set of windows."""
+    model = tiny.model
+    windows = _windows(model, n=128, seq=512)
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    _, layers = decoder_layers(model)
+    window_bytes = windows.shape[1] * model.config.hidden_size * model.dtype.itemsize
+    moved = (model.get_input_embeddings(), model.model.rotary_emb, layers[0])
+    moved_bytes = sum(t.numel() * t.element_size() for m in moved for t in (*m.parameters(), *m.buffers()))
+    bound = moved_bytes + 4 * window_bytes + (2 << 20)  # the slack: masks, position ids, allocator rounding
+    assert len(windows) * window_bytes > 4 * bound, "the windows must dwarf the bound for the check to mean anything"
+    torch.cuda.synchronize(cuda)
+    torch.cuda.reset_peak_memory_stats(cuda)
+    before = torch.cuda.memory_allocated(cuda)
+    passes = sequential_layers(model, windows, cuda)
+    step = next(passes)
+    peak = torch.cuda.max_memory_allocated(cuda) - before
+    assert len(step._hidden) == len(windows) and all(w.device.type == "cpu" for w in step._hidden)
+    passes.close()
+    assert peak < bound, f"GPU peak {peak} bytes while capturing; one window is {window_bytes}"
+    assert all(p.device.type == "cpu" for p in model.parameters())

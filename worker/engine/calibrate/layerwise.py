@@ -12,8 +12,9 @@ dtype: for 128 windows of 2048 tokens at hidden size 4096 in bf16, 2 GiB. The la
 its intermediate activations (the MLP's 2048 × 14336 per window) are never materialized for all windows at once.
 A model that lives on another device (CPU while `device` is CUDA: the onloaded mode) is moved there one layer at
 a time, and its activations stay in host memory too, each window visiting `device` only while the layer reads
-it, as llm-compressor's sequential pipeline keeps them: at 32B (hidden 5120) one set is 2.7 GB, which the GPU
-then does not hold beside the layer and its float32 Hessians.
+it (the embeddings too: each window's goes to host memory as it is captured), as llm-compressor's sequential
+pipeline keeps them: at 32B (hidden 5120) one set is 2.7 GB, which the GPU then does not hold beside the layer
+and its float32 Hessians.
 """
 
 from __future__ import annotations
@@ -61,18 +62,20 @@ class _Captured(Exception):
 
 
 class _Catcher(torch.nn.Module):
-    """Stands in for layer 0 during capture: records its hidden states and keyword arguments, then stops."""
+    """Stands in for layer 0 during capture: records its hidden states (moved to `store` as each window arrives,
+    when given) and keyword arguments, then stops."""
 
-    def __init__(self, layer: torch.nn.Module) -> None:
+    def __init__(self, layer: torch.nn.Module, store: torch.device | None = None) -> None:
         super().__init__()
         self.layer = layer
+        self.store = store
         self.hidden: list[torch.Tensor] = []
         self.kwargs: dict[str, Any] | None = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:
             raise EngineError("unsupported_model", "decoder layers called with positional arguments are not supported")
-        self.hidden.append(hidden_states)
+        self.hidden.append(hidden_states if self.store is None else hidden_states.to(self.store))
         if self.kwargs is None:
             self.kwargs = kwargs
         raise _Captured
@@ -183,15 +186,25 @@ class LayerPass:
 
 
 @torch.no_grad()
-def _capture(model: torch.nn.Module, layers: torch.nn.ModuleList, windows: torch.Tensor, device: torch.device):
-    """Embeddings output and layer keyword arguments for every window, with only the pre-layer modules moved."""
+def _capture(
+    model: torch.nn.Module,
+    layers: torch.nn.ModuleList,
+    windows: torch.Tensor,
+    device: torch.device,
+    store: torch.device | None = None,
+):
+    """Embeddings output and layer keyword arguments for every window, with only the pre-layer modules moved.
+
+    The embeddings are computed on `device`; with `store` (host memory, for an onloaded model) each window's
+    goes there as soon as it is captured, so `device` holds one window's at a time. The keyword arguments are the
+    first window's, on `device`, where the layers read them (every window has the same length)."""
     moved = [m for m in _pre_layer_modules(model, layers) if _device_of(m) not in (None, device)]
     homes = [_device_of(m) for m in moved]
     for module in moved:
         module.to(device)
     real = list(layers)
     recorders = [_Recorder(layer, last=i == len(real) - 1) for i, layer in enumerate(real)]
-    catcher = _Catcher(real[0])
+    catcher = _Catcher(real[0], store)
     try:
         for index, recorder in enumerate(recorders):
             layers[index] = recorder
@@ -254,11 +267,10 @@ def sequential_layers(
     prefix, layers = decoder_layers(model)
     was_training = model.training
     model.eval()
-    hidden, layer_kwargs = _capture(model, layers, windows, device)
-    onloaded = any(_device_of(layer) not in (None, device) for layer in layers)
-    if onloaded:  # the activations live where the model does, each window visiting `device` when read
-        host = _device_of(layers[0])
-        hidden = [window.to(host) for window in hidden]
+    # an onloaded model's activations live where its layers do, each window visiting `device` while it is read
+    host = next((home for home in map(_device_of, layers) if home not in (None, device)), None)
+    onloaded = host is not None
+    hidden, layer_kwargs = _capture(model, layers, windows, device, host)
     try:
         for index, layer in enumerate(layers):
             home = _device_of(layer)
