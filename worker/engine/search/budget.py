@@ -7,6 +7,12 @@ every task; no per-layer task predictor exists, so the predicted NLL increase st
 that drops a task by more than the limit puts every later target below its predicted damage, one that keeps
 every task within it lets the targets rise above its own, and the next target is the geometric middle of the
 two (a step of `LADDER_STEP` down or up while only one side is known).
+
+For the perplexity and KL limits the sensitivity over-predicts (it rounds to nearest where the build rounds with
+GPTQ or AWQ, and it assumes layers add up), so the next target is read off what was measured: the line through the
+most damaged candidate (as predicted) that met the limit and the least damaged one above it that missed, aimed at
+`TARGET_MARGIN` of the limit (regula falsi on the predicted scale); while only one side is known, the line through
+the origin and the candidate nearest the limit.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 from modelpress.specs import SearchBudget
 
 LADDER_STEP = 4.0  # a task-only search moves its target by this factor until a candidate on each side is built
+TARGET_MARGIN = 0.97  # aim a little under the limit: the line through the measured candidates is an estimate
 DROP_TOLERANCE = 1e-9  # accuracies are shares of n documents: 0.55 - 0.53 must meet a limit of 0.02
 
 
@@ -114,6 +121,18 @@ class Budget:
             pairs.append((max(worst_task_drop(record), 0.0), self.task_drop))
         return max((_ratio(used, allowed) for used, allowed in pairs), default=0.0)
 
+    def nats_target(self, records: list[dict], target: float) -> float | None:
+        """The next target (predicted NLL increase) the perplexity/KL limits ask for, from the candidates built so
+        far: the least over the limits of `corrected_target`; None without such a limit or candidates."""
+        if not self.nats or not records:
+            return None
+        predicted = [r["predicted"]["nll_increase"] for r in records]
+        measured = [measured_in_nats(r["measured"]) for r in records]
+        return min(
+            corrected_target([(p, m[name]) for p, m in zip(predicted, measured, strict=True)], limit, target)
+            for name, limit in self.nats.items()
+        )
+
     def task_target(self, records: list[dict], ceiling: float) -> float | None:
         """The next target (predicted NLL increase) the task limit asks for, from the candidates built so far:
         between the most damaged (as predicted) that kept every task within the limit and the least damaged that
@@ -130,6 +149,25 @@ class Budget:
         if low is None or low <= 0:
             return high / LADDER_STEP
         return math.sqrt(low * high) if low < high else None
+
+
+def corrected_target(points: list[tuple[float, float]], limit: float, target: float) -> float:
+    """The predicted damage at which the measured damage is expected to reach `TARGET_MARGIN` × `limit`, from
+    (predicted, measured) pairs of built candidates: on the line through the most predicted pair that stays under
+    that aim (the origin if none) and the least predicted pair above it that does not; without the latter, on the
+    line through the origin and the former (twice the larger of `target` and its prediction when it measured no
+    damage; `target` when nothing was predicted)."""
+    aim = TARGET_MARGIN * limit
+    low_p, low_m = max(((p, m) for p, m in points if m <= aim), default=(0.0, 0.0))
+    above = [(p, m) for p, m in points if m > aim and p > low_p]
+    if above:
+        high_p, high_m = min(above)
+        if not math.isfinite(high_m):
+            return (low_p + high_p) / 2
+        return low_p + (aim - low_m) * (high_p - low_p) / (high_m - low_m)
+    if low_p <= 0:
+        return target
+    return aim * low_p / low_m if low_m > 0 else 2 * max(target, low_p)
 
 
 def _ratio(used: float, allowed: float) -> float:

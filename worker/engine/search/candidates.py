@@ -37,7 +37,10 @@ from worker.engine.quantize import (
 from worker.engine.steps import QuantizedWeight, StepContext
 
 Progress = Callable[[float, str], None]
-GPTQ_DEFAULTS = GPTQQuantize()  # a search rounds with GPTQ's default options (true sequential, clip search)
+# a search rounds with GPTQ's default options (true sequential, clip search) and act order with static groups: the
+# columns of large Hessian diagonal are rounded first, the scales still fixed per group in the stored order (no
+# g_idx), so the artifact is read as without it (on SmolLM2-135M, uniform int4 g64 lost 13.0% against 15.7%)
+GPTQ_DEFAULTS = GPTQQuantize(act_order=True)
 AWQ_DEFAULTS = AWQQuantize()  # and searches AWQ's scales with its defaults (Gram loss, plain scales, 20 points)
 
 

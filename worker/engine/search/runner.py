@@ -2,12 +2,14 @@
 then build and measure a few assignments around the budget and choose the best one that meets it as measured.
 
 The loop: the solver gives the cheapest assignment whose predicted damage (mean NLL increase, nats per token)
-fits a target, first the budget itself. Each built candidate is measured on the evaluation windows; the ratio of
-measured to predicted damage corrects the next target (the sensitivity rounds to nearest and assumes layers add
-up; the build rounds with GPTQ and layers interact). When the next target gives an assignment already built,
-the target is bisected between the best candidate that met the budget and the cheapest that missed it; the loop
-ends when that repeats too, or at `max_candidates`. Every method in the space is tried on the first assignment;
-the best measured one builds the rest.
+fits a target, first the budget itself. Each built candidate is measured on the evaluation windows, and the next
+target is read off the measured against predicted damage of the candidates built so far (the sensitivity rounds
+to nearest and assumes layers add up; the build rounds with GPTQ and layers interact): interpolated between the
+best candidate that met the budget and the least damaged one above it that missed, or scaled by the measured
+over predicted damage of the one nearest the budget while only one side is known (see `budget`). When the next
+target gives an assignment already built, the target is bisected between the best candidate that met the budget
+and the cheapest that missed it; the loop ends when that repeats too, or at `max_candidates`. Every method in the
+space is tried on the first assignment; the best measured one builds the rest.
 
 Each pruning option in the space is one more family of candidates, searched the same way: the model is pruned
 once (calibrated, as the recipe step), its sensitivity measured on the pruned model, and the loop above runs on
@@ -53,7 +55,7 @@ from worker.engine.pipeline import EngineRequest, ProgressEvent, ProgressFn, cpu
 from worker.engine.prune import sparsity_of
 from worker.engine.search import candidates as cand
 from worker.engine.search import choice, speed
-from worker.engine.search.budget import Budget, compare_tasks, measured_in_nats
+from worker.engine.search.budget import Budget, compare_tasks
 from worker.engine.search.sensitivity import Sensitivity, measure_sensitivity
 from worker.engine.search.solver import Option, cheapest, least_damage, solve, total
 from worker.engine.search.state import SearchState
@@ -61,7 +63,6 @@ from worker.engine.steps import EngineError, StepContext, run_step
 
 log = logging.getLogger(__name__)
 
-TARGET_MARGIN = 0.97  # aim a little under the corrected target: the correction is itself an estimate
 REFERENCE = "baseline-top-k.safetensors"
 BASELINE_TASKS = "baseline-tasks.json"
 TASK_PROPOSAL = (
@@ -357,9 +358,10 @@ class _Search:
         return records
 
     def _next_target(self, records: list[dict], target: float, ceiling: float) -> float | None:
-        """The least of what the perplexity/KL limits (corrected by the last candidate) and the task limit (along
-        the ladder, see `budget`) ask for; None when neither asks for anything."""
-        proposals = [self._corrected(records[-1], target) if self.limits else None]
+        """The least of what the perplexity/KL limits (read off the candidates the building method measured, see
+        `budget`) and the task limit (along the ladder) ask for; None when neither asks for anything."""
+        method = self._best_method(records).value
+        proposals = [self.budget.nats_target([r for r in records if r["method"] == method], target)]
         proposals.append(self.budget.task_target(records, ceiling))
         return min((p for p in proposals if p is not None), default=None)
 
@@ -368,15 +370,6 @@ class _Search:
         first = records[: len(self.spec.space.methods)]
         best = min(first, key=lambda r: (self.budget.shortfall(r), r["measured"]["nll_increase"]))
         return SearchMethod(best["method"])
-
-    def _corrected(self, record: dict, target: float) -> float:
-        """The next target: the budget scaled by predicted / measured damage of the last candidate."""
-        predicted = record["predicted"]["nll_increase"]
-        measured = measured_in_nats(record["measured"])
-        if predicted <= 0:
-            return target
-        allowed = [limit * predicted / measured[name] for name, limit in self.limits.items() if measured[name] > 0]
-        return TARGET_MARGIN * min(allowed) if allowed else 2 * max(target, predicted)
 
     def _bisect(self, records: list[dict], tried: set[float]) -> float | None:
         """A target between the best candidate that met the budget and the cheapest one that missed it (by
