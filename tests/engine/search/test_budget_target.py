@@ -7,14 +7,15 @@ import math
 
 import pytest
 
-from worker.engine.search.budget import TARGET_MARGIN, Budget, corrected_target
+from worker.engine.search.budget import LADDER_STEP, TARGET_MARGIN, Budget, corrected_target
 
 LIMIT = math.log1p(0.01)
 AIM = TARGET_MARGIN * LIMIT
 
 
 def test_one_candidate_scales_the_target_by_its_measured_over_predicted_damage():
-    assert corrected_target([(0.01, 0.001)], LIMIT, LIMIT) == pytest.approx(AIM * 0.01 / 0.001)  # under: up
+    assert corrected_target([(0.01, 0.004)], LIMIT, LIMIT) == pytest.approx(AIM * 0.01 / 0.004)  # under: up
+    assert corrected_target([(0.01, 0.0005)], LIMIT, LIMIT) == pytest.approx(0.01 * LADDER_STEP)  # at most 4x
     assert corrected_target([(0.09, 0.02)], LIMIT, LIMIT) == pytest.approx(AIM * 0.09 / 0.02)  # over: down
     assert corrected_target([(0.01, 0.0)], LIMIT, 0.02) == pytest.approx(0.04)  # no damage measured: twice
     assert corrected_target([(0.0, 0.0)], LIMIT, 0.02) == 0.02  # nothing predicted: nothing to scale
@@ -41,7 +42,7 @@ def test_several_limits_take_the_tightest_and_no_limit_or_no_record_asks_nothing
         }
 
     both = Budget(nats={"perplexity_increase": LIMIT, "kl_divergence": 0.002}, task_drop=None)
-    records = [record(0.01, 0.001, 0.004)]
+    records = [record(0.01, 0.001, 0.004)]  # KL measured 0.004 against 0.002 allowed
     assert both.nats_target(records, LIMIT) == pytest.approx(TARGET_MARGIN * 0.002 * 0.01 / 0.004)  # KL binds
     assert Budget(nats={}, task_drop=0.02).nats_target(records, LIMIT) is None
     assert both.nats_target([], LIMIT) is None

@@ -12,7 +12,8 @@ For the perplexity and KL limits the sensitivity over-predicts (it rounds to nea
 GPTQ or AWQ, and it assumes layers add up), so the next target is read off what was measured: the line through the
 most damaged candidate (as predicted) that met the limit and the least damaged one above it that missed, aimed at
 `TARGET_MARGIN` of the limit (regula falsi on the predicted scale); while only one side is known, the line through
-the origin and the candidate nearest the limit.
+the origin and the candidate nearest the limit, rising at most `LADDER_STEP` times (a small measured damage is
+mostly noise: its ratio to the prediction says little).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any
 
 from modelpress.specs import SearchBudget
 
-LADDER_STEP = 4.0  # a task-only search moves its target by this factor until a candidate on each side is built
-TARGET_MARGIN = 0.97  # aim a little under the limit: the line through the measured candidates is an estimate
+LADDER_STEP = 4.0  # a target moves by at most this factor (a task-only one: by it) until both sides are built
+TARGET_MARGIN = 0.9  # aim under the limit: the line through the measured candidates is an estimate, and they scatter
 DROP_TOLERANCE = 1e-9  # accuracies are shares of n documents: 0.55 - 0.53 must meet a limit of 0.02
 
 
@@ -155,8 +156,8 @@ def corrected_target(points: list[tuple[float, float]], limit: float, target: fl
     """The predicted damage at which the measured damage is expected to reach `TARGET_MARGIN` × `limit`, from
     (predicted, measured) pairs of built candidates: on the line through the most predicted pair that stays under
     that aim (the origin if none) and the least predicted pair above it that does not; without the latter, on the
-    line through the origin and the former (twice the larger of `target` and its prediction when it measured no
-    damage; `target` when nothing was predicted)."""
+    line through the origin and the former, at most `LADDER_STEP` times its prediction (twice the larger of `target`
+    and its prediction when it measured no damage; `target` when nothing was predicted)."""
     aim = TARGET_MARGIN * limit
     low_p, low_m = max(((p, m) for p, m in points if m <= aim), default=(0.0, 0.0))
     above = [(p, m) for p, m in points if m > aim and p > low_p]
@@ -167,7 +168,9 @@ def corrected_target(points: list[tuple[float, float]], limit: float, target: fl
         return low_p + (aim - low_m) * (high_p - low_p) / (high_m - low_m)
     if low_p <= 0:
         return target
-    return aim * low_p / low_m if low_m > 0 else 2 * max(target, low_p)
+    if low_m <= 0:
+        return 2 * max(target, low_p)
+    return low_p * min(aim / low_m, LADDER_STEP)  # a damage measured far under the limit is mostly noise
 
 
 def _ratio(used: float, allowed: float) -> float:
