@@ -17,7 +17,7 @@ def test_one_candidate_scales_the_target_by_its_measured_over_predicted_damage()
     assert corrected_target([(0.01, 0.004)], LIMIT, LIMIT) == pytest.approx(AIM * 0.01 / 0.004)  # under: up
     assert corrected_target([(0.01, 0.0005)], LIMIT, LIMIT) == pytest.approx(0.01 * LADDER_STEP)  # at most 4x
     assert corrected_target([(0.09, 0.02)], LIMIT, LIMIT) == pytest.approx(AIM * 0.09 / 0.02)  # over: down
-    assert corrected_target([(0.01, 0.0)], LIMIT, 0.02) == pytest.approx(0.04)  # no damage measured: twice
+    assert corrected_target([(0.01, -0.001)], LIMIT, 0.02) == pytest.approx(0.01 * LADDER_STEP)  # no damage
     assert corrected_target([(0.0, 0.0)], LIMIT, 0.02) == 0.02  # nothing predicted: nothing to scale
 
 
@@ -30,6 +30,11 @@ def test_a_bracket_interpolates_between_the_best_that_met_and_the_least_above_it
     expected = 0.0097 + (AIM - 0.0010) * (0.0442 - 0.0097) / (0.0107 - 0.0010)
     assert corrected_target(nearer, LIMIT, LIMIT) == pytest.approx(expected)
     assert 0.0097 < corrected_target(nearer, LIMIT, LIMIT) < 0.0442
+    # a candidate that met the limit above the aim lifts the aim halfway to the limit: the next one is cheaper
+    close = [(0.05, 0.0095), (0.06, 0.0120)]
+    lifted = (0.0095 + LIMIT) / 2
+    expected = 0.05 + (lifted - 0.0095) * (0.06 - 0.05) / (0.0120 - 0.0095)
+    assert corrected_target(close, LIMIT, LIMIT) == pytest.approx(expected) and expected > 0.05
     # an unmeasurable miss (no KL read) bisects
     assert corrected_target([(0.01, 0.001), (0.03, math.inf)], LIMIT, LIMIT) == pytest.approx(0.02)
 

@@ -13,7 +13,8 @@ GPTQ or AWQ, and it assumes layers add up), so the next target is read off what 
 most damaged candidate (as predicted) that met the limit and the least damaged one above it that missed, aimed at
 `TARGET_MARGIN` of the limit (regula falsi on the predicted scale); while only one side is known, the line through
 the origin and the candidate nearest the limit, rising at most `LADDER_STEP` times (a small measured damage is
-mostly noise: its ratio to the prediction says little).
+mostly noise: its ratio to the prediction says little). A candidate that met the limit above that aim lifts the
+aim halfway to the limit, so the next one is cheaper still.
 """
 
 from __future__ import annotations
@@ -153,14 +154,15 @@ class Budget:
 
 
 def corrected_target(points: list[tuple[float, float]], limit: float, target: float) -> float:
-    """The predicted damage at which the measured damage is expected to reach `TARGET_MARGIN` × `limit`, from
-    (predicted, measured) pairs of built candidates: on the line through the most predicted pair that stays under
-    that aim (the origin if none) and the least predicted pair above it that does not; without the latter, on the
-    line through the origin and the former, at most `LADDER_STEP` times its prediction (twice the larger of `target`
-    and its prediction when it measured no damage; `target` when nothing was predicted)."""
-    aim = TARGET_MARGIN * limit
-    low_p, low_m = max(((p, m) for p, m in points if m <= aim), default=(0.0, 0.0))
-    above = [(p, m) for p, m in points if m > aim and p > low_p]
+    """The predicted damage at which the measured damage is expected to reach the aim, from (predicted, measured)
+    pairs of built candidates. The aim is `TARGET_MARGIN` × `limit`, or halfway from the best pair that met the
+    limit to the limit where that pair is above it already. On the line through the most predicted pair that met
+    the limit (the origin if none) and the least predicted pair above it that missed; without the latter, on the
+    line through the origin and the former, at most `LADDER_STEP` times its prediction (that much when it measured
+    no damage; `target` when nothing was predicted)."""
+    low_p, low_m = max(((p, m) for p, m in points if m <= limit), default=(0.0, 0.0))
+    aim = max(TARGET_MARGIN * limit, (low_m + limit) / 2)
+    above = [(p, m) for p, m in points if m > limit and p > low_p]
     if above:
         high_p, high_m = min(above)
         if not math.isfinite(high_m):
@@ -168,9 +170,7 @@ def corrected_target(points: list[tuple[float, float]], limit: float, target: fl
         return low_p + (aim - low_m) * (high_p - low_p) / (high_m - low_m)
     if low_p <= 0:
         return target
-    if low_m <= 0:
-        return 2 * max(target, low_p)
-    return low_p * min(aim / low_m, LADDER_STEP)  # a damage measured far under the limit is mostly noise
+    return low_p * (LADDER_STEP if low_m <= 0 else min(aim / low_m, LADDER_STEP))  # small damages are mostly noise
 
 
 def _ratio(used: float, allowed: float) -> float:
