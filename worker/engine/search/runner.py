@@ -1,15 +1,8 @@
 """A quality-budget search, end to end: load, measure the baseline, measure every layer's sensitivity once,
 then build and measure a few assignments around the budget and choose the best one that meets it as measured.
 
-The loop: the solver gives the cheapest assignment whose predicted damage (mean NLL increase, nats per token)
-fits a target, first the budget itself. Each built candidate is measured on the evaluation windows, and the next
-target is read off the measured against predicted damage of the candidates built so far (the sensitivity rounds
-to nearest and assumes layers add up; the build rounds with GPTQ and layers interact): interpolated between the
-best candidate that met the budget and the least damaged one above it that missed, or scaled by the measured
-over predicted damage of the one nearest the budget while only one side is known (see `budget`). When the next
-target gives an assignment already built, the target is bisected between the best candidate that met the budget
-and the cheapest that missed it; the loop ends when that repeats too, or at `max_candidates`. Every method in the
-space is tried on the first assignment; the best measured one builds the rest.
+The candidate loop (which assignments to build, from the targets the measured candidates ask for) is
+`loop.explore`; this module gathers what it needs, builds and measures each candidate it proposes, and chooses.
 
 Each pruning option in the space is one more family of candidates, searched the same way: the model is pruned
 once (calibrated, as the recipe step), its sensitivity measured on the pruned model, and the loop above runs on
@@ -28,16 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from modelpress.specs import SearchMethod, SearchObjective, SearchPruning, SearchSpec
+from modelpress.specs import SearchObjective, SearchPruning, SearchSpec
 from worker.engine.calibrate.targets import select_linears
 from worker.engine.calibrate.windows import token_windows
 from worker.engine.evaluate import (
@@ -54,16 +45,16 @@ from worker.engine.load.checkpoint import LoadedModel, load_model, pick_device, 
 from worker.engine.pipeline import EngineRequest, ProgressEvent, ProgressFn, cpu_copy
 from worker.engine.prune import sparsity_of
 from worker.engine.search import candidates as cand
-from worker.engine.search import choice, speed
-from worker.engine.search.budget import Budget, compare_tasks
+from worker.engine.search import choice, loop, speed
+from worker.engine.search.budget import Budget
+from worker.engine.search.build import REFERENCE, CandidateBuilder, SearchContext
 from worker.engine.search.sensitivity import Sensitivity, measure_sensitivity
-from worker.engine.search.solver import Option, cheapest, least_damage, solve, total
+from worker.engine.search.solver import Option
 from worker.engine.search.state import SearchState
 from worker.engine.steps import EngineError, StepContext, run_step
 
 log = logging.getLogger(__name__)
 
-REFERENCE = "baseline-top-k.safetensors"
 BASELINE_TASKS = "baseline-tasks.json"
 TASK_PROPOSAL = (
     "no per-layer task predictor: the predicted NLL increase stands in for task damage; the first target is the "
@@ -71,36 +62,6 @@ TASK_PROPOSAL = (
     "that drops a task by more than the limit puts later targets below its predicted damage and one within it "
     "lets them rise, bisected geometrically between the two (4x steps while only one side is known)"
 )
-
-
-@dataclass(frozen=True)
-class SearchContext:
-    """What every candidate of one family is built from and measured against, gathered once (per family: the
-    unpruned one, then one per pruning option, each with its own starting model and options)."""
-
-    loaded: LoadedModel  # the model as loaded (its tokenizer, and its byte counts)
-    original: torch.nn.Module  # a CPU copy every candidate of the family starts from (pruned, in a pruned family)
-    linears: dict[str, torch.nn.Linear]  # the targeted layers some allowed format fits
-    options: dict[str, list[Option]]  # each layer's formats with their bytes and predicted damage
-    calibration: torch.Tensor
-    evaluation: torch.Tensor
-    baseline: dict  # with the task scores (`tasks`) when the budget limits them
-    scratch: Path  # where candidates are exported before they are packed
-    prompt: torch.Tensor  # the decode prompt, on the device, where the objective times decoding
-    pruning: SearchPruning | None = None  # the family's pruning option (None: unpruned)
-    stage: str = "candidate"  # the family's candidate stages are "<stage> 1" … "<stage> N"
-    sparsity: dict[str, float] | None = None  # a pruned family: each pruned layer's share of exact zeros
-
-
-@dataclass(frozen=True)
-class Plan:
-    """One candidate to build: its method and assignment, and the target its assignment was solved for."""
-
-    key: str
-    method: SearchMethod
-    assignment: dict[str, str]
-    predicted: float  # summed predicted damage, nats per token
-    target: float
 
 
 def run_search(
@@ -136,7 +97,7 @@ class _Search:
         ]
         self.device = pick_device(request.device)
         self.budget = Budget.of(self.spec.budget)
-        self.limits = self.budget.nats
+        self.builder: CandidateBuilder  # made once the state folder is known (`run`)
 
     def stage(self, index: int | str):
         if isinstance(index, str):
@@ -156,6 +117,16 @@ class _Search:
         try:
             folder = self.request.checkpoint_dir or scratch / "state"
             self.state = SearchState(Path(folder) / "search", self.request.on_checkpoint)
+            self.builder = CandidateBuilder(
+                self.spec,
+                self.request.model_format,
+                self.state,
+                self.device,
+                self.budget,
+                self.tasks,
+                self.decode_speed,
+                self.stage,
+            )
             return self._run(output_dir, scratch, started)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -320,147 +291,19 @@ class _Search:
             sparsity=sparsity,
         )
 
-    # --- The loop ------------------------------------------------------------------------------------------------
+    # --- The candidates -----------------------------------------------------------------------------------------
 
     def explore(self, context: SearchContext, first: int = 0) -> list[dict]:
         """One family's candidates; `first`: how many the families before it built (the records' numbering)."""
-        options = context.options
-        records: list[dict] = []
-        methods = list(self.spec.space.methods)
-        budget = min(self.limits.values(), default=None)
-        ceiling = total(options, cheapest(options), "damage")  # no target above it buys anything
-        target, tried_targets = (ceiling if budget is None else budget), set()
-        for _ in range(4 * self.spec.max_candidates):  # every pass builds one or stops; bounded all the same
-            if len(records) >= self.spec.max_candidates:
-                break
-            assignment = solve(options, target)
-            feasible = assignment is not None
-            assignment = assignment or least_damage(options)
-            method = methods[len(records)] if len(records) < len(methods) else self._best_method(records)
-            key = cand.candidate_key(method, assignment, context.pruning)
-            if any(r["key"] == key for r in records):
-                target = self._bisect(records, tried_targets)
-                if target is None:
-                    break
-                continue
-            tried_targets.add(round(target, 12))
-            predicted = total(options, assignment, "damage")
-            plan = Plan(key, method, assignment, predicted, target)
-            record = self.candidate(first + len(records), len(records), plan, context)
-            record["feasible_as_predicted"] = feasible
-            records.append(record)
-            if budget == 0 or (not feasible and len(records) >= len(methods)):
-                break  # nothing looser is allowed, or nothing tighter exists
-            if len(records) >= len(methods):
-                target = self._next_target(records, target, ceiling)
-                if target is None:
-                    break
-        return records
-
-    def _next_target(self, records: list[dict], target: float, ceiling: float) -> float | None:
-        """The least of what the perplexity/KL limits (read off the candidates the building method measured, see
-        `budget`) and the task limit (along the ladder) ask for; None when neither asks for anything."""
-        method = self._best_method(records).value
-        proposals = [self.budget.nats_target([r for r in records if r["method"] == method], target)]
-        proposals.append(self.budget.task_target(records, ceiling))
-        return min((p for p in proposals if p is not None), default=None)
-
-    def _best_method(self, records: list[dict]) -> SearchMethod:
-        """The method whose candidate on the first assignment measured the least damage."""
-        first = records[: len(self.spec.space.methods)]
-        best = min(first, key=lambda r: (self.budget.shortfall(r), r["measured"]["nll_increase"]))
-        return SearchMethod(best["method"])
-
-    def _bisect(self, records: list[dict], tried: set[float]) -> float | None:
-        """A target between the best candidate that met the budget and the cheapest one that missed it (by
-        predicted damage), or None when there is no such gap left to try."""
-        met = [r["predicted"]["nll_increase"] for r in records if r["meets_budget"]]
-        missed = [r["predicted"]["nll_increase"] for r in records if not r["meets_budget"]]
-        if not met or not missed:
-            return None
-        low, high = max(met), min(missed)
-        middle = (low + high) / 2
-        if high <= low or round(middle, 12) in tried:
-            return None
-        tried.add(round(middle, 12))
-        return middle
-
-    def candidate(self, index: int, in_family: int, plan: Plan, context: SearchContext) -> dict:
-        """Build, export and measure one candidate (the index-th of the search, the in_family-th of its family),
-        or read it back when an earlier attempt finished it."""
-        key, method, assignment = plan.key, plan.method, plan.assignment
-        loaded, linears = context.loaded, context.linears
-        report = self.stage(f"{context.stage} {in_family + 1}")
-        done = self.state.read(f"candidates/{key}.json")
-        if done is not None and self.state.path(f"candidates/{key}.tar").is_file():
-            report(1.0, f"candidate {index + 1} finished by an earlier attempt")
-            return done
-        started = time.perf_counter()
-        pruned = "" if context.pruning is None else f" on the {context.pruning.label} pruned model"
-        report(0.0, f"building candidate {index + 1} with {method.value}{pruned}")
-        model = cpu_copy(context.original).to(self.device)
-        working = dict(model.named_modules())
-        layer_modules = {name: working[name] for name in linears}
-        quantized = cand.build_(
-            model, layer_modules, assignment, method, context.calibration, self.device, lambda f, m: report(0.6 * f, m)
+        spec = self.spec
+        return loop.explore(
+            context.options,
+            spec.space.methods,
+            self.budget,
+            spec.max_candidates,
+            lambda in_family, plan: self.builder.build(first + in_family, in_family, plan, context),
+            context.pruning,
         )
-        decode = None
-        if self.decode_speed is not None:
-            report(0.6, f"timing candidate {index + 1}'s decode")
-            decode = self.decode_speed(model, quantized, context.prompt)
-        folder = context.scratch / key
-        pruning = None if context.pruning is None else context.pruning.model_dump(mode="json")
-        manifest = {
-            "search": self.spec.model_dump(mode="json"),
-            "candidate": {"method": method.value, "assignment": dict(assignment), "pruning": pruning},
-            "libraries": library_versions(),
-            "source_format": self.request.model_format,
-            "sparsity": {"layers": context.sparsity} if context.sparsity else None,
-        }
-        cand.export_(model, loaded.tokenizer, quantized, folder, manifest)
-        del model, working, layer_modules
-
-        def score(model, tokenizer) -> list[dict]:
-            return score_tasks(model, tokenizer, self.tasks, context.scratch, lambda f, m: report(0.9 + 0.1 * f, m))
-
-        measured = cand.measure(
-            folder,
-            context.evaluation,
-            self.device,
-            self.state.path(REFERENCE),
-            context.baseline["perplexity"],
-            lambda f, m: report(0.65 + (0.25 if self.tasks else 0.35) * f, m),
-            sorted(context.sparsity or ()),
-            score if self.tasks else None,
-        )
-        tasks = compare_tasks(context.baseline["tasks"], measured.pop("tasks")) if self.tasks else None
-        measured["decode"] = decode
-        self.state.completed(cand.pack(folder, self.state.path(f"candidates/{key}.tar")))
-        shutil.rmtree(folder, ignore_errors=True)
-        record = {
-            "key": key,
-            "method": method.value,
-            "pruning": pruning,
-            "formats": cand.format_counts(assignment),
-            "assignment": dict(assignment),
-            "target_nll_increase": plan.target,
-            "predicted": {
-                "nll_increase": plan.predicted,
-                "perplexity_increase": math.expm1(plan.predicted),
-                "kl_divergence": plan.predicted,
-                "size_bytes": cand.predicted_size(loaded.model, linears, assignment),
-                "linear_weight_bytes": cand.linear_weight_bytes(loaded.model, linears, assignment),
-                "task_accuracy_drop": None,  # no per-layer task predictor
-            },
-            "measured": measured,
-            "tasks": tasks,
-            "speed_source": speed.MODEL if decode is None else speed.MEASURED,
-            "duration_s": time.perf_counter() - started,
-        }
-        record["meets_budget"] = self.budget.meets(record)
-        self.state.write(f"candidates/{key}.json", record)
-        report(1.0, f"candidate {index + 1}: perplexity {measured['perplexity']:.4g}")
-        return record
 
     # --- The choice ----------------------------------------------------------------------------------------------
 
