@@ -39,7 +39,8 @@ from worker.engine.steps import QuantizedWeight, StepContext
 Progress = Callable[[float, str], None]
 # a search rounds with GPTQ's default options (true sequential, clip search) and act order with static groups: the
 # columns of large Hessian diagonal are rounded first, the scales still fixed per group in the stored order (no
-# g_idx), so the artifact is read as without it (on SmolLM2-135M, uniform int4 g64 lost 13.0% against 15.7%)
+# g_idx), so the artifact is read as without it (SmolLM2-135M on the CPU, 8 × 512 calibration and evaluation
+# windows of WikiText-2: uniform int4 g64 measured +13.0% perplexity with act order, +15.7% without)
 GPTQ_DEFAULTS = GPTQQuantize(act_order=True)
 AWQ_DEFAULTS = AWQQuantize()  # and searches AWQ's scales with its defaults (Gram loss, plain scales, 20 points)
 
