@@ -171,6 +171,8 @@ def run_uniform(source: Path, args, state: Path, work: Path) -> list[dict]:
     rows = []
     for method, label, weights in UNIFORM:
         name = f"{method} {label}"
+        if args.uniform is not None and name not in args.uniform:
+            continue
         group = weights["group_size"]
         if group and any(width % group for width in widths):
             rows.append({"recipe": name, "error": f"group size {group} does not divide the widths {sorted(widths)}"})
@@ -278,6 +280,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model-path", type=Path, help="a Hugging Face folder instead of the packaged GGUF")
     parser.add_argument("--skip-uniform", action="store_true", help="searches only")
+    parser.add_argument(
+        "--uniform", type=lambda s: s.split(","), default=None, help='only these uniform recipes, e.g. "rtn int8"'
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
