@@ -61,6 +61,16 @@ UNIFORM = [
 FORMATS = ["bf16", "int8", "int4_g128", "int4_g64"]
 
 
+def uniform_names(text: str) -> list[str]:
+    """`--uniform`: comma-separated uniform recipe names, each one of UNIFORM's (a typo must not run nothing)."""
+    known = [f"{method} {label}" for method, label, _ in UNIFORM]
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown recipes {unknown}; known: {', '.join(known)}")
+    return names
+
+
 def source_format(source: Path) -> str:
     return "hf" if source.is_dir() else "gguf"
 
@@ -280,9 +290,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model-path", type=Path, help="a Hugging Face folder instead of the packaged GGUF")
     parser.add_argument("--skip-uniform", action="store_true", help="searches only")
-    parser.add_argument(
-        "--uniform", type=lambda s: s.split(","), default=None, help='only these uniform recipes, e.g. "rtn int8"'
-    )
+    parser.add_argument("--uniform", type=uniform_names, help='only these uniform recipes: "rtn int8,…"')
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
