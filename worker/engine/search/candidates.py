@@ -107,7 +107,7 @@ def tensor_bytes(folder: Path) -> int:
 # --- Building one candidate -----------------------------------------------------------------------------------
 
 
-def _round_layer(fmt: SearchFormat, method: SearchMethod, linear: torch.nn.Linear, stats: InputStats | None):
+def round_layer_(fmt: SearchFormat, method: SearchMethod, linear: torch.nn.Linear, stats: InputStats | None):
     """Round one Linear in place to `fmt` by `method` (to nearest where there are no input statistics; fp8 by
     GPTQ's E4M3 loop under gptq, to nearest otherwise)."""
     calibrated = method in (SearchMethod.gptq, SearchMethod.awq) and stats is not None
@@ -174,7 +174,7 @@ def build_(
         model,
         context,
         chosen,
-        lambda name, linear, stats: _round_layer(SearchFormat(assignment[name]), method, linear, stats),
+        lambda name, linear, stats: round_layer_(SearchFormat(assignment[name]), method, linear, stats),
         prepare=prepare if method == SearchMethod.awq else None,
         true_sequential=method == SearchMethod.gptq and GPTQ_DEFAULTS.true_sequential,
         uses_stats=method != SearchMethod.rtn,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from modelpress.specs import SearchObjective, SearchPruning, SearchSpec
+from modelpress.specs import SearchMethod, SearchObjective, SearchPruning, SearchSpec
 from worker.engine.calibrate.targets import select_linears
 from worker.engine.calibrate.windows import token_windows
 from worker.engine.evaluate import (
@@ -48,7 +48,7 @@ from worker.engine.search import candidates as cand
 from worker.engine.search import choice, loop, speed
 from worker.engine.search.budget import Budget
 from worker.engine.search.build import REFERENCE, CandidateBuilder, SearchContext
-from worker.engine.search.sensitivity import Sensitivity, measure_sensitivity
+from worker.engine.search.sensitivity import GPTQ, NEAREST, Sensitivity, measure_sensitivity
 from worker.engine.search.solver import Option
 from worker.engine.search.state import SearchState
 from worker.engine.steps import EngineError, StepContext, run_step
@@ -245,7 +245,9 @@ class _Search:
             return Sensitivity.from_json(done)
         started = time.perf_counter()
         windows = calibration[: self.spec.sensitivity_windows]
-        result = measure_sensitivity(model, linears, formats, windows, self.device, report)
+        # GPTQ-built candidates are predicted as GPTQ rounds them; any other method mix as rounding to nearest
+        rounding = GPTQ if set(self.spec.space.methods) == {SearchMethod.gptq} else NEAREST
+        result = measure_sensitivity(model, linears, formats, windows, self.device, report, rounding)
         data = {**result.to_json(), "duration_s": time.perf_counter() - started}
         self.state.write(name, data)
         return Sensitivity.from_json(data)
@@ -325,9 +327,11 @@ class _Search:
                 "windows": sensitivity.windows,
                 "tokens": sensitivity.tokens,
                 "layers": len(sensitivity.scores),
+                "rounding": sensitivity.rounding,
                 "method": "AutoQuantize's Fisher estimate: ½ Σ (∂ℓ/∂Y)² (Ŷ − Y)² per layer and format, weights "
-                "rounded to nearest, one forward and backward pass per calibration window; predicted mean NLL "
-                "increase in nats per token, layers summed",
+                f"rounded {'by GPTQ on the same windows' if sensitivity.rounding == GPTQ else 'to nearest'}, one "
+                "forward and backward pass per calibration window; predicted mean NLL increase in nats per token, "
+                "layers summed",
             },
             "objective": choice.objective_section(objective, choice.is_timed(objective, records)),
             "tasks": None
