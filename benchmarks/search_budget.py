@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from modelpress.specs import AWQQuantize, SearchMethod, SearchSpec, WeightQuantArgs  # noqa: E402
+from modelpress.specs import AWQQuantize, SearchFormat, SearchMethod, SearchSpec, WeightQuantArgs  # noqa: E402
 from tests.utils.factories import SHARED_DATA, SMOLLM2_GGUF, gemma3_gguf, smollm2_dir  # noqa: E402
 from worker.engine import EngineRequest  # noqa: E402
 from worker.engine.calibrate.targets import select_linears  # noqa: E402
@@ -58,7 +58,7 @@ UNIFORM = [
         ("int4 g64", {"bits": 4, "group_size": 64}),
     )
 ]
-FORMATS = ["bf16", "int8", "int4_g128", "int4_g64"]
+FORMATS = ["bf16", "int8", "int4_g128", "int4_g64", "int4_g32"]
 
 
 def uniform_names(text: str) -> list[str]:
@@ -68,6 +68,16 @@ def uniform_names(text: str) -> list[str]:
     unknown = [name for name in names if name not in known]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown recipes {unknown}; known: {', '.join(known)}")
+    return names
+
+
+def search_formats(text: str) -> list[str]:
+    """`--formats`: comma-separated per-layer formats the search may use, each a `SearchFormat`."""
+    known = [f.value for f in SearchFormat]
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown formats {unknown}; known: {', '.join(known)}")
     return names
 
 
@@ -102,6 +112,15 @@ def request(source: Path, spec, out: Path, device: str, checkpoint: Path | None 
     )
 
 
+def bf16_folder(source: Path, folder: Path) -> Path:
+    """The model as a CUDA worker holds it, bf16, saved once as a Hugging Face folder: on the CPU a GGUF loads in
+    float32, which would store the unquantized embedding at twice its bf16 size in every artifact."""
+    loaded = load_model(source, source_format(source), torch.device("cpu"))
+    loaded.model.to(torch.bfloat16).save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def run_searches(source: Path, args, state: Path) -> list[dict]:
     """One search per budget, in one state folder: the first measures the baseline and the sensitivity, later
     ones read them back (and any candidate an earlier budget already built), as a resumed search would."""
@@ -114,7 +133,7 @@ def run_searches(source: Path, args, state: Path) -> list[dict]:
                 "evaluation": {"dataset_id": "test", "seq_len": args.seq_len, "max_windows": args.eval_windows},
                 "budget": {"perplexity_increase": budget},
                 "objective": "size",
-                "space": {"formats": FORMATS, "methods": args.methods},
+                "space": {"formats": args.formats, "methods": args.methods},
                 "max_candidates": args.max_candidates,
                 "sensitivity_windows": args.sensitivity_windows,
             }
@@ -286,9 +305,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--sensitivity-windows", type=int, default=8)
     parser.add_argument("--max-candidates", type=int, default=4)
+    parser.add_argument("--formats", type=search_formats, default=FORMATS, help=f'default "{",".join(FORMATS)}"')
     parser.add_argument("--methods", type=lambda s: s.split(","), default=["gptq"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model-path", type=Path, help="a Hugging Face folder instead of the packaged GGUF")
+    parser.add_argument("--bf16", action="store_true", help="hold the model in bf16 on any device (the GPU's dtype)")
     parser.add_argument("--skip-uniform", action="store_true", help="searches only")
     parser.add_argument("--uniform", type=uniform_names, help='only these uniform recipes: "rtn int8,…"')
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks")
@@ -297,6 +318,8 @@ def main() -> None:
     source = args.model_path or model_source(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.bf16:
+            source = bf16_folder(source, work / "bf16")
         searches = run_searches(source, args, work / "state")
         save(args, [], searches)
         uniform = [] if args.skip_uniform else run_uniform(source, args, work / "state", work)
