@@ -86,3 +86,24 @@ def test_every_step_reports_uniform_damage_labelled_with_its_source(tiny, name):
     else:  # Wanda's per-input norms: the diagonal of XᵀX
         expected = torch.tensor(diagonal_output_error(w, w_hat, x.norm(dim=0)))
     assert first["output_error"] == pytest.approx(float(expected), rel=1e-3)
+
+
+def test_output_error_in_blocks_of_rows_equals_the_whole_product(monkeypatch):
+    """At 32B a down_proj's Gram matrix is 3 GB: the error is summed a few rows at a time, never on a float64 copy."""
+    from worker.engine.calibrate import damage
+
+    torch.manual_seed(1)
+    x = torch.randn(512, 48) @ torch.randn(48, 48)
+    w = torch.randn(40, 48)
+    w_hat = w + 0.05 * torch.randn(40, 48)
+    whole = output_error(w, w_hat, x.T @ x)
+    monkeypatch.setattr(damage, "_ROW_BYTES", 3 * 4 * 48)  # three rows a block, the last block one row
+    assert output_error(w, w_hat, x.T @ x) == pytest.approx(whole, rel=1e-6)
+    direct = float(
+        torch.linalg.vector_norm(x.double() @ (w - w_hat).double().T)
+        / torch.linalg.vector_norm(x.double() @ w.double().T)
+    )
+    assert output_error(w.bfloat16(), w_hat.bfloat16(), x.T @ x) == pytest.approx(
+        output_error(w.bfloat16().float(), w_hat.bfloat16().float(), x.T @ x), rel=1e-6
+    )
+    assert whole == pytest.approx(direct, rel=1e-5)
