@@ -25,13 +25,13 @@ import torch.nn.functional as F
 
 from modelpress.specs import SearchFormat, SearchMethod
 from worker.engine.quantize import (
+    InputStats,
     fake_quantize,
     fake_quantize_tokens,
     fp8_fake_quantize,
     fp8_params,
     rtn_params,
 )
-from worker.engine.quantize.common import InputStats
 from worker.engine.search.candidates import round_layer_
 
 log = logging.getLogger(__name__)
