@@ -61,24 +61,23 @@ UNIFORM = [
 FORMATS = ["bf16", "int8", "int4_g128", "int4_g64", "int4_g32"]
 
 
-def uniform_names(text: str) -> list[str]:
-    """`--uniform`: comma-separated uniform recipe names, each one of UNIFORM's (a typo must not run nothing)."""
-    known = [f"{method} {label}" for method, label, _ in UNIFORM]
+def _names_among(text: str, known: list[str], what: str) -> list[str]:
+    """Comma-separated names, each one of `known` (a typo must not run nothing)."""
     names = [name.strip() for name in text.split(",")]
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown recipes {unknown}; known: {', '.join(known)}")
+        raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; known: {', '.join(known)}")
     return names
+
+
+def uniform_names(text: str) -> list[str]:
+    """`--uniform`: uniform recipe names, each one of UNIFORM's."""
+    return _names_among(text, [f"{method} {label}" for method, label, _ in UNIFORM], "recipes")
 
 
 def search_formats(text: str) -> list[str]:
-    """`--formats`: comma-separated per-layer formats the search may use, each a `SearchFormat`."""
-    known = [f.value for f in SearchFormat]
-    names = [name.strip() for name in text.split(",")]
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown formats {unknown}; known: {', '.join(known)}")
-    return names
+    """`--formats`: the per-layer formats the search may use, each a `SearchFormat`."""
+    return _names_among(text, [f.value for f in SearchFormat], "formats")
 
 
 def source_format(source: Path) -> str:
