@@ -19,10 +19,13 @@ from benchmarks import gpu_speed
 from tests.utils.factories import quantize_decoder_, tiny_llama
 from worker.engine.prune.masks import nm_mask
 from worker.engine.quantize.quant_math import (
+    dequantize,
     fake_quantize,
     fake_quantize_tokens,
     fp8_fake_quantize,
     fp8_params,
+    quantize,
+    requantize_in_dtype,
     rtn_params,
 )
 from worker.engine.speed import triton_gemv
@@ -30,6 +33,7 @@ from worker.engine.speed.conversion import convert_for_speed_, kernel_counts, sp
 from worker.engine.speed.harness import decode_weight_bytes, greedy_tokens, measure_copy_bandwidth, time_model
 from worker.engine.speed.kernel_modules import Int4PackedLinear
 from worker.engine.speed.kernels import (
+    GRID_TOLERANCE,
     KernelUnavailable,
     has_aten_op,
     int_codes,
@@ -37,7 +41,7 @@ from worker.engine.speed.kernels import (
     semi_structured_violations,
     semi_structured_weight,
 )
-from worker.engine.steps import QuantizedWeight
+from worker.engine.steps import QuantizedWeight, StepContext, run_step, step_spec
 
 TOLERANCE = 1e-5  # of the reference output's largest magnitude
 IN, OUT = 256, 128
@@ -120,6 +124,30 @@ def test_codes_come_from_the_records_scale_and_off_grid_weights_are_refused():
         kernel_linear(linear, record, False)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("bits", "group_size", "symmetric"), [(4, 128, True), (4, 32, False), (8, None, True)])
+def test_weights_held_in_half_precision_are_on_their_grid(dtype, bits, group_size, symmetric):
+    """A bf16 / fp16 model's quantize step leaves each weight as its codes times its scale computed in that dtype
+    (`requantize_in_dtype`): in bf16 up to 3% of a step from the float32 product at code 8. Those weights are on
+    the grid: the codes recovered reproduce them exactly, and 4-bit codes are the step's own."""
+    weight = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(4)) * 0.02
+    scale, zero = rtn_params(weight, bits, group_size, symmetric)
+    codes = quantize(weight, scale, zero, bits, group_size)
+    held, held_scale = requantize_in_dtype(weight, scale, zero, bits, group_size, dtype)
+    held_zero = None if zero is None else zero.to(dtype)
+    record = QuantizedWeight(
+        scale=held_scale, zero_point=held_zero, bits=bits, group_size=group_size, symmetric=symmetric
+    )
+    if dtype == torch.bfloat16 and bits == 4:  # the case a float32 grid refused
+        step = held_scale.float().repeat_interleave(group_size or IN, dim=1)
+        float32_grid = dequantize(codes, held_scale.float(), None if zero is None else zero, group_size)
+        assert float(((held.float() - float32_grid).abs() / step).max()) > GRID_TOLERANCE
+    recovered = int_codes(held, record)
+    assert torch.equal(dequantize(recovered.to(dtype), held_scale, held_zero, group_size), held)
+    if bits == 4:
+        assert torch.equal(recovered, codes.to(torch.int8))
+
+
 @pytest.mark.skipif(not has_aten_op("_scaled_mm"), reason="no _scaled_mm")
 def test_fp8_w8a8_matches_fake_quantized_weights_and_tokens():
     torch.manual_seed(0)
@@ -187,6 +215,25 @@ def test_converted_model_computes_what_the_fake_quantized_model_does():
         logits = fast(ids).logits
     assert_matches(logits, reference)
     assert decode_weight_bytes(fast) < 0.5 * decode_weight_bytes(model)
+
+
+@pytest.mark.skipif(not has_aten_op("_weight_int4pack_mm_for_cpu"), reason="no CPU tinygemm in this torch")
+def test_a_bf16_model_quantized_by_gptq_runs_every_quantized_linear_on_the_int4_kernel():
+    """The path of a CUDA worker (the model held in bf16), on the CPU: no quantized Linear is left unchanged."""
+    model = tiny_llama(hidden=128, max_positions=256).to(torch.bfloat16)
+    windows = torch.randint(1, 512, (4, 48), generator=torch.Generator().manual_seed(5))
+    spec = step_spec({"type": "quantize", "method": "gptq", "weights": {"bits": 4, "group_size": 64}})
+    result = run_step(model, spec, StepContext(calibration=windows, report_progress=lambda f, m: None))
+    assert len(result.quantized) == 14
+    fast = speed_copy(model, torch.bfloat16, set(result.quantized))
+    kernels = convert_for_speed_(fast, result.quantized, set(), "cpu")
+    assert kernel_counts(kernels) == {
+        "int4 weight-only: tinygemm aten._weight_int4pack_mm_for_cpu (group 64, inner_k_tiles 8)": 14
+    }
+    ids = torch.randint(1, 512, (1, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        reference, logits = model(ids).logits.float(), fast(ids).logits.float()
+    assert float((logits - reference).abs().max()) <= 0.05 * float(reference.abs().max())  # bf16 sums
 
 
 def test_speed_copy_casts_and_shares_only_the_kept_linears():
