@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from tests.utils.factories import quantize_decoder_, tiny_llama
-from worker.engine.quantize.quant_math import rtn_params
+from worker.engine.quantize.quant_math import TokenQuantHook, rtn_params
 from worker.engine.speed.conversion import convert_for_speed_, kernel_counts, speed_copy
 from worker.engine.speed.fused_projections import QKV, ColumnSlice, fuse_projections_
 from worker.engine.speed.harness import greedy_tokens
 from worker.engine.speed.kernels import kernel_linear
-from worker.engine.steps import QuantizedWeight
+from worker.engine.steps import QuantizedWeight, StepContext, run_step, step_spec
 
 TOLERANCE = 1e-5  # of the reference's largest magnitude
 ATTENTION, MLP = "model.layers.0.self_attn", "model.layers.0.mlp"
@@ -170,6 +170,41 @@ def test_unrecognized_structures_and_hooked_modules_are_left_alone():
     results = fuse_projections_(model)
     assert results[ATTENTION] == "unchanged: v_proj has hooks"
     assert results["model.layers.1.mlp"].startswith("unchanged: its Linears are ['down_proj', 'extra',")
+    assert results[MLP] == "fused gate/up"
+
+
+@pytest.mark.parametrize("method", ["fp8", "smoothquant"])
+def test_w8a8_members_fuse_and_the_fused_linear_quantizes_its_input_as_they_did(method):
+    """fp8 and SmoothQuant's int8 W8A8 leave a per-token activation quantization hook on every Linear: q/k/v and
+    gate/up still fuse, and the fused Linear carries the hook, so the fused model computes what the model does."""
+    model = tiny_llama(hidden=64, max_positions=128)
+    windows = torch.randint(1, 512, (4, 32), generator=torch.Generator().manual_seed(7))
+    spec = step_spec({"type": "quantize", "method": method})
+    run_step(model, spec, StepContext(calibration=windows, report_progress=lambda f, m: None))
+    hooks = list(model.model.layers[0].self_attn.q_proj._forward_pre_hooks.values())
+    assert len(hooks) == 1 and isinstance(hooks[0], TokenQuantHook)
+    ids = prompt()
+    with torch.no_grad():
+        reference = model(ids).logits
+    fused = copy.deepcopy(model)
+    assert fuse_projections_(fused) == ALL_FUSED
+    qkv = fused.model.layers[0].self_attn.qkv_proj
+    kind = "fp8" if method == "fp8" else "int8"
+    assert [repr(h) for h in qkv._forward_pre_hooks.values()] == [f"TokenQuantHook('{kind}')"]
+    with torch.no_grad():
+        assert_matches(fused(ids).logits, reference)
+
+
+def test_members_quantizing_their_inputs_differently_stay_apart():
+    model = tiny_llama(hidden=64, max_positions=128)
+    attention = model.model.layers[0].self_attn
+    for name in ("q_proj", "k_proj"):
+        getattr(attention, name).register_forward_pre_hook(TokenQuantHook("fp8"))
+    attention.v_proj.register_forward_pre_hook(TokenQuantHook("int8"))
+    model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(TokenQuantHook("fp8"))
+    results = fuse_projections_(model)
+    assert results[ATTENTION] == "unchanged: the members' inputs are not quantized alike"
+    assert results["model.layers.1.self_attn"] == "unchanged: the members' inputs are not quantized alike"
     assert results[MLP] == "fused gate/up"
 
 

@@ -14,6 +14,7 @@ from worker.engine.quantize.quant_math import (  # isort: skip  (the formats bef
     fp8_params,
     quantize,
     rtn_params,
+    TokenQuantHook,
 )
 from worker.engine.quantize import awq, fp8, gptq, rtn, smoothquant  # noqa: F401, E402  (registers the steps)
 from worker.engine.quantize.awq import awq_round_, fold_awq_scales_  # noqa: E402
@@ -39,4 +40,5 @@ __all__ = [
     "fp8_params",
     "quantize",
     "rtn_params",
+    "TokenQuantHook",
 ]

@@ -42,8 +42,8 @@ from worker.engine.calibrate.targets import fitted_linears
 from worker.engine.export import require_compressed_tensors, storage_format, stored_weight_bytes
 from worker.engine.load.experts import is_expert_linear
 from worker.engine.quantize.quant_math import (
+    TokenQuantHook,
     fake_quantize,
-    fake_quantize_tokens,
     fp8_fake_quantize,
     requantize_in_dtype,
     rtn_params,
@@ -158,7 +158,7 @@ def outside_layers(model: torch.nn.Module, linears: dict[str, torch.nn.Linear]) 
 
 def attach_activation_quant_(linear: torch.nn.Linear, kind: str) -> None:
     """Fake-quantize the Linear's input per token on every forward (what compressed-tensors does at run time)."""
-    linear.register_forward_pre_hook(lambda _module, args: (fake_quantize_tokens(args[0], kind), *args[1:]))
+    linear.register_forward_pre_hook(TokenQuantHook(kind))
 
 
 # --- The result as the checkpoint holds it ---------------------------------------------------------------------

@@ -171,3 +171,18 @@ def fake_quantize_tokens(x: torch.Tensor, kind: str) -> torch.Tensor:
     else:
         codes = torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
     return codes.to(scale.dtype) * scale
+
+
+class TokenQuantHook:
+    """A Linear's forward pre-hook that fake-quantizes its input per token (`fake_quantize_tokens`): the
+    activation half of a W8A8 scheme, held in memory as compressed-tensors applies it at run time. A class, not a
+    closure, so that code rearranging Linears (fusing q/k/v for speed) can recognize it and carry it over."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __call__(self, _module: torch.nn.Module, args: tuple) -> tuple:
+        return (fake_quantize_tokens(args[0], self.kind), *args[1:])
+
+    def __repr__(self) -> str:
+        return f"TokenQuantHook({self.kind!r})"

@@ -15,7 +15,9 @@ How a layer is fused, per instance (other models in the process are unaffected):
 - Only a structure that is recognized is fused: the module's direct Linear children are exactly the members and
   their consumer (o_proj / down_proj), all plain `nn.Linear` with one in_features, one dtype and device, biases
   on all or none, shapes that agree (k and v alike, o_proj reading q's width; gate and up alike, down_proj
-  reading their width), and no hooks. Anything else is left as it is, with the reason.
+  reading their width), and no hooks but one: the same per-token activation quantization (`TokenQuantHook`, the
+  activation half of fp8 or int8 W8A8) on every member, which the fused Linear then carries (the members read
+  one input, so quantizing it once is what each did). Anything else is left as it is, with the reason.
 
 Quantization records (`QuantizedWeight`) and 2:4-sparse names of the members go with them: a group whose
 members all have compatible records (same scheme; scales and zero points (out, groups) concatenated along dim 0)
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 
+from worker.engine.quantize import TokenQuantHook
 from worker.engine.steps import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -105,8 +108,21 @@ def _has_hooks(module: torch.nn.Module) -> bool:
     )
 
 
-def check_structure(module: torch.nn.Module, group: Group) -> None:
-    """FusedRefused unless `module` holds exactly `group`'s Linears and their consumer, in shapes that agree."""
+def _token_quant_kind(name: str, linear: torch.nn.Linear) -> str | None:
+    """The kind of the member's per-token activation quantization when that is its only hook, None when it has
+    no hook; FusedRefused for any other hook (it may do something the fused Linear would not)."""
+    if not _has_hooks(linear):
+        return None
+    pre_hooks = list(linear._forward_pre_hooks.values())
+    others = any(getattr(linear, h, None) for h in ("_forward_hooks", "_backward_hooks", "_backward_pre_hooks"))
+    if others or len(pre_hooks) != 1 or not isinstance(pre_hooks[0], TokenQuantHook):
+        raise FusedRefused(f"{name} has hooks")
+    return pre_hooks[0].kind
+
+
+def check_structure(module: torch.nn.Module, group: Group) -> str | None:
+    """FusedRefused unless `module` holds exactly `group`'s Linears and their consumer, in shapes that agree;
+    the members' shared per-token activation quantization kind (None: none), which the fused Linear carries."""
     if hasattr(module, group.fused):
         raise FusedRefused(f"already has {group.fused}")
     linears = {name for name, child in module.named_children() if isinstance(child, torch.nn.Linear)}
@@ -116,11 +132,13 @@ def check_structure(module: torch.nn.Module, group: Group) -> None:
     if _has_hooks(module):
         raise FusedRefused("the module has hooks")
     members = [getattr(module, name) for name in group.members]
+    kinds = set()
     for name, linear in zip(group.members, members, strict=True):
         if type(linear) is not torch.nn.Linear:
             raise FusedRefused(f"{name} is a {type(linear).__name__}, not a plain nn.Linear")
-        if _has_hooks(linear):
-            raise FusedRefused(f"{name} has hooks")
+        kinds.add(_token_quant_kind(name, linear))
+    if len(kinds) != 1:
+        raise FusedRefused("the members' inputs are not quantized alike")
     first = members[0]
     if len({m.in_features for m in members}) != 1:
         raise FusedRefused("the members differ in in_features")
@@ -132,6 +150,7 @@ def check_structure(module: torch.nn.Module, group: Group) -> None:
         raise FusedRefused("the members' out_features do not match")
     if getattr(module, group.consumer).in_features != first.out_features:
         raise FusedRefused(f"{group.consumer} does not read {group.members[0]}'s width")
+    return kinds.pop()
 
 
 def concatenated_linear(linears: list[torch.nn.Linear]) -> torch.nn.Linear:
@@ -201,11 +220,13 @@ def _input_name(cls: type) -> str | None:
     return parameters[1].name if len(parameters) >= 2 and parameters[1].kind in positional else None
 
 
-def fuse_group_(module: torch.nn.Module, group: Group) -> None:
-    """Replace `group`'s Linears of `module` by one fused Linear and swap in the fused forward (no checks:
-    see `check_structure`)."""
+def fuse_group_(module: torch.nn.Module, group: Group, token_quant: str | None = None) -> None:
+    """Replace `group`'s Linears of `module` by one fused Linear, quantizing its input per token as `token_quant`
+    says (None: not), and swap in the fused forward (no checks: see `check_structure`)."""
     members = [getattr(module, name) for name in group.members]
     fused = concatenated_linear(members)
+    if token_quant is not None:
+        fused.register_forward_pre_hook(TokenQuantHook(token_quant))
     start = 0
     for name, linear in zip(group.members, members, strict=True):
         delattr(module, name)
@@ -239,7 +260,7 @@ def fuse_projections_(
             prefix = f"{name}." if name else ""
             names = [prefix + member for member in group.members]
             try:
-                check_structure(module, group)
+                token_quant = check_structure(module, group)
                 if _input_name(type(module)) is None:
                     raise FusedRefused(f"{type(module).__name__}.forward has no positional input to fuse")
                 record, sparse = _fused_annotations(names, quantized, sparse_24)
@@ -247,7 +268,7 @@ def fuse_projections_(
                 results[name] = f"unchanged: {exc}"
                 log.info("%s keeps separate %s: %s", name, group.label, exc)
                 continue
-            fuse_group_(module, group)
+            fuse_group_(module, group, token_quant)
             for member in names:
                 quantized.pop(member, None)
                 sparse_24.discard(member)
