@@ -22,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from worker.engine.steps import EngineError
 
@@ -150,12 +151,7 @@ class LayerPass:
         missing = sorted(set(callbacks) - set(modules))
         if missing:
             raise EngineError("bad_spec", f"modules {missing} are not inside {self.name}")
-        handles = [
-            modules[name].register_forward_pre_hook(
-                lambda _module, args, fn=fn: fn(args[0].reshape(-1, args[0].shape[-1]))
-            )
-            for name, fn in callbacks.items()
-        ]
+        handles = hook_inputs(modules, callbacks)
         try:
             for hidden in self._hidden[:windows]:
                 self.layer(self._on_device(hidden), **self.kwargs)
@@ -364,42 +360,64 @@ class Statistic(Protocol):
 S = TypeVar("S", bound=Statistic)
 
 
+def hook_inputs(
+    modules: Mapping[str, torch.nn.Module], callbacks: Mapping[str, Callable[[torch.Tensor], None]]
+) -> list[RemovableHandle]:
+    """Forward pre-hooks handing each named module's input, as 2-D [tokens, in_features], to its callback; the
+    caller removes them."""
+    return [
+        modules[name].register_forward_pre_hook(lambda _module, args, fn=fn: fn(args[0].reshape(-1, args[0].shape[-1])))
+        for name, fn in callbacks.items()
+    ]
+
+
+class SharedInputs(Generic[S]):
+    """Each named module's 2-D inputs added to a statistic made by `new_statistic(name)`, in the order the modules
+    read them. Modules fed the very same tensor (q/k/v, gate/up) share one statistic, computed once: `result()`
+    maps each of them to the same object."""
+
+    def __init__(self, names: list[str], new_statistic: Callable[[str], S]) -> None:
+        self.names, self.new_statistic = names, new_statistic
+        self.owned: dict[str, S] = {}
+        self.alias: dict[str, str] = {}
+        self.last: torch.Tensor | None = None  # kept alive, so its memory cannot be reused by another tensor
+        self.last_owner: str | None = None
+
+    def callbacks(self) -> dict[str, Callable[[torch.Tensor], None]]:
+        return {name: functools.partial(self.collect, name) for name in self.names}
+
+    def collect(self, name: str, x: torch.Tensor) -> None:
+        seen = self.last
+        same = (
+            seen is not None
+            and seen.data_ptr() == x.data_ptr()
+            and seen.shape == x.shape
+            and seen.stride() == x.stride()
+        )
+        if same and name not in self.owned:
+            self.alias.setdefault(name, str(self.last_owner))
+            return
+        if name not in self.owned:
+            self.owned[name] = self.new_statistic(name)
+        self.owned[name].add(x)
+        self.last, self.last_owner = x, name
+
+    def result(self) -> dict[str, S]:
+        """{name: its statistic}; a module that read nothing (an expert no token was routed to) gets an empty one."""
+        self.last = None
+        for name in self.names:
+            if name not in self.owned and name not in self.alias:
+                self.owned[name] = self.new_statistic(name)
+        return {name: self.owned[self.alias.get(name, name)] for name in self.names}
+
+
 def observe_shared(
     step: LayerPass, names: list[str], new_statistic: Callable[[str], S], windows: int | None = None
 ) -> dict[str, S]:
-    """Run the layer over the calibration windows once (or the first `windows`), adding each named module's 2-D
-    inputs to a statistic made by `new_statistic(name)`, in the order the layer reads them. Modules fed the very
-    same tensor (q/k/v, gate/up) share one statistic, computed once: the result maps each of them to the same
-    object."""
-    owned: dict[str, S] = {}
-    alias: dict[str, str] = {}
-    last: dict[str, object] = {"x": None, "owner": None}
-
-    def callback(name: str) -> Callable[[torch.Tensor], None]:
-        def collect(x: torch.Tensor) -> None:
-            seen = last["x"]
-            same = (
-                isinstance(seen, torch.Tensor)
-                and seen.data_ptr() == x.data_ptr()
-                and seen.shape == x.shape
-                and seen.stride() == x.stride()
-            )  # `seen` is kept alive, so its memory cannot have been reused by another tensor
-            if same and name not in owned:
-                alias.setdefault(name, str(last["owner"]))
-                return
-            if name not in owned:
-                owned[name] = new_statistic(name)
-            owned[name].add(x)
-            last["x"], last["owner"] = x, name
-
-        return collect
-
-    step.observe({name: callback(name) for name in names}, windows)
-    last["x"] = None
-    for name in names:  # a module that read nothing (an expert no token was routed to) gets an empty statistic
-        if name not in owned and name not in alias:
-            owned[name] = new_statistic(name)
-    return {name: owned[alias.get(name, name)] for name in names}
+    """Run the layer over the calibration windows once (or the first `windows`), collecting `SharedInputs`."""
+    shared = SharedInputs(names, new_statistic)
+    step.observe(shared.callbacks(), windows)
+    return shared.result()
 
 
 def input_stages(step: LayerPass, names: list[str]) -> list[list[str]]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from modelpress.specs import SearchFormat, SearchMethod
+from worker.engine.calibrate import SharedInputs, hook_inputs
 from worker.engine.quantize import (
     InputStats,
     fake_quantize,
@@ -144,7 +145,8 @@ def _inputs_need_grad(_module: torch.nn.Module, _args: tuple, output: torch.Tens
 
 
 def gptq_rounding_bytes(linears: Mapping[str, torch.nn.Linear], formats: Mapping[str, Sequence[SearchFormat]]) -> int:
-    """What GPTQ rounding holds at once: each probed layer's float32 Hessian and one rounded copy per format."""
+    """At most what GPTQ rounding holds at once: each probed layer's float32 Hessian (fewer where Linears share an
+    input) and one rounded copy per format."""
     total = 0
     for name, linear in linears.items():
         rounded = sum(1 for f in formats[name] if f != SearchFormat.bf16)
@@ -162,14 +164,10 @@ def gptq_rounded_weights(
     progress: Progress,
 ) -> dict[str, dict[SearchFormat, torch.Tensor]]:
     """Every probed layer's weights rounded by GPTQ to each of its formats, on the Hessian of its inputs over
-    `windows` (one forward pass per window, the model unchanged)."""
-    stats = {name: InputStats(linear.in_features, linear.weight.device) for name, linear in linears.items()}
-    handles = [
-        linear.register_forward_hook(
-            lambda _m, args, _out, s=stats[name]: s.add(args[0].detach().reshape(-1, args[0].shape[-1]))
-        )
-        for name, linear in linears.items()
-    ]
+    `windows` (one forward pass per window, the model unchanged; Linears that read one input share its Hessian,
+    as in the candidates' build)."""
+    shared = SharedInputs(list(linears), lambda n: InputStats(linears[n].in_features, linears[n].weight.device))
+    handles = hook_inputs(linears, shared.callbacks())
     try:
         for i, window in enumerate(windows):
             model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
@@ -177,6 +175,7 @@ def gptq_rounded_weights(
     finally:
         for handle in handles:
             handle.remove()
+    stats = shared.result()  # q/k/v (and gate/up) read one input: one Hessian for them
     rounded: dict[str, dict[SearchFormat, torch.Tensor]] = {}
     for k, (name, linear) in enumerate(linears.items()):
         layer_stats = stats.pop(name)  # freed as soon as its layer is rounded
